@@ -1,0 +1,268 @@
+"""``ssd_scan`` and ``ssd_state_update``: the width-masked Mamba2 SSD ops.
+
+Validation, dispatch, torch.library registration (fake kernels, autograd). The math lives in
+:mod:`elastic_kernels.reference.ssd` (reference backend), :mod:`elastic_kernels.triton.ssd`
+(Triton) and ``csrc/ssd_state_update.cu`` (CUDA decode step).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import _ext
+from .._dispatch import resolve_backend
+from .._validation import FLOAT_DTYPES, Dims, check_choice, check_int, check_scale, check_tensor, check_width
+from ..reference.ssd import ssd_scan_reference, ssd_state_update_reference
+from ._autograd import fake_grads, reference_vjp, unpack_grads
+
+HEAD_LAYOUTS = ("blocked", "interleaved")
+
+
+def _validate_common(op, x, dt, A, B, C, D, z, dt_bias, head_layout, active_heads, dims: Dims, lead: tuple):
+    dev = x.device if isinstance(x, torch.Tensor) else None
+    check_tensor(op, "x", x, dtypes=FLOAT_DTYPES)
+    for name, t in (("dt", dt), ("A", A), ("B", B), ("C", C)):
+        check_tensor(op, name, t, dtypes=FLOAT_DTYPES, device=dev)
+    for name, t in (("D", D), ("z", z), ("dt_bias", dt_bias)):
+        check_tensor(op, name, t, dtypes=FLOAT_DTYPES, device=dev, optional=True)
+    dims.check("x", x, (*lead, "nheads", "headdim"))
+    dims.check("dt", dt, (*lead, "nheads"))
+    dims.check("A", A, ("nheads",))
+    dims.check("B", B, (*lead, "ngroups", "dstate"))
+    dims.check("C", C, (*lead, "ngroups", "dstate"))
+    h, g = dims["nheads"], dims["ngroups"]
+    if g == 0 or h % g:
+        raise ValueError(f"{op}: nheads ({h}) must be a multiple of ngroups ({g}) (from B's shape)")
+    if D is not None:
+        dims.check("D", D, ("nheads",) if D.dim() == 1 else ("nheads", "headdim"))
+    if z is not None:
+        dims.check("z", z, (*lead, "nheads", "headdim"))
+    if dt_bias is not None:
+        dims.check("dt_bias", dt_bias, ("nheads",))
+    check_choice(op, "head_layout", head_layout, HEAD_LAYOUTS)
+    return check_width(op, "active_heads", active_heads, full=h, batch=dims["batch"], device=dev,
+                       multiple_of=g, multiple_name="ngroups")
+
+
+# ---------------------------------------------------------------------------------------------
+# ssd_scan
+# ---------------------------------------------------------------------------------------------
+
+def _fwd_impl(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, head_scale, active_t,
+              chunk_size, dt_softplus, dt_lo, dt_hi, interleaved, active_int, backend):
+    kw = dict(chunk_size=chunk_size, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus, dt_lo=dt_lo,
+              dt_hi=dt_hi, initial_states=initial_states, seq_idx=seq_idx, interleaved=interleaved,
+              active_int=active_int, active_t=active_t, head_scale=head_scale)
+    if backend == "triton":
+        from ..triton import ssd as tssd
+        return tssd.ssd_scan_fwd(x, dt, A, B, C, **kw)
+    return ssd_scan_reference(x, dt, A, B, C, **kw)
+
+
+@torch.library.custom_op("elastic_kernels::ssd_scan", mutates_args=())
+def _ssd_scan_op(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
+                 z: Optional[Tensor], dt_bias: Optional[Tensor], initial_states: Optional[Tensor],
+                 seq_idx: Optional[Tensor], head_scale: Optional[Tensor], active_t: Optional[Tensor],
+                 chunk_size: int, dt_softplus: bool, dt_lo: float, dt_hi: float, interleaved: bool,
+                 active_int: int, backend: str) -> tuple[Tensor, Tensor]:
+    y, fs = _fwd_impl(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, head_scale, active_t,
+                      chunk_size, dt_softplus, dt_lo, dt_hi, interleaved, active_int, backend)
+    return y, fs
+
+
+def _state_dtype(x: Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+@_ssd_scan_op.register_fake
+def _(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, head_scale, active_t, chunk_size,
+      dt_softplus, dt_lo, dt_hi, interleaved, active_int, backend):
+    b, _, h, p = x.shape
+    return torch.empty_like(x), x.new_empty((b, h, p, B.shape[-1]), dtype=_state_dtype(x))
+
+
+_GRAD_INPUTS = ("x", "dt", "A", "B", "C", "D", "z", "dt_bias", "initial_states", "head_scale")
+
+
+@torch.library.custom_op("elastic_kernels::ssd_scan_backward", mutates_args=())
+def _ssd_scan_bwd_op(grad_y: Tensor, grad_states: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor,
+                     C: Tensor, D: Optional[Tensor], z: Optional[Tensor], dt_bias: Optional[Tensor],
+                     initial_states: Optional[Tensor], seq_idx: Optional[Tensor],
+                     head_scale: Optional[Tensor], active_t: Optional[Tensor], chunk_size: int,
+                     dt_softplus: bool, dt_lo: float, dt_hi: float, interleaved: bool, active_int: int,
+                     backend: str) -> list[Tensor]:
+    inputs = [x, dt, A, B, C, D, z, dt_bias, initial_states, head_scale]
+    kw = dict(chunk_size=chunk_size, dt_softplus=dt_softplus, dt_lo=dt_lo, dt_hi=dt_hi,
+              seq_idx=seq_idx, interleaved=interleaved, active_int=active_int, active_t=active_t)
+    if backend == "triton":
+        from ..triton import ssd as tssd
+        grads = tssd.ssd_scan_bwd(grad_y, grad_states, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias,
+                                  initial_states=initial_states, head_scale=head_scale, **kw)
+        return [g if g is not None else torch.empty(0, device=x.device) for g in grads]
+
+    def fn(x, dt, A, B, C, D, z, dt_bias, initial_states, head_scale):
+        return ssd_scan_reference(x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias,
+                                  initial_states=initial_states, head_scale=head_scale, **kw)
+    return reference_vjp(fn, inputs, [grad_y, grad_states])
+
+
+@_ssd_scan_bwd_op.register_fake
+def _(grad_y, grad_states, x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, head_scale,
+      active_t, *args):
+    return fake_grads([x, dt, A, B, C, D, z, dt_bias, initial_states, head_scale], x.device)
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[:12])
+    ctx.scalars = inputs[12:]
+
+
+def _backward(ctx, grad_y, grad_states):
+    saved = ctx.saved_tensors
+    x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, head_scale, active_t = saved
+    grads = _ssd_scan_bwd_op(grad_y, grad_states, *saved, *ctx.scalars)
+    g = unpack_grads(grads, [x, dt, A, B, C, D, z, dt_bias, initial_states, head_scale])
+    return (*g[:9], None, g[9], None) + (None,) * len(ctx.scalars)
+
+
+_ssd_scan_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def ssd_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, *, chunk_size: int = 64,
+             D: Tensor | None = None, z: Tensor | None = None, dt_bias: Tensor | None = None,
+             dt_softplus: bool = False, dt_limit: tuple[float, float] = (0.0, float("inf")),
+             initial_states: Tensor | None = None, seq_idx: Tensor | None = None,
+             head_layout: str = "blocked", active_heads: int | Tensor | None = None,
+             head_scale: Tensor | None = None, return_final_states: bool = False,
+             backend: str = "auto"):
+    r"""Width-masked Mamba2 SSD scan (``mamba_chunk_scan_combined`` semantics + elastic heads).
+
+    Args:
+        x: (batch, seqlen, nheads, headdim) fp32/fp16/bf16 (fp64 on the reference backend).
+        dt: (batch, seqlen, nheads). A: (nheads,) (negative for a decaying state).
+        B, C: (batch, seqlen, ngroups, dstate); nheads must be a multiple of ngroups.
+        chunk_size: chunk length of the chunked algorithm (> 0); results do not depend on it.
+        D: (nheads,) or (nheads, headdim) skip connection. z: like x, gate: y *= silu(z).
+        dt_bias: (nheads,). dt_softplus: apply softplus after the bias.
+        dt_limit: (lo, hi) clamp of the processed dt (skipped for the default (0, inf)).
+        initial_states: (batch, nheads, headdim, dstate), the state before step 0 (it belongs to
+            sequence index 0 when ``seq_idx`` is given).
+        seq_idx: (batch, seqlen) int32, non-decreasing; the state resets where it changes.
+        head_layout: "blocked" (head h in group h // (nheads/ngroups), as mamba_ssm) or
+            "interleaved" (head h in group h % ngroups; active heads are the prefix [0, k)).
+        active_heads: None (all), an int, or an int64 tensor (batch,): total active heads, a
+            multiple of ngroups; the first active_heads/ngroups heads of every group are active.
+            Inactive heads: no work, y = 0, final state = 0, gradients 0.
+        head_scale: (batch, nheads) float soft scale multiplied into each head's output after
+            the gate; differentiable.
+        return_final_states: also return the final states.
+        backend: "auto" | "triton" | "reference" (see DESIGN §4).
+
+    Returns:
+        y: like x; and final_states (batch, nheads, headdim, dstate) fp32 when asked.
+
+    Math: h_t = exp(dt_t A) h_{t-1} + dt_t B_t x_t^T;  y_t = C_t h_t + D x_t;  y *= silu(z).
+    """
+    op = "ssd_scan"
+    dims = Dims(op)
+    active_int, active_t = _validate_common(op, x, dt, A, B, C, D, z, dt_bias, head_layout,
+                                            active_heads, dims, ("batch", "seqlen"))
+    dev = x.device
+    check_int(op, "chunk_size", chunk_size, min_value=1)
+    check_tensor(op, "initial_states", initial_states, dtypes=FLOAT_DTYPES, device=dev, optional=True)
+    if initial_states is not None:
+        dims.check("initial_states", initial_states, ("batch", "nheads", "headdim", "dstate"))
+    check_tensor(op, "seq_idx", seq_idx, dtypes=(torch.int32,), device=dev, optional=True)
+    if seq_idx is not None:
+        dims.check("seq_idx", seq_idx, ("batch", "seqlen"))
+    check_scale(op, "head_scale", head_scale, (dims["batch"], dims["nheads"]), dev)
+    if (not isinstance(dt_limit, (tuple, list)) or len(dt_limit) != 2
+            or not all(isinstance(v, (int, float)) for v in dt_limit)):
+        raise TypeError(f"{op}: dt_limit must be a (lo, hi) pair of floats, got {dt_limit!r}")
+    dt_lo, dt_hi = float(dt_limit[0]), float(dt_limit[1])
+    if not dt_lo <= dt_hi:
+        raise ValueError(f"{op}: dt_limit must satisfy lo <= hi, got {dt_limit!r}")
+    be = resolve_backend(op, backend, dev, ("reference", "triton"))
+    if be == "triton" and x.dtype == torch.float64:
+        raise TypeError(f"{op}: backend 'triton' supports fp32/fp16/bf16 x, got float64")
+    y, fs = _ssd_scan_op(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, head_scale, active_t,
+                         chunk_size, bool(dt_softplus), dt_lo, dt_hi, head_layout == "interleaved",
+                         active_int, be)
+    return (y, fs) if return_final_states else y
+
+
+# ---------------------------------------------------------------------------------------------
+# ssd_state_update (decode step)
+# ---------------------------------------------------------------------------------------------
+
+@torch.library.custom_op("elastic_kernels::ssd_state_update", mutates_args=("state",))
+def _ssd_state_update_op(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor,
+                         D: Optional[Tensor], z: Optional[Tensor], dt_bias: Optional[Tensor],
+                         active_t: Optional[Tensor], dt_softplus: bool, interleaved: bool,
+                         active_int: int, backend: str) -> Tensor:
+    if backend == "cuda":
+        return _state_update_cuda(state, x, dt, A, B, C, D, z, dt_bias, active_t, dt_softplus,
+                                  interleaved, active_int)
+    return ssd_state_update_reference(state, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias,
+                                      dt_softplus=dt_softplus, interleaved=interleaved,
+                                      active_int=active_int, active_t=active_t)
+
+
+@_ssd_state_update_op.register_fake
+def _(state, x, *args):
+    return torch.empty_like(x)
+
+
+def _state_update_cuda(state, x, dt, A, B, C, D, z, dt_bias, active_t, dt_softplus, interleaved, active_int):
+    C_ext = _ext.require_cuda_ext("ssd_state_update")
+    f32 = [t.float() if t is not None else None for t in (dt, A, D, dt_bias)]
+    dt, A, D, dt_bias = f32
+    B, C = B.to(x.dtype), C.to(x.dtype)
+    z = z.to(x.dtype) if z is not None else None
+    y = torch.empty_like(x)
+    a = C_ext.SsdStateUpdateArgs()
+    b, h, p = x.shape
+    a.batch, a.nheads, a.headdim, a.dstate, a.ngroups = b, h, p, B.shape[-1], B.shape[1]
+    ptr = lambda t: 0 if t is None else t.data_ptr()  # noqa: E731
+    a.state, a.x, a.dt, a.A, a.B, a.C, a.y = map(ptr, (state, x, dt, A, B, C, y))
+    a.D, a.z, a.dt_bias, a.active_heads = map(ptr, (D, z, dt_bias, active_t))
+    a.s_state, a.s_x, a.s_dt = list(state.stride()), list(x.stride()), list(dt.stride())
+    a.s_B, a.s_C, a.s_y = list(B.stride()), list(C.stride()), list(y.stride())
+    a.s_z = list(z.stride()) if z is not None else [0, 0, 0]
+    a.s_D = ([D.stride(0), 0] if D.dim() == 1 else list(D.stride())) if D is not None else [0, 0]
+    a.dtype = _ext.DTYPE_CODES[x.dtype]
+    a.interleaved, a.dt_softplus, a.active_heads_int = int(interleaved), int(dt_softplus), active_int
+    a.stream = _ext.stream_handle(x.device)
+    C_ext.ssd_state_update(a)
+    return y
+
+
+def ssd_state_update(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, *,
+                     D: Tensor | None = None, z: Tensor | None = None, dt_bias: Tensor | None = None,
+                     dt_softplus: bool = False, head_layout: str = "blocked",
+                     active_heads: int | Tensor | None = None, backend: str = "auto") -> Tensor:
+    """One SSD decode step; ``state`` is updated in place. Equal to one step of :func:`ssd_scan`.
+
+    Args:
+        state: (batch, nheads, headdim, dstate) float32 (float64 on the reference backend).
+        x: (batch, nheads, headdim); dt: (batch, nheads); A: (nheads,);
+        B, C: (batch, ngroups, dstate); D: (nheads,) | (nheads, headdim); z: like x;
+        dt_bias: (nheads,); head_layout / active_heads as in :func:`ssd_scan`.
+        backend: "auto" | "cuda" | "reference" (CUDA tensors default to the CUDA kernel).
+    Returns:
+        y: (batch, nheads, headdim). Inactive heads: y = 0 and their state is left untouched.
+    """
+    op = "ssd_state_update"
+    dims = Dims(op)
+    active_int, active_t = _validate_common(op, x, dt, A, B, C, D, z, dt_bias, head_layout,
+                                            active_heads, dims, ("batch",))
+    check_tensor(op, "state", state, dtypes=(torch.float32, torch.float64), device=x.device)
+    dims.check("state", state, ("batch", "nheads", "headdim", "dstate"))
+    be = resolve_backend(op, backend, x.device, ("reference", "cuda"), cuda_preference=("cuda",))
+    if be == "cuda" and (state.dtype != torch.float32 or x.dtype == torch.float64):
+        raise TypeError(f"{op}: backend 'cuda' needs a float32 state and fp32/fp16/bf16 x, "
+                        f"got state {state.dtype} and x {x.dtype}")
+    return _ssd_state_update_op(state, x, dt, A, B, C, D, z, dt_bias, active_t, bool(dt_softplus),
+                                head_layout == "interleaved", active_int, be)

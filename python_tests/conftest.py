@@ -1,0 +1,45 @@
+"""Test configuration.
+
+Without a GPU, Triton kernels run on CPU tensors under ``TRITON_INTERPRET=1``; the variable must be
+set before triton (and hence elastic_kernels.triton) is imported, so it is set here, first.
+"""
+import os
+
+if os.environ.get("ELASTIC_KERNELS_TEST_GPU") != "1":
+    try:
+        import torch as _torch
+        _has_cuda = _torch.cuda.is_available()
+    except Exception:  # pragma: no cover
+        _has_cuda = False
+    if not _has_cuda:
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+@pytest.fixture
+def triton_device():
+    """Device on which Triton kernels are tested: CUDA when present, else CPU in the interpreter."""
+    pytest.importorskip("triton")
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("no GPU and TRITON_INTERPRET is not 1")
+    return torch.device("cpu")
+
+
+@pytest.fixture
+def cuda_device():
+    """A CUDA device with elastic_kernels._C built with CUDA; skips cleanly otherwise."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from elastic_kernels import _ext
+    if not _ext.c_has_cuda():
+        pytest.skip("elastic_kernels._C was built without CUDA")
+    return torch.device("cuda")
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
