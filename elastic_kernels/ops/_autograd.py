@@ -5,7 +5,16 @@ from typing import Callable, Sequence
 
 import torch
 
-EMPTY = torch.empty(0)
+_AUTOGRAD_KEYS = [k for name, k in torch._C.DispatchKey.__members__.items()
+                  if name.startswith("Autograd") or name == "ADInplaceOrView"]
+
+
+def _autograd_enabled_guard():
+    """Custom-op implementations run below the autograd dispatch keys; re-enable them locally."""
+    excl = torch._C._dispatch_tls_local_exclude_set()
+    for k in _AUTOGRAD_KEYS:
+        excl = excl.remove(k)
+    return torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), excl)
 
 
 def reference_vjp(fn: Callable, inputs: Sequence[torch.Tensor | None], grad_outputs: Sequence[torch.Tensor],
@@ -16,7 +25,7 @@ def reference_vjp(fn: Callable, inputs: Sequence[torch.Tensor | None], grad_outp
     Floating inputs get gradients; absent (None) or integer inputs get an empty tensor, which
     :func:`unpack_grads` maps back to None.
     """
-    with torch.enable_grad():
+    with _autograd_enabled_guard(), torch.enable_grad():
         leaves = [t.detach().requires_grad_(True) if t is not None and t.is_floating_point() else t
                   for t in inputs]
         outs = fn(*leaves, **kwargs)

@@ -61,7 +61,7 @@ def _ssd_core(x, dt, A, B, C, group, chunk_size, initial_states, seq_idx):
     """Chunked SSD without D/z. x: (b, l, h, p) dt: (b, l, h) A: (h,) B, C: (b, l, g, n),
     group: (h,) group of each head. Returns y (b, l, h, p) and final states (b, h, p, n)."""
     b, l, h, p = x.shape
-    n = B.shape[-1]
+    g, n = B.shape[-2:]
     L = chunk_size
     nc = max(1, -(-l // L))
     pad = nc * L - l
@@ -75,8 +75,8 @@ def _ssd_core(x, dt, A, B, C, group, chunk_size, initial_states, seq_idx):
                 seq_idx.new_zeros(b, pad)
     x = x.reshape(b, nc, L, h, p)
     dt = dt.reshape(b, nc, L, h)
-    Bh = B.reshape(b, nc, L, -1, n)[:, :, :, group]
-    Ch = C.reshape(b, nc, L, -1, n)[:, :, :, group]
+    Bh = B.reshape(b, nc, L, g, n)[:, :, :, group]
+    Ch = C.reshape(b, nc, L, g, n)[:, :, :, group]
     acs = torch.cumsum(dt * A, dim=2)  # (b, nc, L, h)
     causal = torch.ones(L, L, dtype=torch.bool, device=x.device).tril()
     same = causal[None, None]
