@@ -1,0 +1,324 @@
+"""``ElasticHybridConfig`` (the architecture, JSON round-trip) and ``Budget`` (a nested submodel).
+
+Elastic axes (DESIGN §1); every submodel keeps a *prefix* of each axis:
+
+======================  ===================================  =====================================
+axis                    units                                per layer?
+======================  ===================================  =====================================
+``"hidden"``            embedding channels (``hidden_size``)  no: one width for the residual stream
+``"mamba_heads"``       total Mamba2 heads (``k * groups``)   yes, one entry per ``M`` layer
+``"experts"``           routed experts                       yes, one entry per ``E`` layer
+``"expert_ffn"``        routed-expert intermediate channels  yes, one entry per ``E`` layer
+``"ffn"``               dense FFN intermediate channels      yes, one entry per ``-`` layer
+======================  ===================================  =====================================
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+AXES = ("hidden", "mamba_heads", "experts", "expert_ffn", "ffn")
+LAYER_KINDS = {"M": "mamba", "E": "moe", "*": "attention", "-": "ffn"}
+AXIS_LETTER = {"mamba_heads": "M", "experts": "E", "expert_ffn": "E", "ffn": "-"}
+ROUTER_SCORES = ("softmax", "sigmoid")
+ACTIVATIONS = ("relu2", "silu", "gelu")
+
+
+def _default_choices() -> dict[str, tuple[float, ...]]:
+    return {axis: (1.0, 0.75, 0.5) for axis in AXES}
+
+
+def _err(name: str, msg: str) -> ValueError:
+    return ValueError(f"ElasticHybridConfig: {name} {msg}")
+
+
+@dataclass
+class ElasticHybridConfig:
+    """Architecture of :class:`~elastic_kernels.models.ElasticHybridLM` (a Nemotron-H-like hybrid).
+
+    ``pattern`` has one letter per layer: ``M`` Mamba2 mixer, ``E`` MoE, ``*`` GQA attention,
+    ``-`` dense FFN; every layer is ``x + mixer(RMSNorm(x))``. ``nested_choices`` maps each axis of
+    :data:`AXES` to the fractions of its full size that the nested submodels may keep.
+    ``layer_sizes`` (normally None; set by :meth:`ElasticHybridLM.slice` for per-layer budgets)
+    overrides a per-layer axis with one size per layer of that kind, in pattern order.
+    """
+
+    vocab_size: int = 48
+    hidden_size: int = 64
+    pattern: str = "M-M*ME"
+    mamba_heads: int = 8
+    mamba_head_dim: int = 16
+    mamba_groups: int = 2
+    mamba_state: int = 16
+    mamba_conv_kernel: int = 4
+    mamba_chunk_size: int = 32
+    moe_experts: int = 8
+    moe_top_k: int = 2
+    moe_ffn: int = 64
+    moe_shared_ffn: int = 0
+    moe_score: str = "softmax"
+    moe_activation: str = "relu2"
+    attn_heads: int = 4
+    attn_kv_heads: int = 2
+    attn_head_dim: int | None = None
+    ffn_size: int = 128
+    ffn_activation: str = "relu2"
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    init_std: float = 0.02
+    nested_choices: dict[str, tuple[float, ...]] = field(default_factory=_default_choices)
+    layer_sizes: dict[str, tuple[int, ...]] | None = None
+
+    def __post_init__(self) -> None:
+        self.nested_choices = {k: tuple(float(f) for f in v) for k, v in dict(self.nested_choices).items()}
+        if self.layer_sizes is not None:
+            self.layer_sizes = {k: tuple(int(s) for s in v) for k, v in dict(self.layer_sizes).items()}
+        self.validate()
+
+    # -- derived sizes ------------------------------------------------------------------------
+    @property
+    def num_layers(self) -> int:
+        return len(self.pattern)
+
+    @property
+    def head_dim(self) -> int:
+        """Attention head dim (``attn_head_dim`` or ``hidden_size // attn_heads``)."""
+        return self.attn_head_dim if self.attn_head_dim is not None else self.hidden_size // self.attn_heads
+
+    def layers_of(self, letter: str) -> list[int]:
+        """Indices of the layers of one kind (``letter`` in ``"ME*-"``), in pattern order."""
+        return [i for i, c in enumerate(self.pattern) if c == letter]
+
+    def full_size(self, axis: str, occurrence: int = 0) -> int:
+        """Full size of ``axis`` in its ``occurrence``-th layer of that kind (hidden: the width)."""
+        if axis == "hidden":
+            return self.hidden_size
+        if self.layer_sizes is not None and axis in self.layer_sizes:
+            return self.layer_sizes[axis][occurrence]
+        return {"mamba_heads": self.mamba_heads, "experts": self.moe_experts,
+                "expert_ffn": self.moe_ffn, "ffn": self.ffn_size}[axis]
+
+    def num_units(self, axis: str) -> int:
+        """How many layers carry ``axis`` (1 for hidden)."""
+        return 1 if axis == "hidden" else len(self.layers_of(AXIS_LETTER[axis]))
+
+    def choice_sizes(self, axis: str, occurrence: int = 0) -> tuple[int, ...]:
+        """Sizes of the nested choices of ``axis`` (descending), from ``nested_choices``."""
+        full = self.full_size(axis, occurrence)
+        return tuple(sorted({int(round(f * full)) for f in self.nested_choices.get(axis, (1.0,))},
+                            reverse=True))
+
+    # -- validation ---------------------------------------------------------------------------
+    def validate(self) -> None:
+        """Raise ``ValueError``/``TypeError`` naming the first bad field."""
+        ints = ["vocab_size", "hidden_size", "mamba_heads", "mamba_head_dim", "mamba_groups", "mamba_state",
+                "mamba_conv_kernel", "mamba_chunk_size", "moe_experts", "moe_top_k", "moe_ffn",
+                "attn_heads", "attn_kv_heads", "ffn_size"]
+        for name in ints + ["moe_shared_ffn"]:
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise TypeError(f"ElasticHybridConfig: {name} must be an int, got {type(v).__name__}")
+            if v < (0 if name == "moe_shared_ffn" else 1):
+                raise _err(name, f"must be >= {0 if name == 'moe_shared_ffn' else 1}, got {v}")
+        if not isinstance(self.pattern, str) or not self.pattern:
+            raise _err("pattern", f"must be a non-empty string of {tuple(LAYER_KINDS)}, got {self.pattern!r}")
+        bad = sorted({c for c in self.pattern if c not in LAYER_KINDS})
+        if bad:
+            raise _err("pattern", f"has unknown layer letter(s) {bad} in {self.pattern!r}; "
+                                  f"allowed: 'M' Mamba2, 'E' MoE, '*' attention, '-' dense FFN")
+        if self.mamba_heads % self.mamba_groups:
+            raise _err("mamba_heads", f"({self.mamba_heads}) must be a multiple of mamba_groups "
+                                      f"({self.mamba_groups})")
+        if self.moe_top_k > self.moe_experts:
+            raise _err("moe_top_k", f"({self.moe_top_k}) must be <= moe_experts ({self.moe_experts})")
+        if self.moe_score not in ROUTER_SCORES:
+            raise _err("moe_score", f"must be one of {ROUTER_SCORES}, got {self.moe_score!r}")
+        for name in ("moe_activation", "ffn_activation"):
+            if getattr(self, name) not in ACTIVATIONS:
+                raise _err(name, f"must be one of {ACTIVATIONS}, got {getattr(self, name)!r}")
+        if self.attn_heads % self.attn_kv_heads:
+            raise _err("attn_heads", f"({self.attn_heads}) must be a multiple of attn_kv_heads "
+                                     f"({self.attn_kv_heads})")
+        if self.attn_head_dim is None:
+            if self.hidden_size % self.attn_heads:
+                raise _err("hidden_size", f"({self.hidden_size}) must be divisible by attn_heads "
+                                          f"({self.attn_heads}) when attn_head_dim is None")
+        elif isinstance(self.attn_head_dim, bool) or not isinstance(self.attn_head_dim, int) \
+                or self.attn_head_dim < 1:
+            raise _err("attn_head_dim", f"must be None or a positive int, got {self.attn_head_dim!r}")
+        if not (isinstance(self.norm_eps, (int, float)) and self.norm_eps > 0):
+            raise _err("norm_eps", f"must be a positive float, got {self.norm_eps!r}")
+        if self.layer_sizes is not None:
+            for axis, sizes in self.layer_sizes.items():
+                if axis not in AXES or axis == "hidden":
+                    raise _err("layer_sizes", f"has unknown per-layer axis {axis!r}; allowed: {AXES[1:]}")
+                if len(sizes) != self.num_units(axis):
+                    raise _err("layer_sizes", f"[{axis!r}] needs {self.num_units(axis)} entries "
+                                              f"(one per {AXIS_LETTER[axis]!r} layer), got {len(sizes)}")
+                for s in sizes:
+                    _check_axis_size(self, axis, s, f"layer_sizes[{axis!r}]", limit=None)
+        for axis, fracs in self.nested_choices.items():
+            if axis not in AXES:
+                raise _err("nested_choices", f"has unknown axis {axis!r}; allowed: {AXES}")
+            if not fracs:
+                raise _err(f"nested_choices[{axis!r}]", "must not be empty")
+            for f in fracs:
+                if not 0.0 < f <= 1.0:
+                    raise _err(f"nested_choices[{axis!r}]", f"fractions must lie in (0, 1], got {f}")
+                for occ in range(self.num_units(axis)):
+                    full = self.full_size(axis, occ)
+                    size = f * full
+                    if not math.isclose(size, round(size), abs_tol=1e-6):
+                        raise _err(f"nested_choices[{axis!r}]", f"fraction {f} of {full} is not a whole "
+                                                                f"number of units ({size:g})")
+                    _check_axis_size(self, axis, int(round(size)), f"nested_choices[{axis!r}] ({f})",
+                                     limit=None)
+
+    # -- JSON ---------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["nested_choices"] = {k: list(v) for k, v in self.nested_choices.items()}
+        if self.layer_sizes is not None:
+            d["layer_sizes"] = {k: list(v) for k, v in self.layer_sizes.items()}
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "ElasticHybridConfig":
+        if not isinstance(d, Mapping):
+            raise TypeError(f"ElasticHybridConfig.from_dict: expected a mapping, got {type(d).__name__}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"ElasticHybridConfig.from_dict: unknown field(s) {unknown}")
+        return cls(**dict(d))
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "ElasticHybridConfig":
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"ElasticHybridConfig.from_json: not valid JSON ({e})") from None
+        return cls.from_dict(d)
+
+
+def _check_axis_size(config: ElasticHybridConfig, axis: str, size, name: str, limit: int | None) -> int:
+    """A hard size of ``axis``: an int in [min, limit], a multiple of the group count for heads."""
+    if isinstance(size, bool) or not isinstance(size, int):
+        raise TypeError(f"{name} must be an int, got {type(size).__name__}")
+    lo = {"experts": config.moe_top_k, "mamba_heads": config.mamba_groups}.get(axis, 1)
+    if size < lo or (limit is not None and size > limit):
+        hi = f", {limit}]" if limit is not None else ", ...)"
+        raise ValueError(f"{name}: {axis} size must lie in [{lo}{hi}, got {size}")
+    if axis == "mamba_heads" and size % config.mamba_groups:
+        raise ValueError(f"{name}: mamba_heads size ({size}) must be a multiple of mamba_groups "
+                         f"({config.mamba_groups}) (the first k heads of every group stay)")
+    return size
+
+
+@dataclass(frozen=True)
+class Budget:
+    """A nested submodel: the active size of every elastic axis (``None`` = full).
+
+    ``hidden`` is one int. The per-layer axes take an int (every layer of that kind) or a tuple
+    with one int per layer of that kind in pattern order (``mamba_heads``: one per ``M`` layer;
+    ``experts`` and ``expert_ffn``: one per ``E`` layer; ``ffn``: one per ``-`` layer).
+    ``mamba_heads`` counts total heads (a multiple of ``mamba_groups``: the first
+    ``mamba_heads / mamba_groups`` heads of every group stay); ``experts`` >= ``moe_top_k``.
+    """
+
+    hidden: int | None = None
+    mamba_heads: int | tuple[int, ...] | None = None
+    experts: int | tuple[int, ...] | None = None
+    expert_ffn: int | tuple[int, ...] | None = None
+    ffn: int | tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        for axis in AXES[1:]:
+            v = getattr(self, axis)
+            if isinstance(v, list):
+                object.__setattr__(self, axis, tuple(v))
+
+    @classmethod
+    def full(cls) -> "Budget":
+        return cls()
+
+    @classmethod
+    def from_fractions(cls, config: ElasticHybridConfig, fraction: float | None = None,
+                       **per_axis: float) -> "Budget":
+        """A budget keeping ``fraction`` (or ``per_axis[axis]``) of every axis, rounded to valid sizes.
+
+        Heads round down to a multiple of the group count (at least one per group), experts to at
+        least ``moe_top_k``; every size is at least 1.
+        """
+        unknown = sorted(set(per_axis) - set(AXES))
+        if unknown:
+            raise ValueError(f"Budget.from_fractions: unknown axis {unknown}; allowed: {AXES}")
+        vals: dict[str, Any] = {}
+        for axis in AXES:
+            f = per_axis.get(axis, fraction)
+            if f is None:
+                continue
+            if not 0.0 < float(f) <= 1.0:
+                raise ValueError(f"Budget.from_fractions: {axis} fraction must lie in (0, 1], got {f}")
+            sizes = []
+            for occ in range(config.num_units(axis)):
+                full = config.full_size(axis, occ)
+                s = max(1, int(math.floor(f * full + 1e-9)))
+                if axis == "mamba_heads":
+                    s = max(config.mamba_groups, s // config.mamba_groups * config.mamba_groups)
+                if axis == "experts":
+                    s = max(config.moe_top_k, s)
+                sizes.append(s)
+            if axis == "hidden":
+                vals[axis] = sizes[0]
+            elif sizes:
+                vals[axis] = sizes[0] if len(set(sizes)) == 1 else tuple(sizes)
+        return cls(**vals)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {a: (list(v) if isinstance(v, tuple) else v) for a in AXES if (v := getattr(self, a)) is not None}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "Budget":
+        if not isinstance(d, Mapping):
+            raise TypeError(f"Budget.from_dict: expected a mapping, got {type(d).__name__}")
+        unknown = sorted(set(d) - set(AXES))
+        if unknown:
+            raise ValueError(f"Budget.from_dict: unknown axis {unknown}; allowed: {AXES}")
+        return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items()})
+
+    def resolve(self, config: ElasticHybridConfig) -> dict[str, tuple[int, ...]]:
+        """Validated per-layer sizes: ``{axis: (size per layer of that kind, ...)}``; hidden: ``(k,)``."""
+        out: dict[str, tuple[int, ...]] = {}
+        for axis in AXES:
+            n = config.num_units(axis)
+            v = getattr(self, axis)
+            if axis == "hidden" and isinstance(v, tuple):
+                raise TypeError("Budget.hidden must be an int or None (one width for the residual stream)")
+            if isinstance(v, tuple):
+                if len(v) != n:
+                    raise ValueError(f"Budget.{axis} has {len(v)} per-layer entries, the pattern "
+                                     f"{config.pattern!r} has {n} layer(s) of kind {AXIS_LETTER[axis]!r}")
+                vals = v
+            else:
+                vals = (v,) * n
+            sizes = []
+            for occ, s in enumerate(vals):
+                full = config.full_size(axis, occ)
+                sizes.append(full if s is None else _check_axis_size(config, axis, s, f"Budget.{axis}", full))
+            out[axis] = tuple(sizes)
+        return out
+
+
+def budget_from_sizes(config: ElasticHybridConfig, sizes: Mapping[str, Sequence[int]]) -> Budget:
+    """The :class:`Budget` of resolved per-layer sizes (inverse of :meth:`Budget.resolve`)."""
+    kw: dict[str, Any] = {"hidden": int(sizes["hidden"][0])}
+    for axis in AXES[1:]:
+        kw[axis] = tuple(int(s) for s in sizes[axis])
+    return Budget(**kw)
