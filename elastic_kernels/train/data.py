@@ -1,0 +1,253 @@
+"""Self-generated reasoning task: multi-step modular arithmetic with a thinking trace.
+
+A problem is a chain ``a0 op1 a1 op2 a2 ...`` of numbers in ``[0, modulus)`` evaluated left to right
+modulo ``modulus``. The model sees the problem and a think-start token, writes every intermediate
+step in its thinking trace, closes it with the think-end token, then writes the final value::
+
+    <bos>3+5*2-4=<think>3+5=8;8*2=6;6-4=2</think>2<eos>
+
+The answer depends on the trace: each step consumes the previous step's result, so a model that
+skips or garbles a step gets the answer wrong. Prompt = everything up to and including
+``<think>``; loss and exact-match accuracy cover the thinking trace, the answer and ``<eos>``.
+
+Splits never overlap: a problem's split is a pure function of its text (a keyed BLAKE2b hash
+bucket), and generators only emit problems that hash into the requested split. Batches are a pure
+function of ``(seed, split, index)``, so a resumed run sees exactly the batches an uninterrupted
+run would have seen.
+"""
+from __future__ import annotations
+
+import hashlib
+import random
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+__all__ = ["Tokenizer", "Problem", "DIFFICULTY_OPS", "ArithmeticTask", "Batch"]
+
+SPLITS = ("train", "val", "test")
+
+# difficulty level -> (min ops, max ops) per problem; sequence length grows with the level
+DIFFICULTY_OPS = {1: (1, 2), 2: (1, 3), 3: (2, 4), 4: (3, 6), 5: (4, 8)}
+
+
+class Tokenizer:
+    """Character tokenizer with special tokens.
+
+    Ids: ``0 <pad>``, ``1 <bos>``, ``2 <eos>``, ``3 <think>``, ``4 </think>``, then one id per
+    character of ``0123456789+-*=;``.
+    """
+
+    SPECIALS = ("<pad>", "<bos>", "<eos>", "<think>", "</think>")
+    CHARS = "0123456789+-*=;"
+
+    def __init__(self) -> None:
+        self.itos = list(self.SPECIALS) + list(self.CHARS)
+        self.stoi = {s: i for i, s in enumerate(self.itos)}
+        self.pad_id, self.bos_id, self.eos_id, self.think_id, self.end_think_id = range(5)
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.itos)
+
+    def encode(self, text: str) -> list[int]:
+        """Encode text; special tokens are written literally (``<think>``)."""
+        ids: list[int] = []
+        i = 0
+        while i < len(text):
+            if text[i] == "<":
+                end = text.find(">", i)
+                tok = text[i:end + 1] if end >= 0 else ""
+                if tok not in self.stoi:
+                    raise ValueError(f"Tokenizer.encode: unknown special token at position {i} in {text!r}")
+                ids.append(self.stoi[tok])
+                i = end + 1
+                continue
+            if text[i] not in self.stoi:
+                raise ValueError(f"Tokenizer.encode: character {text[i]!r} is not in the vocabulary")
+            ids.append(self.stoi[text[i]])
+            i += 1
+        return ids
+
+    def decode(self, ids: Sequence[int], *, skip_pad: bool = True) -> str:
+        out = []
+        for i in ids:
+            i = int(i)
+            if not 0 <= i < len(self.itos):
+                raise ValueError(f"Tokenizer.decode: id {i} is outside [0, {len(self.itos)})")
+            if skip_pad and i == self.pad_id:
+                continue
+            out.append(self.itos[i])
+        return "".join(out)
+
+
+@dataclass(frozen=True)
+class Problem:
+    operands: tuple[int, ...]
+    ops: tuple[str, ...]
+    modulus: int
+
+    @property
+    def question(self) -> str:
+        s = str(self.operands[0])
+        for op, b in zip(self.ops, self.operands[1:]):
+            s += op + str(b)
+        return s
+
+    def steps(self) -> list[tuple[int, str, int, int]]:
+        """``(lhs, op, rhs, result)`` for every step of the left-to-right evaluation."""
+        acc = self.operands[0]
+        out = []
+        for op, b in zip(self.ops, self.operands[1:]):
+            if op == "+":
+                r = (acc + b) % self.modulus
+            elif op == "-":
+                r = (acc - b) % self.modulus
+            else:
+                r = (acc * b) % self.modulus
+            out.append((acc, op, b, r))
+            acc = r
+        return out
+
+    @property
+    def answer(self) -> int:
+        return self.steps()[-1][3]
+
+    @property
+    def thinking(self) -> str:
+        return ";".join(f"{a}{op}{b}={r}" for a, op, b, r in self.steps())
+
+    @property
+    def prompt_text(self) -> str:
+        return f"<bos>{self.question}=<think>"
+
+    @property
+    def completion_text(self) -> str:
+        return f"{self.thinking}</think>{self.answer}<eos>"
+
+    @property
+    def text(self) -> str:
+        return self.prompt_text + self.completion_text
+
+
+@dataclass
+class Batch:
+    """A padded batch.
+
+    input_ids: (batch, seqlen) — tokens ``0..L-2`` of each padded sequence
+    targets: (batch, seqlen) — tokens ``1..L-1``
+    loss_mask: (batch, seqlen) float — 1 where the target is part of the completion
+    """
+
+    input_ids: torch.Tensor
+    targets: torch.Tensor
+    loss_mask: torch.Tensor
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.input_ids.numel())
+
+
+class ArithmeticTask:
+    """Generator of problems, batches and evaluation sets for one task configuration."""
+
+    def __init__(self, *, modulus: int = 10, difficulty: int = 2, seed: int = 0,
+                 val_fraction: float = 0.05, test_fraction: float = 0.05) -> None:
+        if not isinstance(modulus, int) or modulus < 2:
+            raise ValueError(f"ArithmeticTask: modulus must be an int >= 2, got {modulus!r}")
+        if difficulty not in DIFFICULTY_OPS:
+            raise ValueError(f"ArithmeticTask: difficulty must be one of {tuple(DIFFICULTY_OPS)}, got {difficulty!r}")
+        if not (0 < val_fraction < 1 and 0 < test_fraction < 1 and val_fraction + test_fraction < 1):
+            raise ValueError("ArithmeticTask: val_fraction and test_fraction must be in (0, 1) "
+                             f"with a sum below 1, got {val_fraction} and {test_fraction}")
+        self.modulus = modulus
+        self.difficulty = difficulty
+        self.seed = seed
+        self.val_fraction = val_fraction
+        self.test_fraction = test_fraction
+        self.tokenizer = Tokenizer()
+
+    # ---- splits -------------------------------------------------------------------------------
+    def split_of(self, problem: Problem) -> str:
+        """The split a problem belongs to: a pure function of its text (and the task seed)."""
+        h = hashlib.blake2b(problem.question.encode(), digest_size=8,
+                            key=f"split-{self.seed}".encode()).digest()
+        u = int.from_bytes(h, "little") / 2.0 ** 64
+        if u < self.val_fraction:
+            return "val"
+        if u < self.val_fraction + self.test_fraction:
+            return "test"
+        return "train"
+
+    def _random_problem(self, rng: random.Random, difficulty: int) -> Problem:
+        lo, hi = DIFFICULTY_OPS[difficulty]
+        n = rng.randint(lo, hi)
+        operands = tuple(rng.randrange(self.modulus) for _ in range(n + 1))
+        ops = tuple(rng.choice("+-*") for _ in range(n))
+        return Problem(operands, ops, self.modulus)
+
+    def problems(self, split: str, n: int, *, seed: int, difficulty: int | None = None) -> list[Problem]:
+        """``n`` problems of ``split``, a pure function of ``(task seed, split, seed, difficulty)``."""
+        if split not in SPLITS:
+            raise ValueError(f"ArithmeticTask.problems: split must be one of {SPLITS}, got {split!r}")
+        difficulty = self.difficulty if difficulty is None else difficulty
+        if difficulty not in DIFFICULTY_OPS:
+            raise ValueError(f"ArithmeticTask.problems: difficulty must be one of {tuple(DIFFICULTY_OPS)}, "
+                             f"got {difficulty!r}")
+        rng = random.Random(f"{self.seed}/{split}/{seed}/{difficulty}")
+        out: list[Problem] = []
+        attempts = 0
+        while len(out) < n:
+            p = self._random_problem(rng, difficulty)
+            attempts += 1
+            if self.split_of(p) == split:
+                out.append(p)
+            elif attempts > 1000 * (n + 10):
+                raise RuntimeError(f"ArithmeticTask: could not draw {n} problems of split {split!r}; "
+                                   "the problem space is too small for this split fraction")
+        return out
+
+    # ---- tensors ------------------------------------------------------------------------------
+    def collate(self, problems: Sequence[Problem]) -> Batch:
+        tok = self.tokenizer
+        seqs = []
+        prompt_lens = []
+        for p in problems:
+            prompt = tok.encode(p.prompt_text)
+            seqs.append(prompt + tok.encode(p.completion_text))
+            prompt_lens.append(len(prompt))
+        length = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), length), tok.pad_id, dtype=torch.long)
+        mask = torch.zeros(len(seqs), length - 1)
+        for i, (s, pl) in enumerate(zip(seqs, prompt_lens)):
+            ids[i, :len(s)] = torch.tensor(s)
+            # target position j predicts token j+1; completion tokens are pl..len(s)-1
+            mask[i, pl - 1:len(s) - 1] = 1.0
+        return Batch(ids[:, :-1].contiguous(), ids[:, 1:].contiguous(), mask)
+
+    def batch(self, split: str, batch_size: int, *, index: int, difficulty: int | None = None) -> Batch:
+        """Batch number ``index`` of ``split`` (deterministic)."""
+        return self.collate(self.problems(split, batch_size, seed=index, difficulty=difficulty))
+
+    def prompts(self, problems: Sequence[Problem]) -> list[list[int]]:
+        return [self.tokenizer.encode(p.prompt_text) for p in problems]
+
+    def parse_answer(self, completion_ids: Sequence[int]) -> int | None:
+        """The answer a generated completion states (text between ``</think>`` and ``<eos>``)."""
+        tok = self.tokenizer
+        ids = list(completion_ids)
+        if tok.end_think_id not in ids:
+            return None
+        rest = ids[ids.index(tok.end_think_id) + 1:]
+        if tok.eos_id in rest:
+            rest = rest[:rest.index(tok.eos_id)]
+        text = tok.decode(rest)
+        return int(text) if text.isdigit() else None
+
+    def max_completion_len(self, difficulty: int | None = None) -> int:
+        """An upper bound on the completion length in tokens at ``difficulty``."""
+        difficulty = self.difficulty if difficulty is None else difficulty
+        n = DIFFICULTY_OPS[difficulty][1]
+        w = len(str(self.modulus - 1))
+        return n * (3 * w + 3) + w + 2

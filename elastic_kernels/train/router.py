@@ -1,0 +1,201 @@
+"""Star Elastic budget routers, Gumbel-softmax schedules and the budget-sampling curriculum.
+
+One :class:`AxisRouter` per elastic axis maps a target budget to logits over that axis's nested
+choices — one set of logits per *slot* (a slot is a layer for per-layer axes such as Mamba heads or
+FFN width; the hidden size is one global slot). The router input is the budget's one-hot over the
+trained budgets, blended linearly between the two neighbouring budgets for an in-between target.
+
+During training the logits go through a Gumbel-softmax with temperature annealed ``1 -> 0.05`` and
+a logit scale ramped ``1 -> 10``; the resulting probabilities ``p`` over choices (widths
+``c_1..c_K`` of a ``full``-unit axis) make the differentiable *soft mask*
+``mask[u] = sum_k p_k * [u < c_k]``. At the end the argmax choice is taken.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+__all__ = ["AxisSpec", "AxisRouter", "BudgetRouters", "budget_weights", "gumbel_softmax",
+           "prefix_mask", "anneal_temperature", "ramp_scale", "curriculum_probs",
+           "sample_budget_indices", "router_size_loss"]
+
+
+@dataclass(frozen=True)
+class AxisSpec:
+    """One elastic axis as seen by the router.
+
+    name: axis name (e.g. ``"hidden"``, ``"mamba_heads"``)
+    slots: number of independent choices (1 for a global axis, the number of layers carrying the
+        axis for a per-layer axis)
+    choices: the nested sizes in units, ascending, the last one the full size
+    """
+
+    name: str
+    slots: int
+    choices: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        if self.slots < 1:
+            raise ValueError(f"AxisSpec {self.name}: slots must be >= 1, got {self.slots}")
+        if not self.choices or list(self.choices) != sorted(set(self.choices)) or self.choices[0] < 1:
+            raise ValueError(f"AxisSpec {self.name}: choices must be distinct positive ints in ascending "
+                             f"order, got {self.choices}")
+
+    @property
+    def full(self) -> int:
+        return self.choices[-1]
+
+
+def budget_weights(targets: torch.Tensor, budgets: Sequence[float]) -> torch.Tensor:
+    """Router inputs for target budgets.
+
+    targets: (batch,) fractions of the full model
+    budgets: the trained budget fractions (any order, distinct)
+    returns: (batch, len(budgets)) — the one-hot of an exact budget; for a target between two
+        neighbouring budgets, the linear blend of their one-hots; clamped outside the range.
+    """
+    b = torch.tensor(list(budgets), dtype=torch.float64)
+    if b.numel() == 0 or torch.unique(b).numel() != b.numel():
+        raise ValueError(f"budget_weights: budgets must be distinct and non-empty, got {list(budgets)}")
+    order = torch.argsort(b)
+    sb = b[order]
+    t = targets.detach().to(torch.float64).clamp(float(sb[0]), float(sb[-1]))
+    out = torch.zeros(t.shape[0], b.numel(), dtype=torch.float64)
+    if b.numel() == 1:
+        out[:, 0] = 1.0
+        return out.float()
+    hi = torch.searchsorted(sb, t, right=False).clamp(1, b.numel() - 1)
+    lo = hi - 1
+    w_hi = (t - sb[lo]) / (sb[hi] - sb[lo])
+    rows = torch.arange(t.shape[0])
+    out[rows, order[lo]] += 1.0 - w_hi
+    out[rows, order[hi]] += w_hi
+    return out.float()
+
+
+class AxisRouter(nn.Module):
+    """MLP from the budget encoding to logits ``(batch, slots, choices)`` for one axis."""
+
+    def __init__(self, spec: AxisSpec, num_budgets: int, hidden: int = 64) -> None:
+        super().__init__()
+        self.spec = spec
+        self.net = nn.Sequential(nn.Linear(num_budgets, hidden), nn.GELU(),
+                                 nn.Linear(hidden, spec.slots * len(spec.choices)))
+        # start from a near-uniform distribution over choices
+        nn.init.normal_(self.net[2].weight, std=0.01)
+        nn.init.zeros_(self.net[2].bias)
+
+    def forward(self, budget_enc: torch.Tensor) -> torch.Tensor:
+        """budget_enc: (batch, num_budgets) -> logits: (batch, slots, choices)."""
+        return self.net(budget_enc).view(budget_enc.shape[0], self.spec.slots, len(self.spec.choices))
+
+
+class BudgetRouters(nn.Module):
+    """All axis routers of one model."""
+
+    def __init__(self, specs: Sequence[AxisSpec], budgets: Sequence[float], hidden: int = 64) -> None:
+        super().__init__()
+        self.specs = {s.name: s for s in specs}
+        self.budgets = [float(b) for b in budgets]
+        self.routers = nn.ModuleDict({s.name: AxisRouter(s, len(self.budgets), hidden) for s in specs})
+
+    def logits(self, targets: torch.Tensor) -> dict[str, torch.Tensor]:
+        enc = budget_weights(targets, self.budgets).to(next(self.parameters()).device)
+        return {name: r(enc) for name, r in self.routers.items()}
+
+    def sample(self, targets: torch.Tensor, *, tau: float, scale: float,
+               generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """Gumbel-softmax probabilities per axis: ``{axis: (batch, slots, choices)}``."""
+        return {name: gumbel_softmax(lg, tau=tau, scale=scale, generator=generator)
+                for name, lg in self.logits(targets).items()}
+
+    @torch.no_grad()
+    def choose(self, targets: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Argmax choice indices per axis: ``{axis: (batch, slots)}`` (LongTensor)."""
+        return {name: lg.argmax(-1) for name, lg in self.logits(targets).items()}
+
+    def widths(self, choice_idx: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Choice indices -> sizes in units, ``{axis: (batch, slots)}``."""
+        out = {}
+        for name, idx in choice_idx.items():
+            ch = torch.tensor(self.specs[name].choices, device=idx.device)
+            out[name] = ch[idx]
+        return out
+
+
+def gumbel_softmax(logits: torch.Tensor, *, tau: float, scale: float = 1.0,
+                   generator: torch.Generator | None = None) -> torch.Tensor:
+    """``softmax((scale * logits + g) / tau)`` with ``g ~ Gumbel(0, 1)`` drawn from ``generator``."""
+    if tau <= 0:
+        raise ValueError(f"gumbel_softmax: tau must be > 0, got {tau}")
+    u = torch.rand(logits.shape, generator=generator, dtype=torch.float32).to(logits.device)
+    g = -torch.log((-torch.log(u.clamp_min(1e-10))).clamp_min(1e-10))
+    return F.softmax((scale * logits + g.to(logits.dtype)) / tau, dim=-1)
+
+
+def prefix_mask(probs: torch.Tensor, choices: Sequence[int]) -> torch.Tensor:
+    """Soft nested mask over units.
+
+    probs: (..., choices) — distribution over the nested sizes ``choices`` (ascending)
+    returns: (..., full) with ``mask[u] = sum_k probs[k] * [u < choices[k]]``
+    """
+    full = choices[-1]
+    ch = torch.tensor(list(choices), device=probs.device)
+    prefix = (torch.arange(full, device=probs.device)[None, :] < ch[:, None]).to(probs.dtype)
+    return probs @ prefix
+
+
+def anneal_temperature(progress: float, start: float = 1.0, end: float = 0.05) -> float:
+    """Geometric annealing from ``start`` (progress 0) to ``end`` (progress 1)."""
+    p = min(max(progress, 0.0), 1.0)
+    return float(math.exp(math.log(start) + p * (math.log(end) - math.log(start))))
+
+
+def ramp_scale(progress: float, start: float = 1.0, end: float = 10.0) -> float:
+    """Linear ramp of the logit scale from ``start`` to ``end``."""
+    p = min(max(progress, 0.0), 1.0)
+    return float(start + p * (end - start))
+
+
+def curriculum_probs(num_budgets: int, phase: str, skew: Sequence[float] = (0.5, 0.3, 0.2)) -> list[float]:
+    """Sampling probabilities over budgets sorted from largest to smallest.
+
+    phase ``"A"``: uniform. Phase ``"B"``: ``skew = (full, middle, smallest)``; the middle share is
+    split evenly over the budgets between the largest and the smallest (with two budgets, the
+    full and smallest shares are renormalized).
+    """
+    if phase not in ("A", "B"):
+        raise ValueError(f"curriculum_probs: phase must be 'A' or 'B', got {phase!r}")
+    if num_budgets < 1:
+        raise ValueError(f"curriculum_probs: num_budgets must be >= 1, got {num_budgets}")
+    if phase == "A" or num_budgets == 1:
+        return [1.0 / num_budgets] * num_budgets
+    full, middle, small = (float(x) for x in skew)
+    if min(full, middle, small) < 0 or full + middle + small <= 0:
+        raise ValueError(f"curriculum_probs: skew must be three non-negative weights, got {tuple(skew)}")
+    if num_budgets == 2:
+        w = [full, small]
+    else:
+        w = [full] + [middle / (num_budgets - 2)] * (num_budgets - 2) + [small]
+    s = sum(w)
+    return [x / s for x in w]
+
+
+def sample_budget_indices(n: int, probs: Sequence[float], generator: torch.Generator) -> torch.Tensor:
+    """``n`` budget indices drawn from ``probs`` (deterministic for a given generator state)."""
+    return torch.multinomial(torch.tensor(list(probs), dtype=torch.float64), n, replacement=True,
+                             generator=generator)
+
+
+def router_size_loss(params: torch.Tensor, target: torch.Tensor, tolerance: float = 0.0) -> torch.Tensor:
+    """``max(|params / target - 1| - tolerance, 0)`` averaged over the batch.
+
+    params: (batch,) differentiable (expected) parameter counts of the chosen submodels
+    target: (batch,) target parameter counts
+    """
+    return F.relu((params / target - 1.0).abs() - tolerance).mean()

@@ -1,0 +1,254 @@
+"""Tests of the Star Elastic reference loop (elastic_kernels.train)."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from elastic_kernels.train.checkpoint import (CheckpointError, load_checkpoint, optimizer_from_tensors,
+                                              optimizer_to_tensors, save_checkpoint)
+from elastic_kernels.train.config import build_parser, config_from_args, make_config
+from elastic_kernels.train.data import ArithmeticTask, Problem, Tokenizer
+from elastic_kernels.train.losses import forward_kl, masked_ce
+from elastic_kernels.train.router import (AxisSpec, BudgetRouters, anneal_temperature, budget_weights,
+                                          curriculum_probs, gumbel_softmax, prefix_mask, ramp_scale,
+                                          router_size_loss, sample_budget_indices)
+
+
+# ---------------------------------------------------------------------------------------- data
+def test_tokenizer_round_trip():
+    tok = Tokenizer()
+    task = ArithmeticTask(modulus=10, difficulty=3, seed=1)
+    for p in task.problems("train", 50, seed=0):
+        ids = tok.encode(p.text)
+        assert tok.decode(ids) == p.text
+        assert ids[0] == tok.bos_id and ids[-1] == tok.eos_id
+        assert tok.think_id in ids and tok.end_think_id in ids
+    assert len(set(tok.itos)) == tok.vocab_size
+
+
+def test_tokenizer_bad_input():
+    tok = Tokenizer()
+    with pytest.raises(ValueError, match="character 'x'"):
+        tok.encode("1+x")
+    with pytest.raises(ValueError, match="unknown special token"):
+        tok.encode("<oops>")
+    with pytest.raises(ValueError, match="outside"):
+        tok.decode([999])
+
+
+def test_problem_trace_and_answer():
+    p = Problem((3, 5, 2, 4), ("+", "*", "-"), 10)
+    assert p.thinking == "3+5=8;8*2=6;6-4=2"
+    assert p.answer == 2
+    assert p.text == "<bos>3+5*2-4=<think>3+5=8;8*2=6;6-4=2</think>2<eos>"
+    p = Problem((97, 5), ("-",), 100)
+    assert p.thinking == "97-5=92" and p.answer == 92
+
+
+@pytest.mark.parametrize("difficulty", [1, 3])
+def test_splits_disjoint_and_deterministic(difficulty):
+    task = ArithmeticTask(modulus=10, difficulty=difficulty, seed=3, val_fraction=0.1, test_fraction=0.1)
+    sets = {s: {p.question for p in task.problems(s, 300, seed=s_i)} for s_i, s in enumerate(("train", "val", "test"))}
+    assert not sets["train"] & sets["val"]
+    assert not sets["train"] & sets["test"]
+    assert not sets["val"] & sets["test"]
+    # every problem of the training stream (many batches) stays out of val/test
+    train_stream = {p.question for i in range(20) for p in task.problems("train", 64, seed=i)}
+    assert not train_stream & (sets["val"] | sets["test"])
+    a = task.batch("train", 16, index=7)
+    b = task.batch("train", 16, index=7)
+    assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.loss_mask, b.loss_mask)
+    c = task.batch("train", 16, index=8)
+    assert not torch.equal(a.input_ids, c.input_ids) if a.input_ids.shape == c.input_ids.shape else True
+    other_seed = ArithmeticTask(modulus=10, difficulty=difficulty, seed=4, val_fraction=0.1, test_fraction=0.1)
+    assert [p.question for p in other_seed.problems("val", 20, seed=0)] != [p.question for p in
+                                                                          task.problems("val", 20, seed=0)]
+
+
+def test_batch_layout():
+    task = ArithmeticTask(modulus=10, difficulty=2, seed=0)
+    probs = task.problems("train", 5, seed=0)
+    batch = task.collate(probs)
+    tok = task.tokenizer
+    for i, p in enumerate(probs):
+        full = tok.encode(p.text)
+        n = len(full)
+        assert batch.input_ids[i, :n - 1].tolist() == full[:-1]
+        assert batch.targets[i, :n - 1].tolist() == full[1:]
+        masked = [t for t, m in zip(batch.targets[i].tolist(), batch.loss_mask[i].tolist()) if m]
+        assert tok.decode(masked) == p.completion_text
+        assert task.parse_answer(tok.encode(p.completion_text)) == p.answer
+        assert len(tok.encode(p.completion_text)) <= task.max_completion_len()
+    assert task.parse_answer(tok.encode("1+2=3")) is None
+    assert task.parse_answer(tok.encode("1+2=3</think><eos>")) is None
+
+
+def test_difficulty_lengthens_sequences():
+    task = ArithmeticTask(modulus=10, difficulty=1, seed=0)
+    short = task.batch("train", 64, index=0)
+    long = task.batch("train", 64, index=0, difficulty=4)
+    assert long.loss_mask.sum() > 2 * short.loss_mask.sum()
+    with pytest.raises(ValueError, match="difficulty"):
+        ArithmeticTask(difficulty=9)
+
+
+# -------------------------------------------------------------------------------------- router
+def test_budget_weights_one_hot_and_blend():
+    budgets = [1.0, 0.75, 0.5]
+    w = budget_weights(torch.tensor([1.0, 0.75, 0.5, 0.625, 0.9, 0.2]), budgets)
+    assert torch.allclose(w[0], torch.tensor([1.0, 0, 0]))
+    assert torch.allclose(w[1], torch.tensor([0, 1.0, 0]))
+    assert torch.allclose(w[2], torch.tensor([0, 0, 1.0]))
+    assert torch.allclose(w[3], torch.tensor([0, 0.5, 0.5]))
+    assert torch.allclose(w[4], torch.tensor([0.6, 0.4, 0]))
+    assert torch.allclose(w[5], torch.tensor([0, 0, 1.0]))  # clamped
+    assert torch.allclose(w.sum(1), torch.ones(6))
+
+
+def test_gumbel_softmax_and_masks():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, 3, 5, requires_grad=True)
+    p = gumbel_softmax(logits, tau=1.0, scale=1.0, generator=g)
+    assert torch.allclose(p.sum(-1), torch.ones(4, 3))
+    p2 = gumbel_softmax(logits, tau=1.0, scale=1.0, generator=torch.Generator().manual_seed(0))
+    p1 = gumbel_softmax(logits, tau=1.0, scale=1.0, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(p1, p2)
+    # low temperature + high scale: nearly one-hot at the noisy argmax
+    cold = gumbel_softmax(logits * 10, tau=0.05, scale=10.0, generator=g)
+    assert (cold.max(-1).values > 0.99).all()
+    choices = (2, 4, 8)
+    probs = torch.tensor([[0.2, 0.3, 0.5]], requires_grad=True)
+    m = prefix_mask(probs, choices)
+    want = torch.tensor([[1, 1, 0.8, 0.8, 0.5, 0.5, 0.5, 0.5]])
+    assert torch.allclose(m, want)
+    m.sum().backward()
+    assert torch.allclose(probs.grad, torch.tensor([[2.0, 4.0, 8.0]]))  # d(expected width)/dp = widths
+    with pytest.raises(ValueError, match="tau"):
+        gumbel_softmax(logits, tau=0.0)
+
+
+def test_schedules():
+    assert anneal_temperature(0.0) == pytest.approx(1.0)
+    assert anneal_temperature(1.0) == pytest.approx(0.05)
+    assert anneal_temperature(0.5) == pytest.approx(math.sqrt(0.05))
+    assert anneal_temperature(2.0) == pytest.approx(0.05)
+    assert ramp_scale(0.0) == 1.0 and ramp_scale(1.0) == 10.0 and ramp_scale(0.5) == 5.5
+    ts = [anneal_temperature(i / 10) for i in range(11)]
+    assert all(a > b for a, b in zip(ts, ts[1:]))
+
+
+def test_curriculum():
+    assert curriculum_probs(3, "A") == pytest.approx([1 / 3] * 3)
+    assert curriculum_probs(3, "B") == pytest.approx([0.5, 0.3, 0.2])
+    assert curriculum_probs(4, "B") == pytest.approx([0.5, 0.15, 0.15, 0.2])
+    assert curriculum_probs(2, "B") == pytest.approx([0.5 / 0.7, 0.2 / 0.7])
+    idx = sample_budget_indices(20000, [0.5, 0.3, 0.2], torch.Generator().manual_seed(0))
+    freq = torch.bincount(idx, minlength=3).double() / 20000
+    assert torch.allclose(freq, torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64), atol=0.02)
+    with pytest.raises(ValueError, match="phase"):
+        curriculum_probs(3, "C")
+
+
+def test_router_learns_size_targets():
+    """Routers alone, trained on the size loss of a toy additive cost, hit every target."""
+    torch.manual_seed(0)
+    specs = [AxisSpec("a", 1, (4, 8, 12, 16)), AxisSpec("b", 3, (1, 2, 3, 4))]
+    budgets = [1.0, 0.75, 0.5]
+    routers = BudgetRouters(specs, budgets, hidden=16)
+    opt = torch.optim.Adam(routers.parameters(), lr=3e-2)
+
+    def cost(widths):  # widths: {axis: (batch, slots)} float
+        return 10 * widths["a"].sum(1) + 5 * widths["b"].sum(1)
+
+    full = 10 * 16 + 5 * 12
+    g = torch.Generator().manual_seed(0)
+    steps = 300
+    for step in range(steps):
+        t = torch.tensor(budgets * 4)
+        probs = routers.sample(t, tau=anneal_temperature(step / steps), scale=ramp_scale(step / steps), generator=g)
+        widths = {k: (p * torch.tensor(routers.specs[k].choices, dtype=p.dtype)).sum(-1) for k, p in probs.items()}
+        loss = router_size_loss(cost(widths), t * full, tolerance=0.01)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    chosen = routers.widths(routers.choose(torch.tensor(budgets)))
+    got = cost({k: v.float() for k, v in chosen.items()}) / full
+    assert torch.allclose(got, torch.tensor(budgets), atol=0.05), got
+
+
+def test_router_size_loss_band():
+    p = torch.tensor([100.0, 104.0, 90.0])
+    t = torch.tensor([100.0, 100.0, 100.0])
+    assert router_size_loss(p, t, tolerance=0.05).item() == pytest.approx((0 + 0 + 0.05) / 3)
+    assert router_size_loss(p, t).item() == pytest.approx((0 + 0.04 + 0.1) / 3)
+
+
+# -------------------------------------------------------------------------------------- losses
+def test_losses_against_plain_formulas():
+    torch.manual_seed(0)
+    s = torch.randn(2, 5, 7, dtype=torch.float64)
+    t = torch.randn(2, 5, 7, dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 0, 1, 0], [0, 1, 1, 1, 1]], dtype=torch.float64)
+    T = 2.0
+    want = 0.0
+    for b in range(2):
+        for j in range(5):
+            if mask[b, j]:
+                pt = torch.softmax(t[b, j] / T, 0)
+                ps = torch.softmax(s[b, j] / T, 0)
+                want += float((pt * (pt.log() - ps.log())).sum()) * T * T
+    want /= float(mask.sum())
+    assert forward_kl(s, t, mask, temperature=T).item() == pytest.approx(want, rel=1e-5)
+    assert forward_kl(t, t, mask).item() == pytest.approx(0.0, abs=1e-6)
+    ps = forward_kl(s, t, mask, temperature=T, per_sample=True)
+    assert ps.shape == (2,)
+    targets = torch.randint(0, 7, (2, 5))
+    ce = sum(-float(torch.log_softmax(s[b, j], 0)[targets[b, j]]) for b in range(2) for j in range(5) if mask[b, j])
+    assert masked_ce(s, targets, mask).item() == pytest.approx(ce / float(mask.sum()), rel=1e-5)
+
+
+# --------------------------------------------------------------------------- checkpoint / config
+def test_checkpoint_round_trip_and_corruption(tmp_path):
+    lin = torch.nn.Linear(3, 4)
+    opt = torch.optim.AdamW(lin.parameters(), lr=1e-2)
+    lin(torch.randn(2, 3)).sum().backward()
+    opt.step()
+    ot, om = optimizer_to_tensors(opt, "opt.main")
+    tensors = {f"model.{k}": v for k, v in lin.state_dict().items()} | ot
+    path = tmp_path / "ck.safetensors"
+    save_checkpoint(path, tensors, {"step": 3, "opt": om})
+    assert not (tmp_path / "ck.safetensors.tmp").exists()
+    got, meta = load_checkpoint(path)
+    assert meta["step"] == 3
+    lin2 = torch.nn.Linear(3, 4)
+    lin2.load_state_dict({k[6:]: v for k, v in got.items() if k.startswith("model.")})
+    opt2 = torch.optim.AdamW(lin2.parameters(), lr=1e-2)
+    optimizer_from_tensors(opt2, got, meta["opt"], "opt.main")
+    x = torch.randn(2, 3)
+    for o, m in ((opt, lin), (opt2, lin2)):
+        o.zero_grad()
+        m(x).sum().backward()
+        o.step()
+    assert torch.equal(lin.weight, lin2.weight)
+    path.write_bytes(path.read_bytes()[:40])
+    with pytest.raises(CheckpointError, match="corrupt"):
+        load_checkpoint(path)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_checkpoint(tmp_path / "missing.safetensors")
+
+
+def test_config_cli_overrides():
+    cfg = config_from_args(["--preset", "smoke", "--parent-steps", "7", "--budgets", "1,0.5",
+                            "--baselines", "false", "--model", '{"vocab_size": 32}'])
+    assert cfg.preset == "smoke" and cfg.parent_steps == 7 and cfg.budgets == [1.0, 0.5]
+    assert cfg.baselines is False and cfg.model["vocab_size"] == 32
+    assert cfg.elastic_steps == make_config("smoke").elastic_steps
+    with pytest.raises(ValueError, match="budgets must include"):
+        make_config("smoke", budgets=[0.5])
+    with pytest.raises(ValueError, match="unknown config field"):
+        make_config("smoke", nope=1)
+    text = build_parser().format_help()
+    for name in ("--kd-temperature", "--router-lr", "--stage-b-skew", "--resume", "--qad"):
+        assert name in text
