@@ -1,0 +1,64 @@
+"""Shared benchmark helpers (DESIGN §7): timing, device ceilings, and the per-benchmark report.
+
+Every benchmark states the bytes it must move and the FLOPs it must do; ``record`` turns a
+measured median time into achieved GB/s and TFLOP/s and, on a GPU, the fraction of the device's
+measured ceilings (device-to-device copy bandwidth, large bf16 matmul). Width sweeps are
+summarised as ratios to full width by ``bench/conftest.py`` at the end of the session.
+"""
+from __future__ import annotations
+
+import functools
+import statistics
+import time
+
+import torch
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_fn(fn, device: torch.device, *, warmup: int = 3, reps: int = 20) -> float:
+    """Median seconds of ``fn()``: CUDA via triton.testing.do_bench (events, L2 flushed), CPU via perf_counter."""
+    if device.type == "cuda":
+        import triton.testing
+        return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e-3
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+@functools.lru_cache(maxsize=None)
+def ceilings(device_type: str) -> dict:
+    """Measured ceilings of the device: copy bandwidth (GB/s) and bf16 matmul (TFLOP/s)."""
+    device = torch.device(device_type)
+    n = (1 << 28) if device.type == "cuda" else (1 << 24)  # bytes: 256 MiB (>> L2) on GPU
+    src = torch.empty(n, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    t = time_fn(lambda: dst.copy_(src), device)
+    m = 8192 if device.type == "cuda" else 512
+    dt = torch.bfloat16 if device.type == "cuda" else torch.float32
+    a = torch.randn(m, m, device=device, dtype=dt)
+    b = torch.randn(m, m, device=device, dtype=dt)
+    tm = time_fn(lambda: a @ b, device)
+    return {"copy_GBps": 2 * n / t / 1e9, "matmul_TFLOPs": 2 * m**3 / tm / 1e12,
+            "matmul_dtype": str(dt).replace("torch.", "")}
+
+
+def record(benchmark, *, device: torch.device, bytes_moved: float, flops: float, group: str,
+           width: float | None = None, **extra) -> None:
+    """Attach bytes/FLOPs, achieved rates and fractions of the ceilings to a pytest-benchmark result."""
+    info = benchmark.extra_info
+    med = benchmark.stats.stats.median
+    info.update(group=group, width=width, bytes=bytes_moved, flops=flops, median_s=med,
+                GBps=bytes_moved / med / 1e9, TFLOPs=flops / med / 1e12, device=str(device), **extra)
+    if device.type == "cuda":
+        c = ceilings("cuda")
+        info.update(frac_copy_ceiling=info["GBps"] / c["copy_GBps"],
+                    frac_matmul_ceiling=info["TFLOPs"] / c["matmul_TFLOPs"])

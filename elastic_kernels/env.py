@@ -1,0 +1,57 @@
+"""``python -m elastic_kernels.env``: versions, usable backends, the GPU and the _C build (for bug reports)."""
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import platform
+import sys
+
+import torch
+
+from . import _dispatch, _ext
+
+
+def _version(pkg: str) -> str:
+    try:
+        return importlib.metadata.version(pkg)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def collect() -> dict:
+    """Environment facts as a dict (also used by bench/ to stamp results)."""
+    gpu = None
+    if torch.cuda.is_available():
+        p = torch.cuda.get_device_properties(0)
+        gpu = {"name": p.name, "capability": f"{p.major}.{p.minor}", "memory_gib": round(p.total_memory / 2**30, 1),
+               "sms": p.multi_processor_count, "count": torch.cuda.device_count()}
+    dev = torch.device("cuda" if gpu else "cpu")
+    backends = {}
+    for be in ("reference", "triton", "cuda"):
+        why = _dispatch._unavailable("env", be, dev)
+        backends[be] = "usable" if why is None else f"unavailable: {why}"
+    return {
+        "python": sys.version.split()[0], "platform": platform.platform(),
+        "elastic_kernels": _version("elastic_kernels"), "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda, "triton": _version("triton"), "numpy": _version("numpy"),
+        "safetensors": _version("safetensors"), "gpu": gpu,
+        "_C": {"built": _ext.c_built(), "with_cuda": _ext.c_has_cuda()},
+        "backends_on_" + dev.type: backends,
+        "env": {k: os.environ[k] for k in (_dispatch.ENV_VAR, "TRITON_INTERPRET", "ELASTIC_KERNELS_SKIP_CUDA")
+                if k in os.environ},
+    }
+
+
+def main() -> None:
+    info = collect()
+    for key, val in info.items():
+        if isinstance(val, dict):
+            print(f"{key}:")
+            for k, v in val.items():
+                print(f"  {k}: {v}")
+        else:
+            print(f"{key}: {val}")
+
+
+if __name__ == "__main__":
+    main()
