@@ -4,8 +4,10 @@ Ops (torch.library custom ops with fake kernels and autograd; ``backend=`` selec
 "auto" | "triton" | "cuda" | "reference", default from ``ELASTIC_KERNELS_BACKEND``):
 
 - :func:`ssd_scan`, :func:`ssd_state_update`: width-masked Mamba2 SSD.
+- :func:`moe_route`, :func:`moe_experts`: elastic MoE routing (first E' experts) and sliced
+  grouped-GEMM experts (first d' channels, per-token widths).
 """
-from .ops import ssd_scan, ssd_state_update
+from .ops import moe_experts, moe_route, ssd_scan, ssd_state_update
 
 __version__ = "0.1.0"
-__all__ = ["ssd_scan", "ssd_state_update", "__version__"]
+__all__ = ["moe_experts", "moe_route", "ssd_scan", "ssd_state_update", "__version__"]

@@ -84,10 +84,11 @@ def check_divisible(op: str, name: str, value: int, divisor: int, divisor_name: 
 
 
 def _can_read_values(t: torch.Tensor) -> bool:
-    """Whether width values may be read on the host (never during CUDA graph capture or tracing)."""
+    """Whether values may be read on the host: never during tracing, CUDA graph capture, or while
+    ``torch.cuda.set_sync_debug_mode`` asks for no host synchronization."""
     if torch.compiler.is_compiling():
         return False
-    if t.is_cuda and torch.cuda.is_current_stream_capturing():
+    if t.is_cuda and (torch.cuda.is_current_stream_capturing() or torch.cuda.get_sync_debug_mode() != 0):
         return False
     return t.device.type != "meta"
 

@@ -1,0 +1,479 @@
+r"""Triton grouped-GEMM kernels of the sliced MoE experts, forward and backward.
+
+Notation: the ``n = tokens * top_k`` (token, slot) pairs are sorted by expert on the device
+("rows"; row r holds token ``tok[r]``, expert ``e[r]``, routing weight ``w[r]``, width
+``d_r`` = the token's ffn width, or d'). Rows of expert e are ``offs[e]:offs[e+1]``; rows whose id
+is outside [0, E') sort last and take no part. Row tiles of ``BM`` rows never straddle experts;
+a tile table (expert, first row) built with torch ops (sort, scatter-add histogram, cumsum,
+searchsorted: no host synchronization, static shapes) drives the row-tiled kernels, whose spare
+programs exit at once. Only prefix views ``w[:E', :d']`` of the weights are read (strided, no
+copies); tiles past a tile's largest width do no work.
+
+Forward (``_moe_up_kernel`` then ``_moe_down_kernel`` then ``_moe_unpermute_kernel``):
+
+    h1 = x[tok] w1[e, :d']^T,  h3 = x[tok] w3[e, :d']^T           (rows, d')
+    a  = act(h1) (* h3 when gated) * s * [c < d_r]                  s = channel_scale
+    o  = a w2[e, :, :d']^T                                          (rows, hidden)
+    y[t] = sum_j w[t, j] o[row(t, j)]
+
+Backward (``_moe_bwd_act_kernel`` recomputes h1, h3 and g = dy[tok] w2[e, :, :d'] in one pass):
+
+    a_raw = act(h1) (* h3);  da = w[r] g [c < d_r];  dw[t, j] = sum_c a g
+    ds   = sum over rows of da a_raw  (per token for a (tokens, F) scale)
+    dh1  = da s act'(h1) (* h3);  dh3 = da s act(h1);  aw = w[r] a
+    dx[t] = sum_j (dh1 w1[e, :d'] + dh3 w3[e, :d'])[row(t, j)]      (``_moe_down_kernel``)
+    dw1[e, :d'] = dh1[rows_e]^T x[tok_e],  dw3 likewise,  dw2[e, :, :d'] = dy[tok_e]^T aw[rows_e]
+                                                    (``_moe_dw_kernel``: grouped GEMM, K = rows_e)
+
+act: relu2 = relu(v)^2 (act' = 2 relu(v)); silu = v sig(v) (act' = sig(v)(1 + v(1 - sig(v))));
+gelu = v Phi(v) (act' = Phi(v) + v phi(v)). Accumulation is fp32; fp32 inputs use IEEE dots.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+ACT_CODES = {"relu2": 0, "silu": 1, "gelu": 2}
+
+
+@triton.jit
+def _act(h, ACT: tl.constexpr):
+    if ACT == 0:
+        r = tl.maximum(h, 0.0)
+        return r * r
+    elif ACT == 1:
+        return h * tl.sigmoid(h)
+    else:
+        return 0.5 * h * (1.0 + tl.erf(h * 0.7071067811865476))
+
+
+@triton.jit
+def _act_grad(h, ACT: tl.constexpr):
+    if ACT == 0:
+        return 2.0 * tl.maximum(h, 0.0)
+    elif ACT == 1:
+        sg = tl.sigmoid(h)
+        return sg * (1.0 + h * (1.0 - sg))
+    else:
+        return 0.5 * (1.0 + tl.erf(h * 0.7071067811865476)) + h * 0.3989422804014327 * tl.exp(-0.5 * h * h)
+
+
+@triton.jit
+def _tile_rows(tile_e_ptr, tile_row_ptr, offs_ptr, row_tok_ptr, row_width_ptr, F_act, pid_m,
+               HAS_WT: tl.constexpr, BM: tl.constexpr):
+    """Expert, rows, row mask, tokens and widths of one row tile (e < 0: a spare program)."""
+    e = tl.load(tile_e_ptr + pid_m).to(tl.int64)
+    row0 = tl.load(tile_row_ptr + pid_m)
+    row_end = tl.load(offs_ptr + tl.maximum(e, 0) + 1)
+    rows = row0 + tl.arange(0, BM).to(tl.int64)
+    rmask = rows < tl.where(e >= 0, row_end, 0)
+    tok = tl.load(row_tok_ptr + rows, mask=rmask, other=0)
+    if HAS_WT:
+        wid = tl.load(row_width_ptr + rows, mask=rmask, other=0)
+    else:
+        wid = tl.where(rmask, F_act, 0).to(tl.int64)
+    return e, rows, rmask, tok, wid
+
+
+@triton.jit
+def _moe_up_kernel(x_ptr, w1_ptr, w3_ptr, cs_ptr, a_ptr,
+                   tile_e_ptr, tile_row_ptr, offs_ptr, row_tok_ptr, row_width_ptr,
+                   H, F_act,
+                   s_xt, s_xh, s_w1e, s_w1f, s_w1h, s_w3e, s_w3f, s_w3h, s_cst, s_csf, s_ar,
+                   ACT: tl.constexpr, GATED: tl.constexpr, HAS_WT: tl.constexpr, CS_MODE: tl.constexpr,
+                   PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """a[rows, cols] = act(x[tok] w1[e, cols]^T) (* x[tok] w3[e, cols]^T) * s * [c < d_r]."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    e, rows, rmask, tok, wid = _tile_rows(tile_e_ptr, tile_row_ptr, offs_ptr, row_tok_ptr, row_width_ptr,
+                                          F_act, pid_m, HAS_WT, BM)
+    n0 = pid_n * BN
+    if e < 0:
+        return
+    if n0 >= tl.max(wid):
+        return
+    cols = n0 + tl.arange(0, BN).to(tl.int64)
+    cmask = cols < F_act
+    acc1 = tl.zeros((BM, BN), dtype=tl.float32)
+    acc3 = tl.zeros((BM, BN), dtype=tl.float32)
+    for k0 in range(0, H, BK):
+        ks = k0 + tl.arange(0, BK).to(tl.int64)
+        kmask = ks < H
+        xt = tl.load(x_ptr + tok[:, None] * s_xt + ks[None, :] * s_xh, mask=rmask[:, None] & kmask[None, :],
+                     other=0.0)
+        wmask = kmask[:, None] & cmask[None, :]
+        w1t = tl.load(w1_ptr + e * s_w1e + cols[None, :] * s_w1f + ks[:, None] * s_w1h, mask=wmask, other=0.0)
+        acc1 = tl.dot(xt, w1t, acc1, input_precision=PREC)
+        if GATED:
+            w3t = tl.load(w3_ptr + e * s_w3e + cols[None, :] * s_w3f + ks[:, None] * s_w3h, mask=wmask,
+                          other=0.0)
+            acc3 = tl.dot(xt, w3t, acc3, input_precision=PREC)
+    a = _act(acc1, ACT)
+    if GATED:
+        a = a * acc3
+    if CS_MODE == 1:
+        a = a * tl.load(cs_ptr + cols * s_csf, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    elif CS_MODE == 2:
+        a = a * tl.load(cs_ptr + tok[:, None] * s_cst + cols[None, :] * s_csf,
+                        mask=rmask[:, None] & cmask[None, :], other=0.0).to(tl.float32)
+    a = tl.where(cols[None, :] < wid[:, None], a, 0.0)
+    tl.store(a_ptr + rows[:, None] * s_ar + cols[None, :], a.to(a_ptr.dtype.element_ty),
+             mask=rmask[:, None] & cmask[None, :])
+
+
+@triton.jit
+def _moe_down_kernel(a_ptr, w_ptr, a2_ptr, w2_ptr, o_ptr,
+                     tile_e_ptr, tile_row_ptr, offs_ptr, row_tok_ptr, row_width_ptr,
+                     H, F_act,
+                     s_ar, s_we, s_wh, s_wc, s_w2e, s_w2h, s_w2c, s_or,
+                     TWO: tl.constexpr, HAS_WT: tl.constexpr, PREC: tl.constexpr,
+                     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """o[rows, hs] = sum_{c < d_r} a[rows, c] w[e, hs, c] (+ a2[rows, c] w2[e, hs, c] when TWO).
+
+    Columns of a / a2 at or past a row's width are never read (they may be unwritten)."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    e, rows, rmask, tok, wid = _tile_rows(tile_e_ptr, tile_row_ptr, offs_ptr, row_tok_ptr, row_width_ptr,
+                                          F_act, pid_m, HAS_WT, BM)
+    if e < 0:
+        return
+    hs = pid_n * BN + tl.arange(0, BN).to(tl.int64)
+    hmask = hs < H
+    tile_w = tl.max(wid)
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for k0 in range(0, tile_w, BK):
+        cs = k0 + tl.arange(0, BK).to(tl.int64)
+        amask = cs[None, :] < wid[:, None]
+        wmask = (cs[:, None] < tile_w) & hmask[None, :]
+        at = tl.load(a_ptr + rows[:, None] * s_ar + cs[None, :], mask=amask, other=0.0)
+        wt = tl.load(w_ptr + e * s_we + hs[None, :] * s_wh + cs[:, None] * s_wc, mask=wmask, other=0.0)
+        acc = tl.dot(at, wt, acc, input_precision=PREC)
+        if TWO:
+            at2 = tl.load(a2_ptr + rows[:, None] * s_ar + cs[None, :], mask=amask, other=0.0)
+            wt2 = tl.load(w2_ptr + e * s_w2e + hs[None, :] * s_w2h + cs[:, None] * s_w2c, mask=wmask,
+                          other=0.0)
+            acc = tl.dot(at2, wt2, acc, input_precision=PREC)
+    tl.store(o_ptr + rows[:, None] * s_or + hs[None, :], acc.to(o_ptr.dtype.element_ty),
+             mask=rmask[:, None] & hmask[None, :])
+
+
+@triton.jit
+def _moe_unpermute_kernel(o_ptr, w_ptr, inv_ptr, offs_ptr, y_ptr, H, TOP_K, n_act,
+                          s_or, s_yt, HAS_W: tl.constexpr, BH: tl.constexpr):
+    """y[t, hs] = sum_j w[t, j] o[inv[t * top_k + j], hs] over rows of valid ids (fp32 sum)."""
+    t = tl.program_id(0).to(tl.int64)
+    hs = tl.program_id(1) * BH + tl.arange(0, BH).to(tl.int64)
+    hmask = hs < H
+    n_valid = tl.load(offs_ptr + n_act)
+    acc = tl.zeros((BH,), dtype=tl.float32)
+    for j in range(0, TOP_K):
+        p = t * TOP_K + j
+        r = tl.load(inv_ptr + p)
+        v = tl.load(o_ptr + r * s_or + hs, mask=hs < tl.where(r < n_valid, H, 0), other=0.0).to(tl.float32)
+        if HAS_W:
+            v = v * tl.load(w_ptr + p).to(tl.float32)
+        acc += v
+    tl.store(y_ptr + t * s_yt + hs, acc.to(y_ptr.dtype.element_ty), mask=hmask)
+
+
+@triton.jit
+def _moe_bwd_act_kernel(x_ptr, dy_ptr, w1_ptr, w3_ptr, w2_ptr, cs_ptr, row_w_ptr,
+                        dh1_ptr, dh3_ptr, aw_ptr, dwt_ptr, dcs_ptr,
+                        tile_e_ptr, tile_row_ptr, offs_ptr, row_tok_ptr, row_width_ptr,
+                        H, F_act, n_nblk,
+                        s_xt, s_xh, s_dyt, s_dyh, s_w1e, s_w1f, s_w1h, s_w3e, s_w3f, s_w3h,
+                        s_w2e, s_w2h, s_w2f, s_cst, s_csf, s_hr,
+                        ACT: tl.constexpr, GATED: tl.constexpr, HAS_WT: tl.constexpr, CS_MODE: tl.constexpr,
+                        PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """Recompute h1, h3, g = dy[tok] w2[e, :, cols]; write dh1, dh3, aw (rows, cols), the partial
+    dw[row, pid_n] = sum_c a g, and ds (per tile for an (F,) scale, per row for (tokens, F))."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    e, rows, rmask, tok, wid = _tile_rows(tile_e_ptr, tile_row_ptr, offs_ptr, row_tok_ptr, row_width_ptr,
+                                          F_act, pid_m, HAS_WT, BM)
+    n0 = pid_n * BN
+    if e < 0:
+        return
+    if n0 >= tl.max(wid):
+        return
+    cols = n0 + tl.arange(0, BN).to(tl.int64)
+    cmask = cols < F_act
+    acc1 = tl.zeros((BM, BN), dtype=tl.float32)
+    acc3 = tl.zeros((BM, BN), dtype=tl.float32)
+    accg = tl.zeros((BM, BN), dtype=tl.float32)
+    for k0 in range(0, H, BK):
+        ks = k0 + tl.arange(0, BK).to(tl.int64)
+        kmask = ks < H
+        lmask = rmask[:, None] & kmask[None, :]
+        wmask = kmask[:, None] & cmask[None, :]
+        xt = tl.load(x_ptr + tok[:, None] * s_xt + ks[None, :] * s_xh, mask=lmask, other=0.0)
+        w1t = tl.load(w1_ptr + e * s_w1e + cols[None, :] * s_w1f + ks[:, None] * s_w1h, mask=wmask, other=0.0)
+        acc1 = tl.dot(xt, w1t, acc1, input_precision=PREC)
+        if GATED:
+            w3t = tl.load(w3_ptr + e * s_w3e + cols[None, :] * s_w3f + ks[:, None] * s_w3h, mask=wmask,
+                          other=0.0)
+            acc3 = tl.dot(xt, w3t, acc3, input_precision=PREC)
+        dyt = tl.load(dy_ptr + tok[:, None] * s_dyt + ks[None, :] * s_dyh, mask=lmask, other=0.0)
+        w2t = tl.load(w2_ptr + e * s_w2e + ks[:, None] * s_w2h + cols[None, :] * s_w2f, mask=wmask, other=0.0)
+        accg = tl.dot(dyt, w2t, accg, input_precision=PREC)
+    keep = (cols[None, :] < wid[:, None]) & cmask[None, :]
+    f = _act(acc1, ACT)
+    if GATED:
+        a_raw = f * acc3
+    else:
+        a_raw = f
+    if CS_MODE == 1:
+        s = tl.load(cs_ptr + cols * s_csf, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    elif CS_MODE == 2:
+        s = tl.load(cs_ptr + tok[:, None] * s_cst + cols[None, :] * s_csf, mask=rmask[:, None] & cmask[None, :],
+                    other=0.0).to(tl.float32)
+    else:
+        s = 1.0
+    a = tl.where(keep, a_raw * s, 0.0)
+    wr = tl.load(row_w_ptr + rows, mask=rmask, other=0.0)
+    tl.store(dwt_ptr + rows * n_nblk + pid_n, tl.sum(a * accg, axis=1), mask=rmask)
+    da = tl.where(keep, wr[:, None] * accg, 0.0)
+    if CS_MODE == 1:
+        tl.store(dcs_ptr + pid_m.to(tl.int64) * F_act + cols, tl.sum(da * a_raw, axis=0), mask=cmask)
+    elif CS_MODE == 2:
+        tl.store(dcs_ptr + rows[:, None] * F_act + cols[None, :], da * a_raw, mask=rmask[:, None] & cmask[None, :])
+    dar = da * s
+    smask = rmask[:, None] & cmask[None, :]
+    hoffs = rows[:, None] * s_hr + cols[None, :]
+    if GATED:
+        tl.store(dh1_ptr + hoffs, (dar * _act_grad(acc1, ACT) * acc3).to(dh1_ptr.dtype.element_ty), mask=smask)
+        tl.store(dh3_ptr + hoffs, (dar * f).to(dh3_ptr.dtype.element_ty), mask=smask)
+    else:
+        tl.store(dh1_ptr + hoffs, (dar * _act_grad(acc1, ACT)).to(dh1_ptr.dtype.element_ty), mask=smask)
+    tl.store(aw_ptr + hoffs, (wr[:, None] * a).to(aw_ptr.dtype.element_ty), mask=smask)
+
+
+@triton.jit
+def _moe_dw_kernel(l_ptr, l2_ptr, r_ptr, dw_ptr, dw2_ptr, offs_ptr, row_tok_ptr, row_width_ptr, exp_w_ptr,
+                   P, Q, s_lr, s_lp, s_rr, s_rq, s_de, s_dp, s_dq, s_d2e, s_d2p, s_d2q,
+                   L_GATHER: tl.constexpr, R_GATHER: tl.constexpr, WIDTH_ON_P: tl.constexpr,
+                   HAS_WT: tl.constexpr, TWO: tl.constexpr, PREC: tl.constexpr,
+                   BP: tl.constexpr, BQ: tl.constexpr, BR: tl.constexpr):
+    """Grouped GEMM with a variable K (the rows of expert e):
+    dw[e, ps, qs] = sum_{r in rows_e} l[r, ps] r[r, qs] (and dw2 from l2 when TWO), where an
+    operand indexed by the token (``*_GATHER``) reads row tok[r], and the F-side operand (p when
+    WIDTH_ON_P, else q) reads only channels below the row's width. dw is pre-zeroed."""
+    e = tl.program_id(0).to(tl.int64)
+    ps = tl.program_id(1) * BP + tl.arange(0, BP).to(tl.int64)
+    qs = tl.program_id(2) * BQ + tl.arange(0, BQ).to(tl.int64)
+    if HAS_WT:
+        maxw = tl.load(exp_w_ptr + e)
+        if WIDTH_ON_P:
+            if tl.program_id(1) * BP >= maxw:
+                return
+        else:
+            if tl.program_id(2) * BQ >= maxw:
+                return
+    pmask = ps < P
+    qmask = qs < Q
+    r0 = tl.load(offs_ptr + e)
+    r1 = tl.load(offs_ptr + e + 1)
+    acc = tl.zeros((BP, BQ), dtype=tl.float32)
+    acc2 = tl.zeros((BP, BQ), dtype=tl.float32)
+    for rb in range(r0, r1, BR):
+        rows = rb + tl.arange(0, BR).to(tl.int64)
+        rmask = rows < r1
+        tok = tl.load(row_tok_ptr + rows, mask=rmask, other=0)
+        if HAS_WT:
+            wid = tl.load(row_width_ptr + rows, mask=rmask, other=0)
+        elif WIDTH_ON_P:
+            wid = tl.where(rmask, P, 0).to(tl.int64)
+        else:
+            wid = tl.where(rmask, Q, 0).to(tl.int64)
+        if L_GATHER:
+            lidx = tok
+        else:
+            lidx = rows
+        if R_GATHER:
+            ridx = tok
+        else:
+            ridx = rows
+        if WIDTH_ON_P:
+            lmask = (ps[:, None] < wid[None, :]) & pmask[:, None]
+            rmask2 = rmask[:, None] & qmask[None, :]
+        else:
+            lmask = rmask[None, :] & pmask[:, None]
+            rmask2 = (qs[None, :] < wid[:, None]) & qmask[None, :]
+        lt = tl.load(l_ptr + lidx[None, :] * s_lr + ps[:, None] * s_lp, mask=lmask, other=0.0)
+        rt = tl.load(r_ptr + ridx[:, None] * s_rr + qs[None, :] * s_rq, mask=rmask2, other=0.0)
+        acc = tl.dot(lt, rt, acc, input_precision=PREC)
+        if TWO:
+            lt2 = tl.load(l2_ptr + lidx[None, :] * s_lr + ps[:, None] * s_lp, mask=lmask, other=0.0)
+            acc2 = tl.dot(lt2, rt, acc2, input_precision=PREC)
+    omask = pmask[:, None] & qmask[None, :]
+    tl.store(dw_ptr + e * s_de + ps[:, None] * s_dp + qs[None, :] * s_dq, acc.to(dw_ptr.dtype.element_ty),
+             mask=omask)
+    if TWO:
+        tl.store(dw2_ptr + e * s_d2e + ps[:, None] * s_d2p + qs[None, :] * s_d2q,
+                 acc2.to(dw2_ptr.dtype.element_ty), mask=omask)
+
+
+# ---------------------------------------------------------------------------------------------
+# launchers
+# ---------------------------------------------------------------------------------------------
+
+def _blocks(device: torch.device) -> dict:
+    if device.type == "cuda":
+        return dict(BM=64, BN=64, BK=64, BH=256, num_warps=4, num_stages=3)
+    return dict(BM=16, BN=32, BK=32, BH=64, num_warps=1, num_stages=1)
+
+
+def _prec(x: torch.Tensor) -> str:
+    return "ieee" if x.dtype == torch.float32 else "tf32"
+
+
+def _plan(topk_ids, topk_weights, width_t, num_active: int, block_m: int):
+    """Rows sorted by expert and the row-tile table, with torch ops only (no host sync)."""
+    dev = topk_ids.device
+    tokens, top_k = topk_ids.shape
+    n = tokens * top_k
+    flat = topk_ids.reshape(-1).to(torch.int64)
+    key = torch.where((flat >= 0) & (flat < num_active), flat, num_active)
+    sorted_key, order = torch.sort(key, stable=True)
+    counts = torch.zeros(num_active + 1, dtype=torch.int64, device=dev).scatter_add_(0, key, torch.ones_like(key))
+    offs = torch.zeros(num_active + 1, dtype=torch.int64, device=dev)
+    offs[1:] = counts[:num_active].cumsum(0)
+    tiles = (counts[:num_active] + block_m - 1) // block_m
+    tile_end = tiles.cumsum(0)
+    max_tiles = triton.cdiv(n, block_m) + min(num_active, n)
+    tid = torch.arange(max_tiles, device=dev)
+    te = torch.searchsorted(tile_end, tid, right=True)
+    te_c = te.clamp(max=num_active - 1)
+    tile_row = offs[te_c] + (tid - (tile_end - tiles)[te_c]) * block_m
+    tile_e = torch.where(te < num_active, te, -1).to(torch.int32)
+    row_tok = order // top_k
+    inv = torch.empty_like(order).scatter_(0, order, torch.arange(n, device=dev))
+    row_w = topk_weights.reshape(-1)[order].to(torch.float32)
+    row_width = exp_w = None
+    if width_t is not None:
+        row_width = width_t[row_tok]
+        exp_w = torch.zeros(num_active + 1, dtype=torch.int64, device=dev).scatter_reduce_(
+            0, sorted_key, row_width, "amax")
+    return dict(order=order, offs=offs, tile_e=tile_e, tile_row=tile_row, max_tiles=max_tiles, row_tok=row_tok,
+                inv=inv, row_w=row_w, row_width=row_width, exp_w=exp_w, n=n)
+
+
+def _cs_args(channel_scale):
+    if channel_scale is None:
+        return 0, 0, 0
+    if channel_scale.dim() == 1:
+        return 1, 0, channel_scale.stride(0)
+    return 2, channel_scale.stride(0), channel_scale.stride(1)
+
+
+def _unpermute(o, plan, topk_weights, tokens, top_k, hidden, num_active, out_dtype, blk):
+    y = torch.empty(tokens, hidden, dtype=out_dtype, device=o.device)
+    w = topk_weights.reshape(-1) if topk_weights is not None else o
+    _moe_unpermute_kernel[(tokens, triton.cdiv(hidden, blk["BH"]))](
+        o, w, plan["inv"], plan["offs"], y, hidden, top_k, num_active, o.stride(0), y.stride(0),
+        HAS_W=topk_weights is not None, BH=blk["BH"], num_warps=blk["num_warps"])
+    return y
+
+
+def moe_experts_fwd(x, topk_weights, topk_ids, w1, w2, w3=None, *, activation: str, num_active: int,
+                    width_int: int, width_t=None, channel_scale=None) -> torch.Tensor:
+    """Forward launcher; arguments as :func:`elastic_kernels.reference.moe.moe_experts_reference`."""
+    tokens, hidden = x.shape
+    top_k = topk_ids.shape[1]
+    f_act = w1.shape[1] if width_int < 0 else width_int
+    if tokens * top_k == 0 or f_act == 0 or hidden == 0:
+        return torch.zeros_like(x, memory_format=torch.contiguous_format)
+    blk = _blocks(x.device)
+    bm, bn, bk = blk["BM"], blk["BN"], blk["BK"]
+    plan = _plan(topk_ids, topk_weights, width_t, num_active, bm)
+    n, tiles = plan["n"], plan["max_tiles"]
+    gated = w3 is not None
+    w3_ = w3 if gated else w1
+    cs_mode, s_cst, s_csf = _cs_args(channel_scale)
+    cs = channel_scale if channel_scale is not None else x
+    rw = plan["row_width"] if width_t is not None else plan["row_tok"]
+    meta = (plan["tile_e"], plan["tile_row"], plan["offs"], plan["row_tok"], rw)
+    a = torch.empty(n, f_act, dtype=x.dtype, device=x.device)
+    _moe_up_kernel[(tiles, triton.cdiv(f_act, bn))](
+        x, w1, w3_, cs, a, *meta, hidden, f_act, *x.stride(), *w1.stride(), *w3_.stride(), s_cst, s_csf,
+        a.stride(0), ACT=ACT_CODES[activation], GATED=gated, HAS_WT=width_t is not None, CS_MODE=cs_mode,
+        PREC=_prec(x), BM=bm, BN=bn, BK=bk, num_warps=blk["num_warps"], num_stages=blk["num_stages"])
+    o = torch.empty(n, hidden, dtype=x.dtype, device=x.device)
+    _moe_down_kernel[(tiles, triton.cdiv(hidden, bn))](
+        a, w2, a, w2, o, *meta, hidden, f_act, a.stride(0), *w2.stride(), *w2.stride(), o.stride(0),
+        TWO=False, HAS_WT=width_t is not None, PREC=_prec(x), BM=bm, BN=bn, BK=bk,
+        num_warps=blk["num_warps"], num_stages=blk["num_stages"])
+    return _unpermute(o, plan, topk_weights, tokens, top_k, hidden, num_active, x.dtype, blk)
+
+
+def moe_experts_bwd(grad_y, x, topk_weights, topk_ids, w1, w2, w3=None, *, activation: str, num_active: int,
+                    width_int: int, width_t=None, channel_scale=None):
+    """Backward launcher: returns [dx, dtopk_weights, dw1, dw2, dw3 or None, dchannel_scale or None]."""
+    tokens, hidden = x.shape
+    top_k = topk_ids.shape[1]
+    ffn = w1.shape[1]
+    f_act = ffn if width_int < 0 else width_int
+    gated = w3 is not None
+    dx = torch.zeros_like(x)
+    dwt = torch.zeros_like(topk_weights)
+    dw1, dw2 = torch.zeros_like(w1), torch.zeros_like(w2)
+    dw3 = torch.zeros_like(w3) if gated else None
+    dcs = torch.zeros_like(channel_scale) if channel_scale is not None else None
+    if tokens * top_k == 0 or f_act == 0 or hidden == 0:
+        return [dx, dwt, dw1, dw2, dw3, dcs]
+    blk = _blocks(x.device)
+    bm, bn, bk = blk["BM"], blk["BN"], blk["BK"]
+    nw, ns = blk["num_warps"], blk["num_stages"]
+    plan = _plan(topk_ids, topk_weights, width_t, num_active, bm)
+    n, tiles = plan["n"], plan["max_tiles"]
+    has_wt = width_t is not None
+    w3_ = w3 if gated else w1
+    cs_mode, s_cst, s_csf = _cs_args(channel_scale)
+    cs = channel_scale if channel_scale is not None else x
+    rw = plan["row_width"] if has_wt else plan["row_tok"]
+    meta = (plan["tile_e"], plan["tile_row"], plan["offs"], plan["row_tok"], rw)
+    n_nblk = triton.cdiv(f_act, bn)
+    dh1 = torch.empty(n, f_act, dtype=x.dtype, device=x.device)
+    dh3 = torch.empty_like(dh1) if gated else dh1
+    aw = torch.empty_like(dh1)
+    dwt_part = torch.zeros(n, n_nblk, dtype=torch.float32, device=x.device)
+    if cs_mode == 1:
+        dcs_part = torch.zeros(tiles, f_act, dtype=torch.float32, device=x.device)
+    elif cs_mode == 2:
+        dcs_part = torch.zeros(n, f_act, dtype=torch.float32, device=x.device)
+    else:
+        dcs_part = dwt_part
+    _moe_bwd_act_kernel[(tiles, n_nblk)](
+        x, grad_y, w1, w3_, w2, cs, plan["row_w"], dh1, dh3, aw, dwt_part, dcs_part, *meta, hidden, f_act, n_nblk,
+        *x.stride(), *grad_y.stride(), *w1.stride(), *w3_.stride(), *w2.stride(), s_cst, s_csf, dh1.stride(0),
+        ACT=ACT_CODES[activation], GATED=gated, HAS_WT=has_wt, CS_MODE=cs_mode, PREC=_prec(x),
+        BM=bm, BN=bn, BK=bk, num_warps=nw, num_stages=ns)
+    # dtopk_weights and dchannel_scale: reduce the partials, back to (token, slot) order
+    dwt.copy_(dwt_part.sum(1)[plan["inv"]].view(tokens, top_k))
+    if cs_mode == 1:
+        dcs[:f_act] = dcs_part.sum(0)
+    elif cs_mode == 2:
+        dcs[:, :f_act] = dcs_part[plan["inv"]].view(tokens, top_k, f_act).sum(1)
+    # dx: rows of dh1 w1 (+ dh3 w3), summed back per token
+    dx_rows = torch.empty(n, hidden, dtype=torch.float32, device=x.device)
+    _moe_down_kernel[(tiles, triton.cdiv(hidden, bn))](
+        dh1, w1, dh3, w3_, dx_rows, *meta, hidden, f_act, dh1.stride(0),
+        w1.stride(0), w1.stride(2), w1.stride(1), w3_.stride(0), w3_.stride(2), w3_.stride(1), dx_rows.stride(0),
+        TWO=gated, HAS_WT=has_wt, PREC=_prec(x), BM=bm, BN=bn, BK=bk, num_warps=nw, num_stages=ns)
+    dx.copy_(_unpermute(dx_rows, plan, None, tokens, top_k, hidden, num_active, x.dtype, blk))
+    # dw1 (and dw3): (E', d', hidden) = dh^T x[tok];  dw2: (E', hidden, d') = dy[tok]^T aw
+    dw3_ = dw3 if gated else dw1
+    rw_dw = plan["row_width"] if has_wt else plan["row_tok"]
+    ew = plan["exp_w"] if has_wt else plan["offs"]
+    _moe_dw_kernel[(num_active, triton.cdiv(f_act, bn), triton.cdiv(hidden, bn))](
+        dh1, dh3, x, dw1, dw3_, plan["offs"], plan["row_tok"], rw_dw, ew, f_act, hidden,
+        dh1.stride(0), dh1.stride(1), *x.stride(), *dw1.stride(), *dw3_.stride(),
+        L_GATHER=False, R_GATHER=True, WIDTH_ON_P=True, HAS_WT=has_wt, TWO=gated, PREC=_prec(x),
+        BP=bn, BQ=bn, BR=bk, num_warps=nw, num_stages=ns)
+    _moe_dw_kernel[(num_active, triton.cdiv(hidden, bn), triton.cdiv(f_act, bn))](
+        grad_y, grad_y, aw, dw2, dw2, plan["offs"], plan["row_tok"], rw_dw, ew, hidden, f_act,
+        *grad_y.stride(), aw.stride(0), aw.stride(1), *dw2.stride(), *dw2.stride(),
+        L_GATHER=True, R_GATHER=False, WIDTH_ON_P=False, HAS_WT=has_wt, TWO=False, PREC=_prec(x),
+        BP=bn, BQ=bn, BR=bk, num_warps=nw, num_stages=ns)
+    return [dx, dwt, dw1, dw2, dw3, dcs]
