@@ -105,6 +105,14 @@ Nested checkpoints (:mod:`.checkpoint`)
 (full); reads only the header and the prefix bytes of every slice. ``read_nested_config(path)``.
 Errors: ``CheckpointError`` (a ValueError) for corrupt or mismatched files.
 """
+from .checkpoint import CheckpointError, load_nested, read_nested_config, save_nested
 from .config import AXES, Budget, ElasticHybridConfig
+from .importance import estimate_importance, permute_by_importance
+from .layers import (AttentionLayerCache, ElasticEmbedding, ElasticFFN, ElasticGatedRMSNorm, ElasticLMHead,
+                     ElasticMamba2Mixer, ElasticMoE, ElasticRMSNorm, GQAAttention, MambaLayerCache)
+from .model import ElasticHybridLM, HybridBlock, HybridCache
 
-__all__ = ["AXES", "Budget", "ElasticHybridConfig"]
+__all__ = ["AXES", "AttentionLayerCache", "Budget", "CheckpointError", "ElasticEmbedding", "ElasticFFN",
+           "ElasticGatedRMSNorm", "ElasticHybridConfig", "ElasticHybridLM", "ElasticLMHead", "ElasticMamba2Mixer",
+           "ElasticMoE", "ElasticRMSNorm", "GQAAttention", "HybridBlock", "HybridCache", "MambaLayerCache",
+           "estimate_importance", "load_nested", "permute_by_importance", "read_nested_config", "save_nested"]

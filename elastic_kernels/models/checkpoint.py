@@ -1,0 +1,241 @@
+"""Nested checkpoints: one safetensors file holding the parent, plus a JSON budget table; every
+nested submodel loads by reading only the prefix bytes of its slices (DESIGN §1, §6).
+
+Layout of a checkpoint directory::
+
+    model.safetensors   every parameter and buffer of the parent (safetensors format)
+    config.json         {"format", "version", "config": ElasticHybridConfig, "budgets": {name: Budget},
+                         "weights": "model.safetensors", "config_sha256"}
+
+Both files are written atomically (temp file in the same directory, fsync, rename). The
+safetensors metadata repeats the config hash, so a weights file that does not belong to its
+config is rejected. :func:`load_nested` parses the safetensors header itself and reads each
+tensor's prefix with one positioned read per contiguous run (no read-ahead), so a small budget
+costs little I/O.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import struct
+import tempfile
+from typing import Mapping
+
+import torch
+from safetensors.torch import save as _st_save
+
+from .config import Budget, ElasticHybridConfig
+from .model import ElasticHybridLM
+
+FORMAT = "elastic_kernels.nested"
+VERSION = 1
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+
+
+class CheckpointError(ValueError):
+    """A nested checkpoint is missing, corrupt, or does not match its config or the request."""
+
+
+def _atomic_write(path: str, data: bytes) -> None:
+    d = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=os.path.basename(path))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _config_sha(config: ElasticHybridConfig) -> str:
+    return hashlib.sha256(config.to_json().encode()).hexdigest()
+
+
+def save_nested(model: ElasticHybridLM, path: str | os.PathLike, budgets: Mapping[str, Budget]) -> None:
+    """Write ``model`` (the parent) and the budget table ``{name: Budget}`` to directory ``path``."""
+    if not isinstance(model, ElasticHybridLM):
+        raise TypeError(f"save_nested: model must be an ElasticHybridLM, got {type(model).__name__}")
+    if not isinstance(budgets, Mapping):
+        raise TypeError(f"save_nested: budgets must be a mapping {{name: Budget}}, got {type(budgets).__name__}")
+    for name, b in budgets.items():
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"save_nested: budget names must be non-empty strings, got {name!r}")
+        if not isinstance(b, Budget):
+            raise TypeError(f"save_nested: budgets[{name!r}] must be a Budget, got {type(b).__name__}")
+        model.resolve_budget(b)
+    path = os.fspath(path)
+    os.makedirs(path, exist_ok=True)
+    sha = _config_sha(model.config)
+    tensors = {n: t.detach().cpu().contiguous() for n, t in model.state_dict().items()}
+    _atomic_write(os.path.join(path, WEIGHTS), _st_save(tensors, metadata={"format": FORMAT, "config_sha256": sha}))
+    meta = {"format": FORMAT, "version": VERSION, "weights": WEIGHTS, "config_sha256": sha,
+            "config": model.config.to_dict(), "budgets": {n: b.to_dict() for n, b in budgets.items()}}
+    _atomic_write(os.path.join(path, CONFIG), json.dumps(meta, indent=2, sort_keys=True).encode())
+
+
+def read_nested_config(path: str | os.PathLike) -> tuple[ElasticHybridConfig, dict[str, Budget]]:
+    """The parent config and the budget table of a nested checkpoint directory."""
+    meta = _read_meta(os.fspath(path))
+    return meta["config"], meta["budgets"]
+
+
+def _read_meta(path: str) -> dict:
+    cfg_path = os.path.join(path, CONFIG)
+    if not os.path.isfile(cfg_path):
+        raise CheckpointError(f"load_nested: {cfg_path} does not exist (not a nested checkpoint directory)")
+    try:
+        with open(cfg_path, "rb") as f:
+            meta = json.loads(f.read().decode())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"load_nested: {cfg_path} is not valid JSON ({e})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise CheckpointError(f"load_nested: {cfg_path} is not a {FORMAT} config")
+    if meta.get("version") != VERSION:
+        raise CheckpointError(f"load_nested: {cfg_path} has version {meta.get('version')!r}, expected {VERSION}")
+    try:
+        config = ElasticHybridConfig.from_dict(meta["config"])
+        budgets = {n: Budget.from_dict(b) for n, b in meta["budgets"].items()}
+        for b in budgets.values():
+            b.resolve(config)
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"load_nested: {cfg_path} has a bad config or budget table ({e})") from None
+    if meta.get("config_sha256") != _config_sha(config):
+        raise CheckpointError(f"load_nested: {cfg_path}: config_sha256 does not match its config")
+    return {"config": config, "budgets": budgets, "sha": meta["config_sha256"],
+            "weights": os.path.join(path, str(meta.get("weights", WEIGHTS)))}
+
+
+class _PrefixReader:
+    """Reads prefix slices of tensors from a safetensors file with exact positioned reads."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.bytes_read = 0
+        try:
+            self.f = open(path, "rb", buffering=0)
+        except OSError as e:
+            raise CheckpointError(f"load_nested: cannot open {path} ({e})") from None
+        try:
+            self.size = os.fstat(self.f.fileno()).st_size
+            raw = self._read_exact(8, 0)
+            (n,) = struct.unpack("<Q", raw)
+            if n > self.size - 8:
+                raise CheckpointError(f"load_nested: {path} is corrupt: header length {n} exceeds the file "
+                                      f"({self.size} bytes)")
+            try:
+                self.header = json.loads(self._read_exact(n, 8).decode())
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise CheckpointError(f"load_nested: {path} is corrupt: bad safetensors header ({e})") from None
+            if not isinstance(self.header, dict):
+                raise CheckpointError(f"load_nested: {path} is corrupt: safetensors header is not an object")
+            self.data_start = 8 + n
+            self.header_bytes = self.bytes_read
+        except BaseException:
+            self.f.close()
+            raise
+
+    def close(self) -> None:
+        self.f.close()
+
+    def _read_exact(self, n: int, offset: int) -> bytes:
+        buf = os.pread(self.f.fileno(), n, offset)
+        self.bytes_read += len(buf)
+        if len(buf) != n:
+            raise CheckpointError(f"load_nested: {self.path} is truncated (wanted {n} bytes at {offset}, "
+                                  f"got {len(buf)})")
+        return buf
+
+    @property
+    def metadata(self) -> dict:
+        return self.header.get("__metadata__", {}) or {}
+
+    def entry(self, name: str, shape: tuple) -> tuple[torch.dtype, int]:
+        """Validate tensor ``name`` (full shape ``shape``); return its dtype and data offset."""
+        info = self.header.get(name)
+        if not isinstance(info, dict):
+            raise CheckpointError(f"load_nested: {self.path} lacks tensor {name!r}")
+        dtype = _DTYPES.get(info.get("dtype"))
+        if dtype is None:
+            raise CheckpointError(f"load_nested: {self.path}: tensor {name!r} has unsupported dtype {info.get('dtype')!r}")
+        if list(info.get("shape", [])) != list(shape):
+            raise CheckpointError(f"load_nested: {self.path}: tensor {name!r} has shape {info.get('shape')}, "
+                                  f"the config expects {list(shape)}")
+        begin, end = info.get("data_offsets", (None, None))
+        nbytes = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
+        if not (isinstance(begin, int) and isinstance(end, int)) or end - begin != nbytes or begin < 0 \
+                or self.data_start + end > self.size:
+            raise CheckpointError(f"load_nested: {self.path} is corrupt: tensor {name!r} has bad data offsets "
+                                  f"{info.get('data_offsets')} for {nbytes} bytes in a {self.size}-byte file")
+        return dtype, self.data_start + begin
+
+    def read_prefix(self, name: str, shape: tuple, prefix: tuple) -> torch.Tensor:
+        """The prefix ``[:prefix[0], :prefix[1], ...]`` of tensor ``name`` (full ``shape``)."""
+        dtype, offset = self.entry(name, shape)
+        item = torch.empty(0, dtype=dtype).element_size()
+        out = torch.empty(prefix, dtype=dtype)
+        if out.numel() == 0:
+            return out
+        # dims after `j` are whole: each outer index of the prefix is one contiguous run
+        j = max((d for d in range(len(shape)) if prefix[d] != shape[d]), default=-1)
+        if j < 0:
+            return torch.frombuffer(bytearray(self._read_exact(out.numel() * item, offset)),
+                                    dtype=dtype).reshape(prefix).clone()
+        strides = [math.prod(shape[d + 1:]) for d in range(len(shape))]
+        run = prefix[j] * strides[j]
+        flat = out.view(-1, run)
+        outer = torch.cartesian_prod(*[torch.arange(p) for p in prefix[:j]]).reshape(-1, j) if j else \
+            torch.zeros(1, 0, dtype=torch.int64)
+        starts = (outer * torch.tensor(strides[:j], dtype=torch.int64)).sum(1).tolist()
+        for r, s in enumerate(starts):
+            flat[r] = torch.frombuffer(bytearray(self._read_exact(run * item, offset + s * item)), dtype=dtype)
+        return out
+
+
+def load_nested(path: str | os.PathLike, budget: str | Budget | None = None, *,
+                device: str | torch.device = "cpu", stats: dict | None = None) -> ElasticHybridLM:
+    """Build the nested submodel ``budget`` (a budget-table name, a Budget, or None = the parent)
+    from the checkpoint directory ``path``, reading only the header and the prefix bytes of every
+    slice. ``stats``, when given, receives ``bytes_read``, ``header_bytes`` and ``file_bytes``.
+    Raises :class:`CheckpointError` for missing, corrupt or mismatched files."""
+    path = os.fspath(path)
+    meta = _read_meta(path)
+    config, table = meta["config"], meta["budgets"]
+    if isinstance(budget, str):
+        if budget not in table:
+            raise CheckpointError(f"load_nested: budget {budget!r} is not in the checkpoint's table "
+                                  f"{sorted(table)}")
+        budget = table[budget]
+    elif budget is not None and not isinstance(budget, Budget):
+        raise TypeError(f"load_nested: budget must be a table name, a Budget or None, got {type(budget).__name__}")
+    with torch.device("meta"):
+        parent = ElasticHybridLM(config)
+    full_shapes = {n: tuple(t.shape) for n, t in parent.state_dict().items()}
+    prefixes = parent.sliced_shapes(parent.resolve_budget(budget))
+    with torch.device("meta"):
+        sub = ElasticHybridLM(parent.sliced_config(budget))
+    reader = _PrefixReader(meta["weights"])
+    try:
+        if reader.metadata.get("config_sha256") != meta["sha"]:
+            raise CheckpointError(f"load_nested: {meta['weights']} does not belong to {CONFIG} "
+                                  f"(config hash mismatch)")
+        extra = sorted(set(reader.header) - set(full_shapes) - {"__metadata__"})
+        if extra:
+            raise CheckpointError(f"load_nested: {meta['weights']} has unexpected tensors {extra[:5]}")
+        state = {n: reader.read_prefix(n, full_shapes[n], tuple(int(s) for s in prefixes[n])).to(device)
+                 for n in prefixes}
+    finally:
+        reader.close()
+    sub.load_state_dict(state, strict=True, assign=True)
+    if stats is not None:
+        stats.update(bytes_read=reader.bytes_read, header_bytes=reader.header_bytes, file_bytes=reader.size)
+    return sub

@@ -1,0 +1,528 @@
+"""Public elastic layers of the reference model (reusable nn.Modules; DESIGN §2-§3).
+
+Conventions shared by every layer:
+
+- The input carries the active hidden prefix as its last dim: ``x: (batch, seqlen, k)`` with
+  ``k <= hidden``; weights are used as prefix views (``w[:n, :k]``), so smaller widths do less work.
+- Hard widths are ``None`` (full), an ``int``, or a LongTensor ``(batch,)`` of per-sample widths.
+  For per-sample widths the layer computes at ``max_*`` (default: the full size; pass the host
+  maximum to skip work) and masks each sample's inactive units to exactly 0.
+- Soft masks are float tensors over the layer's full units, ``(units,)`` or ``(batch, units)``,
+  multiplied in (differentiable), see :mod:`elastic_kernels.models`.
+- ``sliced_shapes(k, ...)`` gives the prefix shape of every parameter of a submodel (for
+  ``param_count``, ``slice`` and nested checkpoints); every parameter slices as a prefix of every
+  dimension.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..ops.moe import moe_experts, moe_route
+from ..ops.ssd import ssd_scan, ssd_state_update
+
+def _activation(v: Tensor, name: str) -> Tensor:
+    if name == "relu2":
+        return torch.relu(v).square()
+    if name == "silu":
+        return F.silu(v)
+    return F.gelu(v)
+
+
+def _per_sample(m: Tensor, batch_dims: int) -> Tensor:
+    """View a ``(batch, n)`` tensor as ``(batch, 1, ..., n)`` with ``batch_dims`` leading dims."""
+    return m.reshape(m.shape[0], *([1] * (batch_dims - 1)), m.shape[-1])
+
+
+def _unit_weights(width, mask, n: int, x: Tensor, name: str) -> Tensor | None:
+    """Combined 0/1 per-sample prefix mask and soft mask over the first ``n`` units: None,
+    ``(n,)`` or ``(batch, n)`` float (x's dtype promoted to float32 at least)."""
+    w = None
+    if isinstance(width, Tensor):
+        if width.dim() != 1 or width.shape[0] != x.shape[0]:
+            raise ValueError(f"{name}: per-sample width must have shape (batch={x.shape[0]},), "
+                             f"got {tuple(width.shape)}")
+        w = (torch.arange(n, device=x.device)[None, :] < width[:, None]).to(torch.float32)
+    if mask is not None:
+        if not isinstance(mask, Tensor) or not mask.is_floating_point():
+            raise TypeError(f"{name}: soft mask must be a float tensor, got {type(mask).__name__}")
+        if mask.dim() not in (1, 2) or mask.shape[-1] < n or (mask.dim() == 2 and mask.shape[0] != x.shape[0]):
+            raise ValueError(f"{name}: soft mask must have shape (units,) or (batch={x.shape[0]}, units) "
+                             f"with units >= {n}, got {tuple(mask.shape)}")
+        m = mask[..., :n].to(torch.promote_types(mask.dtype, torch.float32))
+        w = m if w is None else w * m
+    return w
+
+
+def _hard_int(width, full: int, name: str) -> int:
+    """Units to compute for a hard width (int: itself; None or per-sample tensor: ``full``)."""
+    if width is None or isinstance(width, Tensor):
+        return full
+    if isinstance(width, bool) or not isinstance(width, int):
+        raise TypeError(f"{name} must be None, an int or a LongTensor (batch,), got {type(width).__name__}")
+    if not 0 < width <= full:
+        raise ValueError(f"{name} must lie in [1, {full}], got {width}")
+    return width
+
+
+class ElasticRMSNorm(nn.Module):
+    """RMSNorm over the active channel prefix: with ``k`` of ``dim`` channels active it
+    normalizes over those ``k`` only, ``y = x / sqrt(mean_k(x^2) + eps) * weight[:k]``.
+
+    ``forward(x, width=None, mask=None)``: x: (batch, ..., k); width: LongTensor (batch,)
+    per-sample active channels (channels beyond must already be 0 in x); mask: soft channel
+    weights (dim,) or (batch, dim): the mean square becomes ``sum(m x^2) / sum(m)``.
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.dim, self.eps = dim, eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor, width: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
+        k = x.shape[-1]
+        if k > self.dim:
+            raise ValueError(f"ElasticRMSNorm: x has {k} channels, more than dim={self.dim}")
+        c = _unit_weights(width, mask, k, x, "ElasticRMSNorm")
+        xf = x.float()
+        if c is None:
+            ms = xf.square().mean(-1, keepdim=True)
+        else:
+            c = _per_sample(c, x.dim() - 1) if c.dim() == 2 else c
+            ms = (xf.square() * c).sum(-1, keepdim=True) / c.sum(-1, keepdim=True).clamp_min(1e-30)
+        return (xf * torch.rsqrt(ms + self.eps) * self.weight[:k].float()).to(x.dtype)
+
+    def sliced_shapes(self, k: int) -> dict[str, tuple]:
+        return {"weight": (k,)}
+
+    def permute_hidden_(self, perm: Tensor) -> None:
+        self.weight.data = self.weight.data[perm].contiguous()
+
+
+class ElasticGatedRMSNorm(nn.Module):
+    """Gated RMSNorm per group (Mamba2 ``RMSNormGated``, norm after gate), interleaved heads.
+
+    ``g = y * silu(z)``; for every group ``G_j`` (heads ``h`` with ``h % ngroups == j``) and
+    every sample: ``out = g / sqrt(sum_{h in G_j active} c_h |g_h|^2 / (headdim * sum c_h) + eps)
+    * weight``, so with ``k`` heads per group active only those are normalized over.
+
+    ``forward(y, z, head_weights=None)``: y, z: (batch, seqlen, h, headdim) with ``h`` a multiple
+    of ngroups (the active prefix); head_weights: (h,) or (batch, h) (0/1 per-sample head mask
+    times the soft head mask), None = all ``h`` heads with weight 1.
+    """
+
+    def __init__(self, nheads: int, head_dim: int, ngroups: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.nheads, self.head_dim, self.ngroups, self.eps = nheads, head_dim, ngroups, eps
+        self.weight = nn.Parameter(torch.ones(nheads, head_dim))
+
+    def forward(self, y: Tensor, z: Tensor, head_weights: Tensor | None = None) -> Tensor:
+        h, p, g = y.shape[-2], y.shape[-1], self.ngroups
+        if h % g or h > self.nheads:
+            raise ValueError(f"ElasticGatedRMSNorm: {h} heads must be a multiple of ngroups={g} "
+                             f"and at most nheads={self.nheads}")
+        gated = y.float() * F.silu(z.float())
+        lead = gated.shape[:-2]
+        sq = gated.square().reshape(*lead, h // g, g, p)
+        if head_weights is None:
+            ms = sq.mean(dim=(-3, -1))  # (..., g)
+        else:
+            c = head_weights.float()
+            c = _per_sample(c, len(lead)) if c.dim() == 2 else c
+            c = c.reshape(*c.shape[:-1], h // g, g)
+            ms = (sq.sum(-1) * c).sum(-2) / (c.sum(-2) * p).clamp_min(1e-30)
+        inv = torch.rsqrt(ms + self.eps)  # (..., g); head h uses group h % g
+        inv = inv.unsqueeze(-2).expand(*inv.shape[:-1], h // g, g).reshape(*inv.shape[:-1], h)
+        return (gated * inv[..., None] * self.weight[:h].float()).to(y.dtype)
+
+
+@dataclass
+class MambaLayerCache:
+    """Decode state of one Mamba2 mixer (full-size buffers; narrower budgets use prefixes).
+
+    conv_x: (batch, nheads, headdim, conv_kernel - 1); conv_bc: (batch, 2 * ngroups * d_state,
+    conv_kernel - 1); ssm: (batch, nheads, headdim, d_state) float32; has_state: whether any token
+    has been consumed.
+    """
+
+    conv_x: Tensor
+    conv_bc: Tensor
+    ssm: Tensor
+    has_state: bool = False
+
+
+@dataclass
+class AttentionLayerCache:
+    """KV cache of one attention layer: k, v: (batch, nkv_heads, seqlen_so_far, head_dim)."""
+
+    k: Tensor
+    v: Tensor
+
+
+class ElasticMamba2Mixer(nn.Module):
+    """Mamba2 mixer with elastic heads (interleaved layout: the first ``k`` heads of every group
+    are the prefix ``[0, k * ngroups)``), on :func:`elastic_kernels.ssd_scan` /
+    :func:`elastic_kernels.ssd_state_update`.
+
+    in_proj per head (z, x, dt) and per group (B, C); causal depthwise conv + SiLU on (x, B, C);
+    SSD with ``A = -exp(A_log)``, ``D``, ``dt_bias`` (softplus); gated per-group RMSNorm with z;
+    out_proj.
+
+    ``forward(x, active_heads=None, head_mask=None, cache=None, max_active=None)``:
+        x: (batch, seqlen, k). active_heads: None | int | LongTensor (batch,), total active heads
+        (a multiple of ngroups). head_mask: (nheads,) or (batch, nheads) soft head scale.
+        cache: a :class:`MambaLayerCache` (continues its sequence and updates it in place;
+        one-token steps use ``ssd_state_update``). max_active: host upper bound of per-sample
+        ``active_heads`` (heads computed). Returns (batch, seqlen, k).
+    """
+
+    def __init__(self, hidden: int, nheads: int, head_dim: int, ngroups: int, d_state: int,
+                 conv_kernel: int = 4, chunk_size: int = 64, eps: float = 1e-5, init_std: float = 0.02) -> None:
+        super().__init__()
+        if nheads % ngroups:
+            raise ValueError(f"ElasticMamba2Mixer: nheads ({nheads}) must be a multiple of ngroups ({ngroups})")
+        self.hidden, self.nheads, self.head_dim, self.ngroups = hidden, nheads, head_dim, ngroups
+        self.d_state, self.conv_kernel, self.chunk_size = d_state, conv_kernel, chunk_size
+        P, H, GN = head_dim, nheads, ngroups * d_state
+        self.in_heads = nn.Parameter(torch.randn(H, 2 * P + 1, hidden) * init_std)   # z, x, dt
+        self.in_bc = nn.Parameter(torch.randn(2 * GN, hidden) * init_std)            # B, C
+        bound = 1.0 / math.sqrt(conv_kernel)
+        self.conv_x_weight = nn.Parameter(torch.empty(H, P, conv_kernel).uniform_(-bound, bound))
+        self.conv_x_bias = nn.Parameter(torch.zeros(H, P))
+        self.conv_bc_weight = nn.Parameter(torch.empty(2 * GN, conv_kernel).uniform_(-bound, bound))
+        self.conv_bc_bias = nn.Parameter(torch.zeros(2 * GN))
+        dt = torch.exp(torch.empty(H).uniform_(math.log(1e-3), math.log(1e-1)))
+        self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
+        self.A_log = nn.Parameter(torch.log(torch.empty(H).uniform_(1.0, 16.0)))
+        self.D = nn.Parameter(torch.ones(H))
+        self.norm = ElasticGatedRMSNorm(H, P, ngroups, eps)
+        self.out_proj = nn.Parameter(torch.randn(hidden, H * P) * init_std)
+
+    def new_cache(self, batch: int, device=None, dtype=torch.float32) -> MambaLayerCache:
+        P, K1 = self.head_dim, self.conv_kernel - 1
+        return MambaLayerCache(
+            conv_x=torch.zeros(batch, self.nheads, P, K1, device=device, dtype=dtype),
+            conv_bc=torch.zeros(batch, 2 * self.ngroups * self.d_state, K1, device=device, dtype=dtype),
+            ssm=torch.zeros(batch, self.nheads, P, self.d_state, device=device, dtype=torch.float32))
+
+    def forward(self, x: Tensor, active_heads=None, head_mask: Tensor | None = None,
+                cache: MambaLayerCache | None = None, max_active: int | None = None) -> Tensor:
+        b, l, k = x.shape
+        P, G, N, K = self.head_dim, self.ngroups, self.d_state, self.conv_kernel
+        if k > self.hidden:
+            raise ValueError(f"ElasticMamba2Mixer: x has {k} channels, more than hidden={self.hidden}")
+        hh = _hard_int(active_heads, self.nheads, "ElasticMamba2Mixer: active_heads")
+        if isinstance(active_heads, Tensor) and max_active is not None:
+            hh = _hard_int(max_active, self.nheads, "ElasticMamba2Mixer: max_active")
+        if hh % G:
+            raise ValueError(f"ElasticMamba2Mixer: active_heads ({hh}) must be a multiple of ngroups ({G})")
+        per_sample = active_heads if isinstance(active_heads, Tensor) else None
+
+        w_heads = self.in_heads[:hh, :, :k].reshape(hh * (2 * P + 1), k)
+        zxdt = F.linear(x, w_heads).view(b, l, hh, 2 * P + 1)
+        z, xs, dt = zxdt[..., :P], zxdt[..., P:2 * P], zxdt[..., 2 * P]
+        bc = F.linear(x, self.in_bc[:, :k])
+
+        # causal depthwise conv over (x heads, B, C), continuing the cached window
+        u = torch.cat([xs.reshape(b, l, hh * P), bc], dim=-1).transpose(1, 2)  # (b, ch, l)
+        w_conv = torch.cat([self.conv_x_weight[:hh].reshape(hh * P, K), self.conv_bc_weight], 0)
+        bias = torch.cat([self.conv_x_bias[:hh].reshape(hh * P), self.conv_bc_bias], 0)
+        if cache is not None:
+            prev = torch.cat([cache.conv_x[:, :hh].reshape(b, hh * P, K - 1), cache.conv_bc], 1).to(u.dtype)
+        else:
+            prev = u.new_zeros(b, u.shape[1], K - 1)
+        full = torch.cat([prev, u], dim=-1)
+        conv = F.silu(F.conv1d(full, w_conv.to(u.dtype)[:, None, :], bias.to(u.dtype), groups=u.shape[1]))
+        if cache is not None and K > 1:
+            tail = full[..., -(K - 1):]
+            cache.conv_x[:, :hh] = tail[:, :hh * P].reshape(b, hh, P, K - 1).to(cache.conv_x.dtype)
+            cache.conv_bc.copy_(tail[:, hh * P:].to(cache.conv_bc.dtype))
+        conv = conv.transpose(1, 2)  # (b, l, ch)
+        xs = conv[..., :hh * P].reshape(b, l, hh, P)
+        Bm = conv[..., hh * P:hh * P + G * N].reshape(b, l, G, N)
+        Cm = conv[..., hh * P + G * N:].reshape(b, l, G, N)
+
+        A = -torch.exp(self.A_log[:hh].float())
+        scale = None
+        if head_mask is not None:
+            scale = _unit_weights(None, head_mask, hh, x, "ElasticMamba2Mixer: head_mask")
+            scale = scale.expand(b, hh) if scale.dim() == 1 else scale
+        common = dict(D=self.D[:hh], dt_bias=self.dt_bias[:hh], dt_softplus=True,
+                      head_layout="interleaved", active_heads=per_sample)
+        if cache is not None and cache.has_state and l == 1:
+            state = cache.ssm[:, :hh]
+            y = ssd_state_update(state, xs[:, 0], dt[:, 0], A, Bm[:, 0], Cm[:, 0], **common)[:, None]
+            if scale is not None:
+                y = y * scale[:, None, :, None].to(y.dtype)
+        else:
+            init = cache.ssm[:, :hh] if cache is not None and cache.has_state else None
+            y, final = ssd_scan(xs, dt, A, Bm, Cm, chunk_size=self.chunk_size, initial_states=init,
+                                head_scale=scale, return_final_states=True, **common)
+            if cache is not None:
+                cache.ssm[:, :hh] = final.to(cache.ssm.dtype)
+        if cache is not None:
+            cache.has_state = True
+        hw = _unit_weights(per_sample, head_mask, hh, x, "ElasticMamba2Mixer: head_mask")
+        y = self.norm(y, z, hw)
+        return F.linear(y.reshape(b, l, hh * P), self.out_proj[:k, :hh * P])
+
+    def sliced_shapes(self, k: int, heads: int) -> dict[str, tuple]:
+        P, GN2, K = self.head_dim, 2 * self.ngroups * self.d_state, self.conv_kernel
+        return {"in_heads": (heads, 2 * P + 1, k), "in_bc": (GN2, k), "conv_x_weight": (heads, P, K),
+                "conv_x_bias": (heads, P), "conv_bc_weight": (GN2, K), "conv_bc_bias": (GN2,),
+                "dt_bias": (heads,), "A_log": (heads,), "D": (heads,), "norm.weight": (heads, P),
+                "out_proj": (k, heads * P)}
+
+    def permute_hidden_(self, perm: Tensor) -> None:
+        self.in_heads.data = self.in_heads.data[:, :, perm].contiguous()
+        self.in_bc.data = self.in_bc.data[:, perm].contiguous()
+        self.out_proj.data = self.out_proj.data[perm].contiguous()
+
+    def permute_heads_(self, perm: Tensor) -> None:
+        """Reorder heads (``perm[new] = old``); every head must stay in its group."""
+        G = self.ngroups
+        ar = torch.arange(self.nheads, device=perm.device)
+        if not torch.equal(perm % G, ar % G) or not torch.equal(perm.sort().values, ar):
+            raise ValueError("ElasticMamba2Mixer.permute_heads_: perm must be a permutation that keeps "
+                             "every head in its group (perm[h] % ngroups == h % ngroups)")
+        for name in ("in_heads", "conv_x_weight", "conv_x_bias", "dt_bias", "A_log", "D"):
+            p = getattr(self, name)
+            p.data = p.data[perm].contiguous()
+        self.norm.weight.data = self.norm.weight.data[perm].contiguous()
+        P = self.head_dim
+        self.out_proj.data = self.out_proj.data.view(self.hidden, self.nheads, P)[:, perm].reshape(
+            self.hidden, self.nheads * P).contiguous()
+
+
+class GQAAttention(nn.Module):
+    """Causal grouped-query attention (plain PyTorch SDPA), no positional encoding (as
+    Nemotron-H: the Mamba layers carry position). Heads are not elastic; the hidden prefix is.
+
+    ``forward(x, cache=None)``: x: (batch, seqlen, k); cache: :class:`AttentionLayerCache`
+    (appended in place). Returns (batch, seqlen, k).
+    """
+
+    def __init__(self, hidden: int, nheads: int, nkv_heads: int, head_dim: int, init_std: float = 0.02) -> None:
+        super().__init__()
+        if nheads % nkv_heads:
+            raise ValueError(f"GQAAttention: nheads ({nheads}) must be a multiple of nkv_heads ({nkv_heads})")
+        self.hidden, self.nheads, self.nkv_heads, self.head_dim = hidden, nheads, nkv_heads, head_dim
+        self.q_proj = nn.Parameter(torch.randn(nheads * head_dim, hidden) * init_std)
+        self.k_proj = nn.Parameter(torch.randn(nkv_heads * head_dim, hidden) * init_std)
+        self.v_proj = nn.Parameter(torch.randn(nkv_heads * head_dim, hidden) * init_std)
+        self.o_proj = nn.Parameter(torch.randn(hidden, nheads * head_dim) * init_std)
+
+    def new_cache(self, batch: int, device=None, dtype=torch.float32) -> AttentionLayerCache:
+        empty = torch.zeros(batch, self.nkv_heads, 0, self.head_dim, device=device, dtype=dtype)
+        return AttentionLayerCache(k=empty, v=empty.clone())
+
+    def forward(self, x: Tensor, cache: AttentionLayerCache | None = None) -> Tensor:
+        b, l, k = x.shape
+        hd = self.head_dim
+        q = F.linear(x, self.q_proj[:, :k]).view(b, l, self.nheads, hd).transpose(1, 2)
+        kk = F.linear(x, self.k_proj[:, :k]).view(b, l, self.nkv_heads, hd).transpose(1, 2)
+        vv = F.linear(x, self.v_proj[:, :k]).view(b, l, self.nkv_heads, hd).transpose(1, 2)
+        past = 0
+        if cache is not None:
+            past = cache.k.shape[2]
+            kk = torch.cat([cache.k.to(kk.dtype), kk], 2)
+            vv = torch.cat([cache.v.to(vv.dtype), vv], 2)
+            cache.k, cache.v = kk, vv
+        rep = self.nheads // self.nkv_heads
+        kk, vv = kk.repeat_interleave(rep, 1), vv.repeat_interleave(rep, 1)
+        if past == 0:
+            o = F.scaled_dot_product_attention(q, kk, vv, is_causal=True)
+        else:
+            qpos = torch.arange(past, past + l, device=x.device)[:, None]
+            mask = torch.arange(past + l, device=x.device)[None, :] <= qpos
+            o = F.scaled_dot_product_attention(q, kk, vv, attn_mask=mask)
+        return F.linear(o.transpose(1, 2).reshape(b, l, self.nheads * hd), self.o_proj[:k])
+
+    def sliced_shapes(self, k: int) -> dict[str, tuple]:
+        nq, nkv = self.nheads * self.head_dim, self.nkv_heads * self.head_dim
+        return {"q_proj": (nq, k), "k_proj": (nkv, k), "v_proj": (nkv, k), "o_proj": (k, nq)}
+
+    def permute_hidden_(self, perm: Tensor) -> None:
+        for name in ("q_proj", "k_proj", "v_proj"):
+            p = getattr(self, name)
+            p.data = p.data[:, perm].contiguous()
+        self.o_proj.data = self.o_proj.data[perm].contiguous()
+
+
+class ElasticFFN(nn.Module):
+    """Dense (non-gated) FFN with elastic intermediate width: ``down(act(up(x)) * mask)``.
+
+    ``forward(x, width=None, mask=None, max_width=None)``: x: (batch, ..., k); width: None | int |
+    LongTensor (batch,); mask: (ffn,) or (batch, ffn) soft channel scale; max_width: host upper
+    bound of per-sample widths. Returns (batch, ..., k).
+    """
+
+    def __init__(self, hidden: int, ffn: int, activation: str = "relu2", init_std: float = 0.02) -> None:
+        super().__init__()
+        self.hidden, self.ffn, self.activation = hidden, ffn, activation
+        self.up = nn.Parameter(torch.randn(ffn, hidden) * init_std)
+        self.down = nn.Parameter(torch.randn(hidden, ffn) * init_std)
+
+    def forward(self, x: Tensor, width=None, mask: Tensor | None = None, max_width: int | None = None) -> Tensor:
+        k = x.shape[-1]
+        f = _hard_int(width, self.ffn, "ElasticFFN: width")
+        if isinstance(width, Tensor) and max_width is not None:
+            f = _hard_int(max_width, self.ffn, "ElasticFFN: max_width")
+        a = _activation(F.linear(x, self.up[:f, :k]), self.activation)
+        c = _unit_weights(width if isinstance(width, Tensor) else None, mask, f, x, "ElasticFFN: mask")
+        if c is not None:
+            a = a * (_per_sample(c, x.dim() - 1) if c.dim() == 2 else c).to(a.dtype)
+        return F.linear(a, self.down[:k, :f])
+
+    def sliced_shapes(self, k: int, width: int) -> dict[str, tuple]:
+        return {"up": (width, k), "down": (k, width)}
+
+    def permute_hidden_(self, perm: Tensor) -> None:
+        self.up.data = self.up.data[:, perm].contiguous()
+        self.down.data = self.down.data[perm].contiguous()
+
+    def permute_channels_(self, perm: Tensor) -> None:
+        self.up.data = self.up.data[perm].contiguous()
+        self.down.data = self.down.data[:, perm].contiguous()
+
+
+class ElasticEmbedding(nn.Module):
+    """Token embedding keeping the first ``k`` channels: ``forward(ids, k=None) -> (..., k)``."""
+
+    def __init__(self, vocab: int, hidden: int, init_std: float = 0.02) -> None:
+        super().__init__()
+        self.vocab, self.hidden = vocab, hidden
+        self.weight = nn.Parameter(torch.randn(vocab, hidden) * init_std)
+
+    def forward(self, ids: Tensor, k: int | None = None) -> Tensor:
+        k = self.hidden if k is None else k
+        return F.embedding(ids, self.weight[:, :k])
+
+    def sliced_shapes(self, k: int) -> dict[str, tuple]:
+        return {"weight": (self.vocab, k)}
+
+    def permute_hidden_(self, perm: Tensor) -> None:
+        self.weight.data = self.weight.data[:, perm].contiguous()
+
+
+class ElasticLMHead(nn.Module):
+    """Output projection from the first ``k`` channels: ``forward(x (..., k)) -> (..., vocab)``."""
+
+    def __init__(self, vocab: int, hidden: int, init_std: float = 0.02) -> None:
+        super().__init__()
+        self.vocab, self.hidden = vocab, hidden
+        self.weight = nn.Parameter(torch.randn(vocab, hidden) * init_std)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight[:, :x.shape[-1]])
+
+    def sliced_shapes(self, k: int) -> dict[str, tuple]:
+        return {"weight": (self.vocab, k)}
+
+    def permute_hidden_(self, perm: Tensor) -> None:
+        self.weight.data = self.weight.data[:, perm].contiguous()
+
+
+class ElasticMoE(nn.Module):
+    """MoE block (Nemotron-style non-gated experts) on :func:`elastic_kernels.moe_route` /
+    :func:`elastic_kernels.moe_experts`, with elastic experts and expert FFN width, plus an
+    optional always-on shared expert (hidden-elastic only).
+
+    ``forward(x, num_experts=None, ffn_width=None, expert_mask=None, channel_mask=None)``:
+        x: (batch, seqlen, k) (or (batch, k)); num_experts: None | int | LongTensor (batch,) —
+        the first E' experts (router logits of the rest are excluded before top-k);
+        ffn_width: None | int | LongTensor (batch,) — first d' channels of every routed expert;
+        expert_mask: (E,) or (batch, E) soft, added to the router logits as ``log(m)``;
+        channel_mask: (F,) or (batch, F) soft, the op's ``channel_scale``. Returns like x.
+    """
+
+    def __init__(self, hidden: int, num_experts: int, top_k: int, ffn: int, shared_ffn: int = 0,
+                 score: str = "softmax", activation: str = "relu2", init_std: float = 0.02) -> None:
+        super().__init__()
+        if not 1 <= top_k <= num_experts:
+            raise ValueError(f"ElasticMoE: top_k ({top_k}) must lie in [1, num_experts={num_experts}]")
+        self.hidden, self.num_experts, self.top_k, self.ffn = hidden, num_experts, top_k, ffn
+        self.score, self.activation = score, activation
+        self.router = nn.Parameter(torch.randn(num_experts, hidden) * init_std)
+        self.register_buffer("correction_bias", torch.zeros(num_experts) if score == "sigmoid" else None)
+        self.w1 = nn.Parameter(torch.randn(num_experts, ffn, hidden) * init_std)
+        self.w2 = nn.Parameter(torch.randn(num_experts, hidden, ffn) * init_std)
+        self.shared = ElasticFFN(hidden, shared_ffn, activation, init_std) if shared_ffn > 0 else None
+
+    def route(self, xt: Tensor, num_experts=None, expert_mask: Tensor | None = None,
+              per_token: int = 1) -> tuple[Tensor, Tensor, int]:
+        """Routing of flat tokens ``xt: (tokens, k)`` (``per_token`` tokens per sample).
+        Returns (topk_weights, topk_ids, E' to compute)."""
+        logits = F.linear(xt, self.router[:, :xt.shape[-1]]).float()
+        if expert_mask is not None:
+            m = _unit_weights(None, expert_mask, self.num_experts, xt[::per_token], "ElasticMoE: expert_mask")
+            logm = torch.where(m > 0, torch.log(m.clamp_min(1e-30)), torch.full_like(m, float("-inf")))
+            logits = logits + (logm.repeat_interleave(per_token, 0) if logm.dim() == 2 else logm)
+        kw = dict(score=self.score, correction_bias=self.correction_bias)
+        if not isinstance(num_experts, Tensor):
+            e = _hard_int(num_experts, self.num_experts, "ElasticMoE: num_experts")
+            w, ids = moe_route(logits, self.top_k, num_experts_active=e, **kw)
+            return w, ids, e
+        per_tok = num_experts.repeat_interleave(per_token, 0)
+        values = sorted(set(num_experts.tolist()))  # host read: per-sample budgets come from the host
+        w = logits.new_zeros(xt.shape[0], self.top_k)
+        ids = torch.zeros(xt.shape[0], self.top_k, dtype=torch.int64, device=xt.device)
+        for e in values:
+            rows = (per_tok == e).nonzero().flatten()
+            we, ie = moe_route(logits[rows], self.top_k, num_experts_active=_hard_int(
+                e, self.num_experts, "ElasticMoE: num_experts"), **kw)
+            w = w.index_copy(0, rows, we.to(w.dtype))
+            ids = ids.index_copy(0, rows, ie)
+        return w, ids, values[-1]
+
+    def forward(self, x: Tensor, num_experts=None, ffn_width=None, expert_mask: Tensor | None = None,
+                channel_mask: Tensor | None = None) -> Tensor:
+        shape = x.shape
+        k = shape[-1]
+        xt = x.reshape(-1, k)
+        per_token = xt.shape[0] // shape[0] if shape[0] else 1
+        w, ids, e = self.route(xt, num_experts, expert_mask, per_token)
+        f = ffn_width
+        if isinstance(ffn_width, Tensor):
+            f = ffn_width.repeat_interleave(per_token, 0)
+        cs = None
+        if channel_mask is not None:
+            cs = _unit_weights(None, channel_mask, self.ffn, x, "ElasticMoE: channel_mask")
+            cs = cs.repeat_interleave(per_token, 0) if cs.dim() == 2 else cs
+            cs = cs.to(x.dtype)
+        y = moe_experts(xt, w.to(x.dtype), ids, self.w1[:, :, :k], self.w2[:, :k, :],
+                        activation=self.activation, num_experts_active=e, ffn_width=f, channel_scale=cs)
+        if self.shared is not None:
+            y = y + self.shared(xt)
+        return y.reshape(shape)
+
+    def sliced_shapes(self, k: int, experts: int, ffn: int) -> dict[str, tuple]:
+        out = {"router": (experts, k), "w1": (experts, ffn, k), "w2": (experts, k, ffn)}
+        if self.shared is not None:
+            out.update({f"shared.{n}": s for n, s in self.shared.sliced_shapes(k, self.shared.ffn).items()})
+        return out
+
+    def permute_hidden_(self, perm: Tensor) -> None:
+        self.router.data = self.router.data[:, perm].contiguous()
+        self.w1.data = self.w1.data[:, :, perm].contiguous()
+        self.w2.data = self.w2.data[:, perm].contiguous()
+        if self.shared is not None:
+            self.shared.permute_hidden_(perm)
+
+    def permute_experts_(self, perm: Tensor) -> None:
+        for name in ("router", "w1", "w2"):
+            p = getattr(self, name)
+            p.data = p.data[perm].contiguous()
+        if self.correction_bias is not None:
+            self.correction_bias.data = self.correction_bias.data[perm].contiguous()
+
+    def permute_expert_channels_(self, perm: Tensor) -> None:
+        """``perm: (E, F)``: per-expert channel order (``perm[e, new] = old``)."""
+        idx = perm.to(torch.int64)
+        self.w1.data = torch.gather(self.w1.data, 1, idx[:, :, None].expand_as(self.w1.data)).contiguous()
+        self.w2.data = torch.gather(self.w2.data, 2, idx[:, None, :].expand_as(self.w2.data)).contiguous()

@@ -1,0 +1,305 @@
+"""``ElasticHybridLM``: the Nemotron-H-like hybrid assembled from the public elastic layers."""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from .config import AXES, AXIS_LETTER, Budget, ElasticHybridConfig
+from .layers import (AttentionLayerCache, ElasticEmbedding, ElasticFFN, ElasticLMHead, ElasticMamba2Mixer,
+                     ElasticMoE, ElasticRMSNorm, GQAAttention, MambaLayerCache, _unit_weights)
+
+# per layer letter: (axis, mixer keyword for the hard width, keyword for the host maximum, mask keyword)
+_LAYER_AXES = {
+    "M": (("mamba_heads", "active_heads", "max_active", "head_mask"),),
+    "E": (("experts", "num_experts", None, "expert_mask"), ("expert_ffn", "ffn_width", None, "channel_mask")),
+    "-": (("ffn", "width", "max_width", "mask"),),
+    "*": (),
+}
+
+
+@dataclass
+class HybridCache:
+    """Decode caches of every layer (:class:`MambaLayerCache`, :class:`AttentionLayerCache` or None)
+    and the number of tokens consumed so far."""
+
+    layers: list = field(default_factory=list)
+    batch: int = 0
+    seqlen: int = 0
+
+
+class HybridBlock(nn.Module):
+    """One layer: ``x + mixer(RMSNorm(x))``; ``kind`` is the pattern letter."""
+
+    def __init__(self, kind: str, norm: ElasticRMSNorm, mixer: nn.Module, occurrence: int) -> None:
+        super().__init__()
+        self.kind, self.occurrence = kind, occurrence
+        self.norm, self.mixer = norm, mixer
+
+
+@dataclass
+class _Plan:
+    hidden: int                      # channels computed (the host maximum for per-sample budgets)
+    hidden_t: Tensor | None          # per-sample hidden widths (batch,) or None
+    layer_kwargs: list[dict[str, Any]]
+
+
+def _is_budget_list(budget) -> bool:
+    return isinstance(budget, (list, tuple)) and all(isinstance(b, Budget) for b in budget)
+
+
+class ElasticHybridLM(nn.Module):
+    """The elastic hybrid reference LM; see :mod:`elastic_kernels.models` for the full API."""
+
+    def __init__(self, config: ElasticHybridConfig) -> None:
+        super().__init__()
+        if not isinstance(config, ElasticHybridConfig):
+            raise TypeError(f"ElasticHybridLM: config must be an ElasticHybridConfig, got {type(config).__name__}")
+        c = self.config = config
+        d, std = c.hidden_size, c.init_std
+        self.embed = ElasticEmbedding(c.vocab_size, d, std)
+        blocks, seen = [], {letter: 0 for letter in "ME*-"}
+        for letter in c.pattern:
+            occ = seen[letter]
+            seen[letter] += 1
+            if letter == "M":
+                mixer = ElasticMamba2Mixer(d, c.full_size("mamba_heads", occ), c.mamba_head_dim, c.mamba_groups,
+                                           c.mamba_state, c.mamba_conv_kernel, c.mamba_chunk_size, c.norm_eps, std)
+            elif letter == "E":
+                mixer = ElasticMoE(d, c.full_size("experts", occ), c.moe_top_k, c.full_size("expert_ffn", occ),
+                                   c.moe_shared_ffn, c.moe_score, c.moe_activation, std)
+            elif letter == "-":
+                mixer = ElasticFFN(d, c.full_size("ffn", occ), c.ffn_activation, std)
+            else:
+                mixer = GQAAttention(d, c.attn_heads, c.attn_kv_heads, c.head_dim, std)
+            blocks.append(HybridBlock(letter, ElasticRMSNorm(d, c.norm_eps), mixer, occ))
+        self.layers = nn.ModuleList(blocks)
+        self.norm_f = ElasticRMSNorm(d, c.norm_eps)
+        self.lm_head = None if c.tie_embeddings else ElasticLMHead(c.vocab_size, d, std)
+
+    # -- budgets ------------------------------------------------------------------------------
+    def resolve_budget(self, budget: Budget | None) -> dict[str, tuple[int, ...]]:
+        """Validated per-layer sizes ``{axis: (size per layer of that kind, ...)}`` of one budget."""
+        if budget is None:
+            budget = Budget()
+        if not isinstance(budget, Budget):
+            raise TypeError(f"budget must be None, a Budget or a sequence of Budgets (one per sample), "
+                            f"got {type(budget).__name__}")
+        return budget.resolve(self.config)
+
+    def _plan(self, budget, batch: int, device) -> _Plan:
+        if _is_budget_list(budget):
+            if len(budget) != batch:
+                raise ValueError(f"budget: per-sample budgets need one Budget per sample "
+                                 f"(batch={batch}), got {len(budget)}")
+            per = [self.resolve_budget(b) for b in budget]
+        else:
+            per = [self.resolve_budget(budget)]
+
+        def width(axis: str, occ: int):
+            vals = [p[axis][occ] for p in per]
+            if len(set(vals)) == 1:
+                return vals[0], None
+            return max(vals), torch.tensor(vals, dtype=torch.int64, device=device)
+
+        hidden, hidden_t = width("hidden", 0)
+        kwargs = []
+        for block in self.layers:
+            kw: dict[str, Any] = {}
+            for axis, key, max_key, _ in _LAYER_AXES[block.kind]:
+                hi, t = width(axis, block.occurrence)
+                kw[key] = hi if t is None else t
+                if t is not None and max_key is not None:
+                    kw[max_key] = hi
+            kwargs.append(kw)
+        return _Plan(hidden, hidden_t, kwargs)
+
+    def _mask_for(self, soft_masks: Mapping[str, Any], axis: str, occ: int, batch: int):
+        value = soft_masks.get(axis)
+        if value is None:
+            return None
+        if isinstance(value, Tensor):
+            m = value
+        else:
+            n = self.config.num_units(axis)
+            if not isinstance(value, (list, tuple)) or len(value) != n:
+                raise ValueError(f"soft_masks[{axis!r}] must be a tensor or a sequence with one entry per "
+                                 f"{AXIS_LETTER.get(axis, '')!r} layer ({n}), got {type(value).__name__}"
+                                 + (f" of length {len(value)}" if isinstance(value, (list, tuple)) else ""))
+            m = value[occ]
+            if m is None:
+                return None
+        units = self.config.full_size(axis, occ)
+        if not isinstance(m, Tensor) or not m.is_floating_point():
+            raise TypeError(f"soft_masks[{axis!r}] must hold float tensors, got {type(m).__name__}"
+                            + (f" of dtype {m.dtype}" if isinstance(m, Tensor) else ""))
+        if tuple(m.shape) not in ((units,), (batch, units)):
+            raise ValueError(f"soft_masks[{axis!r}] (layer {occ} of its kind) must have shape ({units},) or "
+                             f"(batch={batch}, {units}), got {tuple(m.shape)}")
+        return m
+
+    # -- forward ------------------------------------------------------------------------------
+    def new_cache(self, batch: int, device=None, dtype: torch.dtype | None = None) -> HybridCache:
+        """Empty decode caches for ``batch`` sequences (full-size; narrower budgets use prefixes)."""
+        p = self.embed.weight
+        device = p.device if device is None else device
+        dtype = p.dtype if dtype is None else dtype
+        layers = []
+        for block in self.layers:
+            if block.kind in "M*":
+                layers.append(block.mixer.new_cache(batch, device, dtype))
+            else:
+                layers.append(None)
+        return HybridCache(layers=layers, batch=batch)
+
+    def forward(self, input_ids: Tensor, budget=None, soft_masks: Mapping[str, Any] | None = None,
+                cache: HybridCache | None = None) -> Tensor:
+        """``input_ids: (batch, seqlen)`` -> logits ``(batch, seqlen, vocab_size)`` float32."""
+        if not isinstance(input_ids, Tensor) or input_ids.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"input_ids must be an int64/int32 tensor, got "
+                            f"{input_ids.dtype if isinstance(input_ids, Tensor) else type(input_ids).__name__}")
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must have shape (batch, seqlen), got {tuple(input_ids.shape)}")
+        if input_ids.numel() and not torch.compiler.is_compiling():
+            lo, hi = int(input_ids.min()), int(input_ids.max())
+            if lo < 0 or hi >= self.config.vocab_size:
+                raise ValueError(f"input_ids values must lie in [0, {self.config.vocab_size}), got [{lo}, {hi}]")
+        b, l = input_ids.shape
+        if soft_masks is not None:
+            if not isinstance(soft_masks, Mapping):
+                raise TypeError(f"soft_masks must be a dict {{axis: tensor}}, got {type(soft_masks).__name__}")
+            unknown = sorted(set(soft_masks) - set(AXES))
+            if unknown:
+                raise ValueError(f"soft_masks has unknown axis {unknown}; allowed: {AXES}")
+        soft_masks = soft_masks or {}
+        if cache is not None:
+            if not isinstance(cache, HybridCache) or len(cache.layers) != len(self.layers):
+                raise TypeError("cache must be a HybridCache from this model's new_cache()")
+            if cache.batch != b:
+                raise ValueError(f"cache was made for batch {cache.batch}, input_ids has batch {b}")
+        plan = self._plan(budget, b, input_ids.device)
+        k = plan.hidden
+        hmask = self._mask_for(soft_masks, "hidden", 0, b)
+        h = self.embed(input_ids, k)
+        hw = _unit_weights(plan.hidden_t, hmask, k, h, "soft_masks['hidden']")
+        if hw is not None:
+            hw = (hw[:, None, :] if hw.dim() == 2 else hw).to(h.dtype)
+            h = h * hw
+        for i, block in enumerate(self.layers):
+            y = block.norm(h, plan.hidden_t, hmask)
+            kw = dict(plan.layer_kwargs[i])
+            for axis, _, _, mask_key in _LAYER_AXES[block.kind]:
+                m = self._mask_for(soft_masks, axis, block.occurrence, b)
+                if m is not None:
+                    kw[mask_key] = m
+            if cache is not None and block.kind in "M*":
+                kw["cache"] = cache.layers[i]
+            y = block.mixer(y, **kw)
+            h = h + (y * hw if hw is not None else y)
+        if cache is not None:
+            cache.seqlen += l
+        y = self.norm_f(h, plan.hidden_t, hmask)
+        if self.lm_head is None:
+            return torch.nn.functional.linear(y, self.embed.weight[:, :k]).float()
+        return self.lm_head(y).float()
+
+    # -- sizes, slicing -----------------------------------------------------------------------
+    def sliced_shapes(self, sizes: Mapping[str, Sequence], active: bool = False) -> dict[str, tuple]:
+        """Prefix shape of every parameter (and buffer) at per-layer ``sizes`` (as from
+        :meth:`resolve_budget`; entries may be tensors). ``active``: MoE expert weights counted for
+        ``moe_top_k`` experts."""
+        k = sizes["hidden"][0]
+        out = {f"embed.{n}": s for n, s in self.embed.sliced_shapes(k).items()}
+        for i, block in enumerate(self.layers):
+            o = block.occurrence
+            out[f"layers.{i}.norm.weight"] = (k,)
+            if block.kind == "M":
+                shapes = block.mixer.sliced_shapes(k, sizes["mamba_heads"][o])
+            elif block.kind == "E":
+                shapes = block.mixer.sliced_shapes(k, sizes["experts"][o], sizes["expert_ffn"][o])
+                if block.mixer.correction_bias is not None:
+                    shapes["correction_bias"] = (sizes["experts"][o],)
+                if active:
+                    tk = self.config.moe_top_k
+                    shapes["w1"] = (tk,) + tuple(shapes["w1"][1:])
+                    shapes["w2"] = (tk,) + tuple(shapes["w2"][1:])
+            elif block.kind == "-":
+                shapes = block.mixer.sliced_shapes(k, sizes["ffn"][o])
+            else:
+                shapes = block.mixer.sliced_shapes(k)
+            out.update({f"layers.{i}.mixer.{n}": s for n, s in shapes.items()})
+        out["norm_f.weight"] = (k,)
+        if self.lm_head is not None:
+            out["lm_head.weight"] = self.lm_head.sliced_shapes(k)["weight"]
+        return out
+
+    def _count(self, sizes, active: bool):
+        params = {n for n, _ in self.named_parameters()}
+        total = 0
+        for name, shape in self.sliced_shapes(sizes, active).items():
+            if name in params:
+                total = total + math.prod(shape) if not any(isinstance(s, Tensor) for s in shape) \
+                    else total + torch.stack([torch.as_tensor(s, dtype=torch.float32) for s in shape]).prod()
+        return total
+
+    def param_count(self, budget: Budget | None = None, active: bool = False) -> int:
+        """Parameters of the submodel at ``budget`` (== numel of ``slice(budget)``); ``active``
+        counts only ``moe_top_k`` routed experts per MoE layer (the parameters one token uses)."""
+        return int(self._count(self.resolve_budget(budget), active))
+
+    def expected_param_count(self, sizes: Mapping[str, Any], active: bool = False) -> Tensor:
+        """``param_count`` as a differentiable function of sizes ``{axis: number | Tensor |
+        per-layer sequence}`` (missing axes: full); equal to ``param_count`` at integer sizes."""
+        unknown = sorted(set(sizes) - set(AXES))
+        if unknown:
+            raise ValueError(f"expected_param_count: unknown axis {unknown}; allowed: {AXES}")
+        full = self.resolve_budget(None)
+        res: dict[str, tuple] = {}
+        for axis in AXES:
+            v = sizes.get(axis)
+            n = len(full[axis])
+            if v is None:
+                res[axis] = full[axis]
+            elif isinstance(v, (list, tuple)):
+                if len(v) != n:
+                    raise ValueError(f"expected_param_count: sizes[{axis!r}] needs {n} entries, got {len(v)}")
+                res[axis] = tuple(v)
+            else:
+                res[axis] = (v,) * n
+        total = self._count(res, active)
+        return total if isinstance(total, Tensor) else torch.tensor(float(total))
+
+    def sliced_config(self, budget: Budget | None) -> ElasticHybridConfig:
+        """Config of the standalone submodel at ``budget``."""
+        sizes = self.resolve_budget(budget)
+        c = self.config
+        fields: dict[str, Any] = {"hidden_size": sizes["hidden"][0], "attn_head_dim": c.head_dim,
+                                  "nested_choices": {a: (1.0,) for a in AXES}}
+        scalar = {"mamba_heads": "mamba_heads", "experts": "moe_experts", "expert_ffn": "moe_ffn", "ffn": "ffn_size"}
+        layer_sizes = {}
+        for axis, fname in scalar.items():
+            vals = sizes[axis]
+            if len(set(vals)) <= 1:
+                if vals:
+                    fields[fname] = vals[0]
+            else:
+                layer_sizes[axis] = tuple(vals)
+                fields[fname] = max(vals)
+        fields["layer_sizes"] = layer_sizes or None
+        return dataclasses.replace(c, **fields)
+
+    @torch.no_grad()
+    def slice(self, budget: Budget | None) -> "ElasticHybridLM":
+        """A standalone submodel with really smaller tensors (copies of the prefixes)."""
+        shapes = self.sliced_shapes(self.resolve_budget(budget))
+        p = self.embed.weight
+        new = ElasticHybridLM(self.sliced_config(budget)).to(device=p.device, dtype=p.dtype)
+        state = self.state_dict()
+        new.load_state_dict({n: state[n][tuple(slice(0, s) for s in shape)].clone()
+                             for n, shape in shapes.items()}, strict=True)
+        return new
