@@ -6,8 +6,12 @@ Ops (torch.library custom ops with fake kernels and autograd; ``backend=`` selec
 - :func:`ssd_scan`, :func:`ssd_state_update`: width-masked Mamba2 SSD.
 - :func:`moe_route`, :func:`moe_experts`: elastic MoE routing (first E' experts) and sliced
   grouped-GEMM experts (first d' channels, per-token widths).
+- :func:`nvfp4_linear`, :func:`fake_quant_nvfp4`, :func:`fake_quant_fp8`: NVFP4 W4A16 matmul
+  (nested slices of one quantized weight) and straight-through fake quantization for QAD;
+  :mod:`elastic_kernels.nvfp4` holds the format (quantize, NVFP4Tensor, safetensors I/O).
 """
-from .ops import moe_experts, moe_route, ssd_scan, ssd_state_update
+from . import nvfp4
+from .ops import fake_quant_fp8, fake_quant_nvfp4, moe_experts, moe_route, nvfp4_linear, ssd_scan, ssd_state_update
 
 __version__ = "0.1.0"
-__all__ = ["moe_experts", "moe_route", "ssd_scan", "ssd_state_update", "__version__"]
+__all__ = ["nvfp4", "nvfp4_linear", "fake_quant_nvfp4", "fake_quant_fp8", "moe_experts", "moe_route", "ssd_scan", "ssd_state_update", "__version__"]

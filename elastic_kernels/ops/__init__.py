@@ -1,5 +1,6 @@
 """Public ops, registered with torch.library (namespace ``elastic_kernels``)."""
 from .moe import moe_experts, moe_route
+from .nvfp4 import fake_quant_fp8, fake_quant_nvfp4, nvfp4_linear
 from .ssd import ssd_scan, ssd_state_update
 
-__all__ = ["moe_experts", "moe_route", "ssd_scan", "ssd_state_update"]
+__all__ = ["fake_quant_fp8", "fake_quant_nvfp4", "nvfp4_linear", "moe_experts", "moe_route", "ssd_scan", "ssd_state_update"]

@@ -1,0 +1,183 @@
+r"""Pure-PyTorch reference of the NVFP4 recipe (DESIGN §5): the ground truth every backend matches
+bit for bit, and the CPU path.
+
+The recipe, with every step an IEEE float32 operation in exactly this order:
+
+    amax = max |w|                        (over the tensor; over each expert for (E, N, K))
+    g    = amax / 2688                    (2688 = 6 * 448; the per-tensor *decode* scale)
+    s    = e4m3(clamp((block_amax / 6) / g, 2**-6, 448))    (per block of 16 along K, RNE)
+    r    = (1 / g) / float(s)             (the block's *encode* multiplier)
+    code = e2m1_rne(clamp(x * r, -6, 6))  (bit 3 = sign, bits 0..2 index {0,.5,1,1.5,2,3,4,6})
+    value = e2m1(code) * float(s) * g     (decode; e2m1(code) * s is exact in fp32)
+
+Conventions that make the recipe total (no inf/NaN for any finite input):
+
+- **All-zero tensor** (``amax == 0``): ``g = 1``. Every block scale is then the clamp floor
+  ``2**-6`` and every code 0, so the tensor decodes to exact zeros.
+- **Tiny tensors**: ``g`` is clamped below at ``2**-126`` (the smallest normal float32), so ``1/g``
+  stays finite; it only matters when ``amax < 2688 * 2**-126 ≈ 3.2e-35`` (1e-30 is unaffected).
+- **Rounding to E2M1** is round-half-to-even on the code index: ties 0.25, 1.25, 2.5, 5 go down,
+  ties 0.75, 1.75, 3.5 go up. A value that rounds to 0 is encoded as +0 (code 0): code 8 (-0) is
+  never produced (it decodes to -0.0 when read from a foreign checkpoint).
+- Clamping ``x * r`` to ±6 and the block scale to ≤ 448 only matters when a caller passes a
+  ``global_scale`` smaller than ``amax / 2688`` (values then saturate).
+- NaN/Inf inputs are rejected by :func:`elastic_kernels.nvfp4.quantize`; the fake-quant ops do
+  not check (training hot path), and a non-finite input makes the whole output NaN.
+"""
+from __future__ import annotations
+
+import torch
+
+BLOCK = 16                 # elements per block scale (along the last dimension)
+E2M1_MAX = 6.0
+E4M3_MAX = 448.0
+SCALE_MIN = 2.0 ** -6      # smallest normal e4m3: block scales are never subnormal
+G_DIVISOR = E2M1_MAX * E4M3_MAX   # 2688
+G_MIN = 2.0 ** -126
+# E2M1 magnitudes of codes 0..7 (times 4 they are the integers 0, 2, 4, 6, 8, 12, 16, 24).
+E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+
+
+def global_scale_from_amax(amax: torch.Tensor) -> torch.Tensor:
+    """``g = amax / 2688`` in float32, with ``g = 1`` for ``amax == 0`` and ``g >= 2**-126``."""
+    amax = amax.float()
+    g = torch.clamp(amax / G_DIVISOR, min=G_MIN)
+    return torch.where(amax > 0, g, torch.ones_like(g))
+
+
+def global_scale_of(w: torch.Tensor, dims) -> torch.Tensor:
+    """The recipe's global scale of ``w`` reduced over ``dims`` (float32)."""
+    dims = tuple(d % w.dim() for d in dims)
+    if w.numel():
+        amax = w.abs().amax(dim=dims)
+    else:
+        amax = w.new_zeros([size for i, size in enumerate(w.shape) if i not in dims])
+    return global_scale_from_amax(amax)
+
+
+def e2m1_round(v: torch.Tensor) -> torch.Tensor:
+    """Codes (uint8, sign in bit 3) of float32 ``v`` already clamped to [-6, 6] (RNE on the index)."""
+    a = v.abs()
+    mag = ((a > 0.25).to(torch.uint8) + (a >= 0.75) + (a > 1.25) + (a >= 1.75)
+           + (a > 2.5) + (a >= 3.5) + (a > 5.0))
+    neg = (v < 0) & (mag > 0)
+    return mag | (neg.to(torch.uint8) << 3)
+
+
+def e2m1_decode(codes: torch.Tensor) -> torch.Tensor:
+    """float32 values of E2M1 codes (any integer tensor, low 4 bits used)."""
+    lut = torch.tensor(E2M1_VALUES, dtype=torch.float32, device=codes.device)
+    c = codes.to(torch.int64)
+    mag = lut[c & 7]
+    return torch.where((c & 8) != 0, -mag, mag)
+
+
+def quantize_rows(x: torch.Tensor, g_rows: torch.Tensor):
+    """Quantize rows with per-row decode scales.
+
+    Args:
+        x: (rows, K) any float dtype, K % 16 == 0, finite.
+        g_rows: (rows,) float32 decode scale of each row's tensor.
+    Returns:
+        codes: (rows, K) uint8 (unpacked, sign in bit 3); scales: (rows, K/16) float8_e4m3fn.
+    """
+    rows, k = x.shape
+    xb = x.float().reshape(rows, k // BLOCK, BLOCK)
+    g = g_rows.float().reshape(rows, 1)
+    bamax = xb.abs().amax(dim=-1) if xb.numel() else xb.new_zeros(rows, k // BLOCK)
+    s = torch.clamp((bamax / E2M1_MAX) / g, min=SCALE_MIN, max=E4M3_MAX).to(torch.float8_e4m3fn)
+    r = torch.reciprocal(g) / s.float()
+    v = torch.clamp(xb * r[..., None], min=-E2M1_MAX, max=E2M1_MAX)
+    return e2m1_round(v).reshape(rows, k), s
+
+
+def pack(codes: torch.Tensor) -> torch.Tensor:
+    """(..., K) uint8 codes -> (..., K/2) bytes: element 2i low nibble, 2i+1 high nibble."""
+    c = codes.reshape(*codes.shape[:-1], codes.shape[-1] // 2, 2)
+    return c[..., 0] | (c[..., 1] << 4)
+
+
+def unpack(data: torch.Tensor) -> torch.Tensor:
+    """(..., K/2) bytes -> (..., K) uint8 codes."""
+    return torch.stack((data & 0xF, data >> 4), dim=-1).reshape(*data.shape[:-1], data.shape[-1] * 2)
+
+
+def quantize_reference(w: torch.Tensor, g: torch.Tensor):
+    """Quantize ``w: (..., N, K)`` with decode scale ``g: w.shape[:-2]`` (float32).
+
+    Returns ``(data (..., N, K/2) uint8, scales (..., N, K/16) float8_e4m3fn)``.
+    """
+    *lead, n, k = w.shape
+    g_rows = g.float().reshape(*lead, 1).expand(*lead, n).reshape(-1)
+    codes, s = quantize_rows(w.reshape(-1, k), g_rows)
+    return pack(codes).reshape(*lead, n, k // 2), s.reshape(*lead, n, k // BLOCK)
+
+
+def scaled_values(data: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """``e2m1(code) * float(s)`` as float32, (..., K): exact, and exact in bf16/fp16 too."""
+    vals = e2m1_decode(unpack(data))
+    *lead, k = vals.shape
+    vals = vals.reshape(*lead, k // BLOCK, BLOCK) * scales.float()[..., None]
+    return vals.reshape(*lead, k)
+
+
+def dequantize_reference(data: torch.Tensor, scales: torch.Tensor, g: torch.Tensor,
+                         dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """Decode ``e2m1(code) * s * g``: computed in float32 (float64 when ``dtype`` is float64,
+    where it is exact), then cast to ``dtype``. ``g`` has shape ``data.shape[:-2]``."""
+    work = torch.float64 if dtype == torch.float64 else torch.float32
+    sv = scaled_values(data, scales).to(work)
+    gg = g.to(work).reshape(*g.shape, 1, 1) if data.dim() >= 2 else g.to(work)
+    return (sv * gg).to(dtype)
+
+
+def fake_quant_nvfp4_reference(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """``dequantize(quantize(x))`` of ``x: (..., K)`` with one decode scale ``g: ()``, in x.dtype."""
+    k = x.shape[-1]
+    rows = x.numel() // k if k else 0
+    codes, s = quantize_rows(x.reshape(rows, k), g.float().reshape(1).expand(rows))
+    sv = e2m1_decode(codes).reshape(rows, k // BLOCK, BLOCK) * s.float()[..., None]
+    return (sv * g.float()).reshape(x.shape).to(x.dtype)
+
+
+def activation_scaled_reference(x: torch.Tensor):
+    """W4A4 activation quantization of ``x: (M, K)``: returns ``(e2m1(code) * s_x`` as float32,
+    ``g_x)``, so that the quantized activation is their product."""
+    g = global_scale_of(x, (0, 1))
+    m, k = x.shape
+    codes, s = quantize_rows(x, g.reshape(1).expand(m))
+    sv = e2m1_decode(codes).reshape(m, k // BLOCK, BLOCK) * s.float()[..., None]
+    return sv.reshape(m, k), g
+
+
+def nvfp4_linear_reference(x: torch.Tensor, data: torch.Tensor, scales: torch.Tensor, g: torch.Tensor,
+                           bias: torch.Tensor | None, act_quant: bool) -> torch.Tensor:
+    """``y = x @ dequantize(W).T + bias`` with float32 accumulation.
+
+    x: (M, K); data: (N, K/2); scales: (N, K/16); g: (); bias: (N,) or None -> y: (M, N) x.dtype.
+    Computed as ``((x @ (e2m1 * s).T) * g) + bias`` (W4A4: ``((xs @ ws.T) * g) * g_x``), which is
+    how the kernels do it: the tensor-core operand ``e2m1 * s`` is exact in bf16/fp16.
+    """
+    w = scaled_values(data, scales)
+    if act_quant:
+        xs, gx = activation_scaled_reference(x)
+        y = ((xs @ w.T) * g.float()) * gx
+    else:
+        y = (x.float() @ w.T) * g.float()
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)
+
+
+def fake_quant_fp8_reference(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Per-tensor E4M3 fake quantization: ``e4m3(clamp(x / scale, ±448)) * scale`` in x.dtype."""
+    sc = scale.float()
+    q = torch.clamp(x.float() / sc, min=-E4M3_MAX, max=E4M3_MAX).to(torch.float8_e4m3fn)
+    return (q.float() * sc).to(x.dtype)
+
+
+def fp8_scale_of(x: torch.Tensor) -> torch.Tensor:
+    """``amax / 448`` in float32 (1 for an all-zero tensor, >= 2**-126)."""
+    amax = x.abs().amax().float() if x.numel() else x.new_zeros((), dtype=torch.float32)
+    s = torch.clamp(amax / E4M3_MAX, min=G_MIN)
+    return torch.where(amax > 0, s, torch.ones_like(s))

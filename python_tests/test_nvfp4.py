@@ -1,0 +1,478 @@
+"""NVFP4 (issue 4): the recipe bit-exact across backends, nested slicing, W4A16/W4A4 matmul,
+fake quantization with straight-through gradients, serialization, bad input."""
+from __future__ import annotations
+
+import itertools
+import struct
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+import elastic_kernels as ek
+from elastic_kernels import nvfp4
+from elastic_kernels.nvfp4 import NVFP4Tensor
+from helpers import assert_close_to_truth
+
+E2M1 = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0]
+LOW = [torch.bfloat16, torch.float16]
+
+
+# ---- plain, per-element oracles (independent of the library) ----------------------------------
+
+def f32(v: float) -> float:
+    """Round a Python float to the nearest float32."""
+    return struct.unpack("f", struct.pack("f", v))[0]
+
+
+def e4m3_value(byte: int) -> float:
+    sign = -1.0 if byte & 0x80 else 1.0
+    e, m = (byte >> 3) & 15, byte & 7
+    return sign * (m / 8 * 2.0 ** -6 if e == 0 else (1 + m / 8) * 2.0 ** (e - 7))
+
+
+E4M3_POS = sorted({e4m3_value(b) for b in range(0x7F)})  # finite non-negative values (0x7F is NaN)
+
+
+def nearest_even(v: float, grid: list[float], index_parity) -> float:
+    """Nearest grid value; ties go to the value whose encoding has an even last bit."""
+    best = min(grid, key=lambda g: abs(g - v))
+    ties = [g for g in grid if abs(g - v) == abs(best - v)]
+    return best if len(ties) == 1 else next(g for g in ties if index_parity(g) == 0)
+
+
+def e4m3_parity(v: float) -> int:
+    return next(b for b in range(0x7F) if e4m3_value(b) == v) & 1
+
+
+def oracle_quantize_row(row: list[float], g: float):
+    """DESIGN §5 per element in float32 (Python floats rounded with f32 after every operation)."""
+    codes, scales = [], []
+    for b in range(0, len(row), 16):
+        block = [f32(v) for v in row[b:b + 16]]
+        bamax = max(abs(v) for v in block)
+        s = min(max(f32(f32(bamax / 6.0) / g), 2.0 ** -6), 448.0)
+        s = nearest_even(s, E4M3_POS, e4m3_parity)
+        r = f32(f32(1.0 / g) / s)
+        scales.append(s)
+        for v in block:
+            u = min(max(f32(v * r), -6.0), 6.0)
+            mag = E2M1.index(nearest_even(abs(u), E2M1, lambda x: E2M1.index(x) & 1))
+            codes.append(mag | (8 if (u < 0 and mag) else 0))
+    return codes, scales
+
+
+def decode64(q: NVFP4Tensor) -> torch.Tensor:
+    """A plain float64 decoder: value = e2m1(code) * e4m3(scale byte) * g, element by element."""
+    data, sb = q.data.cpu(), q.scales.cpu().view(torch.uint8)
+    g = q.global_scale.cpu().double()
+    *lead, n, half = data.shape
+    out = torch.empty(*lead, n, half * 2, dtype=torch.float64)
+    for *li, r, c in itertools.product(*(range(s) for s in (*lead, n, half * 2))):
+        byte = int(data[(*li, r, c // 2)])
+        code = (byte >> 4) if c % 2 else (byte & 15)
+        val = (-1.0 if code & 8 else 1.0) * E2M1[code & 7]
+        out[(*li, r, c)] = val * e4m3_value(int(sb[(*li, r, c // 16)])) * float(g[tuple(li)])
+    return out
+
+
+def inputs(kind: str, shape=(24, 64), dtype=torch.float32) -> torch.Tensor:
+    """Test weights in ``dtype``; fp16 gets the extremes it can represent (1e-30/1e30 are 0/inf)."""
+    return _inputs(kind, shape, 1e4 if dtype == torch.float16 else 1e30).to(dtype)
+
+
+def _inputs(kind: str, shape, huge: float) -> torch.Tensor:
+    if kind == "normal":
+        return torch.randn(shape)
+    if kind == "student_t":
+        return torch.distributions.StudentT(torch.tensor(1.5)).sample(shape)
+    if kind == "zeros":
+        return torch.zeros(shape)
+    if kind == "tiny":
+        return torch.randn(shape) / huge
+    if kind == "huge":
+        return torch.randn(shape) * huge
+    if kind == "mixed":  # per block: zero, tiny, huge, normal, constant, a single spike
+        w = torch.randn(shape)
+        blocks = w.view(*shape[:-1], -1, 16)
+        blocks[..., 0::6, :] = 0
+        blocks[..., 1::6, :] /= huge ** 0.4
+        blocks[..., 2::6, :] *= huge ** 0.4
+        blocks[..., 3::6, :] = 3.0
+        blocks[..., 4::6, :] = 0
+        blocks[..., 4::6, 5] = -7.0
+        return w
+    raise ValueError(kind)
+
+
+KINDS = ["normal", "student_t", "zeros", "tiny", "huge", "mixed"]
+
+
+def same_bits(a: NVFP4Tensor, b: NVFP4Tensor) -> bool:
+    return (torch.equal(a.data.cpu(), b.data.cpu())
+            and torch.equal(a.scales.cpu().view(torch.uint8), b.scales.cpu().view(torch.uint8))
+            and torch.equal(a.global_scale.cpu(), b.global_scale.cpu()))
+
+
+# ---- acceptance 1: the recipe -----------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_reference_matches_per_element_oracle(kind):
+    w = inputs(kind, (3, 48))
+    q = nvfp4.quantize(w, backend="reference")
+    g = float(q.global_scale)
+    assert g == (f32(float(w.abs().max()) / 2688.0) if kind != "zeros" else 1.0)
+    codes = ek.reference.nvfp4.unpack(q.data)
+    for r in range(w.shape[0]):
+        want_codes, want_scales = oracle_quantize_row(w[r].tolist(), g)
+        assert codes[r].tolist() == want_codes
+        assert q.scales[r].float().tolist() == want_scales
+    deq = q.dequantize(torch.float64)
+    assert torch.isfinite(deq).all()
+    assert torch.equal(deq, decode64(q))
+    assert torch.equal(q.dequantize(torch.float32), decode64(q).float())
+    if kind == "zeros":
+        assert torch.equal(deq, torch.zeros_like(deq)) and (q.scales.float() == 2.0 ** -6).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, *LOW])
+@pytest.mark.parametrize("kind", KINDS)
+def test_quantize_backends_bit_exact(triton_device, kind, dtype):
+    w = inputs(kind, (21, 80), dtype)
+    ref_q = nvfp4.quantize(w, backend="reference")
+    tri_q = nvfp4.quantize(w.to(triton_device), backend="triton")
+    assert same_bits(ref_q, tri_q)
+    assert torch.equal(tri_q.dequantize(torch.float32).cpu(), ref_q.dequantize(torch.float32))
+    assert torch.isfinite(ref_q.dequantize(torch.float32)).all()
+
+
+def test_stacked_experts_per_expert_scale(triton_device):
+    w = torch.randn(3, 10, 32) * torch.tensor([1e-3, 1.0, 1e3])[:, None, None]
+    w[1] = 0
+    q = nvfp4.quantize(w, backend="reference")
+    assert q.global_scale.shape == (3,) and float(q.global_scale[1]) == 1.0
+    for e in range(3):
+        assert same_bits(q[e], nvfp4.quantize(w[e], backend="reference"))
+    assert same_bits(q, nvfp4.quantize(w.to(triton_device), backend="triton"))
+    assert torch.equal(q.dequantize(torch.float64), decode64(q))
+
+
+def test_explicit_global_scale_saturates_finitely():
+    w = torch.randn(4, 32)
+    q = nvfp4.quantize(w, global_scale=float(w.abs().max()) / 2688 / 10)
+    assert q.scales.float().max() == 448 and torch.isfinite(q.dequantize(torch.float32)).all()
+    assert same_bits(q, nvfp4.quantize(w, global_scale=q.global_scale))
+
+
+FINITE = st.floats(min_value=-1e4, max_value=1e4, allow_nan=False, allow_subnormal=False, width=32)
+
+
+@settings(max_examples=60, deadline=None)
+@given(w=hnp.arrays("float32", st.tuples(st.integers(1, 3), st.sampled_from([16, 32, 48])), elements=FINITE),
+       scale=st.sampled_from([1e-20, 1.0, 1e20]))
+def test_properties(w, scale):
+    w = torch.from_numpy(w) * scale
+    q = nvfp4.quantize(w, backend="reference")
+    s = q.scales.float()
+    assert ((s >= 2.0 ** -6) & (s <= 448)).all()
+    codes = ek.reference.nvfp4.unpack(q.data)
+    assert (codes < 16).all() and not (codes == 8).any()
+    # |dequant - x| <= half the local E2M1 spacing, in units of the block's s * g
+    unit = (s.double() * q.global_scale.double()).repeat_interleave(16, dim=-1)
+    u = (w.double() / unit).abs()
+    half_step = torch.where(u < 2, 0.25, torch.where(u < 4, 0.5, 1.0))
+    err = (q.dequantize(torch.float64) - w.double()).abs()
+    assert (err <= half_step * unit * (1 + 1e-6)).all()
+    # idempotence with the same global scale
+    assert same_bits(nvfp4.quantize(q.dequantize(torch.float32), global_scale=q.global_scale), q)
+
+
+# ---- acceptance 2: nested slicing ----------------------------------------------------------------
+
+@pytest.mark.parametrize("n,k", [(40, 96), (17, 48), (1, 16), (40, 32)])
+def test_nested_slice_views(triton_device, n, k):
+    q = nvfp4.quantize(torch.randn(40, 96))
+    for sl in (q[..., :n, :k], q[:n, :k], q.narrow_nested(out_features=n, in_features=k)):
+        assert sl.shape == (n, k)
+        assert torch.equal(sl.dequantize(torch.float32), q.dequantize(torch.float32)[:n, :k])
+        assert sl.data.untyped_storage().data_ptr() == q.data.untyped_storage().data_ptr()
+        assert sl.scales.untyped_storage().data_ptr() == q.scales.untyped_storage().data_ptr()
+    x = torch.randn(5, k, dtype=torch.bfloat16)
+    truth = x.double() @ sl.dequantize(torch.float64).T
+    same = x @ sl.dequantize(torch.bfloat16).T
+    for be, dev in (("reference", "cpu"), ("triton", triton_device)):
+        y = ek.nvfp4_linear(x.to(dev), sl.to(dev) if be == "triton" else sl, backend=be)
+        assert_close_to_truth(y.cpu(), truth, same, torch.bfloat16, name=be)
+
+
+def test_offset_and_expert_slices():
+    w = torch.randn(2, 24, 64)
+    q = nvfp4.quantize(w)
+    sl = q[1, 3:20, 16:48]
+    assert sl.shape == (17, 32) and sl.global_scale.shape == ()
+    assert torch.equal(sl.dequantize(torch.float32), q.dequantize(torch.float32)[1, 3:20, 16:48])
+    sl2 = q[1:, :5]
+    assert sl2.shape == (1, 5, 64) and torch.equal(sl2.global_scale, q.global_scale[1:])
+    assert sl.data.untyped_storage().data_ptr() == q.data.untyped_storage().data_ptr()
+
+
+# ---- acceptance 3: nvfp4_linear -----------------------------------------------------------------
+
+def _linear_case(m, n, k, dtype, bias):
+    q = nvfp4.quantize(torch.randn(n, k))
+    x = torch.randn(m, k).to(dtype)
+    b = torch.randn(n).to(dtype) if bias else None
+    truth = x.double() @ q.dequantize(torch.float64).T + (b.double() if bias else 0)
+    same = x @ q.dequantize(dtype).T + (b if bias else 0)
+    return q, x, b, truth, same
+
+
+@pytest.mark.parametrize("dtype", LOW)
+@pytest.mark.parametrize("m,n,k", [(1, 37, 64), (7, 70, 96), (129, 37, 48)])
+def test_linear_reference_and_triton(triton_device, m, n, k, dtype):
+    q, x, b, truth, same = _linear_case(m, n, k, dtype, bias=(m == 7))
+    y = ek.nvfp4_linear(x, q, b, backend="reference")
+    assert y.dtype == dtype and y.shape == (m, n)
+    assert_close_to_truth(y, truth, same, dtype, name="reference")
+    qd = q.to(triton_device)
+    y = ek.nvfp4_linear(x.to(triton_device), qd, b.to(triton_device) if b is not None else None, backend="triton")
+    assert_close_to_truth(y.cpu(), truth, same, dtype, name="triton")
+
+
+def test_linear_leading_dims_fp32_and_empty(triton_device):
+    q = nvfp4.quantize(torch.randn(9, 32))
+    x = torch.randn(2, 3, 32)
+    truth = x.double() @ q.dequantize(torch.float64).T
+    for be, dev in (("reference", "cpu"), ("triton", triton_device)):
+        y = ek.nvfp4_linear(x.to(dev), q.to(dev), backend=be).cpu()
+        assert_close_to_truth(y, truth, x @ q.dequantize(torch.float32).T, torch.float32, name=be)
+        assert ek.nvfp4_linear(x[:0].to(dev), q.to(dev), backend=be).shape == (0, 3, 9)
+
+
+@pytest.mark.parametrize("dtype", LOW)
+def test_w4a4_quantized_inputs_bit_exact(triton_device, dtype):
+    from elastic_kernels.reference.nvfp4 import activation_scaled_reference
+    from elastic_kernels.triton import nvfp4 as tnv
+    q = nvfp4.quantize(torch.randn(37, 64))
+    x = (torch.randn(7, 64) * torch.logspace(-3, 3, 64)).to(dtype)
+    xq = ek.fake_quant_nvfp4(x, backend="reference")
+    assert torch.equal(xq, nvfp4.quantize(x).dequantize(dtype))
+    assert torch.equal(ek.fake_quant_nvfp4(x.to(triton_device), backend="triton").cpu(), xq)
+    xs, gx = activation_scaled_reference(x)
+    assert torch.equal(tnv.scaled_activation(x.to(triton_device), gx.reshape(1).to(triton_device)).cpu(),
+                       xs.to(dtype))
+    xq64 = nvfp4.quantize(x).dequantize(torch.float64)
+    truth = xq64 @ q.dequantize(torch.float64).T
+    same = xq @ q.dequantize(dtype).T
+    for be, dev in (("reference", "cpu"), ("triton", triton_device)):
+        y = ek.nvfp4_linear(x.to(dev), q.to(dev), act_quant=True, backend=be)
+        assert_close_to_truth(y.cpu(), truth, same, dtype, name=be)
+
+
+def test_linear_gradients():
+    q = nvfp4.quantize(torch.randn(11, 32))
+    x = torch.randn(5, 32, dtype=torch.float64).float().requires_grad_()
+    b = torch.randn(11).requires_grad_()
+    gy = torch.randn(5, 11)
+    for aq in (False, True):
+        y = ek.nvfp4_linear(x, q, b, act_quant=aq)
+        gx, gb = torch.autograd.grad(y, (x, b), gy)
+        w64 = q.dequantize(torch.float64)
+        assert torch.allclose(gx.double(), gy.double() @ w64, rtol=1e-5, atol=1e-5)
+        assert torch.allclose(gb, gy.sum(0), rtol=1e-5, atol=1e-5)
+
+
+# ---- acceptance 4: fake quantization ------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, *LOW])
+def test_fake_quant_nvfp4_forward_and_ste(triton_device, dtype):
+    x = torch.randn(3, 5, 32).to(dtype)
+    want = nvfp4.quantize(x.reshape(15, 32)).dequantize(dtype).reshape(x.shape)
+    gy = torch.randn_like(x)
+    for be, dev in (("reference", "cpu"), ("triton", triton_device)):
+        xl = x.to(dev).requires_grad_()
+        y = ek.fake_quant_nvfp4(xl, backend=be)
+        assert torch.equal(y.detach().cpu(), want)
+        (gx,) = torch.autograd.grad(y, xl, gy.to(dev))
+        assert torch.equal(gx.cpu(), gy)
+    g = torch.tensor(0.01)
+    assert torch.equal(ek.fake_quant_nvfp4(x, global_scale=g),
+                       nvfp4.quantize(x.reshape(15, 32), global_scale=g).dequantize(dtype).reshape(x.shape))
+
+
+def test_fake_quant_nonfinite_documented():
+    x = torch.randn(2, 16)
+    x[0, 3] = float("inf")
+    assert torch.isnan(ek.fake_quant_nvfp4(x, backend="reference")).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, *LOW])
+def test_fake_quant_fp8(dtype):
+    x = (torch.randn(6, 7) * 3).to(dtype).requires_grad_()
+    y = ek.fake_quant_fp8(x)
+    scale = x.detach().float().abs().max() / 448
+    want = ((x.detach().float() / scale).to(torch.float8_e4m3fn).float() * scale).to(dtype)
+    assert torch.equal(y.detach(), want)
+    gy = torch.randn_like(x)
+    assert torch.equal(torch.autograd.grad(y, x, gy)[0], gy)
+    assert torch.equal(ek.fake_quant_fp8(torch.zeros(3, dtype=dtype)), torch.zeros(3, dtype=dtype))
+    assert torch.equal(ek.fake_quant_fp8(x.detach(), scale=1.0),
+                       x.detach().float().clamp(-448, 448).to(torch.float8_e4m3fn).float().to(dtype))
+
+
+def test_opcheck():
+    from elastic_kernels.ops import nvfp4 as opsmod
+    w = torch.randn(9, 32)
+    q = nvfp4.quantize(w)
+    x = torch.randn(4, 32, requires_grad=True)
+    b = torch.randn(9, requires_grad=True)
+    g = q.global_scale
+    torch.library.opcheck(opsmod._quantize_op, (w, g, "reference"))
+    torch.library.opcheck(opsmod._fake_nvfp4_op, (x, g, "reference"))
+    torch.library.opcheck(opsmod._fake_fp8_op, (x, torch.tensor(0.01)))
+    for aq in (False, True):
+        torch.library.opcheck(opsmod._linear_op, (x, q.data, q.scales.view(torch.uint8), g, b, aq, "reference"))
+    torch.library.opcheck(opsmod._linear_op, (x, q.data, q.scales.view(torch.uint8), g, None, False, "reference"))
+
+
+def test_opcheck_triton(triton_device):
+    from elastic_kernels.ops import nvfp4 as opsmod
+    q = nvfp4.quantize(torch.randn(9, 32)).to(triton_device)
+    x = torch.randn(4, 32, device=triton_device, requires_grad=True)
+    torch.library.opcheck(opsmod._linear_op, (x, q.data, q.scales.view(torch.uint8), q.global_scale, None, False, "triton"),
+                          test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(opsmod._fake_nvfp4_op, (x, q.global_scale, "triton"),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+def test_torch_compile_fullgraph():
+    q = nvfp4.quantize(torch.randn(12, 48))
+    b = torch.randn(12)
+
+    def f(x):
+        h = ek.nvfp4_linear(ek.fake_quant_fp8(x), q, b, backend="reference")
+        return ek.fake_quant_nvfp4(h[..., :0].new_zeros(x.shape) + x, backend="reference").sum() + h.sum()
+
+    x = torch.randn(3, 48, requires_grad=True)
+    cf = torch.compile(f, fullgraph=True, backend="aot_eager")
+    out, want = cf(x), f(x)
+    assert torch.allclose(out, want)
+    assert torch.allclose(torch.autograd.grad(out, x)[0], torch.autograd.grad(want, x)[0])
+
+
+# ---- serialization ----------------------------------------------------------------------------
+
+def test_state_dict_roundtrip(tmp_path):
+    q = nvfp4.quantize(torch.randn(20, 64))
+    qe = nvfp4.quantize(torch.randn(2, 8, 32))
+    tensors = {"layers.0.proj.weight": q[:, :32], "layers.0.proj.bias": torch.randn(20), "experts.weight": qe}
+    sd = nvfp4.pack_state_dict(tensors)
+    assert sd["layers.0.proj.weight"].dtype == torch.uint8 and sd["layers.0.proj.weight_scale_2"].shape == ()
+    assert sd["experts.weight_scale_2"].shape == (2,)
+    path = tmp_path / "model.safetensors"
+    nvfp4.save_file(tensors, path)
+    back = nvfp4.load_file(path)
+    assert set(back) == set(tensors)
+    assert same_bits(back["layers.0.proj.weight"], q[:, :32]) and same_bits(back["experts.weight"], qe)
+    assert torch.equal(back["layers.0.proj.bias"], tensors["layers.0.proj.bias"])
+    assert [p.name for p in tmp_path.iterdir()] == ["model.safetensors"]
+
+
+def test_state_dict_errors(tmp_path):
+    q = nvfp4.quantize(torch.randn(8, 32))
+    sd = nvfp4.to_state_dict(q, "p")
+    with pytest.raises(ValueError, match="lacks"):
+        nvfp4.from_state_dict({k: v for k, v in sd.items() if k != "p.weight_scale"}, "p")
+    with pytest.raises(ValueError, match="mismatched"):
+        nvfp4.from_state_dict({**sd, "p.weight_scale": sd["p.weight_scale"][:, :1]}, "p")
+    with pytest.raises(TypeError, match="p.weight_scale must have dtype"):
+        nvfp4.from_state_dict({**sd, "p.weight_scale": sd["p.weight_scale"].float()}, "p")
+    with pytest.raises(ValueError, match="positive"):
+        nvfp4.from_state_dict({**sd, "p.weight_scale_2": torch.tensor(-1.0)}, "p")
+    with pytest.raises(ValueError, match="no matching weight_scale_2"):
+        nvfp4.unpack_state_dict({"p.weight": sd["p.weight"], "p.weight_scale": sd["p.weight_scale"]})
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all")
+    with pytest.raises(ValueError, match="cannot read"):
+        nvfp4.load_file(bad)
+
+
+# ---- acceptance 5: bad input ----------------------------------------------------------------------
+
+def test_bad_inputs():
+    w = torch.randn(8, 32)
+    q = nvfp4.quantize(w)
+    bad = [
+        (ValueError, "multiple of 16", lambda: nvfp4.quantize(torch.randn(4, 20))),
+        (TypeError, "w must have dtype", lambda: nvfp4.quantize(torch.ones(4, 16, dtype=torch.int32))),
+        (ValueError, r"\(N, K\)", lambda: nvfp4.quantize(torch.randn(16))),
+        (ValueError, "NaN or Inf", lambda: nvfp4.quantize(torch.full((2, 16), float("nan")))),
+        (ValueError, "NaN or Inf", lambda: nvfp4.quantize(torch.full((2, 16), float("inf")))),
+        (ValueError, "positive", lambda: nvfp4.quantize(w, global_scale=0.0)),
+        (ValueError, "global_scale must have shape", lambda: nvfp4.quantize(w, global_scale=torch.ones(2))),
+        (ValueError, "multiples of 16", lambda: q[:, :24]),
+        (ValueError, "multiples of 16", lambda: q[:, 8:]),
+        (TypeError, "unit-step", lambda: q[:, ::2]),
+        (TypeError, "row index", lambda: q[3]),
+        (ValueError, "in_features", lambda: q.narrow_nested(in_features=8)),
+        (ValueError, "out_features", lambda: q.narrow_nested(out_features=9)),
+        (ValueError, "K=32", lambda: ek.nvfp4_linear(torch.randn(2, 16), q)),
+        (TypeError, "x must have dtype", lambda: ek.nvfp4_linear(torch.ones(2, 32, dtype=torch.int64), q)),
+        (TypeError, "NVFP4Tensor", lambda: ek.nvfp4_linear(torch.randn(2, 32), w)),
+        (ValueError, "q\\[e\\]", lambda: ek.nvfp4_linear(torch.randn(2, 32), nvfp4.quantize(torch.randn(2, 8, 32)))),
+        (ValueError, "bias must have shape", lambda: ek.nvfp4_linear(torch.randn(2, 32), q, torch.randn(7))),
+        (TypeError, "act_quant", lambda: ek.nvfp4_linear(torch.randn(2, 32), q, act_quant=1)),
+        (ValueError, "backend must be one of", lambda: ek.nvfp4_linear(torch.randn(2, 32), q, backend="tpu")),
+        (RuntimeError, "CUDA tensors", lambda: ek.nvfp4_linear(torch.randn(2, 32), q, backend="cuda")),
+        (ValueError, "multiple of 16", lambda: ek.fake_quant_nvfp4(torch.randn(3, 24))),
+        (ValueError, "positive", lambda: ek.fake_quant_fp8(torch.randn(3), scale=-1.0)),
+        (TypeError, "scales must have dtype", lambda: NVFP4Tensor(q.data, q.scales.float(), q.global_scale)),
+        (ValueError, "scales has shape", lambda: NVFP4Tensor(q.data, q.scales[:, :1], q.global_scale)),
+        (TypeError, "dequantize", lambda: q.dequantize(torch.int8)),
+    ]
+    for exc, match, call in bad:
+        with pytest.raises(exc, match=match):
+            call()
+
+
+def test_empty_weight():
+    q = nvfp4.quantize(torch.randn(0, 32))
+    assert q.data.shape == (0, 16) and q.scales.shape == (0, 2) and float(q.global_scale) == 1.0
+    assert ek.nvfp4_linear(torch.randn(3, 32), q).shape == (3, 0)
+
+
+# ---- GPU (CUDA C++ backend; skipped without a GPU) -----------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("dtype", [torch.float32, *LOW])
+def test_cuda_quantize_bit_exact(cuda_device, kind, dtype):
+    w = inputs(kind, (3, 50, 208), dtype)
+    assert same_bits(nvfp4.quantize(w.to(cuda_device), backend="cuda"), nvfp4.quantize(w, backend="reference"))
+    x = w.reshape(150, 208)
+    assert torch.equal(ek.fake_quant_nvfp4(x.to(cuda_device), backend="cuda").cpu(),
+                       ek.fake_quant_nvfp4(x, backend="reference"))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", LOW)
+@pytest.mark.parametrize("m,n,k", [(1, 37, 64), (4, 2688, 1856), (16, 70, 96), (129, 1856, 2688), (300, 130, 48)])
+@pytest.mark.parametrize("act_quant", [False, True])
+def test_cuda_linear(cuda_device, m, n, k, dtype, act_quant):
+    q, x, b, truth, same = _linear_case(m, n, k, dtype, bias=True)
+    if act_quant:
+        truth = nvfp4.quantize(x).dequantize(torch.float64) @ q.dequantize(torch.float64).T + b.double()
+        same = ek.fake_quant_nvfp4(x) @ q.dequantize(dtype).T + b
+    qd = q.to(cuda_device)
+    for be in ("cuda", "triton"):
+        y = ek.nvfp4_linear(x.to(cuda_device), qd, b.to(cuda_device), act_quant=act_quant, backend=be)
+        assert_close_to_truth(y.cpu(), truth, same, dtype, name=be)
+    sl = qd[: n // 2 + 1, : (k // 32) * 16 or 16]
+    xs = x[:, : sl.in_features].to(cuda_device)
+    y = ek.nvfp4_linear(xs, sl, backend="cuda").cpu()
+    sl_cpu = q[: n // 2 + 1, : sl.in_features]
+    assert_close_to_truth(y, xs.cpu().double() @ sl_cpu.dequantize(torch.float64).T,
+                          xs.cpu() @ sl_cpu.dequantize(dtype).T, dtype, name="cuda slice")
+
