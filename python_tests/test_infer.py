@@ -1,0 +1,244 @@
+"""Tests of elastic budget control (elastic_kernels.infer): phase-switched generation, mixed-budget
+batches, evaluation and the Pareto report, the CLI.
+
+The oracles below are written plainly: every token is the argmax of a *full re-forward* of the
+whole sequence (no cache) at the budget of the current phase.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from elastic_kernels.infer import (EmptyPromptError, GenerationError, PromptTooLongError, UnknownBudgetError,
+                                   generate)
+from elastic_kernels.models.config import AXES, Budget, ElasticHybridConfig
+from elastic_kernels.models.model import ElasticHybridLM
+
+VOCAB = 20
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """The tiny model is dominated by per-op overhead; one thread avoids contention on shared CPUs."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    cfg = ElasticHybridConfig(vocab_size=VOCAB, hidden_size=32, pattern="M-M*ME", mamba_heads=4, mamba_head_dim=8,
+                              mamba_state=8, mamba_chunk_size=8, moe_experts=4, moe_ffn=32, ffn_size=64,
+                              attn_heads=2, attn_kv_heads=1, init_std=0.1,
+                              nested_choices={a: (1.0, 0.5) for a in AXES})
+    return ElasticHybridLM(cfg).eval()
+
+
+@pytest.fixture(scope="module")
+def budgets(model):
+    return {"full": Budget(), "half": Budget.from_fractions(model.config, 0.5),
+            "mixed": Budget.from_fractions(model.config, hidden=0.5, ffn=0.5)}
+
+
+def _argmax_next(model, seq, budget):
+    with torch.no_grad():
+        return int(model(torch.tensor([seq]), budget=budget)[0, -1].argmax())
+
+
+def plain_greedy(model, prompt, steps, budget=None):
+    seq = list(prompt)
+    for _ in range(steps):
+        seq.append(_argmax_next(model, seq, budget))
+    return seq[len(prompt):]
+
+
+def switch_oracle(model, prompt, think_b, answer_b, *, end_id, eos_id, max_think=None, max_answer=8):
+    """Think at ``think_b`` until ``end_id`` (forced after ``max_think`` tokens), answer at ``answer_b``."""
+    seq, thinking, answer = list(prompt), [], []
+    while True:
+        tok = end_id if max_think is not None and len(thinking) == max_think else _argmax_next(model, seq, think_b)
+        thinking.append(tok)
+        seq.append(tok)
+        if tok == end_id:
+            break
+        if tok == eos_id:
+            return thinking, answer
+    while len(answer) < max_answer:
+        tok = _argmax_next(model, seq, answer_b)
+        answer.append(tok)
+        seq.append(tok)
+        if tok == eos_id:
+            break
+    return thinking, answer
+
+
+def _first_new(tokens, start):
+    """Index of the first token at or after ``start`` that does not occur earlier."""
+    for j in range(start, len(tokens)):
+        if tokens[j] not in tokens[:j]:
+            return j
+    raise AssertionError(f"no fresh token in {tokens}")
+
+
+PROMPTS = [[1, 5, 6, 7, 3], [1, 8, 9, 3], [1, 12, 10, 7, 3], [1, 5, 5, 5, 5, 5, 3], [1, 9, 3]]
+
+
+# ---- phase switching ---------------------------------------------------------------------------
+@pytest.mark.parametrize("prompt", PROMPTS[:3])
+def test_full_full_equals_plain_greedy(model, prompt):
+    """think = answer = full: the output is plain greedy decoding of the parent, token for token,
+    through the switch (end-of-thinking and eos ids are taken from the greedy output itself)."""
+    ref = plain_greedy(model, prompt, 24)
+    j = _first_new(ref, 3)          # this token ends the thinking
+    k = _first_new(ref, j + 2)      # this one ends the answer
+    end_id, eos_id = ref[j], ref[k]
+    (g,) = generate(model, [prompt], think_budget="full", answer_budget="full", max_answer_tokens=64,
+                    end_think_id=end_id, eos_id=eos_id)
+    assert g.completion == ref[:k + 1]
+    assert g.thinking == ref[:j + 1] and g.answer == ref[j + 1:k + 1]
+    assert g.switched and not g.forced_switch and g.stop == "eos"
+    # the re-prefill at the answer budget happened at the switch: prompt + thinking
+    assert g.work["answer"]["prefill_tokens"] == len(prompt) + j + 1
+
+
+@pytest.mark.parametrize("think,answer", [("half", "full"), ("full", "half"), ("mixed", "half")])
+def test_switch_exactly_at_end_of_thinking(model, budgets, think, answer):
+    prompt = PROMPTS[0]
+    ref = plain_greedy(model, prompt, 12, budgets[think])
+    j = _first_new(ref, 2)
+    end_id = ref[j]
+    eos_id = next(t for t in range(VOCAB) if t not in ref[:j + 1] and t != end_id)
+    (g,) = generate(model, [prompt], think_budget=think, answer_budget=answer, budgets=budgets,
+                    max_answer_tokens=8, end_think_id=end_id, eos_id=eos_id)
+    assert g.thinking == ref[:j + 1]  # think model up to and including the end-of-thinking token
+    assert g.thinking.count(end_id) == 1 and g.thinking[-1] == end_id and g.switched and not g.forced_switch
+    want_t, want_a = switch_oracle(model, prompt, budgets[think], budgets[answer], end_id=end_id, eos_id=eos_id)
+    assert (g.thinking, g.answer) == (want_t, want_a)
+    # the answer model really is another model here: staying at the think budget answers differently
+    stay = switch_oracle(model, prompt, budgets[think], budgets[think], end_id=end_id, eos_id=eos_id)[1]
+    assert stay != g.answer
+
+
+@pytest.mark.parametrize("cap", [0, 1, 5])
+def test_forced_switch_at_max_think_tokens(model, budgets, cap):
+    prompt = PROMPTS[1]
+    ref = plain_greedy(model, prompt, 16, budgets["half"])
+    end_id = next(t for t in range(VOCAB) if t not in ref)  # never produced: only the cap can end thinking
+    eos_id = next(t for t in range(VOCAB) if t not in ref and t != end_id)
+    (g,) = generate(model, [prompt], think_budget="half", answer_budget="full", budgets=budgets,
+                    max_think_tokens=cap, max_answer_tokens=6, end_think_id=end_id, eos_id=eos_id)
+    assert g.thinking == ref[:cap] + [end_id]
+    assert g.forced_switch and g.switched
+    want = switch_oracle(model, prompt, budgets["half"], Budget(), end_id=end_id, eos_id=eos_id, max_think=cap,
+                         max_answer=6)
+    assert (g.thinking, g.answer) == want
+    assert len(g.answer) == 6 and g.stop == "max_answer_tokens"
+
+
+def test_cap_does_not_fire_after_natural_end(model, budgets):
+    """A cap larger than the natural thinking length changes nothing."""
+    prompt = PROMPTS[2]
+    ref = plain_greedy(model, prompt, 12, budgets["half"])
+    j = _first_new(ref, 2)
+    a = generate(model, [prompt], think_budget="half", budgets=budgets, end_think_id=ref[j], max_think_tokens=j + 1)
+    b = generate(model, [prompt], think_budget="half", budgets=budgets, end_think_id=ref[j])
+    assert a[0].completion == b[0].completion and not a[0].forced_switch
+
+
+# ---- batching ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("cache_mode", ["reprefill", "reuse"])
+def test_mixed_budget_batch_equals_alone(model, budgets, cache_mode):
+    """Requests with different think/answer budgets, caps and prompt lengths in one call (rows that
+    switch at different steps, finish at different steps) equal each request generated alone."""
+    ref = plain_greedy(model, PROMPTS[0], 10)
+    end_id, eos_id = ref[_first_new(ref, 2)], ref[_first_new(ref, 5)]
+    prompts = PROMPTS + [PROMPTS[0], PROMPTS[1]]
+    names = list(budgets)
+    thinks = [names[i % 3] for i in range(len(prompts))]
+    answers = [names[(i + 1) % 3] for i in range(len(prompts))]
+    caps = [None, 3, None, 2, 6, 1, None]
+    kw = dict(budgets=budgets, max_answer_tokens=5, end_think_id=end_id, eos_id=eos_id, cache_mode=cache_mode)
+    batch = generate(model, prompts, think_budget=thinks, answer_budget=answers, max_think_tokens=caps, **kw)
+    assert len({len(g.thinking) for g in batch}) > 1  # the rows really switch at different steps
+    for i, p in enumerate(prompts):
+        (alone,) = generate(model, [p], think_budget=thinks[i], answer_budget=answers[i], max_think_tokens=caps[i],
+                            **kw)
+        assert (batch[i].thinking, batch[i].answer) == (alone.thinking, alone.answer), i
+        assert batch[i].work == alone.work
+        assert (batch[i].think_budget, batch[i].answer_budget) == (thinks[i], answers[i])
+
+
+def test_batch_size_does_not_change_results(model, budgets):
+    prompts = [PROMPTS[0]] * 3 + [PROMPTS[2]] * 2
+    kw = dict(think_budget="half", answer_budget="full", budgets=budgets, max_think_tokens=4, max_answer_tokens=3)
+    a = generate(model, prompts, batch_size=64, **kw)
+    b = generate(model, prompts, batch_size=2, **kw)
+    assert [g.completion for g in a] == [g.completion for g in b]
+
+
+def test_reuse_mode_with_one_budget_is_exact(model, budgets):
+    """With think == answer budget the reused cache is the exact cache: both modes agree."""
+    prompts = PROMPTS[:3]
+    kw = dict(think_budget="half", answer_budget="half", budgets=budgets, max_think_tokens=3, max_answer_tokens=4)
+    a = generate(model, prompts, cache_mode="reprefill", **kw)
+    b = generate(model, prompts, cache_mode="reuse", **kw)
+    assert [g.completion for g in a] == [g.completion for g in b]
+    assert all(g.work["answer"]["prefill_tokens"] == 0 for g in b)
+
+
+# ---- sampling and limits -----------------------------------------------------------------------
+def test_sampling_seeded_per_request(model, budgets):
+    kw = dict(think_budget="half", answer_budget="full", budgets=budgets, max_think_tokens=6, max_answer_tokens=4,
+              sampling="sample", temperature=1.5, top_p=0.9)
+    batch = generate(model, PROMPTS[:3], seed=11, **kw)
+    again = generate(model, PROMPTS[:3], seed=11, **kw)
+    assert [g.completion for g in batch] == [g.completion for g in again]
+    for i, p in enumerate(PROMPTS[:3]):
+        (alone,) = generate(model, [p], seed=[11 + i], **kw)
+        assert alone.completion == batch[i].completion
+    # a nucleus that keeps only the top token is greedy
+    tiny = generate(model, PROMPTS[:3], **{**kw, "top_p": 1e-9})
+    greedy = generate(model, PROMPTS[:3], **{**kw, "sampling": "greedy"})
+    assert [g.completion for g in tiny] == [g.completion for g in greedy]
+
+
+def test_max_length_stops(model):
+    prompt = PROMPTS[0]
+    ref = plain_greedy(model, prompt, 8)
+    end_id = next(t for t in range(VOCAB) if t not in ref)
+    (g,) = generate(model, [prompt], max_length=len(prompt) + 4, end_think_id=end_id, eos_id=end_id)
+    assert g.thinking == ref[:4] and g.answer == [] and g.stop == "max_length" and not g.switched
+
+
+# ---- bad requests ------------------------------------------------------------------------------
+def test_bad_requests(model, budgets):
+    with pytest.raises(UnknownBudgetError, match=r"think_budget 'huge' is not a known budget.*half"):
+        generate(model, [PROMPTS[0]], think_budget="huge", budgets=budgets)
+    with pytest.raises(UnknownBudgetError, match="answer_budget 'tiny'"):
+        generate(model, [PROMPTS[0]], answer_budget="tiny", budgets=budgets)
+    with pytest.raises(EmptyPromptError, match=r"prompts\[1\] is empty"):
+        generate(model, [PROMPTS[0], []])
+    with pytest.raises(PromptTooLongError, match=r"prompts\[0\] has 5 tokens; max_length=5"):
+        generate(model, [PROMPTS[0]], max_length=5)
+    with pytest.raises(GenerationError, match="sampling must be one of"):
+        generate(model, [PROMPTS[0]], sampling="beam")
+    with pytest.raises(GenerationError, match="temperature"):
+        generate(model, [PROMPTS[0]], sampling="sample", temperature=0.0)
+    with pytest.raises(GenerationError, match="cache_mode"):
+        generate(model, [PROMPTS[0]], cache_mode="magic")
+    with pytest.raises(GenerationError, match="think_budget has 1 entries, expected one per prompt"):
+        generate(model, PROMPTS[:2], think_budget=["full"])
+    with pytest.raises(GenerationError, match=r"token id 99 outside \[0, 20\)"):
+        generate(model, [[1, 99]])
+    with pytest.raises(GenerationError, match="max_think_tokens must be >= 0"):
+        generate(model, [PROMPTS[0]], max_think_tokens=-1)
+    with pytest.raises(TypeError, match="prompts must be a list"):
+        generate(model, "1+2")
+    with pytest.raises(ValueError, match="mamba_heads"):
+        generate(model, [PROMPTS[0]], think_budget=Budget(mamba_heads=3))
+    assert issubclass(UnknownBudgetError, ValueError) and issubclass(EmptyPromptError, ValueError)
+    assert json.dumps(str(PromptTooLongError("x")))
