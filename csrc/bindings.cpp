@@ -40,6 +40,21 @@ PYBIND11_MODULE(_C, m) {
   m.def("ssd_state_update", [](const ek::SsdStateUpdateArgs& a) {
     raise_if(ek::ssd_state_update_launch(a));
   });
+  py::class_<ek::Nvfp4QuantizeArgs>(m, "Nvfp4QuantizeArgs")
+      .def(py::init<>())
+#define EK_RW(f) .def_readwrite(#f, &ek::Nvfp4QuantizeArgs::f)
+      EK_RW(x) EK_RW(g) EK_RW(data) EK_RW(scales) EK_RW(out) EK_RW(rows) EK_RW(cols)
+      EK_RW(rows_per_g) EK_RW(s_x) EK_RW(s_data) EK_RW(s_scales) EK_RW(s_out) EK_RW(dtype)
+      EK_RW(mode) EK_RW(stream);
+#undef EK_RW
+  m.def("nvfp4_quantize", [](const ek::Nvfp4QuantizeArgs& a) { raise_if(ek::nvfp4_quantize_launch(a)); });
+  py::class_<ek::Nvfp4LinearArgs>(m, "Nvfp4LinearArgs")
+      .def(py::init<>())
+#define EK_RW(f) .def_readwrite(#f, &ek::Nvfp4LinearArgs::f)
+      EK_RW(x) EK_RW(data) EK_RW(scales) EK_RW(g) EK_RW(gx) EK_RW(bias) EK_RW(y) EK_RW(M) EK_RW(N)
+      EK_RW(K) EK_RW(s_x) EK_RW(s_data) EK_RW(s_scales) EK_RW(s_y) EK_RW(dtype) EK_RW(stream);
+#undef EK_RW
+  m.def("nvfp4_linear", [](const ek::Nvfp4LinearArgs& a) { raise_if(ek::nvfp4_linear_launch(a)); });
 #else
   m.attr("built_with_cuda") = false;
 #endif

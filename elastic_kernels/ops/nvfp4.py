@@ -68,12 +68,15 @@ def _cuda_quantize(x: Tensor, g: Tensor, rows_per_g: int, mode: int):
 def _cuda_linear(x: Tensor, data: Tensor, scales: Tensor, g: Tensor, bias: Optional[Tensor],
                  gx: Optional[Tensor]) -> Tensor:
     C = _ext.require_cuda_ext("nvfp4_linear")
-    x = x if x.stride(-1) == 1 else x.contiguous()
+    if x.stride(-1) != 1 or x.data_ptr() % 16 or x.stride(0) % 8:  # 16-byte row loads
+        x = x.clone(memory_format=torch.contiguous_format)
+    if data.data_ptr() % 8 or data.stride(0) % 8:  # 8-byte loads of 16 codes
+        data = data.contiguous()
     m, k = x.shape
     n = data.shape[0]
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     g = g.float().reshape(1)
-    bias = bias.to(x.dtype).contiguous() if bias is not None else None
+    bias = bias.float().contiguous() if bias is not None else None
     gx = gx.float().reshape(1) if gx is not None else None
     a = C.Nvfp4LinearArgs()
     a.x, a.data, a.scales, a.g, a.y = x.data_ptr(), data.data_ptr(), scales.data_ptr(), g.data_ptr(), y.data_ptr()
