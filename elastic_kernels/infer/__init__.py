@@ -8,8 +8,16 @@
   training report includes.
 - CLI: ``elastic-eval RUN_DIR`` / ``python -m elastic_kernels.infer RUN_DIR``.
 """
+from .evaluate import (COST_AXES, CostModel, Setting, analyze, build_settings, default_caps, evaluate_settings,
+                       pareto_frontier)
 from .generate import (CACHE_MODES, FULL, SAMPLING, EmptyPromptError, Generation, GenerationError,
                        PromptTooLongError, UnknownBudgetError, generate, resolve_budget)
+from .report import (RunDirError, budget_control_markdown, plot_budget_control, run_budget_control,
+                     write_budget_control)
 
 __all__ = ["generate", "Generation", "GenerationError", "UnknownBudgetError", "EmptyPromptError",
-           "PromptTooLongError", "resolve_budget", "FULL", "SAMPLING", "CACHE_MODES"]
+           "PromptTooLongError", "resolve_budget", "FULL", "SAMPLING", "CACHE_MODES",
+           "Setting", "CostModel", "build_settings", "evaluate_settings", "pareto_frontier", "analyze",
+           "default_caps", "COST_AXES",
+           "run_budget_control", "write_budget_control", "budget_control_markdown", "plot_budget_control",
+           "RunDirError"]

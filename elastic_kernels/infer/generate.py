@@ -78,8 +78,9 @@ class Generation:
     stop: why decoding stopped: ``"eos"`` (answer finished), ``"max_answer_tokens"``,
         ``"max_length"``, or ``"eos_in_thinking"`` (the think model emitted ``<eos>``).
     work: per phase (``"think"``, ``"answer"``): ``prefill_tokens``, ``prefill_forwards``,
-        ``decode_tokens`` (one-token forwards) and ``context`` (sum over every computed token of
-        the number of positions it attends to, itself included); the input of the cost model.
+        ``decode_tokens`` (one-token forwards), ``prefill_context`` and ``decode_context`` (sums
+        over the computed tokens of the number of positions each attends to, itself included);
+        the input of the cost model (:mod:`elastic_kernels.infer.evaluate`).
     """
 
     prompt: list[int]
@@ -168,7 +169,8 @@ class _Seq:
         self.switched = False
         self.forced = False
         self.stop: str | None = None
-        self.work = {p: {"prefill_tokens": 0, "prefill_forwards": 0, "decode_tokens": 0, "context": 0}
+        self.work = {p: {"prefill_tokens": 0, "prefill_forwards": 0, "decode_tokens": 0, "prefill_context": 0,
+                         "decode_context": 0}
                      for p in ("think", "answer")}
 
     @property
@@ -187,12 +189,12 @@ class _Seq:
         w = self.work[phase]
         w["prefill_tokens"] += tokens
         w["prefill_forwards"] += 1
-        w["context"] += sum(range(start + 1, start + tokens + 1))
+        w["prefill_context"] += sum(range(start + 1, start + tokens + 1))
 
     def count_decode(self, phase: str, position: int) -> None:
         w = self.work[phase]
         w["decode_tokens"] += 1
-        w["context"] += position + 1
+        w["decode_context"] += position + 1
 
     def result(self, cache_mode: str) -> Generation:
         return Generation(prompt=list(self.prompt), thinking=self.thinking, answer=self.answer,

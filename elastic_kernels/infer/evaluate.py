@@ -1,0 +1,247 @@
+"""Evaluation of elastic budget control: accuracy against latency for every setting, the Pareto
+frontier, and whether phase-switched (think, answer) pairs beat single models.
+
+Settings:
+
+- **pairs**: every (think, answer) pair of budgets, thinking uncapped (bounded only by the task's
+  longest correct trace). ``think == answer`` is the plain single model.
+- **caps**: every single model (``think == answer``) with a thinking-token cap (the usual
+  "thinking budget" baseline: ``</think>`` is forced after the cap).
+- **reuse**: every pair with ``think != answer`` again in the experimental ``cache_mode="reuse"``
+  (no re-prefill at the switch); reported with its accuracy change, kept off the frontier.
+
+Latency is measured three ways:
+
+- ``wall_s``: wall time of batched generation over the evaluation set, per problem.
+- ``flops``: a cost model, per problem: every computed token costs ``2 x`` the matmul
+  parameters it uses at its phase's budget (MoE: ``moe_top_k`` experts; the embedding is a lookup),
+  plus attention scores/values ``4 x heads x head_dim`` per attended position per attention layer,
+  plus the SSM recurrence ``6 x heads x head_dim x d_state`` per Mamba layer.
+- ``bytes``: a cost model of memory traffic at batch 1 (decode is memory bound, so this is the
+  latency proxy of one request): each one-token forward reads the active weights of its budget
+  plus the attention keys/values it attends to and the Mamba states (read and written, float32);
+  each prefill forward reads the budget's weights once (every expert of the budget).
+
+A re-prefill at the switch is charged to the answer phase in all three.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable, Mapping, Sequence
+
+from ..models.config import Budget
+from .generate import CACHE_MODES, Generation, generate
+
+__all__ = ["Setting", "CostModel", "build_settings", "evaluate_settings", "pareto_frontier", "analyze",
+           "default_caps", "budget_order", "COST_AXES"]
+
+COST_AXES = ("flops", "bytes", "wall_s")
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One inference configuration: think and answer budget names, a thinking cap, a cache mode."""
+
+    think: str
+    answer: str
+    max_think_tokens: int | None = None
+    cache_mode: str = "reprefill"
+
+    def __post_init__(self) -> None:
+        if self.cache_mode not in CACHE_MODES:
+            raise ValueError(f"Setting: cache_mode must be one of {CACHE_MODES}, got {self.cache_mode!r}")
+
+    @property
+    def kind(self) -> str:
+        """``"single"`` (one model, capped or not), ``"pair"`` (think != answer), ``"reuse"``."""
+        if self.cache_mode == "reuse":
+            return "reuse"
+        return "single" if self.think == self.answer else "pair"
+
+    @property
+    def label(self) -> str:
+        s = self.think if self.kind == "single" else f"{self.think}->{self.answer}"
+        if self.max_think_tokens is not None:
+            s += f" cap{self.max_think_tokens}"
+        if self.cache_mode == "reuse":
+            s += " (reuse)"
+        return s
+
+
+def build_settings(names: Sequence[str], caps: Sequence[int], *, reuse: bool = True) -> list[Setting]:
+    """Every (think, answer) pair of ``names`` uncapped, every single model at every cap in
+    ``caps``, and (``reuse``) every pair with think != answer in cache-reuse mode."""
+    if not names:
+        raise ValueError("build_settings: names must not be empty")
+    out = [Setting(t, a) for t in names for a in names]
+    out += [Setting(b, b, int(c)) for b in names for c in sorted(set(caps))]
+    if reuse:
+        out += [Setting(t, a, cache_mode="reuse") for t in names for a in names if t != a]
+    return out
+
+
+class CostModel:
+    """Per-token FLOPs and bytes of each budget of one model (see the module docstring)."""
+
+    def __init__(self, model, budgets: Mapping[str, Budget]) -> None:
+        c = model.config
+        self.bytes_per_param = next(model.parameters()).element_size()
+        self.attn_layers = len(c.layers_of("*"))
+        self.attn_flops_per_position = 4 * c.attn_heads * c.head_dim * self.attn_layers
+        self.kv_bytes_per_position = 2 * c.attn_kv_heads * c.head_dim * self.attn_layers * self.bytes_per_param
+        self.per_budget: dict[str, dict[str, float]] = {}
+        for name, b in budgets.items():
+            sizes = model.resolve_budget(b)
+            embed = c.vocab_size * sizes["hidden"][0]
+            active, total = model.param_count(b, active=True), model.param_count(b)
+            lookup = 0 if c.tie_embeddings else embed  # the lookup is no matmul (tied: it is the LM head)
+            heads = sizes["mamba_heads"]
+            ssm_state = sum(heads) * c.mamba_head_dim * c.mamba_state
+            self.per_budget[name] = {
+                "params_active": active, "params_total": total,
+                "flops_per_token": 2.0 * (active - lookup) + 6.0 * ssm_state,
+                # one-token forward: active weights (one embedding row) + Mamba states read and written
+                "decode_bytes": float((active - lookup) * self.bytes_per_param + 2 * ssm_state * 4),
+                # prefill: every weight of the budget once, the final Mamba state written
+                "prefill_bytes": float((total - lookup) * self.bytes_per_param + ssm_state * 4),
+            }
+
+    def request_cost(self, g: Generation) -> dict[str, float]:
+        """``{"flops", "bytes"}`` of one generated request."""
+        flops = nbytes = 0.0
+        for phase, name in (("think", g.think_budget), ("answer", g.answer_budget)):
+            w, pb = g.work[phase], self.per_budget[name]
+            tokens = w["prefill_tokens"] + w["decode_tokens"]
+            flops += pb["flops_per_token"] * tokens
+            flops += self.attn_flops_per_position * (w["prefill_context"] + w["decode_context"])
+            nbytes += pb["decode_bytes"] * w["decode_tokens"] + pb["prefill_bytes"] * w["prefill_forwards"]
+            nbytes += self.kv_bytes_per_position * w["decode_context"]
+        return {"flops": flops, "bytes": nbytes}
+
+
+def evaluate_settings(model, task, problems: Sequence, budgets: Mapping[str, Budget], settings: Sequence[Setting], *,
+                      batch_size: int = 64, think_bound: int | None = None, max_answer_tokens: int | None = None,
+                      warmup: bool = True, progress: Callable[[int, int, Setting], None] | None = None) -> list[dict]:
+    """Run every setting over ``problems`` (of an :class:`~elastic_kernels.train.data.ArithmeticTask`).
+
+    ``think_bound`` bounds uncapped thinking (default: the task's longest completion + 4);
+    ``max_answer_tokens`` defaults to the answer's digits + 3. Returns one row per setting:
+    ``setting`` (dict), ``label``, ``kind``, ``accuracy``, ``n``, means per problem of
+    ``think_tokens``, ``answer_tokens``, ``flops``, ``bytes``, ``wall_s``; ``switch_rate``,
+    ``forced_rate``; and ``wall_s_total``.
+    """
+    if not problems:
+        raise ValueError("evaluate_settings: problems must not be empty")
+    unknown = sorted({n for s in settings for n in (s.think, s.answer)} - set(budgets))
+    if unknown:
+        raise ValueError(f"evaluate_settings: settings use budgets {unknown} that are not in budgets {sorted(budgets)}")
+    tok = task.tokenizer
+    if think_bound is None:
+        think_bound = task.max_completion_len() + 4
+    if max_answer_tokens is None:
+        max_answer_tokens = len(str(task.modulus - 1)) + 3
+    prompts = task.prompts(problems)
+    cost = CostModel(model, budgets)
+    common = dict(budgets=budgets, max_answer_tokens=max_answer_tokens, batch_size=batch_size,
+                  end_think_id=tok.end_think_id, eos_id=tok.eos_id)
+    if warmup:  # first calls pay one-time dispatch/allocation costs; keep them out of the timings
+        for s in settings:
+            if s.cache_mode == "reprefill" and s.think != s.answer:
+                generate(model, prompts[:2], think_budget=s.think, answer_budget=s.answer,
+                         max_think_tokens=4, **common)
+                break
+        generate(model, prompts[:2], max_think_tokens=4, **common)
+    rows = []
+    for i, s in enumerate(settings):
+        cap = think_bound if s.max_think_tokens is None else min(s.max_think_tokens, think_bound)
+        t0 = time.perf_counter()
+        gens = generate(model, prompts, think_budget=s.think, answer_budget=s.answer, max_think_tokens=cap,
+                        cache_mode=s.cache_mode, **common)
+        wall = time.perf_counter() - t0
+        n = len(problems)
+        correct = sum(task.parse_answer(g.completion) == p.answer for g, p in zip(gens, problems))
+        costs = [cost.request_cost(g) for g in gens]
+        rows.append({
+            "setting": asdict(s), "label": s.label, "kind": s.kind, "n": n, "accuracy": correct / n,
+            "think_tokens": sum(len(g.thinking) for g in gens) / n,
+            "answer_tokens": sum(len(g.answer) for g in gens) / n,
+            "switch_rate": sum(g.switched for g in gens) / n,
+            "forced_rate": sum(g.forced_switch for g in gens) / n,
+            "flops": sum(c["flops"] for c in costs) / n, "bytes": sum(c["bytes"] for c in costs) / n,
+            "wall_s": wall / n, "wall_s_total": wall,
+        })
+        if progress is not None:
+            progress(i, len(settings), s)
+    return rows
+
+
+def pareto_frontier(rows: Sequence[dict], cost: str, acc: str = "accuracy") -> list[int]:
+    """Indices of the rows no other row dominates (cost <= and accuracy >=, one strictly), in
+    increasing cost. Among rows with equal cost and accuracy the first is kept."""
+    order = sorted(range(len(rows)), key=lambda i: (rows[i][cost], -rows[i][acc], i))
+    out, best = [], -math.inf
+    for i in order:
+        if rows[i][acc] > best:
+            out.append(i)
+            best = rows[i][acc]
+    return out
+
+
+def analyze(rows: Sequence[dict]) -> dict:
+    """Frontier and pair-versus-single comparison on every cost axis.
+
+    For each axis: ``frontier`` (labels, cheapest first, over single and pair settings; reuse rows
+    are left out), and ``pairs_beating_singles``: every pair whose accuracy is above the best single
+    setting (any budget, any cap) that costs no more, with that single setting (or None when every
+    single setting costs more) and ``dominates`` (single labels the pair strictly Pareto-dominates).
+    ``pair_dominates_best_single``: whether some pair beats the best single setting at its cost.
+    """
+    main = [r for r in rows if r["kind"] in ("single", "pair")]
+    singles = [r for r in main if r["kind"] == "single"]
+    out: dict = {}
+    for axis in COST_AXES:
+        front = [main[i]["label"] for i in pareto_frontier(main, axis)]
+        beating = []
+        for p in (r for r in main if r["kind"] == "pair"):
+            cheaper = [s for s in singles if s[axis] <= p[axis]]
+            best = max(cheaper, key=lambda s: (s["accuracy"], -s[axis])) if cheaper else None
+            if best is None or p["accuracy"] > best["accuracy"]:
+                dominated = [s["label"] for s in singles if p[axis] <= s[axis] and p["accuracy"] >= s["accuracy"]
+                             and (p[axis] < s[axis] or p["accuracy"] > s["accuracy"])]
+                beating.append({"pair": p["label"], "accuracy": p["accuracy"], "cost": p[axis],
+                                "best_single_within_cost": None if best is None else best["label"],
+                                "best_single_accuracy": None if best is None else best["accuracy"],
+                                "dominates": dominated})
+        out[axis] = {"frontier": front, "pairs_beating_singles": beating,
+                     "pair_dominates_best_single": any(b["best_single_within_cost"] is not None for b in beating)}
+    reuse = []
+    by_key = {(r["setting"]["think"], r["setting"]["answer"], r["setting"]["max_think_tokens"]): r
+              for r in main}
+    for r in rows:
+        if r["kind"] != "reuse":
+            continue
+        s = r["setting"]
+        ref = by_key.get((s["think"], s["answer"], s["max_think_tokens"]))
+        if ref is not None:
+            reuse.append({"pair": ref["label"], "accuracy_reprefill": ref["accuracy"],
+                          "accuracy_reuse": r["accuracy"], "delta": r["accuracy"] - ref["accuracy"],
+                          "flops_saved": 1.0 - r["flops"] / ref["flops"] if ref["flops"] else 0.0,
+                          "wall_saved": 1.0 - r["wall_s"] / ref["wall_s"] if ref["wall_s"] else 0.0})
+    out["reuse"] = reuse
+    return out
+
+
+def default_caps(task, fractions: Sequence[float] = (0.25, 0.5, 0.75)) -> list[int]:
+    """Thinking caps at ``fractions`` of the task's longest correct thinking trace (at least 1)."""
+    from ..train.data import DIFFICULTY_OPS
+    w = len(str(task.modulus - 1))
+    longest = DIFFICULTY_OPS[task.difficulty][1] * (3 * w + 3) - 1
+    return sorted({max(1, int(round(f * longest))) for f in fractions})
+
+
+def budget_order(model, budgets: Mapping[str, Budget]) -> list[str]:
+    """Budget names from the largest submodel (active parameters) to the smallest."""
+    return sorted(budgets, key=lambda n: (-model.param_count(budgets[n], active=True), n))
+

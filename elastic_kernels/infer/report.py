@@ -1,0 +1,217 @@
+"""The budget-control report of a training run directory.
+
+:func:`run_budget_control` loads the run's nested checkpoint and test split, evaluates every
+setting (:mod:`.evaluate`) and writes, next to the training report::
+
+    budget_control.json   {"run_dir", "checkpoint", "task", "budgets", "caps", "rows", "analysis", ...}
+    budget_control.md     the table (:func:`budget_control_markdown`)
+    budget_control.png    accuracy against FLOPs / bytes / wall time, frontier marked
+
+Run directory layout read (written by ``elastic_kernels.train``): ``progress.json`` (``config``:
+the TrainConfig: modulus, difficulty, seed, test_size) and ``nested/`` (the nested checkpoint of
+``save_nested`` with the budget table ``{"1": Budget, "0.75": ..., ...}``). The test split is the
+training loop's: ``ArithmeticTask(modulus, difficulty, seed).problems("test", test_size, seed=0)``.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Sequence
+
+from .evaluate import COST_AXES, analyze, budget_order, build_settings, default_caps, evaluate_settings
+
+__all__ = ["run_budget_control", "write_budget_control", "budget_control_markdown", "plot_budget_control",
+           "RunDirError", "REPORT_NAME"]
+
+log = logging.getLogger(__name__)
+
+REPORT_NAME = "budget_control"
+_AXIS_TITLES = {"flops": "FLOPs per problem (cost model)", "bytes": "bytes per problem at batch 1 (cost model)",
+                "wall_s": "wall seconds per problem (batched, measured)"}
+
+
+class RunDirError(ValueError):
+    """A run directory without the files the evaluation needs."""
+
+
+def _read_run(run_dir: Path) -> dict:
+    prog = run_dir / "progress.json"
+    if not prog.is_file():
+        raise RunDirError(f"{run_dir} is not a training run directory (no progress.json); run elastic-train first")
+    try:
+        cfg = json.loads(prog.read_text())["config"]
+    except (json.JSONDecodeError, KeyError) as e:
+        raise RunDirError(f"{prog} is unreadable or has no 'config': {e}") from e
+    nested = run_dir / "nested"
+    if not (nested / "config.json").is_file():
+        raise RunDirError(f"{run_dir} has no nested checkpoint ({nested}/config.json); the run has not finished "
+                          "its elastic stage")
+    return cfg
+
+
+def run_budget_control(run_dir: str | os.PathLike, *, limit: int | None = None, caps: Sequence[int] | None = None,
+                       batch_size: int = 64, reuse: bool = True, device: str = "cpu", write: bool = True) -> dict:
+    """Evaluate every budget-control setting of the run in ``run_dir`` on its test split.
+
+    limit: evaluate only the first ``limit`` test problems (None: all). caps: thinking-token caps
+    of the single-model baseline (default :func:`~.evaluate.default_caps`). reuse: also run the
+    pairs in the experimental cache-reuse mode. write: write the three report files into
+    ``run_dir``. Returns the report dict.
+    """
+    from ..models import load_nested, read_nested_config
+    from ..train.data import ArithmeticTask
+
+    run_dir = Path(run_dir)
+    cfg = _read_run(run_dir)
+    task = ArithmeticTask(modulus=int(cfg["modulus"]), difficulty=int(cfg["difficulty"]), seed=int(cfg["seed"]))
+    problems = task.problems("test", int(cfg["test_size"]), seed=0)
+    if limit is not None:
+        if limit < 1:
+            raise ValueError(f"run_budget_control: limit must be >= 1, got {limit}")
+        problems = problems[:limit]
+    _, table = read_nested_config(run_dir / "nested")
+    model = load_nested(run_dir / "nested", None, device=device).eval()
+    names = budget_order(model, table)
+    caps = default_caps(task) if caps is None else sorted({int(c) for c in caps})
+    settings = build_settings(names, caps, reuse=reuse)
+
+    def progress(i, n, s):
+        log.info("budget control %d/%d: %s", i + 1, n, s.label)
+
+    rows = evaluate_settings(model, task, problems, table, settings, batch_size=batch_size, progress=progress)
+    from .evaluate import CostModel
+    cost = CostModel(model, table)
+    rep = {
+        "run_dir": str(run_dir), "checkpoint": str(run_dir / "nested"),
+        "task": {"modulus": task.modulus, "difficulty": task.difficulty, "seed": task.seed, "split": "test",
+                 "n_problems": len(problems)},
+        "budgets": {n: {"budget": table[n].to_dict(), **cost.per_budget[n]} for n in names},
+        "budget_order": names, "caps": caps, "batch_size": batch_size, "device": device,
+        "rows": rows, "analysis": analyze(rows),
+    }
+    if write:
+        write_budget_control(rep, run_dir)
+    return rep
+
+
+def _atomic_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_budget_control(rep: dict, out_dir: str | os.PathLike) -> dict[str, Path]:
+    """Write ``budget_control.{json,md,png}`` into ``out_dir`` atomically; returns the paths."""
+    out_dir = Path(out_dir)
+    paths = {k: out_dir / f"{REPORT_NAME}.{k}" for k in ("json", "md", "png")}
+    _atomic_text(paths["json"], json.dumps(rep, indent=2, sort_keys=True))
+    _atomic_text(paths["md"], budget_control_markdown(rep))
+    plot_budget_control(rep, paths["png"])
+    return paths
+
+
+def _load_report(rep_or_dir) -> dict | None:
+    if isinstance(rep_or_dir, dict):
+        return rep_or_dir
+    path = Path(rep_or_dir) / f"{REPORT_NAME}.json"
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text())
+
+
+def _sci(x: float) -> str:
+    return f"{x:.3g}"
+
+
+def budget_control_markdown(rep_or_dir) -> str:
+    """The budget-control section (Markdown) of a report dict or of a run directory holding
+    ``budget_control.json``; an empty string when the run directory has none (so a training
+    report can always include it)."""
+    rep = _load_report(rep_or_dir)
+    if rep is None:
+        return ""
+    an = rep["analysis"]
+    fronts = {axis: set(an[axis]["frontier"]) for axis in COST_AXES}
+    t = rep["task"]
+    lines = ["## Elastic budget control (think budget -> answer budget)", "",
+             f"Test split, {t['n_problems']} problems (modulus {t['modulus']}, difficulty {t['difficulty']}); "
+             "greedy decoding; the answer model re-prefills prompt + thinking at the switch. "
+             "`A->B`: think with budget A, answer with budget B; `cap N`: single model with </think> forced after "
+             "N thinking tokens. FLOPs and bytes are per problem from the cost model; wall time per problem of "
+             f"batched generation (batch {rep['batch_size']}, {rep['device']}). Frontier: Pareto-optimal on that axis.",
+             "",
+             "| setting | kind | test acc | think tok | answer tok | forced | MFLOPs | KB (batch 1) | wall ms | "
+             "frontier (FLOPs / bytes / wall) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rep["rows"]:
+        if r["kind"] == "reuse":
+            continue
+        marks = " / ".join("**yes**" if r["label"] in fronts[a] else "no" for a in COST_AXES)
+        lines.append(f"| {r['label']} | {r['kind']} | {r['accuracy']:.3f} | {r['think_tokens']:.1f} | "
+                     f"{r['answer_tokens']:.1f} | {r['forced_rate']:.2f} | {r['flops'] / 1e6:.3f} | "
+                     f"{r['bytes'] / 1e3:.1f} | {1e3 * r['wall_s']:.2f} | {marks} |")
+    lines.append("")
+    for axis in COST_AXES:
+        a = an[axis]
+        lines.append(f"- **{_AXIS_TITLES[axis]}**: frontier {', '.join(a['frontier'])}.")
+        real = [b for b in a["pairs_beating_singles"] if b["best_single_within_cost"] is not None]
+        if real:
+            for b in real:
+                dom = f"; strictly dominates {', '.join(b['dominates'])}" if b["dominates"] else ""
+                lines.append(f"  - pair {b['pair']} (acc {b['accuracy']:.3f}, cost {_sci(b['cost'])}) beats the best "
+                             f"single setting within its cost, {b['best_single_within_cost']} "
+                             f"(acc {b['best_single_accuracy']:.3f}){dom}.")
+        else:
+            lines.append("  - no (think, answer) pair beats the best single-model setting at any cost on this axis.")
+        cheap = [b for b in a["pairs_beating_singles"] if b["best_single_within_cost"] is None]
+        for b in cheap:
+            lines.append(f"  - pair {b['pair']} (acc {b['accuracy']:.3f}) costs less than every single-model setting.")
+    if an["reuse"]:
+        lines += ["", "Experimental cache reuse at the switch (no re-prefill) against the exact re-prefill:", "",
+                  "| pair | acc (re-prefill) | acc (reuse) | change | FLOPs saved | wall saved |",
+                  "|---|---|---|---|---|---|"]
+        for r in an["reuse"]:
+            lines.append(f"| {r['pair']} | {r['accuracy_reprefill']:.3f} | {r['accuracy_reuse']:.3f} | "
+                         f"{r['delta']:+.3f} | {100 * r['flops_saved']:.1f}% | {100 * r['wall_saved']:.1f}% |")
+    lines.append("")
+    return "\n".join(lines)
+
+
+def plot_budget_control(rep: dict, path: str | os.PathLike) -> None:
+    """Accuracy against each cost axis: single models (caps joined), pairs, frontier."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    rows = [r for r in rep["rows"] if r["kind"] != "reuse"]
+    fig, axes = plt.subplots(1, len(COST_AXES), figsize=(6 * len(COST_AXES), 4.8))
+    for ax, axis in zip(axes, COST_AXES):
+        for name in rep["budget_order"]:
+            pts = sorted((r for r in rows if r["kind"] == "single" and r["setting"]["think"] == name),
+                         key=lambda r: r[axis])
+            ax.plot([r[axis] for r in pts], [r["accuracy"] for r in pts], "o-", alpha=0.8,
+                    label=f"single {name} (thinking caps)")
+        pairs = [r for r in rows if r["kind"] == "pair"]
+        ax.scatter([r[axis] for r in pairs], [r["accuracy"] for r in pairs], marker="^", s=60, color="k",
+                   zorder=3, label="think->answer pair")
+        for r in pairs:
+            ax.annotate(r["label"], (r[axis], r["accuracy"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        front = {lab: i for i, lab in enumerate(rep["analysis"][axis]["frontier"])}
+        fr = sorted((r for r in rows if r["label"] in front), key=lambda r: r[axis])
+        ax.step([r[axis] for r in fr], [r["accuracy"] for r in fr], where="post", color="r", lw=1.5, alpha=0.6,
+                label="Pareto frontier")
+        ax.set_xscale("log")
+        ax.set_xlabel(_AXIS_TITLES[axis])
+        ax.set_ylabel("test exact-match accuracy")
+        ax.set_ylim(-0.02, 1.02)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle("Elastic budget control: accuracy vs latency")
+    fig.tight_layout()
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
