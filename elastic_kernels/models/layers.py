@@ -26,6 +26,11 @@ from torch import Tensor
 from ..ops.moe import moe_experts, moe_route
 from ..ops.ssd import ssd_scan, ssd_state_update
 
+def _compute_dtype(t: Tensor) -> torch.dtype:
+    """Normalization statistics run in float32 at least (float64 stays float64)."""
+    return torch.promote_types(t.dtype, torch.float32)
+
+
 def _activation(v: Tensor, name: str) -> Tensor:
     if name == "relu2":
         return torch.relu(v).square()
@@ -89,13 +94,14 @@ class ElasticRMSNorm(nn.Module):
         if k > self.dim:
             raise ValueError(f"ElasticRMSNorm: x has {k} channels, more than dim={self.dim}")
         c = _unit_weights(width, mask, k, x, "ElasticRMSNorm")
-        xf = x.float()
+        cd = _compute_dtype(x)
+        xf = x.to(cd)
         if c is None:
             ms = xf.square().mean(-1, keepdim=True)
         else:
-            c = _per_sample(c, x.dim() - 1) if c.dim() == 2 else c
+            c = (_per_sample(c, x.dim() - 1) if c.dim() == 2 else c).to(cd)
             ms = (xf.square() * c).sum(-1, keepdim=True) / c.sum(-1, keepdim=True).clamp_min(1e-30)
-        return (xf * torch.rsqrt(ms + self.eps) * self.weight[:k].float()).to(x.dtype)
+        return (xf * torch.rsqrt(ms + self.eps) * self.weight[:k].to(cd)).to(x.dtype)
 
     def sliced_shapes(self, k: int) -> dict[str, tuple]:
         return {"weight": (k,)}
@@ -126,19 +132,20 @@ class ElasticGatedRMSNorm(nn.Module):
         if h % g or h > self.nheads:
             raise ValueError(f"ElasticGatedRMSNorm: {h} heads must be a multiple of ngroups={g} "
                              f"and at most nheads={self.nheads}")
-        gated = y.float() * F.silu(z.float())
+        cd = _compute_dtype(y)
+        gated = y.to(cd) * F.silu(z.to(cd))
         lead = gated.shape[:-2]
         sq = gated.square().reshape(*lead, h // g, g, p)
         if head_weights is None:
             ms = sq.mean(dim=(-3, -1))  # (..., g)
         else:
-            c = head_weights.float()
+            c = head_weights.to(cd)
             c = _per_sample(c, len(lead)) if c.dim() == 2 else c
             c = c.reshape(*c.shape[:-1], h // g, g)
             ms = (sq.sum(-1) * c).sum(-2) / (c.sum(-2) * p).clamp_min(1e-30)
         inv = torch.rsqrt(ms + self.eps)  # (..., g); head h uses group h % g
         inv = inv.unsqueeze(-2).expand(*inv.shape[:-1], h // g, g).reshape(*inv.shape[:-1], h)
-        return (gated * inv[..., None] * self.weight[:h].float()).to(y.dtype)
+        return (gated * inv[..., None] * self.weight[:h].to(cd)).to(y.dtype)
 
 
 @dataclass
@@ -147,7 +154,7 @@ class MambaLayerCache:
 
     conv_x: (batch, nheads, headdim, conv_kernel - 1); conv_bc: (batch, 2 * ngroups * d_state,
     conv_kernel - 1); ssm: (batch, nheads, headdim, d_state) float32; has_state: whether any token
-    has been consumed.
+    has been consumed. ssm is float32 (float64 for a float64 model).
     """
 
     conv_x: Tensor
@@ -208,7 +215,8 @@ class ElasticMamba2Mixer(nn.Module):
         return MambaLayerCache(
             conv_x=torch.zeros(batch, self.nheads, P, K1, device=device, dtype=dtype),
             conv_bc=torch.zeros(batch, 2 * self.ngroups * self.d_state, K1, device=device, dtype=dtype),
-            ssm=torch.zeros(batch, self.nheads, P, self.d_state, device=device, dtype=torch.float32))
+            ssm=torch.zeros(batch, self.nheads, P, self.d_state, device=device,
+                            dtype=torch.promote_types(dtype, torch.float32)))
 
     def forward(self, x: Tensor, active_heads=None, head_mask: Tensor | None = None,
                 cache: MambaLayerCache | None = None, max_active: int | None = None) -> Tensor:
@@ -247,7 +255,7 @@ class ElasticMamba2Mixer(nn.Module):
         Bm = conv[..., hh * P:hh * P + G * N].reshape(b, l, G, N)
         Cm = conv[..., hh * P + G * N:].reshape(b, l, G, N)
 
-        A = -torch.exp(self.A_log[:hh].float())
+        A = -torch.exp(self.A_log[:hh].to(_compute_dtype(x)))
         scale = None
         if head_mask is not None:
             scale = _unit_weights(None, head_mask, hh, x, "ElasticMamba2Mixer: head_mask")
@@ -458,7 +466,8 @@ class ElasticMoE(nn.Module):
               per_token: int = 1) -> tuple[Tensor, Tensor, int]:
         """Routing of flat tokens ``xt: (tokens, k)`` (``per_token`` tokens per sample).
         Returns (topk_weights, topk_ids, E' to compute)."""
-        logits = F.linear(xt, self.router[:, :xt.shape[-1]]).float()
+        logits = F.linear(xt, self.router[:, :xt.shape[-1]])
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
         if expert_mask is not None:
             m = _unit_weights(None, expert_mask, self.num_experts, xt[::per_token], "ElasticMoE: expert_mask")
             logm = torch.where(m > 0, torch.log(m.clamp_min(1e-30)), torch.full_like(m, float("-inf")))

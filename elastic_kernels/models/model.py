@@ -159,7 +159,8 @@ class ElasticHybridLM(nn.Module):
 
     def forward(self, input_ids: Tensor, budget=None, soft_masks: Mapping[str, Any] | None = None,
                 cache: HybridCache | None = None) -> Tensor:
-        """``input_ids: (batch, seqlen)`` -> logits ``(batch, seqlen, vocab_size)`` float32."""
+        """``input_ids: (batch, seqlen)`` -> logits ``(batch, seqlen, vocab_size)`` float32 (float64
+        for a float64 model)."""
         if not isinstance(input_ids, Tensor) or input_ids.dtype not in (torch.int64, torch.int32):
             raise TypeError(f"input_ids must be an int64/int32 tensor, got "
                             f"{input_ids.dtype if isinstance(input_ids, Tensor) else type(input_ids).__name__}")
@@ -204,9 +205,9 @@ class ElasticHybridLM(nn.Module):
         if cache is not None:
             cache.seqlen += l
         y = self.norm_f(h, plan.hidden_t, hmask)
-        if self.lm_head is None:
-            return torch.nn.functional.linear(y, self.embed.weight[:, :k]).float()
-        return self.lm_head(y).float()
+        logits = self.lm_head(y) if self.lm_head is not None else \
+            torch.nn.functional.linear(y, self.embed.weight[:, :k])
+        return logits.to(torch.promote_types(logits.dtype, torch.float32))
 
     # -- sizes, slicing -----------------------------------------------------------------------
     def sliced_shapes(self, sizes: Mapping[str, Sequence], active: bool = False) -> dict[str, tuple]:

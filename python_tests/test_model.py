@@ -1,0 +1,530 @@
+"""The elastic hybrid reference model (issue 5): budgets, slicing, soft masks, importance and
+permutation, per-sample budgets, decode caches, nested checkpoints, bad input."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from elastic_kernels.models import (AXES, Budget, CheckpointError, ElasticGatedRMSNorm, ElasticHybridConfig,
+                                    ElasticHybridLM, ElasticRMSNorm, estimate_importance, load_nested,
+                                    permute_by_importance, read_nested_config, save_nested)
+
+# fp32 "tight": masked and sliced forwards do the same arithmetic up to summation order
+ATOL, RTOL = 2e-5, 1e-5
+
+
+def small_config(**kw) -> ElasticHybridConfig:
+    base = dict(vocab_size=40, hidden_size=32, pattern="M-EM*E", mamba_heads=8, mamba_head_dim=8,
+                mamba_groups=2, mamba_state=8, mamba_chunk_size=8, moe_experts=8, moe_top_k=2, moe_ffn=32,
+                attn_heads=4, attn_kv_heads=2, ffn_size=48, init_std=0.2)
+    base.update(kw)
+    return ElasticHybridConfig(**base)
+
+
+CONFIGS = {
+    "softmax": small_config(),
+    "sigmoid-shared-tied": small_config(moe_score="sigmoid", moe_shared_ffn=16, tie_embeddings=True,
+                                        moe_activation="gelu", ffn_activation="silu", pattern="ME*-M"),
+}
+
+
+def make_model(name: str = "softmax", seed: int = 0) -> ElasticHybridLM:
+    torch.manual_seed(seed)
+    m = ElasticHybridLM(CONFIGS[name])
+    for block in m.layers:  # non-trivial sigmoid correction bias and norm weights
+        if block.kind == "E" and block.mixer.correction_bias is not None:
+            block.mixer.correction_bias.uniform_(-0.1, 0.1)
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if n.endswith("norm.weight") or n == "norm_f.weight":
+                p.uniform_(0.5, 1.5)
+    return m
+
+
+def ids_for(cfg, batch=3, seqlen=13, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, cfg.vocab_size, (batch, seqlen), generator=g)
+
+
+def budgets_for(cfg):
+    """Every axis alone, combined budgets and a per-layer budget."""
+    out = {"full": Budget()}
+    for axis in AXES:
+        out[f"{axis}-0.5"] = Budget.from_fractions(cfg, **{axis: 0.5})
+    out["all-0.75"] = Budget.from_fractions(cfg, 0.75)
+    out["all-0.5"] = Budget.from_fractions(cfg, 0.5)
+    nm, ne, nf = cfg.num_units("mamba_heads"), cfg.num_units("experts"), cfg.num_units("ffn")
+    out["per-layer"] = Budget(hidden=24, mamba_heads=tuple([4, 6, 2, 8][:nm]), experts=tuple([3, 6][:ne]),
+                              expert_ffn=tuple([16, 24][:ne]), ffn=tuple([20][:nf]))
+    return out
+
+
+def numel(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def close(a, b):
+    torch.testing.assert_close(a, b, atol=ATOL, rtol=RTOL)
+
+
+# ---------------------------------------------------------------------------------------------
+# config, layers
+# ---------------------------------------------------------------------------------------------
+
+def test_config_json_round_trip():
+    for cfg in CONFIGS.values():
+        assert ElasticHybridConfig.from_json(cfg.to_json()) == cfg
+    cfg = dataclasses.replace(CONFIGS["softmax"], layer_sizes={"mamba_heads": (8, 4)},
+                              nested_choices={"mamba_heads": (1.0, 0.5), "hidden": (1.0, 0.5)})
+    back = ElasticHybridConfig.from_json(cfg.to_json())
+    assert back == cfg and back.full_size("mamba_heads", 1) == 4
+    assert CONFIGS["softmax"].choice_sizes("mamba_heads") == (8, 6, 4)
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(hidden_size=30, attn_heads=4), "hidden_size"),
+    (dict(mamba_heads=8, mamba_groups=4), "nested_choices\\['mamba_heads'\\]"),
+    (dict(mamba_heads=6, mamba_groups=4), "mamba_heads"),
+    (dict(pattern="M-X*"), "pattern"),
+    (dict(pattern=""), "pattern"),
+    (dict(moe_top_k=9), "moe_top_k"),
+    (dict(moe_score="relu"), "moe_score"),
+    (dict(ffn_activation="tanh"), "ffn_activation"),
+    (dict(attn_heads=4, attn_kv_heads=3), "attn_heads"),
+    (dict(nested_choices={"hidden": (1.0, 1.5)}), "nested_choices"),
+    (dict(nested_choices={"hidden": (0.3,)}), "whole number"),
+    (dict(nested_choices={"depth": (1.0,)}), "unknown axis"),
+    (dict(nested_choices={"experts": (0.125,)}), "experts"),
+    (dict(layer_sizes={"mamba_heads": (8,)}), "layer_sizes"),
+    (dict(vocab_size=0), "vocab_size"),
+    (dict(norm_eps=-1.0), "norm_eps"),
+])
+def test_bad_config_named_error(kw, match):
+    with pytest.raises(ValueError, match=match):
+        small_config(**kw)
+
+
+def test_bad_config_types_and_json():
+    with pytest.raises(TypeError, match="hidden_size"):
+        small_config(hidden_size=32.0)
+    with pytest.raises(ValueError, match="unknown field"):
+        ElasticHybridConfig.from_dict({"hidden": 3})
+    with pytest.raises(ValueError, match="not valid JSON"):
+        ElasticHybridConfig.from_json("{")
+
+
+def test_elastic_rmsnorm_active_prefix():
+    torch.manual_seed(0)
+    norm = ElasticRMSNorm(16)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    x = torch.randn(2, 5, 16, dtype=torch.float64)
+    for k in (16, 9, 1):
+        xk = x[..., :k]
+        want = xk / torch.sqrt(xk.square().mean(-1, keepdim=True) + norm.eps) * norm.weight[:k].double()
+        torch.testing.assert_close(norm(xk.float()).double(), want, atol=1e-6, rtol=1e-6)
+    # per-sample widths and a 0/1 prefix soft mask both equal the narrow call
+    width = torch.tensor([16, 7])
+    xm = x.float() * (torch.arange(16)[None, :] < width[:, None])[:, None, :]
+    per = norm(xm, width=width)
+    soft = norm(xm, mask=(torch.arange(16)[None, :] < width[:, None]).float())
+    torch.testing.assert_close(per[1, :, :7], norm(xm[1:, :, :7])[0])
+    torch.testing.assert_close(soft, per)
+    assert (per[1, :, 7:] == 0).all()
+
+
+def test_gated_rmsnorm_per_group_interleaved():
+    torch.manual_seed(0)
+    H, P, G = 6, 4, 2
+    norm = ElasticGatedRMSNorm(H, P, G)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    y, z = torch.randn(2, 3, H, P, dtype=torch.float64), torch.randn(2, 3, H, P, dtype=torch.float64)
+    for h in (6, 4, 2):  # the first h/G heads of every group: heads [0, h) in the interleaved layout
+        g = y[:, :, :h] * F.silu(z[:, :, :h])
+        want = torch.empty_like(g)
+        for grp in range(G):
+            heads = list(range(grp, h, G))
+            ms = g[:, :, heads].square().mean(dim=(-2, -1), keepdim=True)
+            want[:, :, heads] = g[:, :, heads] / torch.sqrt(ms + norm.eps) * norm.weight[heads].double()
+        got = norm(y[:, :, :h].float(), z[:, :, :h].float())
+        torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# acceptance 1: masked forward == sliced forward, param_count == numel(slice)
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_masked_forward_equals_sliced_model(name):
+    model = make_model(name)
+    cfg = model.config
+    ids = ids_for(cfg)
+    parent_numel = numel(model)
+    for bname, budget in budgets_for(cfg).items():
+        sub = model.slice(budget)
+        close(model(ids, budget), sub(ids))
+        assert model.param_count(budget) == numel(sub), bname
+        assert model.param_count(budget, active=True) == sub.param_count(active=True), bname
+        if bname == "full":
+            assert numel(sub) == parent_numel
+        else:
+            assert numel(sub) < parent_numel, bname
+        # tensors are really smaller, not views of the parent
+        assert all(p.untyped_storage().data_ptr() != q.untyped_storage().data_ptr()
+                   for p, q in zip(sub.parameters(), model.parameters()))
+
+
+def test_active_param_count_counts_top_k_experts():
+    model = make_model()
+    cfg = model.config
+    per_expert = 2 * cfg.moe_ffn * cfg.hidden_size
+    diff = model.param_count() - model.param_count(active=True)
+    assert diff == cfg.num_units("experts") * (cfg.moe_experts - cfg.moe_top_k) * per_expert
+
+
+def test_expected_param_count_matches_and_is_differentiable():
+    model = make_model()
+    cfg = model.config
+    for budget in budgets_for(cfg).values():
+        sizes = model.resolve_budget(budget)
+        got = model.expected_param_count({a: tuple(float(s) for s in v) for a, v in sizes.items()})
+        assert int(round(got.item())) == model.param_count(budget)
+    h = torch.tensor(24.0, requires_grad=True)
+    ffn = torch.tensor(30.0, requires_grad=True)
+    total = model.expected_param_count({"hidden": h, "ffn": ffn}, active=True)
+    total.backward()
+    assert h.grad > 0 and ffn.grad == 2 * 24.0
+
+
+def test_hard_budget_gradients_of_inactive_parameters_are_zero():
+    model = make_model()
+    cfg = model.config
+    budget = Budget.from_fractions(cfg, 0.5)
+    model(ids_for(cfg), budget).square().mean().backward()
+    shapes = model.sliced_shapes(model.resolve_budget(budget))
+    for n, p in model.named_parameters():
+        inside = tuple(slice(0, s) for s in shapes[n])
+        mask = torch.ones_like(p, dtype=torch.bool)
+        mask[inside] = False
+        assert p.grad is not None, n
+        assert (p.grad[mask] == 0).all(), n
+    assert model.embed.weight.grad[:, :budget.hidden].abs().sum() > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# soft masks
+# ---------------------------------------------------------------------------------------------
+
+def prefix_masks(model, budget, batch=None):
+    cfg = model.config
+    sizes = model.resolve_budget(budget)
+
+    def m(n, full):
+        v = (torch.arange(full) < n).float()
+        return v.expand(batch, full).clone() if batch else v
+    out = {"hidden": m(sizes["hidden"][0], cfg.hidden_size)}
+    for axis in AXES[1:]:
+        out[axis] = [m(s, cfg.full_size(axis, o)) for o, s in enumerate(sizes[axis])]
+    return out
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_zero_one_prefix_soft_masks_equal_hard_budget(name):
+    model = make_model(name)
+    cfg = model.config
+    ids = ids_for(cfg)
+    for bname in ("all-0.5", "per-layer", "hidden-0.5", "experts-0.5"):
+        budget = budgets_for(cfg)[bname]
+        close(model(ids, soft_masks=prefix_masks(model, budget)), model(ids, budget))
+        close(model(ids, soft_masks=prefix_masks(model, budget, batch=ids.shape[0])), model(ids, budget))
+
+
+def test_soft_masks_are_differentiable_and_combine_with_hard_widths():
+    model = make_model()
+    cfg = model.config
+    ids = ids_for(cfg)
+    torch.manual_seed(3)
+    masks = {"hidden": torch.rand(ids.shape[0], cfg.hidden_size) * 0.5 + 0.5,
+             "mamba_heads": torch.rand(cfg.mamba_heads) * 0.5 + 0.5,
+             "experts": [torch.rand(cfg.moe_experts) * 0.5 + 0.5, None],
+             "expert_ffn": torch.rand(ids.shape[0], cfg.moe_ffn) * 0.5 + 0.5,
+             "ffn": torch.rand(cfg.ffn_size) * 0.5 + 0.5}
+    leaves = {k: ([t.requires_grad_() if t is not None else None for t in v] if isinstance(v, list)
+                  else v.requires_grad_()) for k, v in masks.items()}
+    out = model(ids, Budget.from_fractions(cfg, 0.75), soft_masks=leaves)
+    out.square().mean().backward()
+    budget = Budget.from_fractions(cfg, 0.75)
+    sizes = model.resolve_budget(budget)
+    for axis, v in leaves.items():
+        for o, t in enumerate(v if isinstance(v, list) else [v]):
+            if t is None:
+                continue
+            n = sizes[axis][min(o, len(sizes[axis]) - 1)]
+            assert torch.isfinite(t.grad).all(), axis
+            assert t.grad[..., :n].abs().sum() > 0, axis
+            assert (t.grad[..., n:] == 0).all(), axis  # beyond the hard width: cut, no gradient
+
+
+# ---------------------------------------------------------------------------------------------
+# acceptance 2: importance and permutation
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_permutation_by_importance_keeps_full_width_outputs(name):
+    model = make_model(name)
+    cfg = model.config
+    ids = ids_for(cfg, batch=4, seqlen=16)
+    before = model(ids)
+    scores = estimate_importance(model, [ids_for(cfg, seed=s) for s in range(2)])
+    assert not any(p.grad is not None for p in model.parameters())
+    perms = permute_by_importance(model, scores)
+    close(model(ids), before)
+    assert any(not torch.equal(p, torch.arange(p.numel())) for p in [perms["hidden"], *perms["ffn"]])
+    after = estimate_importance(model, [ids_for(cfg, seed=s) for s in range(2)])
+    for axis in ("hidden",):  # the permuted model's scores are sorted
+        assert (after[axis][:-1] >= after[axis][1:] - 1e-6 * after[axis].max()).all()
+
+
+def test_importance_ranks_planted_units_first():
+    model = make_model()
+    cfg = model.config
+    G, P = cfg.mamba_groups, cfg.mamba_head_dim
+    planted = {"hidden": 19, "mamba_heads": 5, "experts": 6, "expert_ffn": 21, "ffn": 33}
+    with torch.no_grad():
+        for mod in [model.norm_f] + [b.norm for b in model.layers]:
+            mod.weight[planted["hidden"]] = 8.0
+        for b in model.layers:
+            if b.kind == "M":
+                b.mixer.in_heads[planted["mamba_heads"], P:2 * P] *= 20.0
+            elif b.kind == "E":
+                b.mixer.w2[planted["experts"]] *= 50.0
+            elif b.kind == "-":
+                b.mixer.up[planted["ffn"]] *= 20.0
+    ids = ids_for(cfg, batch=4, seqlen=32)
+    before = model(ids)
+    scores = estimate_importance(model, [ids])
+    assert int(scores["hidden"].argmax()) == planted["hidden"]
+    h = planted["mamba_heads"]
+    for s in scores["mamba_heads"]:
+        assert int(s[h % G::G].argmax()) * G + h % G == h  # first within its group
+    for s in scores["experts"]:
+        assert int(s.argmax()) == planted["experts"]
+    for s in scores["ffn"]:
+        assert int(s.argmax()) == planted["ffn"]
+    perms = permute_by_importance(model, scores)
+    close(model(ids), before)
+    assert int(perms["hidden"][0]) == planted["hidden"]
+    for p in perms["mamba_heads"]:
+        assert int(p[h % G]) == h  # moved to the front of its group
+    assert all(int(p[0]) == planted["experts"] for p in perms["experts"])
+    assert all(int(p[0]) == planted["ffn"] for p in perms["ffn"])
+
+
+def test_importance_ranks_planted_expert_channel_first():
+    model = make_model().double()  # the plant makes activations large: compare in float64
+    planted = 21
+    with torch.no_grad():
+        for b in model.layers:
+            if b.kind == "E":
+                b.mixer.w1[:, planted] *= 20.0
+    ids = ids_for(model.config, batch=4, seqlen=32)
+    before = model(ids)
+    scores = estimate_importance(model, [ids])
+    for s in scores["expert_ffn"]:
+        routed = s.sum(1) > 0
+        assert (s.argmax(dim=1)[routed] == planted).all()
+    perms = permute_by_importance(model, scores)
+    torch.testing.assert_close(model(ids), before, atol=1e-10, rtol=1e-10)
+    for p, s in zip(perms["expert_ffn"], scores["expert_ffn"]):
+        assert (p[s.sum(1) > 0, 0] == planted).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# acceptance 3-4: per-sample budgets, decode caches
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_per_sample_budgets_equal_each_sample_alone(name):
+    model = make_model(name)
+    cfg = model.config
+    table = budgets_for(cfg)
+    chosen = [table["full"], table["all-0.5"], table["per-layer"], table["experts-0.5"], table["hidden-0.5"]]
+    ids = ids_for(cfg, batch=len(chosen))
+    out = model(ids, chosen)
+    for i, b in enumerate(chosen):
+        close(out[i], model(ids[i:i + 1], b)[0])
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_decode_with_caches_equals_full_forward(name):
+    model = make_model(name)
+    cfg = model.config
+    ids = ids_for(cfg, batch=2, seqlen=12)
+    table = budgets_for(cfg)
+    cases = [table["full"], table["all-0.5"], table["per-layer"], table["mamba_heads-0.5"],
+             [table["full"], table["all-0.5"]]]
+    for budget in cases:
+        want = model(ids, budget)
+        cache = model.new_cache(ids.shape[0])
+        parts = [model(ids[:, :5], budget, cache=cache), model(ids[:, 5:7], budget, cache=cache)]
+        parts += [model(ids[:, t:t + 1], budget, cache=cache) for t in range(7, ids.shape[1])]
+        assert cache.seqlen == ids.shape[1]
+        close(torch.cat(parts, 1), want)
+
+
+def test_sliced_model_decodes_like_masked_model():
+    model = make_model()
+    budget = budgets_for(model.config)["per-layer"]
+    sub = model.slice(budget)
+    ids = ids_for(model.config, batch=2, seqlen=6)
+    cache = sub.new_cache(2)
+    steps = torch.cat([sub(ids[:, t:t + 1], cache=cache) for t in range(6)], 1)
+    close(steps, model(ids, budget))
+
+
+# ---------------------------------------------------------------------------------------------
+# acceptance 5: nested checkpoints
+# ---------------------------------------------------------------------------------------------
+
+def _rchar() -> int | None:
+    try:
+        with open("/proc/self/io") as f:
+            return int(next(line for line in f if line.startswith("rchar")).split()[1])
+    except OSError:
+        return None
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_nested_checkpoint_round_trip(tmp_path, name):
+    model = make_model(name)
+    cfg = model.config
+    table = budgets_for(cfg)
+    save_nested(model, tmp_path, table)
+    assert sorted(os.listdir(tmp_path)) == ["config.json", "model.safetensors"]  # no temp files left
+    cfg2, table2 = read_nested_config(tmp_path)
+    assert cfg2 == cfg and table2 == table
+    ids = ids_for(cfg)
+    for bname, budget in table.items():
+        loaded = load_nested(tmp_path, bname)
+        want = model.slice(budget)
+        assert loaded.config == want.config
+        sd, wd = loaded.state_dict(), want.state_dict()
+        assert sd.keys() == wd.keys()
+        for k in sd:
+            assert sd[k].dtype == wd[k].dtype and torch.equal(sd[k], wd[k]), (bname, k)
+        torch.testing.assert_close(loaded(ids), want(ids), atol=0, rtol=0)
+    full = load_nested(tmp_path)  # None = the parent
+    torch.testing.assert_close(full(ids), model(ids), atol=0, rtol=0)
+
+
+def test_load_nested_smallest_budget_reads_only_its_bytes(tmp_path):
+    model = make_model()
+    cfg = model.config
+    table = {"full": Budget(), "half": Budget.from_fractions(cfg, 0.5)}
+    save_nested(model, tmp_path, table)
+    own = sum(t.numel() * t.element_size() for t in model.slice(table["half"]).state_dict().values())
+    cfg_bytes = os.path.getsize(tmp_path / "config.json")
+    stats = {}
+    r0 = _rchar()
+    load_nested(tmp_path, "half", stats=stats)
+    r1 = _rchar()
+    assert stats["bytes_read"] == stats["header_bytes"] + own
+    assert stats["bytes_read"] < 0.5 * stats["file_bytes"]
+    if r0 is not None:  # the kernel's own count of bytes read by this process
+        assert r1 - r0 <= stats["header_bytes"] + own + cfg_bytes + 4096
+
+
+def test_nested_checkpoint_errors(tmp_path):
+    model = make_model()
+    cfg = model.config
+    save_nested(model, tmp_path, {"half": Budget.from_fractions(cfg, 0.5)})
+    weights, config = tmp_path / "model.safetensors", tmp_path / "config.json"
+    with pytest.raises(CheckpointError, match="not in the checkpoint's table"):
+        load_nested(tmp_path, "quarter")
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_nested(tmp_path / "nowhere")
+    with pytest.raises(TypeError, match="budget"):
+        load_nested(tmp_path, 0.5)
+    with pytest.raises(ValueError, match="mamba_heads"):
+        load_nested(tmp_path, Budget(mamba_heads=5))
+    good = weights.read_bytes()
+    weights.write_bytes(good[: len(good) // 2])  # truncated
+    with pytest.raises(CheckpointError, match="corrupt|truncated"):
+        load_nested(tmp_path, "half")
+    weights.write_bytes(b"\xff" * 8 + good[8:])  # absurd header length
+    with pytest.raises(CheckpointError, match="header length"):
+        load_nested(tmp_path, "half")
+    n = int.from_bytes(good[:8], "little")
+    weights.write_bytes(good[:8] + b"{" * n + good[8 + n:])  # garbage header
+    with pytest.raises(CheckpointError, match="bad safetensors header"):
+        load_nested(tmp_path, "half")
+    weights.write_bytes(good)
+    meta = json.loads(config.read_text())
+    meta["config"]["hidden_size"] = 48
+    meta["config"]["nested_choices"]["hidden"] = [1.0]
+    config.write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="config_sha256"):
+        load_nested(tmp_path, "half")
+    other = small_config(ffn_size=64)
+    save_nested(ElasticHybridLM(other), tmp_path / "other", {})
+    (tmp_path / "other" / "model.safetensors").replace(weights)
+    save_nested(model, tmp_path / "again", {})
+    (tmp_path / "again" / "config.json").replace(config)
+    with pytest.raises(CheckpointError, match="does not belong"):
+        load_nested(tmp_path, None)
+    config.write_text("{not json")
+    with pytest.raises(CheckpointError, match="not valid JSON"):
+        load_nested(tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------
+# acceptance 6: bad input
+# ---------------------------------------------------------------------------------------------
+
+def test_bad_budgets_and_inputs_named_errors():
+    model = make_model()
+    cfg = model.config
+    ids = ids_for(cfg)
+    bad = [
+        (Budget(mamba_heads=5), ValueError, "mamba_groups"),
+        (Budget(experts=1), ValueError, "experts"),
+        (Budget(hidden=cfg.hidden_size + 1), ValueError, "hidden"),
+        (Budget(ffn=(10, 20)), ValueError, "per-layer entries"),
+        (Budget(hidden=(16,)), TypeError, "hidden"),
+        (Budget(expert_ffn=2.5), TypeError, "expert_ffn"),
+        ("half", TypeError, "budget"),
+        ([Budget()], ValueError, "one Budget per sample"),
+    ]
+    for budget, exc, match in bad:
+        with pytest.raises(exc, match=match):
+            model(ids, budget)
+    with pytest.raises(TypeError, match="input_ids"):
+        model(ids.float())
+    with pytest.raises(ValueError, match="input_ids"):
+        model(ids[0])
+    with pytest.raises(ValueError, match="input_ids values"):
+        model(ids + cfg.vocab_size)
+    with pytest.raises(ValueError, match="unknown axis"):
+        model(ids, soft_masks={"depth": torch.ones(3)})
+    with pytest.raises(ValueError, match="soft_masks\\['ffn'\\]"):
+        model(ids, soft_masks={"ffn": torch.ones(cfg.ffn_size + 1)})
+    with pytest.raises(ValueError, match="soft_masks\\['experts'\\]"):
+        model(ids, soft_masks={"experts": [torch.ones(cfg.moe_experts)]})
+    with pytest.raises(TypeError, match="soft_masks\\['hidden'\\]"):
+        model(ids, soft_masks={"hidden": torch.ones(cfg.hidden_size, dtype=torch.int64)})
+    with pytest.raises(ValueError, match="cache"):
+        model(ids, cache=model.new_cache(ids.shape[0] + 1))
+    with pytest.raises(ValueError, match="unknown axis"):
+        Budget.from_dict({"depth": 2})
+    with pytest.raises(ValueError, match="unknown score axis"):
+        permute_by_importance(model, {"depth": torch.ones(2)})
+    with pytest.raises(ValueError, match="scores\\['hidden'\\]"):
+        permute_by_importance(model, {"hidden": torch.ones(3)})
+    with pytest.raises(TypeError, match="ElasticHybridConfig"):
+        ElasticHybridLM({"hidden_size": 32})
