@@ -60,6 +60,15 @@ def _act_grad(h, ACT: tl.constexpr):
 
 
 @triton.jit
+def _mma(a, b, acc, PREC: tl.constexpr):
+    """acc + a b in fp32 ("upcast": bf16 tiles widened first, exact products, for the interpreter)."""
+    if PREC == "upcast":
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc, input_precision=PREC)
+
+
+@triton.jit
 def _tile_rows(tile_e_ptr, tile_row_ptr, offs_ptr, row_tok_ptr, row_width_ptr, F_act, pid_m,
                HAS_WT: tl.constexpr, BM: tl.constexpr):
     """Expert, rows, row mask, tokens and widths of one row tile (e < 0: a spare program)."""
@@ -104,11 +113,11 @@ def _moe_up_kernel(x_ptr, w1_ptr, w3_ptr, cs_ptr, a_ptr,
                      other=0.0)
         wmask = kmask[:, None] & cmask[None, :]
         w1t = tl.load(w1_ptr + e * s_w1e + cols[None, :] * s_w1f + ks[:, None] * s_w1h, mask=wmask, other=0.0)
-        acc1 = tl.dot(xt, w1t, acc1, input_precision=PREC)
+        acc1 = _mma(xt, w1t, acc1, PREC)
         if GATED:
             w3t = tl.load(w3_ptr + e * s_w3e + cols[None, :] * s_w3f + ks[:, None] * s_w3h, mask=wmask,
                           other=0.0)
-            acc3 = tl.dot(xt, w3t, acc3, input_precision=PREC)
+            acc3 = _mma(xt, w3t, acc3, PREC)
     a = _act(acc1, ACT)
     if GATED:
         a = a * acc3
@@ -148,12 +157,12 @@ def _moe_down_kernel(a_ptr, w_ptr, a2_ptr, w2_ptr, o_ptr,
         wmask = (cs[:, None] < tile_w) & hmask[None, :]
         at = tl.load(a_ptr + rows[:, None] * s_ar + cs[None, :], mask=amask, other=0.0)
         wt = tl.load(w_ptr + e * s_we + hs[None, :] * s_wh + cs[:, None] * s_wc, mask=wmask, other=0.0)
-        acc = tl.dot(at, wt, acc, input_precision=PREC)
+        acc = _mma(at, wt, acc, PREC)
         if TWO:
             at2 = tl.load(a2_ptr + rows[:, None] * s_ar + cs[None, :], mask=amask, other=0.0)
             wt2 = tl.load(w2_ptr + e * s_w2e + hs[None, :] * s_w2h + cs[:, None] * s_w2c, mask=wmask,
                           other=0.0)
-            acc = tl.dot(at2, wt2, acc, input_precision=PREC)
+            acc = _mma(at2, wt2, acc, PREC)
     tl.store(o_ptr + rows[:, None] * s_or + hs[None, :], acc.to(o_ptr.dtype.element_ty),
              mask=rmask[:, None] & hmask[None, :])
 
@@ -209,14 +218,14 @@ def _moe_bwd_act_kernel(x_ptr, dy_ptr, w1_ptr, w3_ptr, w2_ptr, cs_ptr, row_w_ptr
         wmask = kmask[:, None] & cmask[None, :]
         xt = tl.load(x_ptr + tok[:, None] * s_xt + ks[None, :] * s_xh, mask=lmask, other=0.0)
         w1t = tl.load(w1_ptr + e * s_w1e + cols[None, :] * s_w1f + ks[:, None] * s_w1h, mask=wmask, other=0.0)
-        acc1 = tl.dot(xt, w1t, acc1, input_precision=PREC)
+        acc1 = _mma(xt, w1t, acc1, PREC)
         if GATED:
             w3t = tl.load(w3_ptr + e * s_w3e + cols[None, :] * s_w3f + ks[:, None] * s_w3h, mask=wmask,
                           other=0.0)
-            acc3 = tl.dot(xt, w3t, acc3, input_precision=PREC)
+            acc3 = _mma(xt, w3t, acc3, PREC)
         dyt = tl.load(dy_ptr + tok[:, None] * s_dyt + ks[None, :] * s_dyh, mask=lmask, other=0.0)
         w2t = tl.load(w2_ptr + e * s_w2e + ks[:, None] * s_w2h + cols[None, :] * s_w2f, mask=wmask, other=0.0)
-        accg = tl.dot(dyt, w2t, accg, input_precision=PREC)
+        accg = _mma(dyt, w2t, accg, PREC)
     keep = (cols[None, :] < wid[:, None]) & cmask[None, :]
     f = _act(acc1, ACT)
     if GATED:
@@ -302,10 +311,10 @@ def _moe_dw_kernel(l_ptr, l2_ptr, r_ptr, dw_ptr, dw2_ptr, offs_ptr, row_tok_ptr,
             rmask2 = (qs[None, :] < wid[:, None]) & qmask[None, :]
         lt = tl.load(l_ptr + lidx[None, :] * s_lr + ps[:, None] * s_lp, mask=lmask, other=0.0)
         rt = tl.load(r_ptr + ridx[:, None] * s_rr + qs[None, :] * s_rq, mask=rmask2, other=0.0)
-        acc = tl.dot(lt, rt, acc, input_precision=PREC)
+        acc = _mma(lt, rt, acc, PREC)
         if TWO:
             lt2 = tl.load(l2_ptr + lidx[None, :] * s_lr + ps[:, None] * s_lp, mask=lmask, other=0.0)
-            acc2 = tl.dot(lt2, rt, acc2, input_precision=PREC)
+            acc2 = _mma(lt2, rt, acc2, PREC)
     omask = pmask[:, None] & qmask[None, :]
     tl.store(dw_ptr + e * s_de + ps[:, None] * s_dp + qs[None, :] * s_dq, acc.to(dw_ptr.dtype.element_ty),
              mask=omask)
@@ -325,7 +334,10 @@ def _blocks(device: torch.device) -> dict:
 
 
 def _prec(x: torch.Tensor) -> str:
-    return "ieee" if x.dtype == torch.float32 else "tf32"
+    """Dot precision: IEEE for fp32; bf16 on CPU (the interpreter's bf16 dot is wrong) is widened."""
+    if x.dtype == torch.float32:
+        return "ieee"
+    return "upcast" if (x.dtype == torch.bfloat16 and x.device.type == "cpu") else "tf32"
 
 
 def _plan(topk_ids, topk_weights, width_t, num_active: int, block_m: int):
