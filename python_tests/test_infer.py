@@ -242,3 +242,123 @@ def test_bad_requests(model, budgets):
         generate(model, [PROMPTS[0]], think_budget=Budget(mamba_heads=3))
     assert issubclass(UnknownBudgetError, ValueError) and issubclass(EmptyPromptError, ValueError)
     assert json.dumps(str(PromptTooLongError("x")))
+
+
+def test_work_counters(model, budgets):
+    """The cost model's inputs: what each phase computed, for both cache modes."""
+    ref = plain_greedy(model, PROMPTS[0], 12, budgets["half"])
+    j = _first_new(ref, 2)
+    kw = dict(think_budget="half", answer_budget="full", budgets=budgets, end_think_id=ref[j], max_answer_tokens=3)
+    (g,) = generate(model, [PROMPTS[0]], **kw)
+    L, T = len(PROMPTS[0]), len(g.thinking)
+    assert T == j + 1 and g.stop == "max_answer_tokens" and len(g.answer) == 3
+    assert g.work["think"] == {"prefill_tokens": L, "prefill_forwards": 1, "decode_tokens": T - 1,
+                               "prefill_context": L * (L + 1) // 2,
+                               "decode_context": sum(range(L + 1, L + T))}
+    assert g.work["answer"] == {"prefill_tokens": L + T, "prefill_forwards": 1, "decode_tokens": 2,
+                                "prefill_context": (L + T) * (L + T + 1) // 2,
+                                "decode_context": (L + T + 1) + (L + T + 2)}
+    (r,) = generate(model, [PROMPTS[0]], cache_mode="reuse", **kw)
+    assert r.thinking == g.thinking
+    assert r.work["think"] == g.work["think"]
+    assert r.work["answer"] == {"prefill_tokens": 0, "prefill_forwards": 0, "decode_tokens": 3,
+                                "prefill_context": 0, "decode_context": sum(range(L + T, L + T + 3))}
+
+
+# ---- evaluation, Pareto, report, CLI -----------------------------------------------------------
+def _row(label, kind, acc, cost, think=None, answer=None, cap=None, mode="reprefill"):
+    think = think or label
+    return {"label": label, "kind": kind, "accuracy": acc, "flops": cost, "bytes": 2 * cost, "wall_s": cost / 10,
+            "setting": {"think": think, "answer": answer or think, "max_think_tokens": cap, "cache_mode": mode}}
+
+
+def test_pareto_frontier():
+    from elastic_kernels.infer import pareto_frontier
+    rows = [{"c": 3.0, "accuracy": 0.9}, {"c": 1.0, "accuracy": 0.2}, {"c": 2.0, "accuracy": 0.2},
+            {"c": 2.0, "accuracy": 0.5}, {"c": 5.0, "accuracy": 0.9}, {"c": 4.0, "accuracy": 0.95},
+            {"c": 1.0, "accuracy": 0.2}]
+    assert pareto_frontier(rows, "c") == [1, 3, 0, 5]
+    assert pareto_frontier([], "c") == []
+
+
+def test_analyze_pair_against_singles():
+    from elastic_kernels.infer import analyze
+    rows = [_row("big", "single", 0.8, 10.0), _row("small", "single", 0.3, 4.0),
+            _row("big cap4", "single", 0.4, 6.0, think="big", cap=4),
+            _row("small->big", "pair", 0.6, 6.0, think="small", answer="big"),
+            _row("big->small", "pair", 0.35, 7.0, think="big", answer="small"),
+            _row("small->big (reuse)", "reuse", 0.45, 5.0, think="small", answer="big", mode="reuse")]
+    an = analyze(rows)
+    a = an["flops"]
+    assert a["frontier"] == ["small", "small->big", "big"]
+    assert a["pair_dominates_best_single"]
+    (b,) = a["pairs_beating_singles"]
+    assert b["pair"] == "small->big" and b["best_single_within_cost"] == "big cap4"
+    assert b["best_single_accuracy"] == 0.4 and b["dominates"] == ["big cap4"]
+    (r,) = an["reuse"]
+    assert r["pair"] == "small->big" and r["delta"] == pytest.approx(-0.15) and r["flops_saved"] == pytest.approx(1 / 6)
+    # no pair above the single-model frontier: said plainly
+    rows[3]["accuracy"] = 0.35
+    rows[4]["accuracy"] = 0.4
+    assert not analyze(rows)["flops"]["pair_dominates_best_single"]
+    assert analyze(rows)["flops"]["pairs_beating_singles"] == []
+
+
+def test_cost_model(model, budgets):
+    from elastic_kernels.infer import CostModel
+    cm = CostModel(model, budgets)
+    full, half = cm.per_budget["full"], cm.per_budget["half"]
+    assert full["params_active"] == model.param_count(None, active=True)
+    assert half["flops_per_token"] < full["flops_per_token"] and half["decode_bytes"] < full["decode_bytes"]
+    (g,) = generate(model, [PROMPTS[0]], think_budget="half", answer_budget="half", budgets=budgets,
+                    max_think_tokens=3, max_answer_tokens=2)
+    w = g.work
+    tokens = sum(w[p]["prefill_tokens"] + w[p]["decode_tokens"] for p in w)
+    ctx = sum(w[p]["prefill_context"] + w[p]["decode_context"] for p in w)
+    c = cm.request_cost(g)
+    assert c["flops"] == pytest.approx(half["flops_per_token"] * tokens + cm.attn_flops_per_position * ctx)
+    assert c["bytes"] == pytest.approx(half["decode_bytes"] * (w["think"]["decode_tokens"] + w["answer"]["decode_tokens"])
+                                       + half["prefill_bytes"] * 2
+                                       + cm.kv_bytes_per_position * (w["think"]["decode_context"]
+                                                                     + w["answer"]["decode_context"]))
+
+
+def _fake_run(tmp_path, model, budgets, test_size=6):
+    from elastic_kernels.models import save_nested
+    save_nested(model, tmp_path / "nested", {"1": budgets["full"], "0.5": budgets["half"]})
+    (tmp_path / "progress.json").write_text(json.dumps(
+        {"config": {"modulus": 10, "difficulty": 1, "seed": 0, "test_size": test_size}}))
+    return tmp_path
+
+
+def test_evaluate_run_and_cli(model, budgets, tmp_path, capsys):
+    from elastic_kernels.infer import budget_control_markdown
+    from elastic_kernels.infer.cli import main
+    run = _fake_run(tmp_path, model, budgets)
+    assert budget_control_markdown(run) == ""  # nothing evaluated yet: the training report adds nothing
+    assert main([str(run), "--limit", "5", "--caps", "1,3", "--batch-size", "4"]) == 0
+    rep = json.loads((run / "budget_control.json").read_text())
+    assert (run / "budget_control.png").stat().st_size > 0
+    labels = [r["label"] for r in rep["rows"]]
+    assert labels == ["1", "1->0.5", "0.5->1", "0.5", "1 cap1", "1 cap3", "0.5 cap1", "0.5 cap3",
+                      "1->0.5 (reuse)", "0.5->1 (reuse)"]
+    assert rep["task"]["n_problems"] == 5 and all(r["n"] == 5 for r in rep["rows"])
+    for r in rep["rows"]:
+        assert 0 <= r["accuracy"] <= 1 and r["flops"] > 0 and r["bytes"] > 0 and r["wall_s"] > 0
+        if r["setting"]["max_think_tokens"] is not None:  # the cap holds (</think> included)
+            assert r["think_tokens"] <= r["setting"]["max_think_tokens"] + 1
+    md = (run / "budget_control.md").read_text()
+    assert md == budget_control_markdown(run) == budget_control_markdown(rep)
+    assert "| 1->0.5 | pair |" in md and "cache reuse" in md
+    assert "frontier" in capsys.readouterr().out
+
+
+def test_cli_bad_run_dir(tmp_path, capsys):
+    from elastic_kernels.infer.cli import main
+    assert main([str(tmp_path)]) == 2
+    assert "no progress.json" in capsys.readouterr().err
+    (tmp_path / "progress.json").write_text(json.dumps({"config": {}}))
+    assert main([str(tmp_path)]) == 2
+    assert "has not finished its elastic stage" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([str(tmp_path), "--caps", "a,b"])
