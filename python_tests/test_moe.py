@@ -109,19 +109,21 @@ def run_op(backend, activation, n_act, width):
     return fn
 
 
-def forward_backward(fn, inputs, names, grad_out):
-    """``fn(**inputs)`` and the gradients of ``names`` (0 where the output does not depend on them)."""
-    leaves = {k: (v.detach().clone().requires_grad_(k in names) if isinstance(v, torch.Tensor) else v)
+def forward_backward(fn, inputs, names, grad_out, device=torch.device("cpu")):
+    """``fn(**inputs)`` on ``device`` and the gradients of ``names`` (0 where the output does not
+    depend on them), returned on the CPU."""
+    leaves = {k: (v.detach().to(device).requires_grad_(k in names) if isinstance(v, torch.Tensor) else v)
               for k, v in inputs.items()}
     out = fn(**leaves)
     if out.requires_grad:
-        out.backward(grad_out.to(out.dtype))
-    return out.detach(), {k: leaves[k].grad if leaves[k].grad is not None else torch.zeros_like(leaves[k])
-                          for k in names}
+        out.backward(grad_out.to(device, out.dtype))
+    return out.detach().cpu(), {k: (leaves[k].grad if leaves[k].grad is not None else torch.zeros_like(leaves[k])).cpu()
+                                for k in names}
 
 
-def check_against_truth(inp, width, activation, n_act, dtype, backend):
-    """Forward and every gradient of ``backend`` at ``dtype`` vs the float64 truth."""
+def check_against_truth(inp, width, activation, n_act, dtype, backend, device=torch.device("cpu")):
+    """Forward and every gradient of ``backend`` at ``dtype`` on ``device`` vs the float64 truth
+    (truth and same-precision reference on the CPU)."""
     names = grad_names(inp)
     low = {k: (v.to(dtype) if k in ("x", "w1", "w2", "w3") and v is not None else v) for k, v in inp.items()}
     exact = {k: (v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v) for k, v in low.items()}
@@ -129,7 +131,8 @@ def check_against_truth(inp, width, activation, n_act, dtype, backend):
     truth = lambda **kw: truth_experts(**kw, activation=activation, n_act=n_act, width=width)  # noqa: E731
     y64, g64 = forward_backward(truth, exact, names, gy.double())
     y_ref, g_ref = forward_backward(run_op("reference", activation, n_act, width), low, names, gy)
-    y, g = forward_backward(run_op(backend, activation, n_act, width), low, names, gy)
+    kernel_width = width.to(device) if isinstance(width, torch.Tensor) else width
+    y, g = forward_backward(run_op(backend, activation, n_act, kernel_width), low, names, gy, device)
     assert y.dtype == dtype
     assert_close_to_truth(y, y64, y_ref, dtype, "y")
     for k in names:
@@ -208,10 +211,7 @@ def test_triton_matches_truth(case, triton_device, poison_empty):
     tokens, hidden, ffn, n_exp, n_act, top_k, gated, activation, width, cs, dtype = case
     inp, w = make_case(tokens, hidden, ffn, n_exp, n_act, top_k, gated=gated, width=width, cs=cs,
                        skip_experts=(1,) if n_act - 1 >= top_k else ())
-    inp = {k: (v.to(triton_device) if isinstance(v, torch.Tensor) else v) for k, v in inp.items()}
-    if triton_device.type != "cpu":
-        pytest.skip("the truth runs on CPU; GPU parity is test_triton_gpu_no_host_sync")
-    check_against_truth(inp, w, activation, n_act, dtype, "triton")
+    check_against_truth(inp, w, activation, n_act, dtype, "triton", triton_device)
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
