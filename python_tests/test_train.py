@@ -1,6 +1,7 @@
 """Tests of the Star Elastic reference loop (elastic_kernels.train)."""
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -252,3 +253,130 @@ def test_config_cli_overrides():
     text = build_parser().format_help()
     for name in ("--kd-temperature", "--router-lr", "--stage-b-skew", "--resume", "--qad"):
         assert name in text
+
+
+# --------------------------------------------------------------------------------- end to end
+def _strip_time(records):
+    return [{k: v for k, v in r.items() if k != "time"} for r in records]
+
+
+def _smoke(tmp_path, name, **kw):
+    from elastic_kernels.train.config import make_config
+    return make_config("smoke", run_dir=str(tmp_path / name), **kw)
+
+
+def test_smoke_end_to_end(tmp_path):
+    from elastic_kernels.train.loop import run
+    from elastic_kernels.train.metrics import read_metrics
+    from elastic_kernels.models import load_nested
+
+    cfg = _smoke(tmp_path, "run")
+    rep = run(cfg)
+    d = tmp_path / "run"
+    for f in ("report.md", "report.json", "report.png", "metrics.jsonl", "parent.safetensors",
+              "permuted.safetensors", "elastic.safetensors"):
+        assert (d / f).is_file(), f
+    assert not (d / "state.safetensors").exists()
+    assert [r["target"] for r in rep["budgets"]] == [1.0, 0.75, 0.5]
+    for r in rep["budgets"]:
+        assert 0.0 <= r["test_acc"] <= 1.0 and math.isfinite(r["val_loss"])
+        assert r["params_total"] >= r["params_active"] > 0
+        assert (r["baseline"] is None) == (r["target"] == 1.0)
+    full = rep["budgets"][0]
+    assert full["params_total"] == rep["parent"]["params_total"]
+    assert set(rep["tokens"]) >= {"parent", "importance", "elastic", "baseline-0.75", "baseline-0.5"}
+    stages = {r["stage"] for r in read_metrics(d / "metrics.jsonl")}
+    assert stages >= {"parent", "importance", "elastic", "baseline-0.5"}
+    md = (d / "report.md").read_text()
+    assert "| 0.50 |" in md and "baseline" in md
+    # every budget of the nested checkpoint loads and gives the sliced model's logits
+    from elastic_kernels.models import Budget
+    x = torch.randint(0, 20, (2, 9))
+    for r in rep["budgets"]:
+        sub = load_nested(d / "nested", budget=f"{r['target']:g}")
+        assert sub.param_count(None) == r["params_total"]
+        assert torch.isfinite(sub(x)).all()
+    # a second run into the same directory without --resume is refused
+    with pytest.raises(FileExistsError, match="--resume"):
+        run(cfg)
+
+
+def test_resume_matches_uninterrupted(tmp_path):
+    from elastic_kernels.train.loop import StopRun, run
+    from elastic_kernels.train.metrics import read_metrics
+
+    kw = dict(baselines=False)
+    run(_smoke(tmp_path, "a", **kw))
+    # stop mid stage 0 (after 4 of 6 steps), then mid stage 2, then finish
+    with pytest.raises(StopRun, match="resume"):
+        run(_smoke(tmp_path, "b", stop_after=4, **kw))
+    with pytest.raises(StopRun):
+        run(_smoke(tmp_path, "b", stop_after=5, resume=True, **kw))
+    run(_smoke(tmp_path, "b", resume=True, **kw))
+    a = _strip_time(read_metrics(tmp_path / "a" / "metrics.jsonl"))
+    b = _strip_time(read_metrics(tmp_path / "b" / "metrics.jsonl"))
+    assert a == b
+    ra = json.loads((tmp_path / "a" / "report.json").read_text())
+    rb = json.loads((tmp_path / "b" / "report.json").read_text())
+    for key in ("parent", "budgets"):
+        assert ra[key] == rb[key]
+    with pytest.raises(ValueError, match="differs"):
+        run(_smoke(tmp_path, "b", resume=True, parent_steps=9, **kw))
+
+
+def test_torchrun_ddp_two_processes(tmp_path):
+    """2-process DDP on CPU (gloo): the run finishes and its report matches the metric layout."""
+    import os
+    import subprocess
+    import sys
+
+    run_dir = tmp_path / "ddp"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+           "-m", "elastic_kernels.train", "--preset", "smoke", "--run-dir", str(run_dir), "--baselines", "false",
+           "--threads", "1"]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    rep = json.loads((run_dir / "report.json").read_text())
+    assert [r["target"] for r in rep["budgets"]] == [1.0, 0.75, 0.5]
+    assert all(math.isfinite(r["val_loss"]) for r in rep["budgets"])
+    # tokens count the global batch once, as in a single-process run
+    from elastic_kernels.train.config import make_config
+    cfg = make_config("smoke")
+    task_tokens = rep["tokens"]["parent"]
+    assert task_tokens > cfg.parent_steps * cfg.batch_size * 5
+
+
+@pytest.mark.parametrize("fmt", ["nvfp4", "fp8"])
+def test_qad_smoke_nested_quantized_checkpoint(tmp_path, fmt):
+    """Stage 3: QAD runs, the quantized nested checkpoint loads at every budget and matches the
+    fake-quantized student's logits there."""
+    from elastic_kernels.models import Budget
+    from elastic_kernels.train.loop import run
+    from elastic_kernels.train.qad import QuantStudent, load_quantized_nested
+    from elastic_kernels.train.loop import _load_prefixed
+    from elastic_kernels.train.checkpoint import load_checkpoint
+
+    cfg = _smoke(tmp_path, "q", qad=True, qad_format=fmt, baselines=False)
+    rep = run(cfg)
+    q = rep["qad"]
+    assert q["format"] == fmt and q["quantized_tensors"] > 0
+    assert [r["target"] for r in q["budgets"]] == [1.0, 0.75, 0.5]
+    d = tmp_path / "q"
+    tensors, _ = load_checkpoint(d / "qad_student.safetensors")
+    from elastic_kernels.models import ElasticHybridLM, ElasticHybridConfig
+    mc = ElasticHybridConfig.from_json((d / "model_config.json").read_text())
+    student = ElasticHybridLM(mc)
+    _load_prefixed("model", student, tensors, "qad_student")
+    qs = QuantStudent(student, fmt).eval()
+    x = torch.randint(0, mc.vocab_size, (2, 11))
+    for r in rep["budgets"]:
+        sub = load_quantized_nested(d / "qad", f"{r['target']:g}")
+        bud = Budget.from_dict(r["budget"])
+        assert sub.param_count(None) == r["params_total"]
+        with torch.no_grad():
+            want = qs(x, budget=bud)
+            got = sub(x)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    with pytest.raises(Exception, match="no budget"):
+        load_quantized_nested(d / "qad", "0.3")

@@ -114,7 +114,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     "smoke": dict(
         difficulty=1, val_size=32, test_size=32, batch_size=8, parent_steps=6, elastic_steps=6,
         importance_batches=1, qad_steps=3, baseline_steps=4, log_every=2, eval_every=0, ckpt_every=3,
-        warmup_steps=2, progress=False, model={},
+        warmup_steps=2, progress=False,
+        model=dict(hidden_size=64, pattern="M-*E", mamba_heads=8, mamba_head_dim=8, mamba_groups=2,
+                   mamba_state=8, mamba_chunk_size=16, moe_experts=4, moe_top_k=2, moe_ffn=64, attn_heads=2,
+                   attn_kv_heads=1, ffn_size=64),
     ),
     "tiny": dict(model={}),
     "small": dict(

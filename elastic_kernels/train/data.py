@@ -245,9 +245,12 @@ class ArithmeticTask:
         text = tok.decode(rest)
         return int(text) if text.isdigit() else None
 
+    def completion_bound(self, num_ops: int) -> int:
+        """An upper bound on the completion length in tokens of a problem with ``num_ops`` operations."""
+        w = len(str(self.modulus - 1))
+        return num_ops * (3 * w + 3) + w + 2
+
     def max_completion_len(self, difficulty: int | None = None) -> int:
         """An upper bound on the completion length in tokens at ``difficulty``."""
         difficulty = self.difficulty if difficulty is None else difficulty
-        n = DIFFICULTY_OPS[difficulty][1]
-        w = len(str(self.modulus - 1))
-        return n * (3 * w + 3) + w + 2
+        return self.completion_bound(DIFFICULTY_OPS[difficulty][1])

@@ -1,0 +1,127 @@
+"""The run report: ``report.json``, ``report.md`` and ``report.png`` in the run directory.
+
+The report dict (written as JSON) has::
+
+    {"config": {...}, "task": {...}, "parent": {row}, "budgets": [row, ...], "tokens": {stage: n},
+     "time_s": {stage: seconds}, "qad": {...} | None}
+
+where a budget row holds ``target``, ``params_total``, ``params_active``, ``achieved`` (chosen
+params / parent params in the budget metric), ``sizes`` (the router's per-axis choices),
+``val_loss``, ``val_acc``, ``test_acc`` and ``baseline`` (a row of the independently trained model
+of the same size, or None).
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+__all__ = ["write_report", "render_markdown"]
+
+
+def _fmt(x, spec=".3f") -> str:
+    return "—" if x is None else format(x, spec)
+
+
+def render_markdown(rep: dict) -> str:
+    cfg = rep["config"]
+    lines = ["# Star Elastic reference run", ""]
+    lines.append(f"Preset `{cfg['preset']}`, seed {cfg['seed']}, task: {rep['task']['description']}.")
+    lines.append(f"Budgets are fractions of the parent's **{cfg['budget_metric']}** parameters. "
+                 "Exact-match accuracy: greedy generation of the thinking trace and answer; "
+                 "the answer (after `</think>`) must equal the true value.")
+    lines.append("")
+    p = rep["parent"]
+    lines.append(f"Parent (stage 0, teacher): {p['params_total']:,} params ({p['params_active']:,} active), "
+                 f"val loss {_fmt(p['val_loss'])}, val acc {_fmt(p['val_acc'])}, "
+                 f"**test acc {_fmt(p['test_acc'])}**.")
+    lines.append("")
+    lines.append("| budget | params total | params active | achieved/target | val loss | test acc | "
+                 "baseline test acc | baseline val loss | nested ≥ baseline |")
+    lines.append("|---|---|---|---|---|---|---|---|---|")
+    for r in rep["budgets"]:
+        b = r.get("baseline")
+        better = "—" if b is None else ("yes" if r["test_acc"] >= b["test_acc"] else "no")
+        lines.append(
+            f"| {r['target']:.2f} | {r['params_total']:,} | {r['params_active']:,} | "
+            f"{r['achieved']:.3f} / {r['target']:.2f} ({100 * (r['achieved'] / r['target'] - 1):+.1f}%) | "
+            f"{_fmt(r['val_loss'])} | {_fmt(r['test_acc'])} | {_fmt(b and b['test_acc'])} | "
+            f"{_fmt(b and b['val_loss'])} | {better} |")
+    lines.append("")
+    lines.append("## Router choices (sizes per axis; per layer where the axis is per layer)")
+    lines.append("")
+    for r in rep["budgets"]:
+        sizes = ", ".join(f"{a}={v}" for a, v in r["sizes"].items())
+        lines.append(f"- budget {r['target']:.2f}: {sizes}")
+    lines.append("")
+    lines.append("## Tokens and time per stage")
+    lines.append("")
+    lines.append("| stage | tokens | time (s) |")
+    lines.append("|---|---|---|")
+    for stage, n in rep["tokens"].items():
+        lines.append(f"| {stage} | {n:,} | {_fmt(rep['time_s'].get(stage), '.1f')} |")
+    if rep.get("qad"):
+        q = rep["qad"]
+        lines.append("")
+        lines.append(f"## Stage 3: QAD ({q['format']})")
+        lines.append("")
+        lines.append(f"Nested checkpoint: `{q['checkpoint']}`.")
+        lines.append("")
+        lines.append("| budget | test acc (bf16 student) | test acc (quantized, loaded from checkpoint) | "
+                     "val loss (quantized) |")
+        lines.append("|---|---|---|---|")
+        for r in q["budgets"]:
+            lines.append(f"| {r['target']:.2f} | {_fmt(r['ref_test_acc'])} | {_fmt(r['test_acc'])} | "
+                         f"{_fmt(r['val_loss'])} |")
+    lines.append("")
+    return "\n".join(lines)
+
+
+def _plot(rep: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(1, 2, figsize=(10, 4))
+    rows = rep["budgets"]
+    x = [r["params_active" if rep["config"]["budget_metric"] == "active" else "params_total"] for r in rows]
+    ax[0].plot(x, [r["test_acc"] for r in rows], "o-", label="nested (Star Elastic)")
+    bx = [xi for xi, r in zip(x, rows) if r.get("baseline")]
+    by = [r["baseline"]["test_acc"] for r in rows if r.get("baseline")]
+    if bx:
+        ax[0].plot(bx, by, "s--", label="independent baseline")
+    if rep.get("qad"):
+        ax[0].plot(x, [r["test_acc"] for r in rep["qad"]["budgets"]], "^:", label=f"QAD {rep['qad']['format']}")
+    ax[0].set_xlabel(f"{rep['config']['budget_metric']} parameters")
+    ax[0].set_ylabel("test exact-match accuracy")
+    ax[0].set_ylim(-0.02, 1.02)
+    ax[0].legend()
+    ax[0].grid(alpha=0.3)
+    t = [r["target"] for r in rows]
+    ax[1].plot(t, t, "k:", label="target")
+    ax[1].plot(t, [r["achieved"] for r in rows], "o", label="router choice")
+    ax[1].set_xlabel("target budget")
+    ax[1].set_ylabel("chosen params / parent params")
+    ax[1].legend()
+    ax[1].grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_report(rep: dict, run_dir: str | os.PathLike) -> dict[str, Path]:
+    """Write the three report files; returns their paths."""
+    run_dir = Path(run_dir)
+    paths = {"json": run_dir / "report.json", "md": run_dir / "report.md", "png": run_dir / "report.png"}
+    _atomic_write(paths["json"], json.dumps(rep, indent=2, sort_keys=True))
+    _atomic_write(paths["md"], render_markdown(rep))
+    _plot(rep, paths["png"])
+    return paths
