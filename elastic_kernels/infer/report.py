@@ -52,13 +52,14 @@ def _read_run(run_dir: Path) -> dict:
 
 
 def run_budget_control(run_dir: str | os.PathLike, *, limit: int | None = None, caps: Sequence[int] | None = None,
-                       batch_size: int = 64, reuse: bool = True, device: str = "cpu", write: bool = True) -> dict:
+                       batch_size: int = 64, reuse: bool = True, device: str = "cpu", write: bool = True,
+                       out_dir: str | os.PathLike | None = None) -> dict:
     """Evaluate every budget-control setting of the run in ``run_dir`` on its test split.
 
     limit: evaluate only the first ``limit`` test problems (None: all). caps: thinking-token caps
     of the single-model baseline (default :func:`~.evaluate.default_caps`). reuse: also run the
     pairs in the experimental cache-reuse mode. write: write the three report files into
-    ``run_dir``. Returns the report dict.
+    ``out_dir`` (default ``run_dir``). Returns the report dict.
     """
     from ..models import load_nested, read_nested_config
     from ..train.data import ArithmeticTask
@@ -92,7 +93,9 @@ def run_budget_control(run_dir: str | os.PathLike, *, limit: int | None = None, 
         "rows": rows, "analysis": analyze(rows),
     }
     if write:
-        write_budget_control(rep, run_dir)
+        out = Path(out_dir) if out_dir is not None else run_dir
+        out.mkdir(parents=True, exist_ok=True)
+        write_budget_control(rep, out)
     return rep
 
 
