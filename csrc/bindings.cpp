@@ -52,7 +52,8 @@ PYBIND11_MODULE(_C, m) {
       .def(py::init<>())
 #define EK_RW(f) .def_readwrite(#f, &ek::Nvfp4LinearArgs::f)
       EK_RW(x) EK_RW(data) EK_RW(scales) EK_RW(g) EK_RW(gx) EK_RW(bias) EK_RW(y) EK_RW(M) EK_RW(N)
-      EK_RW(K) EK_RW(s_x) EK_RW(s_data) EK_RW(s_scales) EK_RW(s_y) EK_RW(dtype) EK_RW(stream);
+      EK_RW(K) EK_RW(s_x) EK_RW(s_data) EK_RW(s_scales) EK_RW(s_y) EK_RW(workspace)
+      EK_RW(workspace_floats) EK_RW(dtype) EK_RW(stream);
 #undef EK_RW
   m.def("nvfp4_linear", [](const ek::Nvfp4LinearArgs& a) { raise_if(ek::nvfp4_linear_launch(a)); });
 #else

@@ -40,10 +40,11 @@ std::string nvfp4_quantize_launch(const Nvfp4QuantizeArgs& a);
 
 // NVFP4 W4A16 GEMM: y (M, N) = ((x (M, K) @ (e2m1 * s)^T) * g [* gx]) + bias, x/y fp16 or bf16,
 // data (N, K/2) uint8 and scales (N, K/16) e4m3 bytes with row strides s_data, s_scales; g, gx
-// fp32 scalars (gx optional), bias fp32 (N,) optional.
+// fp32 scalars (gx optional), bias fp32 (N,) optional. workspace: fp32 scratch of
+// workspace_floats elements for split-K partial sums when M <= 16 (0: no split).
 struct Nvfp4LinearArgs {
-  uintptr_t x = 0, data = 0, scales = 0, g = 0, gx = 0, bias = 0, y = 0;
-  int64_t M = 0, N = 0, K = 0, s_x = 0, s_data = 0, s_scales = 0, s_y = 0;
+  uintptr_t x = 0, data = 0, scales = 0, g = 0, gx = 0, bias = 0, y = 0, workspace = 0;
+  int64_t M = 0, N = 0, K = 0, s_x = 0, s_data = 0, s_scales = 0, s_y = 0, workspace_floats = 0;
   int dtype = 0;
   uintptr_t stream = 0;
 };

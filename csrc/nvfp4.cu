@@ -170,8 +170,11 @@ template <> struct Mma<__half> {
 };
 
 // MT m16 tiles per warp (BM = 16 * MT); each warp owns 16 columns (two n8 tiles) of the BN tile.
+// Split-K (decode, few CTAs): CTA z covers K tiles [z * k_chunk, (z + 1) * k_chunk) and writes its
+// raw fp32 partial sums to part[z][m][n]; nvfp4_splitk_reduce_kernel sums them in a fixed order
+// (deterministic) and applies the epilogue. k_chunk == K means no split (epilogue in place).
 template <typename T, int MT>
-__global__ void __launch_bounds__(kThreads) nvfp4_linear_kernel(Nvfp4LinearArgs a) {
+__global__ void __launch_bounds__(kThreads) nvfp4_linear_kernel(Nvfp4LinearArgs a, int64_t k_chunk) {
   constexpr int BM = 16 * MT;
   __shared__ __align__(16) T xs[BM][kBK + kPad];
   __shared__ __align__(16) T ws[kBN][kBK + kPad];
@@ -191,13 +194,15 @@ __global__ void __launch_bounds__(kThreads) nvfp4_linear_kernel(Nvfp4LinearArgs 
 #pragma unroll
       for (int c = 0; c < 4; ++c) acc[i][j][c] = 0.f;
 
-  for (int64_t k0 = 0; k0 < a.K; k0 += kBK) {
+  const int64_t k_begin = static_cast<int64_t>(blockIdx.z) * k_chunk;
+  const int64_t k_end = k_begin + k_chunk < a.K ? k_begin + k_chunk : a.K;
+  for (int64_t k0 = k_begin; k0 < k_end; k0 += kBK) {
     // x tile: BM x BK in 16-byte chunks of 8 elements (K % 16 == 0: a chunk is all in or all out)
     for (int c = tid; c < BM * (kBK / 8); c += kThreads) {
       const int r = c / (kBK / 8), kc = (c % (kBK / 8)) * 8;
       const int64_t gm = m0 + r, gk = k0 + kc;
       uint4 v = make_uint4(0, 0, 0, 0);
-      if (gm < a.M && gk < a.K) v = *reinterpret_cast<const uint4*>(x + gm * a.s_x + gk);
+      if (gm < a.M && gk < k_end) v = *reinterpret_cast<const uint4*>(x + gm * a.s_x + gk);
       *reinterpret_cast<uint4*>(&xs[r][kc]) = v;
     }
     // weight tile: BN rows x (BK / 16) scale blocks; each block = 8 packed bytes + 1 scale byte
@@ -205,7 +210,7 @@ __global__ void __launch_bounds__(kThreads) nvfp4_linear_kernel(Nvfp4LinearArgs 
       const int r = c / (kBK / 16), j = c % (kBK / 16);
       const int64_t gn = n0 + r, gk = k0 + j * 16;
       uint4 out[2] = {make_uint4(0, 0, 0, 0), make_uint4(0, 0, 0, 0)};
-      if (gn < a.N && gk < a.K) {
+      if (gn < a.N && gk < k_end) {
         const uint2 p = *reinterpret_cast<const uint2*>(wd + gn * a.s_data + gk / 2);
         const float s = e4m3_value(sc[gn * a.s_scales + gk / 16]);
         T* o = reinterpret_cast<T*>(out);
@@ -257,6 +262,10 @@ __global__ void __launch_bounds__(kThreads) nvfp4_linear_kernel(Nvfp4LinearArgs 
         const int64_t gm = m0 + i * 16 + gid + (c >= 2 ? 8 : 0);
         const int64_t gn = n0 + warp * 16 + j * 8 + tig * 2 + (c & 1);
         if (gm < a.M && gn < a.N) {
+          if (k_chunk < a.K) {  // split-K partial: raw sums, epilogue in the reduce kernel
+            reinterpret_cast<float*>(a.workspace)[(blockIdx.z * a.M + gm) * a.N + gn] = acc[i][j][c];
+            continue;
+          }
           float v = acc[i][j][c] * g;
           if (a.gx) v = v * gx;
           if (bias) v = v + bias[gn];
@@ -266,12 +275,52 @@ __global__ void __launch_bounds__(kThreads) nvfp4_linear_kernel(Nvfp4LinearArgs 
 }
 
 template <typename T>
+__global__ void nvfp4_splitk_reduce_kernel(Nvfp4LinearArgs a, int splits) {
+  const int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (t >= a.M * a.N) return;
+  const int64_t m = t / a.N, n = t % a.N;
+  const float* part = reinterpret_cast<const float*>(a.workspace);
+  float acc = 0.f;
+  for (int z = 0; z < splits; ++z) acc += part[z * a.M * a.N + t];
+  float v = acc * *reinterpret_cast<const float*>(a.g);
+  if (a.gx) v = v * *reinterpret_cast<const float*>(a.gx);
+  if (a.bias) v = v + reinterpret_cast<const float*>(a.bias)[n];
+  reinterpret_cast<T*>(a.y)[m * a.s_y + n] = from_f<T>(v);
+}
+
+int sm_count() {
+  int dev = 0, sms = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess) {
+    return 1;
+  }
+  return sms;
+}
+
+template <typename T>
 void launch_linear(const Nvfp4LinearArgs& a, cudaStream_t stream) {
   const unsigned gx = static_cast<unsigned>((a.N + kBN - 1) / kBN);
   if (a.M <= 16) {
-    nvfp4_linear_kernel<T, 1><<<dim3(gx, static_cast<unsigned>(a.M + 15) / 16), kThreads, 0, stream>>>(a);
+    // Few CTAs (decode): split K so that about two CTAs per SM stream the weights.
+    const int64_t ctas = static_cast<int64_t>(gx) * ((a.M + 15) / 16);
+    const int64_t tiles = (a.K + kBK - 1) / kBK;
+    int64_t splits = (2 * sm_count() + ctas - 1) / ctas;
+    if (splits > tiles) splits = tiles;
+    if (a.M * a.N > 0 && splits > a.workspace_floats / (a.M * a.N)) splits = a.workspace_floats / (a.M * a.N);
+    if (splits > 65535) splits = 65535;
+    if (splits < 1) splits = 1;
+    const int64_t k_chunk = splits > 1 ? ((tiles + splits - 1) / splits) * kBK : a.K;
+    if (splits > 1) splits = (a.K + k_chunk - 1) / k_chunk;  // no empty split
+    const dim3 grid(gx, static_cast<unsigned>((a.M + 15) / 16), static_cast<unsigned>(splits));
+    nvfp4_linear_kernel<T, 1><<<grid, kThreads, 0, stream>>>(a, splits > 1 ? k_chunk : a.K);
+    if (splits > 1) {
+      const int64_t n = a.M * a.N;
+      nvfp4_splitk_reduce_kernel<T><<<static_cast<unsigned>((n + 255) / 256), 256, 0, stream>>>(
+          a, static_cast<int>(splits));
+    }
   } else {
-    nvfp4_linear_kernel<T, 4><<<dim3(gx, static_cast<unsigned>((a.M + 63) / 64)), kThreads, 0, stream>>>(a);
+    const dim3 grid(gx, static_cast<unsigned>((a.M + 63) / 64));
+    nvfp4_linear_kernel<T, 4><<<grid, kThreads, 0, stream>>>(a, a.K);
   }
 }
 

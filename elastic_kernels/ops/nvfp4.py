@@ -84,6 +84,9 @@ def _cuda_linear(x: Tensor, data: Tensor, scales: Tensor, g: Tensor, bias: Optio
     a.bias = bias.data_ptr() if bias is not None else 0
     a.M, a.N, a.K = m, n, k
     a.s_x, a.s_data, a.s_scales, a.s_y = x.stride(0), data.stride(0), scales.stride(0), y.stride(0)
+    if m <= 16:  # split-K scratch for decode shapes (at most 16 partial sums per output)
+        ws = torch.empty(16 * m * n, dtype=torch.float32, device=x.device)
+        a.workspace, a.workspace_floats = ws.data_ptr(), ws.numel()
     a.dtype, a.stream = _ext.DTYPE_CODES[x.dtype], _ext.stream_handle(x.device)
     C.nvfp4_linear(a)
     return y
