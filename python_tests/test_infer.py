@@ -362,3 +362,11 @@ def test_cli_bad_run_dir(tmp_path, capsys):
     assert "has not finished its elastic stage" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main([str(tmp_path), "--caps", "a,b"])
+
+
+def test_module_entry_point():
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "-m", "elastic_kernels.infer", "--help"], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0 and "RUN_DIR" in out.stdout and "--caps" in out.stdout

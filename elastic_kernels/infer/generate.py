@@ -157,9 +157,9 @@ def _check_count(value, name: str, allow_none: bool) -> None:
 class _Seq:
     """Decoding state of one request."""
 
-    def __init__(self, index: int, prompt: list[int], think: Budget, answer: Budget, think_name: str,
-                 answer_name: str, max_think: int | None, gen: torch.Generator | None) -> None:
-        self.index, self.prompt = index, prompt
+    def __init__(self, prompt: list[int], think: Budget, answer: Budget, think_name: str, answer_name: str,
+                 max_think: int | None, gen: torch.Generator | None) -> None:
+        self.prompt = prompt
         self.think, self.answer_b = think, answer
         self.think_name, self.answer_name = think_name, answer_name
         self.max_think, self.gen = max_think, gen
@@ -442,7 +442,7 @@ def generate(model, prompts: Sequence[Sequence[int]], *, think_budget=FULL, answ
             _check_count(seeds[i], "seed", False)
             gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seeds[i] + (
                 0 if isinstance(seed, (list, tuple)) else i))
-        seqs.append(_Seq(i, p, tb, ab, _budget_name(thinks[i]), _budget_name(answers[i]), caps[i], gen))
+        seqs.append(_Seq(p, tb, ab, _budget_name(thinks[i]), _budget_name(answers[i]), caps[i], gen))
     groups: dict[int, list[_Seq]] = {}
     for s in seqs:
         groups.setdefault(len(s.prompt), []).append(s)
