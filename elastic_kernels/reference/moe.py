@@ -51,16 +51,15 @@ def moe_route_reference(router_logits: torch.Tensor, top_k: int, num_experts_act
     dtype = torch.float64 if router_logits.dtype == torch.float64 else torch.float32
     logits = router_logits.to(dtype)
     n_exp = logits.shape[-1]
-    active = torch.arange(n_exp, device=logits.device) < num_experts_active
-    neg_inf = torch.tensor(float("-inf"), dtype=dtype, device=logits.device)
+    inactive = torch.arange(n_exp, device=logits.device) >= num_experts_active
     if score == "softmax":
-        probs = torch.softmax(torch.where(active, logits, neg_inf), dim=-1)
+        probs = torch.softmax(logits.masked_fill(inactive, float("-inf")), dim=-1)
     else:
         probs = torch.sigmoid(logits)
     select = probs.detach()
     if correction_bias is not None:
         select = select + correction_bias.to(dtype)
-    select = torch.where(active, select, neg_inf)
+    select = select.masked_fill(inactive, float("-inf"))
     topk_ids = torch.topk(select, top_k, dim=-1).indices
     weights = probs.gather(-1, topk_ids)
     if renormalize:
