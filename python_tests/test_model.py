@@ -10,9 +10,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from elastic_kernels import fake_quant_fp8, nvfp4
 from elastic_kernels.models import (AXES, Budget, CheckpointError, ElasticGatedRMSNorm, ElasticHybridConfig,
                                     ElasticHybridLM, ElasticRMSNorm, estimate_importance, load_nested,
-                                    permute_by_importance, read_nested_config, save_nested)
+                                    load_nested_state, permute_by_importance, read_nested_config, save_nested)
 
 # fp32 "tight": masked and sliced forwards do the same arithmetic up to summation order
 ATOL, RTOL = 2e-5, 1e-5
@@ -438,6 +439,50 @@ def test_load_nested_smallest_budget_reads_only_its_bytes(tmp_path):
     assert stats["bytes_read"] < 0.5 * stats["file_bytes"]
     if r0 is not None:  # the kernel's own count of bytes read by this process
         assert r1 - r0 <= stats["header_bytes"] + own + cfg_bytes + 4096
+
+
+@pytest.mark.parametrize("fmt", ["nvfp4", "fp8"])
+def test_quantized_nested_checkpoint_round_trip(tmp_path, fmt):
+    model = make_model()
+    cfg = model.config
+    t = budgets_for(cfg)
+    table = {n: t[n] for n in ("full", "all-0.5", "hidden-0.5", "mamba_heads-0.5", "experts-0.5")}
+    save_nested(model, tmp_path, table, quantization=fmt)
+    qtable = json.loads((tmp_path / "config.json").read_text())["quantization"]["tensors"]
+    assert {"layers.0.mixer.in_heads", "layers.2.mixer.w1", "lm_head.weight"} <= set(qtable)
+    # the truth: the parent with every stored weight replaced by its own quantize-dequantize
+    truth = make_model()
+    with torch.no_grad():
+        for name, p in truth.named_parameters():
+            if name in qtable:
+                w = p.reshape(-1, p.shape[-1]) if qtable[name] == "flat" else p
+                deq = nvfp4.quantize(w).dequantize(p.dtype) if fmt == "nvfp4" else fake_quant_fp8(w)
+                p.copy_(deq.reshape(p.shape))
+    ids = ids_for(cfg)
+    smallest = min(table, key=lambda n: model.param_count(table[n]))
+    for bname, budget in table.items():
+        stats = {}
+        loaded, want = load_nested(tmp_path, bname, stats=stats), truth.slice(budget)
+        for k, v in loaded.state_dict().items():
+            assert torch.equal(v, want.state_dict()[k]), (bname, k)
+        torch.testing.assert_close(loaded(ids), want(ids), atol=0, rtol=0)
+        if bname == smallest:
+            _, raw = load_nested_state(tmp_path, bname)
+            own = 0
+            for v in raw.values():
+                parts = [v.data, v.scales, v.global_scale] if isinstance(v, nvfp4.NVFP4Tensor) else \
+                    (list(v) if isinstance(v, tuple) else [v])
+                own += sum(x.numel() * x.element_size() for x in parts)
+            assert stats["bytes_read"] == stats["header_bytes"] + own
+            assert stats["bytes_read"] < 0.5 * stats["file_bytes"]
+    _, raw = load_nested_state(tmp_path, "all-0.5")
+    if fmt == "nvfp4":
+        q = raw["layers.0.mixer.in_heads"]
+        assert isinstance(q, nvfp4.NVFP4Tensor) and q.data.dtype == torch.uint8
+        with pytest.raises(CheckpointError, match="multiples of 16"):
+            load_nested(tmp_path, Budget(hidden=24))
+    with pytest.raises(ValueError, match="quantization"):
+        save_nested(model, tmp_path, table, quantization="int4")
 
 
 def test_nested_checkpoint_errors(tmp_path):

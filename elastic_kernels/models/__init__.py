@@ -99,13 +99,22 @@ Mamba heads within their group) and returns the permutations; full-width outputs
 
 Nested checkpoints (:mod:`.checkpoint`)
 ---------------------------------------
-``save_nested(model, path, budgets)``: ``path`` is a directory; writes ``model.safetensors`` and
-``config.json`` (config + budget table ``{name: Budget}``), each atomically (temp file + rename).
-``load_nested(path, budget=None) -> ElasticHybridLM``: ``budget`` a table name, a Budget or None
-(full); reads only the header and the prefix bytes of every slice. ``read_nested_config(path)``.
+``save_nested(model, path, budgets, *, quantization=None)``: ``path`` is a directory; writes
+``model.safetensors`` and ``config.json`` (config + budget table ``{name: Budget}``), each
+atomically (temp file + rename). ``quantization="nvfp4" | "fp8"`` stores the linear weights of
+``quantizable_weights(model)`` quantized (Model-Optimizer-style ``name``, ``name_scale``,
+``name_scale_2``); every nested slice is a prefix of the one quantized tensor (no requantization;
+NVFP4 input features slice at multiples of 16).
+``load_nested(path, budget=None, *, device="cpu", stats=None) -> ElasticHybridLM``: ``budget`` a
+table name, a Budget or None (full); reads only the header and the prefix bytes of every slice
+(``stats`` receives ``bytes_read``/``header_bytes``/``file_bytes``); quantized weights are
+dequantized into the saved dtype. ``load_nested_state(path, budget=None)`` -> ``(config,
+{name: Tensor | NVFP4Tensor | (fp8 codes, scale)})`` for serving with ``nvfp4_linear``.
+``read_nested_config(path) -> (config, budgets)``.
 Errors: ``CheckpointError`` (a ValueError) for corrupt or mismatched files.
 """
-from .checkpoint import CheckpointError, load_nested, read_nested_config, save_nested
+from .checkpoint import (CheckpointError, load_nested, load_nested_state, quantizable_weights, read_nested_config,
+                         save_nested)
 from .config import AXES, Budget, ElasticHybridConfig
 from .importance import estimate_importance, permute_by_importance
 from .layers import (AttentionLayerCache, ElasticEmbedding, ElasticFFN, ElasticGatedRMSNorm, ElasticLMHead,
@@ -115,4 +124,5 @@ from .model import ElasticHybridLM, HybridBlock, HybridCache
 __all__ = ["AXES", "AttentionLayerCache", "Budget", "CheckpointError", "ElasticEmbedding", "ElasticFFN",
            "ElasticGatedRMSNorm", "ElasticHybridConfig", "ElasticHybridLM", "ElasticLMHead", "ElasticMamba2Mixer",
            "ElasticMoE", "ElasticRMSNorm", "GQAAttention", "HybridBlock", "HybridCache", "MambaLayerCache",
-           "estimate_importance", "load_nested", "permute_by_importance", "read_nested_config", "save_nested"]
+           "estimate_importance", "load_nested", "load_nested_state", "permute_by_importance", "quantizable_weights",
+           "read_nested_config", "save_nested"]

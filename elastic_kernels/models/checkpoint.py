@@ -5,7 +5,20 @@ Layout of a checkpoint directory::
 
     model.safetensors   every parameter and buffer of the parent (safetensors format)
     config.json         {"format", "version", "config": ElasticHybridConfig, "budgets": {name: Budget},
-                         "weights": "model.safetensors", "config_sha256"}
+                         "weights": "model.safetensors", "config_sha256", "dtype",
+                         "quantization": null | {"format": "nvfp4" | "fp8", "tensors": {name: layout}}}
+
+Quantized checkpoints (``save_nested(..., quantization="nvfp4" | "fp8")``) store the linear
+weights with Model-Optimizer-style names: NVFP4 ``name`` (packed uint8 ``(..., N, K/2)``),
+``name_scale`` (float8_e4m3fn ``(..., N, K/16)``), ``name_scale_2`` (float32 ``()`` or ``(E,)``
+per expert); FP8 ``name`` (float8_e4m3fn) and ``name_scale`` (float32 ``()``, ``amax / 448``).
+Layouts: ``"2d"`` (N, K) weights, ``"flat"`` (the Mamba head projection (H, 2P+1, K) stored as
+(H*(2P+1), K)), ``"stacked"`` expert weights (E, N, K). A nested slice is a prefix of the
+packed codes and block scales (input features at multiples of 16 for NVFP4) with the shared
+global scale: nothing is requantized. Embeddings, norms, routers, convolutions and the SSM
+scalars stay in the model's dtype. Loading dequantizes into a regular model
+(:func:`load_nested`), or returns the raw NVFP4/FP8 slices (:func:`load_nested_state`) for
+serving with :func:`elastic_kernels.nvfp4_linear`.
 
 Both files are written atomically (temp file in the same directory, fsync, rename). The
 safetensors metadata repeats the config hash, so a weights file that does not belong to its
@@ -26,9 +39,12 @@ from typing import Mapping
 import torch
 from safetensors.torch import save as _st_save
 
+from .. import nvfp4
+from ..reference.nvfp4 import E4M3_MAX, fp8_scale_of
 from .config import Budget, ElasticHybridConfig
 from .model import ElasticHybridLM
 
+QUANTIZATIONS = ("nvfp4", "fp8")
 FORMAT = "elastic_kernels.nested"
 VERSION = 1
 WEIGHTS = "model.safetensors"
@@ -61,24 +77,80 @@ def _config_sha(config: ElasticHybridConfig) -> str:
     return hashlib.sha256(config.to_json().encode()).hexdigest()
 
 
-def save_nested(model: ElasticHybridLM, path: str | os.PathLike, budgets: Mapping[str, Budget]) -> None:
-    """Write ``model`` (the parent) and the budget table ``{name: Budget}`` to directory ``path``."""
+def quantizable_weights(model: ElasticHybridLM) -> dict[str, str]:
+    """The linear weights a quantized checkpoint stores in NVFP4/FP8: ``{name: layout}``."""
+    out: dict[str, str] = {}
+    for i, block in enumerate(model.layers):
+        pre = f"layers.{i}.mixer."
+        if block.kind == "M":
+            out.update({pre + "in_heads": "flat", pre + "in_bc": "2d", pre + "out_proj": "2d"})
+        elif block.kind == "*":
+            out.update({pre + n: "2d" for n in ("q_proj", "k_proj", "v_proj", "o_proj")})
+        elif block.kind == "-":
+            out.update({pre + "up": "2d", pre + "down": "2d"})
+        else:
+            out.update({pre + "w1": "stacked", pre + "w2": "stacked"})
+            if block.mixer.shared is not None:
+                out.update({pre + "shared.up": "2d", pre + "shared.down": "2d"})
+    if model.lm_head is not None:
+        out["lm_head.weight"] = "2d"
+    return out
+
+
+def _qshape(shape: tuple, layout: str) -> tuple:
+    """Shape of the quantized view (..., N, K) of a parameter (prefix) of ``shape``."""
+    return (math.prod(shape[:-1]), shape[-1]) if layout == "flat" else tuple(shape)
+
+
+def save_nested(model: ElasticHybridLM, path: str | os.PathLike, budgets: Mapping[str, Budget], *,
+                quantization: str | None = None) -> None:
+    """Write ``model`` (the parent) and the budget table ``{name: Budget}`` to directory ``path``.
+
+    ``quantization``: None (weights as they are), ``"nvfp4"`` or ``"fp8"`` (the linear weights of
+    :func:`quantizable_weights`; for NVFP4 only those whose input features are a multiple of 16 in
+    the parent and in every budget of the table, the others stay in the model's dtype).
+    """
     if not isinstance(model, ElasticHybridLM):
         raise TypeError(f"save_nested: model must be an ElasticHybridLM, got {type(model).__name__}")
     if not isinstance(budgets, Mapping):
         raise TypeError(f"save_nested: budgets must be a mapping {{name: Budget}}, got {type(budgets).__name__}")
+    if quantization is not None and quantization not in QUANTIZATIONS:
+        raise ValueError(f"save_nested: quantization must be None or one of {QUANTIZATIONS}, got {quantization!r}")
+    shapes = []
     for name, b in budgets.items():
         if not isinstance(name, str) or not name:
             raise ValueError(f"save_nested: budget names must be non-empty strings, got {name!r}")
         if not isinstance(b, Budget):
             raise TypeError(f"save_nested: budgets[{name!r}] must be a Budget, got {type(b).__name__}")
-        model.resolve_budget(b)
+        shapes.append(model.sliced_shapes(model.resolve_budget(b)))
     path = os.fspath(path)
     os.makedirs(path, exist_ok=True)
     sha = _config_sha(model.config)
-    tensors = {n: t.detach().cpu().contiguous() for n, t in model.state_dict().items()}
+    state = {n: t.detach().cpu().contiguous() for n, t in model.state_dict().items()}
+    tensors: dict[str, torch.Tensor] = {}
+    qtable: dict[str, str] = {}
+    for name, t in state.items():
+        layout = quantizable_weights(model).get(name) if quantization else None
+        if layout is not None and quantization == "nvfp4":
+            ks = [t.shape[-1]] + [sh[name][-1] for sh in shapes]
+            if any(k % nvfp4.BLOCK for k in ks):
+                layout = None
+        if layout is None:
+            tensors[name] = t
+        elif quantization == "nvfp4":
+            q = nvfp4.quantize(t.reshape(_qshape(tuple(t.shape), layout)))
+            tensors.update({name: q.data, name + "_scale": q.scales, name + "_scale_2": q.global_scale})
+        else:
+            scale = fp8_scale_of(t)
+            codes = torch.clamp(t.float() / scale, -E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+            tensors.update({name: codes.reshape(_qshape(tuple(t.shape), layout)), name + "_scale": scale})
+        if layout is not None:
+            qtable[name] = layout
+    tensors = {n: t.contiguous() for n, t in tensors.items()}
     _atomic_write(os.path.join(path, WEIGHTS), _st_save(tensors, metadata={"format": FORMAT, "config_sha256": sha}))
     meta = {"format": FORMAT, "version": VERSION, "weights": WEIGHTS, "config_sha256": sha,
+            "dtype": str(model.embed.weight.dtype).replace("torch.", ""),
+            "quantization": {"format": quantization, "tensors": qtable} if quantization else None,
             "config": model.config.to_dict(), "budgets": {n: b.to_dict() for n, b in budgets.items()}}
     _atomic_write(os.path.join(path, CONFIG), json.dumps(meta, indent=2, sort_keys=True).encode())
 
@@ -111,7 +183,16 @@ def _read_meta(path: str) -> dict:
         raise CheckpointError(f"load_nested: {cfg_path} has a bad config or budget table ({e})") from None
     if meta.get("config_sha256") != _config_sha(config):
         raise CheckpointError(f"load_nested: {cfg_path}: config_sha256 does not match its config")
-    return {"config": config, "budgets": budgets, "sha": meta["config_sha256"],
+    dtype = getattr(torch, str(meta.get("dtype", "float32")), None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise CheckpointError(f"load_nested: {cfg_path} has a bad dtype {meta.get('dtype')!r}")
+    quant = meta.get("quantization")
+    if quant is not None:
+        if not isinstance(quant, dict) or quant.get("format") not in QUANTIZATIONS \
+                or not isinstance(quant.get("tensors"), dict) \
+                or not set(quant["tensors"].values()) <= {"2d", "flat", "stacked"}:
+            raise CheckpointError(f"load_nested: {cfg_path} has a bad quantization table")
+    return {"config": config, "budgets": budgets, "sha": meta["config_sha256"], "dtype": dtype, "quant": quant,
             "weights": os.path.join(path, str(meta.get("weights", WEIGHTS)))}
 
 
@@ -159,14 +240,16 @@ class _PrefixReader:
     def metadata(self) -> dict:
         return self.header.get("__metadata__", {}) or {}
 
-    def entry(self, name: str, shape: tuple) -> tuple[torch.dtype, int]:
-        """Validate tensor ``name`` (full shape ``shape``); return its dtype and data offset."""
+    def entry(self, name: str, shape: tuple, want: torch.dtype | None = None) -> tuple[torch.dtype, int]:
+        """Validate tensor ``name`` (full shape ``shape``, dtype ``want`` when given); return its
+        dtype and data offset."""
         info = self.header.get(name)
         if not isinstance(info, dict):
             raise CheckpointError(f"load_nested: {self.path} lacks tensor {name!r}")
         dtype = _DTYPES.get(info.get("dtype"))
-        if dtype is None:
-            raise CheckpointError(f"load_nested: {self.path}: tensor {name!r} has unsupported dtype {info.get('dtype')!r}")
+        if dtype is None or (want is not None and dtype != want):
+            raise CheckpointError(f"load_nested: {self.path}: tensor {name!r} has dtype {info.get('dtype')!r}"
+                                  + (f", expected {want}" if want is not None else " (unsupported)"))
         if list(info.get("shape", [])) != list(shape):
             raise CheckpointError(f"load_nested: {self.path}: tensor {name!r} has shape {info.get('shape')}, "
                                   f"the config expects {list(shape)}")
@@ -178,9 +261,9 @@ class _PrefixReader:
                                   f"{info.get('data_offsets')} for {nbytes} bytes in a {self.size}-byte file")
         return dtype, self.data_start + begin
 
-    def read_prefix(self, name: str, shape: tuple, prefix: tuple) -> torch.Tensor:
+    def read_prefix(self, name: str, shape: tuple, prefix: tuple, want: torch.dtype | None = None) -> torch.Tensor:
         """The prefix ``[:prefix[0], :prefix[1], ...]`` of tensor ``name`` (full ``shape``)."""
-        dtype, offset = self.entry(name, shape)
+        dtype, offset = self.entry(name, shape, want)
         item = torch.empty(0, dtype=dtype).element_size()
         out = torch.empty(prefix, dtype=dtype)
         if out.numel() == 0:
@@ -189,7 +272,7 @@ class _PrefixReader:
         j = max((d for d in range(len(shape)) if prefix[d] != shape[d]), default=-1)
         if j < 0:
             return torch.frombuffer(bytearray(self._read_exact(out.numel() * item, offset)),
-                                    dtype=dtype).reshape(prefix).clone()
+                                    dtype=dtype).reshape(prefix)
         strides = [math.prod(shape[d + 1:]) for d in range(len(shape))]
         run = prefix[j] * strides[j]
         flat = out.view(-1, run)
@@ -201,13 +284,7 @@ class _PrefixReader:
         return out
 
 
-def load_nested(path: str | os.PathLike, budget: str | Budget | None = None, *,
-                device: str | torch.device = "cpu", stats: dict | None = None) -> ElasticHybridLM:
-    """Build the nested submodel ``budget`` (a budget-table name, a Budget, or None = the parent)
-    from the checkpoint directory ``path``, reading only the header and the prefix bytes of every
-    slice. ``stats``, when given, receives ``bytes_read``, ``header_bytes`` and ``file_bytes``.
-    Raises :class:`CheckpointError` for missing, corrupt or mismatched files."""
-    path = os.fspath(path)
+def _resolve_request(path: str, budget) -> tuple[dict, ElasticHybridLM, dict, dict]:
     meta = _read_meta(path)
     config, table = meta["config"], meta["budgets"]
     if isinstance(budget, str):
@@ -220,22 +297,88 @@ def load_nested(path: str | os.PathLike, budget: str | Budget | None = None, *,
     with torch.device("meta"):
         parent = ElasticHybridLM(config)
     full_shapes = {n: tuple(t.shape) for n, t in parent.state_dict().items()}
-    prefixes = parent.sliced_shapes(parent.resolve_budget(budget))
-    with torch.device("meta"):
-        sub = ElasticHybridLM(parent.sliced_config(budget))
+    prefixes = {n: tuple(int(v) for v in s) for n, s in parent.sliced_shapes(parent.resolve_budget(budget)).items()}
+    meta["budget"] = budget
+    return meta, parent, full_shapes, prefixes
+
+
+def _read_state(meta: dict, full_shapes: dict, prefixes: dict, stats: dict | None) -> dict:
+    """``{name: Tensor | NVFP4Tensor | (fp8 codes, scale)}`` of the requested prefixes."""
+    quant = meta["quant"] or {"format": None, "tensors": {}}
+    qtensors = quant["tensors"]
+    unknown = sorted(set(qtensors) - set(full_shapes))
+    if unknown:
+        raise CheckpointError(f"load_nested: quantization table names unknown tensors {unknown[:5]}")
+    expected = set(full_shapes)
+    for n in qtensors:
+        expected |= {n + "_scale"} | ({n + "_scale_2"} if quant["format"] == "nvfp4" else set())
     reader = _PrefixReader(meta["weights"])
     try:
         if reader.metadata.get("config_sha256") != meta["sha"]:
             raise CheckpointError(f"load_nested: {meta['weights']} does not belong to {CONFIG} "
                                   f"(config hash mismatch)")
-        extra = sorted(set(reader.header) - set(full_shapes) - {"__metadata__"})
+        extra = sorted(set(reader.header) - expected - {"__metadata__"})
         if extra:
             raise CheckpointError(f"load_nested: {meta['weights']} has unexpected tensors {extra[:5]}")
-        state = {n: reader.read_prefix(n, full_shapes[n], tuple(int(s) for s in prefixes[n])).to(device)
-                 for n in prefixes}
+        state: dict = {}
+        for n, pre in prefixes.items():
+            layout = qtensors.get(n)
+            if layout is None:
+                state[n] = reader.read_prefix(n, full_shapes[n], pre)
+                continue
+            fq, pq = _qshape(full_shapes[n], layout), _qshape(pre, layout)
+            if quant["format"] == "fp8":
+                state[n] = (reader.read_prefix(n, fq, pq, torch.float8_e4m3fn),
+                            reader.read_prefix(n + "_scale", (), (), torch.float32))
+                continue
+            if pq[-1] % nvfp4.BLOCK:
+                raise CheckpointError(f"load_nested: NVFP4 weight {n!r} can only be sliced at multiples of "
+                                      f"{nvfp4.BLOCK} input features, the budget asks for {pq[-1]}")
+            lead = fq[:-2]
+            data = reader.read_prefix(n, (*fq[:-1], fq[-1] // 2), (*pq[:-1], pq[-1] // 2), torch.uint8)
+            scales = reader.read_prefix(n + "_scale", (*fq[:-1], fq[-1] // nvfp4.BLOCK),
+                                        (*pq[:-1], pq[-1] // nvfp4.BLOCK), torch.float8_e4m3fn)
+            g = reader.read_prefix(n + "_scale_2", lead, pq[:-2], torch.float32)
+            try:
+                state[n] = nvfp4.NVFP4Tensor(data, scales, g)
+            except ValueError as e:
+                raise CheckpointError(f"load_nested: NVFP4 weight {n!r} is inconsistent ({e})") from None
     finally:
         reader.close()
-    sub.load_state_dict(state, strict=True, assign=True)
     if stats is not None:
         stats.update(bytes_read=reader.bytes_read, header_bytes=reader.header_bytes, file_bytes=reader.size)
+    return state
+
+
+def load_nested_state(path: str | os.PathLike, budget: str | Budget | None = None, *,
+                      stats: dict | None = None) -> tuple[ElasticHybridConfig, dict]:
+    """The submodel's config and raw tensors, reading only the prefix bytes: ``{name: Tensor}``,
+    with NVFP4 weights as :class:`~elastic_kernels.nvfp4.NVFP4Tensor` (shaped ``(..., N, K)``;
+    ``"flat"`` layouts as (H*(2P+1), K)) and FP8 weights as ``(codes float8_e4m3fn, scale)``
+    pairs, ready for :func:`elastic_kernels.nvfp4_linear` / serving without requantization."""
+    meta, parent, full_shapes, prefixes = _resolve_request(os.fspath(path), budget)
+    state = _read_state(meta, full_shapes, prefixes, stats)
+    return parent.sliced_config(meta["budget"]), state
+
+
+def load_nested(path: str | os.PathLike, budget: str | Budget | None = None, *,
+                device: str | torch.device = "cpu", stats: dict | None = None) -> ElasticHybridLM:
+    """Build the nested submodel ``budget`` (a budget-table name, a Budget, or None = the parent)
+    from the checkpoint directory ``path``, reading only the header and the prefix bytes of every
+    slice; NVFP4/FP8 weights are dequantized into the saved dtype. ``stats``, when given, receives
+    ``bytes_read``, ``header_bytes`` and ``file_bytes``. Raises :class:`CheckpointError` for
+    missing, corrupt or mismatched files."""
+    meta, parent, full_shapes, prefixes = _resolve_request(os.fspath(path), budget)
+    raw = _read_state(meta, full_shapes, prefixes, stats)
+    dtype = meta["dtype"]
+    state = {}
+    for n, v in raw.items():
+        if isinstance(v, nvfp4.NVFP4Tensor):
+            v = v.dequantize(dtype).reshape(prefixes[n])
+        elif isinstance(v, tuple):
+            v = (v[0].float() * v[1]).to(dtype).reshape(prefixes[n])
+        state[n] = v.to(device)
+    with torch.device("meta"):
+        sub = ElasticHybridLM(parent.sliced_config(meta["budget"]))
+    sub.load_state_dict(state, strict=True, assign=True)
     return sub
