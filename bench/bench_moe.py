@@ -32,7 +32,8 @@ SHAPES = {"cpu": dict(tokens=128, hidden=256, ffn=512, experts=16, top_k=4),
 
 def _inputs(device, dtype, s, n_act, requires_grad=False):
     t, h, f, e, k = (s[n] for n in ("tokens", "hidden", "ffn", "experts", "top_k"))
-    mk = lambda *shape, scale: (torch.randn(*shape, device=device, dtype=dtype) * scale).requires_grad_(requires_grad)  # noqa: E731
+    def mk(*shape, scale):
+        return (torch.randn(*shape, device=device, dtype=dtype) * scale).requires_grad_(requires_grad)
     tw, ids = ek.moe_route(torch.randn(t, e, device=device), k, num_experts_active=n_act)
     return dict(x=mk(t, h, scale=1.0), topk_weights=tw, topk_ids=ids, w1=mk(e, f, h, scale=h ** -0.5),
                 w2=mk(e, h, f, scale=f ** -0.5))

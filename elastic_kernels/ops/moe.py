@@ -4,10 +4,12 @@ Validation, dispatch, torch.library registration (fake kernels, autograd). The m
 :mod:`elastic_kernels.reference.moe` (reference backend, the CPU path) and
 :mod:`elastic_kernels.triton.moe` (grouped GEMM forward and backward).
 
-Expert weights enter the kernels only as strided prefix views ``w[:E', :d']``; a quantized weight
-format (e.g. NVFP4: packed codes + block scales, input features sliced at multiples of 16) fits
-behind the same op by dequantizing per tile where the Triton kernels load a weight tile and per
-expert prefix in the reference.
+Expert weights enter the kernels only as strided prefix views ``w[:E', :d']`` and are read in
+exactly two kinds of places: the weight-tile loads of the Triton kernels and the per-expert
+prefix matmuls of the reference. Quantized experts (:class:`elastic_kernels.nvfp4.NVFP4Tensor`
+stacked as ``(E, N, K)`` with a per-expert global scale) fit behind the same op by decoding at
+those places: w1/w3 ``(E, F, hidden)`` slice their rows (d') freely; w2 ``(E, hidden, F)`` slices
+its input features, so NVFP4 w2 needs d' (and per-token widths) rounded up to multiples of 16.
 """
 from __future__ import annotations
 
