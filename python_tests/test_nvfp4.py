@@ -437,6 +437,32 @@ def test_bad_inputs():
             call()
 
 
+def test_bad_container_and_state_dict_inputs():
+    q = nvfp4.quantize(torch.randn(8, 32))
+    qe = nvfp4.quantize(torch.randn(2, 8, 32))
+    sd = nvfp4.to_state_dict(q, "p")
+    bad = [
+        (ValueError, "data must have shape", lambda: NVFP4Tensor(q.data[0], q.scales[0], q.global_scale)),
+        (ValueError, "global_scale has shape", lambda: NVFP4Tensor(q.data, q.scales, torch.ones(1))),
+        (ValueError, "contiguous along the last", lambda: NVFP4Tensor(q.data.T.contiguous().T, q.scales, q.global_scale)),
+        (IndexError, "one Ellipsis", lambda: q[..., ...]),
+        (IndexError, "too many indices", lambda: q[0, 0, :]),
+        (IndexError, "too many indices", lambda: q[:, :, :]),
+        (TypeError, "expert indices", lambda: qe[0.5]),
+        (TypeError, "NVFP4Tensor", lambda: nvfp4.to_state_dict(torch.zeros(2))),
+        (ValueError, "negative block scales", lambda: nvfp4.from_state_dict(
+            {**sd, "p.weight_scale": (-sd["p.weight_scale"].float()).to(torch.float8_e4m3fn)}, "p")),
+        (ValueError, "<prefix>.weight", lambda: nvfp4.pack_state_dict({"p.w": q})),
+        (TypeError, "must be a Tensor or NVFP4Tensor", lambda: nvfp4.pack_state_dict({"p.w": 3})),
+    ]
+    for exc, match, call in bad:
+        with pytest.raises(exc, match=match):
+            call()
+    # Model-Optimizer checkpoints may store the 2-d global scale as shape (1,)
+    assert same_bits(nvfp4.from_state_dict({**sd, "p.weight_scale_2": sd["p.weight_scale_2"].reshape(1)}, "p"), q)
+    assert "shape=(8, 32)" in repr(q)
+
+
 def test_empty_weight():
     q = nvfp4.quantize(torch.randn(0, 32))
     assert q.data.shape == (0, 16) and q.scales.shape == (0, 2) and float(q.global_scale) == 1.0
