@@ -228,7 +228,8 @@ def test_tiny_and_empty_inputs(backend, tokens, poison_empty):
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 def test_zero_width_and_strided_prefix_views(backend, poison_empty):
-    """ffn_width=0 gives zeros; weights passed as strided slices of larger tensors work unchanged."""
+    """ffn_width=0 gives zeros; strided slices of larger tensors (weights, column-major x) and int32
+    ids work unchanged."""
     if backend == "triton" and not (torch.cuda.is_available() or _interpreting()):
         pytest.skip("needs TRITON_INTERPRET=1")
     inp, _ = make_case(9, 16, 20, 5, 4, 2, gated=True, width=None, cs="channel")
@@ -240,7 +241,7 @@ def test_zero_width_and_strided_prefix_views(backend, poison_empty):
     big2[:, 5:25] = inp["w3"]
     xt = torch.empty(16, 9).T  # column-major x
     xt.copy_(inp["x"])
-    strided = dict(inp, x=xt, w1=big1[:5, :20, 3:19], w3=big2[:, 5:25])
+    strided = dict(inp, x=xt, w1=big1[:5, :20, 3:19], w3=big2[:, 5:25], topk_ids=inp["topk_ids"].int())
     check_against_truth(strided, 13, "gelu", 4, FP32, backend)
 
 
