@@ -467,6 +467,16 @@ def test_empty_weight():
     q = nvfp4.quantize(torch.randn(0, 32))
     assert q.data.shape == (0, 16) and q.scales.shape == (0, 2) and float(q.global_scale) == 1.0
     assert ek.nvfp4_linear(torch.randn(3, 32), q).shape == (3, 0)
+    q0, b = nvfp4.quantize(torch.randn(5, 0)), torch.randn(5)
+    assert torch.equal(ek.nvfp4_linear(torch.randn(3, 0), q0, b), b.expand(3, 5))
+
+
+def test_empty_activations(triton_device):
+    for shape in ((0, 32), (4, 0), (2, 0, 16)):
+        x = torch.randn(shape)
+        for be, dev in (("reference", "cpu"), ("triton", triton_device)):
+            assert ek.fake_quant_nvfp4(x.to(dev), backend=be).shape == shape
+        assert ek.fake_quant_fp8(x).shape == shape
 
 
 # ---- GPU (CUDA C++ backend; skipped without a GPU) -----------------------------------------------------

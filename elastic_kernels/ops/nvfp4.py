@@ -103,7 +103,7 @@ def _quantize_op(w: Tensor, g: Tensor, backend: str) -> tuple[Tensor, Tensor]:
     if backend == "reference":
         data, scales = ref.quantize_reference(w, g)
         return data, scales.view(torch.uint8)
-    rows = w.reshape(-1, k)
+    rows = w.reshape(w.shape[:-1].numel(), k)
     if backend == "triton":
         from ..triton import nvfp4 as tnv
         data, scales = tnv.quantize(rows, g.reshape(-1), n)
@@ -135,7 +135,7 @@ def _fake_nvfp4_op(x: Tensor, g: Tensor, backend: str) -> Tensor:
     if backend == "reference":
         return ref.fake_quant_nvfp4_reference(x, g)
     k = x.shape[-1]
-    rows = x.reshape(-1, k)
+    rows = x.reshape(x.shape[:-1].numel(), k)
     if backend == "triton":
         from ..triton import nvfp4 as tnv
         y = tnv.fake_quant(rows, g.reshape(1))
@@ -301,5 +301,5 @@ def nvfp4_linear(x: Tensor, q: NVFP4Tensor, bias: Tensor | None = None, *, act_q
     if be == "cuda" and x.dtype == torch.float32:
         raise TypeError(f"{op}: backend 'cuda' needs bf16/fp16 x (tensor-core GEMM), got float32")
     k = x.shape[-1]
-    y = _linear_op(x.reshape(-1, k), q.data, q.scales.view(torch.uint8), q.global_scale, bias, act_quant, be)
+    y = _linear_op(x.reshape(x.shape[:-1].numel(), k), q.data, q.scales.view(torch.uint8), q.global_scale, bias, act_quant, be)
     return y.reshape(*x.shape[:-1], q.out_features)

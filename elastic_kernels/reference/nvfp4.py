@@ -109,7 +109,7 @@ def quantize_reference(w: torch.Tensor, g: torch.Tensor):
     """
     *lead, n, k = w.shape
     g_rows = g.float().reshape(*lead, 1).expand(*lead, n).reshape(-1)
-    codes, s = quantize_rows(w.reshape(-1, k), g_rows)
+    codes, s = quantize_rows(w.reshape(w.shape[:-1].numel(), k), g_rows)
     return pack(codes).reshape(*lead, n, k // 2), s.reshape(*lead, n, k // BLOCK)
 
 
