@@ -228,7 +228,7 @@ def _linear_op(x: Tensor, data: Tensor, scales: Tensor, g: Tensor, bias: Optiona
         return ref.nvfp4_linear_reference(x, data, scales, g, bias, act_quant)
     if backend == "triton":
         from ..triton import nvfp4 as tnv
-        prequant, gemm = (lambda t, gg: tnv.scaled_activation(t, gg)), tnv.linear
+        prequant, gemm = tnv.scaled_activation, tnv.linear
     else:
         prequant, gemm = (lambda t, gg: _cuda_quantize(t, gg, t.shape[0], 2)), _cuda_linear
     gx = None
