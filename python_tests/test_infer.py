@@ -101,8 +101,8 @@ def test_full_full_equals_plain_greedy(model, prompt):
     assert g.completion == ref[:k + 1]
     assert g.thinking == ref[:j + 1] and g.answer == ref[j + 1:k + 1]
     assert g.switched and not g.forced_switch and g.stop == "eos"
-    # the re-prefill at the answer budget happened at the switch: prompt + thinking
-    assert g.work["answer"]["prefill_tokens"] == len(prompt) + j + 1
+    # one submodel for both phases: its cache stays valid, no re-prefill at the switch
+    assert g.work["answer"]["prefill_tokens"] == 0 and g.work["answer"]["decode_tokens"] == k - j
 
 
 @pytest.mark.parametrize("think,answer", [("half", "full"), ("full", "half"), ("mixed", "half")])
@@ -313,12 +313,13 @@ def test_cost_model(model, budgets):
     (g,) = generate(model, [PROMPTS[0]], think_budget="half", answer_budget="half", budgets=budgets,
                     max_think_tokens=3, max_answer_tokens=2)
     w = g.work
+    assert w["think"]["prefill_forwards"] == 1 and w["answer"]["prefill_forwards"] == 0  # same model: no re-prefill
     tokens = sum(w[p]["prefill_tokens"] + w[p]["decode_tokens"] for p in w)
     ctx = sum(w[p]["prefill_context"] + w[p]["decode_context"] for p in w)
     c = cm.request_cost(g)
     assert c["flops"] == pytest.approx(half["flops_per_token"] * tokens + cm.attn_flops_per_position * ctx)
     assert c["bytes"] == pytest.approx(half["decode_bytes"] * (w["think"]["decode_tokens"] + w["answer"]["decode_tokens"])
-                                       + half["prefill_bytes"] * 2
+                                       + half["prefill_bytes"] * 1
                                        + cm.kv_bytes_per_position * (w["think"]["decode_context"]
                                                                      + w["answer"]["decode_context"]))
 
@@ -336,13 +337,14 @@ def test_evaluate_run_and_cli(model, budgets, tmp_path, capsys):
     from elastic_kernels.infer.cli import main
     run = _fake_run(tmp_path, model, budgets)
     assert budget_control_markdown(run) == ""  # nothing evaluated yet: the training report adds nothing
-    assert main([str(run), "--limit", "5", "--caps", "1,3", "--batch-size", "4"]) == 0
+    assert main([str(run), "--limit", "5", "--caps", "1,3", "--batch-size", "4", "--repeats", "2"]) == 0
     rep = json.loads((run / "budget_control.json").read_text())
     assert (run / "budget_control.png").stat().st_size > 0
     labels = [r["label"] for r in rep["rows"]]
     assert labels == ["1", "1->0.5", "0.5->1", "0.5", "1 cap1", "1 cap3", "0.5 cap1", "0.5 cap3",
                       "1->0.5 (reuse)", "0.5->1 (reuse)"]
     assert rep["task"]["n_problems"] == 5 and all(r["n"] == 5 for r in rep["rows"])
+    assert all(len(r["wall_s_passes"]) == 2 and r["wall_s_total"] == min(r["wall_s_passes"]) for r in rep["rows"])
     for r in rep["rows"]:
         assert 0 <= r["accuracy"] <= 1 and r["flops"] > 0 and r["bytes"] > 0 and r["wall_s"] > 0
         if r["setting"]["max_think_tokens"] is not None:  # the cap holds (</think> included)

@@ -48,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_positive, default=64, help="requests decoded together")
     p.add_argument("--no-reuse", dest="reuse", action="store_false",
                    help="skip the experimental cache-reuse runs of the pairs")
+    p.add_argument("--repeats", type=_positive, default=1,
+                   help="timing passes over all settings; wall time is the minimum (robust to other load)")
     p.add_argument("--out", default=None, help="directory of the report files (default: RUN_DIR)")
     p.add_argument("--device", default="cpu", help="torch device of the model")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
@@ -62,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     from .report import REPORT_NAME, RunDirError, budget_control_markdown, run_budget_control
     try:
         rep = run_budget_control(args.run_dir, limit=args.limit, caps=args.caps, batch_size=args.batch_size,
-                                 reuse=args.reuse, device=args.device, out_dir=args.out)
+                                 reuse=args.reuse, device=args.device, repeats=args.repeats,
+                                 out_dir=args.out)
     except RunDirError as e:
         print(f"elastic-eval: {e}", file=sys.stderr)
         return 2

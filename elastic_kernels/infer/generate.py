@@ -6,7 +6,8 @@ end-of-thinking token: the think model produces it (or it is forced once ``max_t
 thinking tokens were generated), and the next token is the answer model's first.
 
 On the switch the answer model needs its own decode caches (a nested submodel's state is not the
-parent's state). Two modes:
+parent's state). When both budgets resolve to the same submodel nothing is rebuilt: decoding
+simply continues on the same cache (the exact result, no extra work). Otherwise, two modes:
 
 - ``cache_mode="reprefill"`` (default, exact): the answer model prefills ``prompt + thinking``
   into a fresh cache at the answer budget; its last logits give the first answer token. The
@@ -158,8 +159,8 @@ class _Seq:
     """Decoding state of one request."""
 
     def __init__(self, prompt: list[int], think: Budget, answer: Budget, think_name: str, answer_name: str,
-                 max_think: int | None, gen: torch.Generator | None) -> None:
-        self.prompt = prompt
+                 max_think: int | None, gen: torch.Generator | None, same_model: bool) -> None:
+        self.prompt, self.same_model = prompt, same_model
         self.think, self.answer_b = think, answer
         self.think_name, self.answer_name = think_name, answer_name
         self.max_think, self.gen = max_think, gen
@@ -303,8 +304,8 @@ def _run_group(model, seqs: list[_Seq], *, max_answer: int, max_length: int, sam
                         s.stop = "max_length"
                     elif max_answer == 0:
                         s.stop = "max_answer_tokens"
-                    else:
-                        switch.append(r)
+                    else:  # same submodel for both phases: its cache is exact, nothing to rebuild
+                        (feed if s.same_model else switch).append(r)
                     continue
                 if tok == eos_id:
                     s.stop = "eos_in_thinking"
@@ -435,14 +436,14 @@ def generate(model, prompts: Sequence[Sequence[int]], *, think_budget=FULL, answ
                      else "max_think_tokens", True)
         tb = resolve_budget(thinks[i], budgets, "think_budget")
         ab = resolve_budget(answers[i], budgets, "answer_budget")
-        model.resolve_budget(tb)
-        model.resolve_budget(ab)
+        same = model.resolve_budget(tb) == model.resolve_budget(ab)
         gen = None
         if sampling == "sample":
             _check_count(seeds[i], "seed", False)
             gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seeds[i] + (
                 0 if isinstance(seed, (list, tuple)) else i))
-        seqs.append(_Seq(p, tb, ab, _budget_name(thinks[i]), _budget_name(answers[i]), caps[i], gen))
+        seqs.append(_Seq(p, tb, ab, _budget_name(thinks[i]), _budget_name(answers[i]), caps[i], gen,
+                         same))
     groups: dict[int, list[_Seq]] = {}
     for s in seqs:
         groups.setdefault(len(s.prompt), []).append(s)

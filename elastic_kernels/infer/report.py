@@ -52,13 +52,15 @@ def _read_run(run_dir: Path) -> dict:
 
 
 def run_budget_control(run_dir: str | os.PathLike, *, limit: int | None = None, caps: Sequence[int] | None = None,
-                       batch_size: int = 64, reuse: bool = True, device: str = "cpu", write: bool = True,
+                       batch_size: int = 64, reuse: bool = True, device: str = "cpu", repeats: int = 1,
+                       write: bool = True,
                        out_dir: str | os.PathLike | None = None) -> dict:
     """Evaluate every budget-control setting of the run in ``run_dir`` on its test split.
 
     limit: evaluate only the first ``limit`` test problems (None: all). caps: thinking-token caps
     of the single-model baseline (default :func:`~.evaluate.default_caps`). reuse: also run the
-    pairs in the experimental cache-reuse mode. write: write the three report files into
+    pairs in the experimental cache-reuse mode. repeats: timing passes (wall time is the minimum).
+    write: write the three report files into
     ``out_dir`` (default ``run_dir``). Returns the report dict.
     """
     from ..models import load_nested, read_nested_config
@@ -81,7 +83,8 @@ def run_budget_control(run_dir: str | os.PathLike, *, limit: int | None = None, 
     def progress(i, n, s):
         log.info("budget control %d/%d: %s", i + 1, n, s.label)
 
-    rows = evaluate_settings(model, task, problems, table, settings, batch_size=batch_size, progress=progress)
+    rows = evaluate_settings(model, task, problems, table, settings, batch_size=batch_size, repeats=repeats,
+                             progress=progress)
     from .evaluate import CostModel
     cost = CostModel(model, table)
     rep = {
@@ -90,6 +93,7 @@ def run_budget_control(run_dir: str | os.PathLike, *, limit: int | None = None, 
                  "n_problems": len(problems)},
         "budgets": {n: {"budget": table[n].to_dict(), **cost.per_budget[n]} for n in names},
         "budget_order": names, "caps": caps, "batch_size": batch_size, "device": device,
+        "repeats": repeats,
         "rows": rows, "analysis": analyze(rows),
     }
     if write:
@@ -140,10 +144,12 @@ def budget_control_markdown(rep_or_dir) -> str:
     t = rep["task"]
     lines = ["## Elastic budget control (think budget -> answer budget)", "",
              f"Test split, {t['n_problems']} problems (modulus {t['modulus']}, difficulty {t['difficulty']}); "
-             "greedy decoding; the answer model re-prefills prompt + thinking at the switch. "
+             "greedy decoding; when the answer budget differs from the think budget, the answer model "
+             "re-prefills prompt + thinking at the switch (charged to the pair). "
              "`A->B`: think with budget A, answer with budget B; `cap N`: single model with </think> forced after "
              "N thinking tokens. FLOPs and bytes are per problem from the cost model; wall time per problem of "
-             f"batched generation (batch {rep['batch_size']}, {rep['device']}). Frontier: Pareto-optimal on that axis.",
+             f"batched generation (batch {rep['batch_size']}, {rep['device']}, best of {rep.get('repeats', 1)} "
+             "passes). Frontier: Pareto-optimal on that axis.",
              "",
              "| setting | kind | test acc | think tok | answer tok | forced | MFLOPs | KB (batch 1) | wall ms | "
              "frontier (FLOPs / bytes / wall) |",
