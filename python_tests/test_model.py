@@ -181,6 +181,42 @@ def test_masked_forward_equals_sliced_model(name):
                    for p, q in zip(sub.parameters(), model.parameters()))
 
 
+def test_hard_budgets_do_the_work_of_the_sliced_model():
+    """Hard widths skip work: the masked forward counts exactly the FLOPs of the sliced model."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = make_model()
+    ids = ids_for(model.config, batch=2, seqlen=16)
+
+    def flops(m, budget=None):
+        with FlopCounterMode(display=False) as fc:
+            m(ids, budget)
+        return fc.get_total_flops()
+    full = flops(model)
+    for bname, budget in budgets_for(model.config).items():
+        got = flops(model, budget)
+        assert got == flops(model.slice(budget)), bname
+        if bname in ("hidden-0.5", "mamba_heads-0.5", "ffn-0.5", "all-0.5", "per-layer"):
+            assert got < full, bname
+
+
+def test_empty_and_low_precision_inputs():
+    model = make_model()
+    cfg = model.config
+    half = Budget.from_fractions(cfg, 0.5)
+    for shape in [(2, 0), (0, 5)]:
+        ids = torch.zeros(shape, dtype=torch.int64)
+        assert model(ids, half).shape == (*shape, cfg.vocab_size)
+        assert model(ids, [half] * shape[0]).shape == (*shape, cfg.vocab_size)
+    cache = model.new_cache(2)
+    assert model(torch.zeros(2, 0, dtype=torch.int64), cache=cache).shape == (2, 0, cfg.vocab_size)
+    assert cache.seqlen == 0
+    bf16 = make_model().to(torch.bfloat16)
+    out = bf16(ids_for(cfg), half)
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()
+    assert bf16.new_cache(1).layers[0].ssm.dtype == torch.float32
+
+
 def test_active_param_count_counts_top_k_experts():
     model = make_model()
     cfg = model.config

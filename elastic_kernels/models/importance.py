@@ -35,12 +35,13 @@ def estimate_importance(model: ElasticHybridLM, batches: Iterable[Tensor]) -> di
     c = model.config
     dev = model.embed.weight.device
     f64 = dict(dtype=torch.float64, device=dev)
-    scores = {"hidden": torch.zeros(c.hidden_size, **f64),
-              "mamba_heads": [torch.zeros(c.full_size("mamba_heads", o), **f64) for o in range(c.num_units("mamba_heads"))],
-              "experts": [torch.zeros(c.full_size("experts", o), **f64) for o in range(c.num_units("experts"))],
+    def per_layer(axis: str) -> list[Tensor]:
+        return [torch.zeros(c.full_size(axis, o), **f64) for o in range(c.num_units(axis))]
+
+    scores = {"hidden": torch.zeros(c.hidden_size, **f64), "mamba_heads": per_layer("mamba_heads"),
+              "experts": per_layer("experts"), "ffn": per_layer("ffn"),
               "expert_ffn": [torch.zeros(c.full_size("experts", o), c.full_size("expert_ffn", o), **f64)
-                             for o in range(c.num_units("expert_ffn"))],
-              "ffn": [torch.zeros(c.full_size("ffn", o), **f64) for o in range(c.num_units("ffn"))]}
+                             for o in range(c.num_units("expert_ffn"))]}
 
     def norm_hook(_m, _inp, out):
         scores["hidden"] += out.detach().abs().double().reshape(-1, out.shape[-1]).sum(0)

@@ -230,6 +230,8 @@ class ElasticMamba2Mixer(nn.Module):
         if hh % G:
             raise ValueError(f"ElasticMamba2Mixer: active_heads ({hh}) must be a multiple of ngroups ({G})")
         per_sample = active_heads if isinstance(active_heads, Tensor) else None
+        if l == 0:  # nothing to mix; the cache is unchanged
+            return x.new_zeros(b, 0, k)
 
         w_heads = self.in_heads[:hh, :, :k].reshape(hh * (2 * P + 1), k)
         zxdt = F.linear(x, w_heads).view(b, l, hh, 2 * P + 1)
@@ -464,30 +466,38 @@ class ElasticMoE(nn.Module):
 
     def route(self, xt: Tensor, num_experts=None, expert_mask: Tensor | None = None,
               per_token: int = 1) -> tuple[Tensor, Tensor, int]:
-        """Routing of flat tokens ``xt: (tokens, k)`` (``per_token`` tokens per sample).
-        Returns (topk_weights, topk_ids, E' to compute)."""
-        logits = F.linear(xt, self.router[:, :xt.shape[-1]])
+        """Routing of flat tokens ``xt: (tokens, k)`` (``per_token`` tokens per sample): router
+        logits of the first E' experts only. Returns (topk_weights, topk_ids, E' computed)."""
+        values = None
+        if isinstance(num_experts, Tensor):
+            values = sorted(set(num_experts.tolist()))  # host read: per-sample budgets come from the host
+            for v in values:
+                _hard_int(v, self.num_experts, "ElasticMoE: num_experts")
+            e = values[-1]
+        else:
+            e = _hard_int(num_experts, self.num_experts, "ElasticMoE: num_experts")
+        if e < self.top_k:
+            raise ValueError(f"ElasticMoE: num_experts ({e}) must be >= top_k ({self.top_k})")
+        logits = F.linear(xt, self.router[:e, :xt.shape[-1]])
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
         if expert_mask is not None:
-            m = _unit_weights(None, expert_mask, self.num_experts, xt[::per_token], "ElasticMoE: expert_mask")
+            m = _unit_weights(None, expert_mask, e, xt[::per_token], "ElasticMoE: expert_mask")
             logm = torch.where(m > 0, torch.log(m.clamp_min(1e-30)), torch.full_like(m, float("-inf")))
             logits = logits + (logm.repeat_interleave(per_token, 0) if logm.dim() == 2 else logm)
-        kw = dict(score=self.score, correction_bias=self.correction_bias)
-        if not isinstance(num_experts, Tensor):
-            e = _hard_int(num_experts, self.num_experts, "ElasticMoE: num_experts")
-            w, ids = moe_route(logits, self.top_k, num_experts_active=e, **kw)
+        cb = self.correction_bias[:e] if self.correction_bias is not None else None
+        kw = dict(score=self.score, correction_bias=cb)
+        if values is None:
+            w, ids = moe_route(logits, self.top_k, **kw)
             return w, ids, e
         per_tok = num_experts.repeat_interleave(per_token, 0)
-        values = sorted(set(num_experts.tolist()))  # host read: per-sample budgets come from the host
         w = logits.new_zeros(xt.shape[0], self.top_k)
         ids = torch.zeros(xt.shape[0], self.top_k, dtype=torch.int64, device=xt.device)
-        for e in values:
-            rows = (per_tok == e).nonzero().flatten()
-            we, ie = moe_route(logits[rows], self.top_k, num_experts_active=_hard_int(
-                e, self.num_experts, "ElasticMoE: num_experts"), **kw)
-            w = w.index_copy(0, rows, we.to(w.dtype))
-            ids = ids.index_copy(0, rows, ie)
-        return w, ids, values[-1]
+        for v in values:
+            rows = (per_tok == v).nonzero().flatten()
+            wv, iv = moe_route(logits[rows], self.top_k, num_experts_active=v, **kw)
+            w = w.index_copy(0, rows, wv.to(w.dtype))
+            ids = ids.index_copy(0, rows, iv)
+        return w, ids, e
 
     def forward(self, x: Tensor, num_experts=None, ffn_width=None, expert_mask: Tensor | None = None,
                 channel_mask: Tensor | None = None) -> Tensor:

@@ -97,7 +97,7 @@ class ElasticHybridLM(nn.Module):
             if len(budget) != batch:
                 raise ValueError(f"budget: per-sample budgets need one Budget per sample "
                                  f"(batch={batch}), got {len(budget)}")
-            per = [self.resolve_budget(b) for b in budget]
+            per = [self.resolve_budget(b) for b in budget] or [self.resolve_budget(None)]
         else:
             per = [self.resolve_budget(budget)]
 
