@@ -40,7 +40,8 @@ def make_inputs(dtype, *, batch=2, seqlen=40, nheads=4, ngroups=2, headdim=8, ds
         # sample 0: three packed sequences; sample 1 starts at index 1 (no initial state flows)
         pos = torch.arange(seqlen)
         s0 = (pos >= seqlen // 3).int() + (pos >= (2 * seqlen) // 3 + 1).int()
-        inp["seq_idx"] = torch.stack([s0, torch.ones_like(s0)] + [s0] * (batch - 2)).to(torch.int32)
+        rows = [s0, torch.ones_like(s0)] + [s0] * max(batch - 2, 0)
+        inp["seq_idx"] = torch.stack(rows[:batch]).to(torch.int32)
     return inp
 
 
@@ -125,6 +126,13 @@ CASES = {
 def test_ssd_scan_triton_matches_reference(triton_device, dtype, case):
     shape_kw, op_kw = CASES[case]
     check(triton_device, dtype, make_inputs(dtype, **shape_kw), chunk_size=16, **op_kw)
+
+
+def test_ssd_scan_triton_dstate_blocks(triton_device):
+    """dstate above one block (64): dot products accumulate over dstate blocks, the last partial."""
+    inp = make_inputs(torch.float32, batch=1, seqlen=20, nheads=2, ngroups=1, headdim=4, dstate=72,
+                      seq_idx=True, head_scale=True)
+    check(triton_device, torch.float32, inp, chunk_size=16, dt_softplus=True)
 
 
 def test_ssd_scan_triton_chunk_independent(triton_device):

@@ -12,12 +12,13 @@ chunk, held transposed as ``S[n, p]``)::
     y           = yraw * silu(z) * head_scale
     S'          = g S + (B * w_st)^T x
 
-- :func:`_ssd_state_fwd_kernel`: one program per (head, sample) runs the cheap recurrence
-  ``S' = g S + (B w_st)^T x`` over the chunks and stores every chunk's entering state.
+- :func:`_ssd_state_fwd_kernel`: one program per (dstate block, head, sample) runs the cheap
+  recurrence ``S' = g S + (B w_st)^T x`` over the chunks and stores every chunk's entering state.
 - :func:`_ssd_chunk_fwd_kernel`: one program per (chunk, head, sample) computes y (``tl.dot``
   for ``C B^T``, ``(.) x`` and ``C S``).
 - :func:`_ssd_state_bwd_kernel`: the reverse recurrence of the state gradient.
-- :func:`_ssd_chunk_bwd_kernel`: every input gradient of one chunk from S and dS'.
+- :func:`_ssd_chunk_bwd_dx_kernel`: gradients of x, z, dt, A, D, head_scale of one chunk;
+  :func:`_ssd_chunk_bwd_dbc_kernel`: gradients of B and C of one (chunk, dstate block).
 
 Elastic heads: with an int width only active heads are launched (the launcher zeroes the
 others); with per-sample widths every program first loads its sample's width and, when
@@ -115,21 +116,23 @@ def _ssd_state_fwd_kernel(
     SOFTPLUS: tl.constexpr, CLAMP: tl.constexpr, INTERLEAVED: tl.constexpr,
     BLOCK_L: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
-    r"""State passing of one (head, sample), grid (nlaunch, batch).
+    r"""State passing of one (dstate block, head, sample), grid (n-blocks, nlaunch, batch).
 
     Forward: ``S_0 = initial_states`` (or 0); for every chunk c, store ``S_c`` to
     ``st[b, i, c]`` (batch, nlaunch, nchunks, headdim, dstate) fp32, then
-    ``S_{c+1} = g S_c + (B * w_st)^T x``; the last S is the final state (fp32).
+    ``S_{c+1} = g S_c + (B * w_st)^T x`` (rows n of S only need columns n of B, hence the
+    dstate blocks); the last S is the final state (fp32).
     Backward: :func:`_ssd_state_bwd_kernel` runs the transposed recurrence.
     Inactive (sample, head) pairs write final state = 0.
     """
-    pid_h = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
-    nlaunch = tl.num_programs(0).to(tl.int64)
+    pid_n = tl.program_id(0)
+    pid_h = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    nlaunch = tl.num_programs(1).to(tl.int64)
     head, grp, rank = _head_of(pid_h, ngroups, hpg, kpg, INTERLEAVED)
     nheads = ngroups * hpg
     offs_p = tl.arange(0, BLOCK_P)
-    offs_n = tl.arange(0, BLOCK_N)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mp = offs_p < headdim
     mn = offs_n < dstate
     mnp = mn[:, None] & mp[None, :]
@@ -174,11 +177,13 @@ def _ssd_chunk_fwd_kernel(
 ):
     r"""Output of one (chunk, head, sample), grid (nchunks, nlaunch, batch).
 
-    Forward, with S the chunk's entering state from :func:`_ssd_state_fwd_kernel`::
+    Forward, with S the chunk's entering state from :func:`_ssd_state_fwd_kernel` (``C B^T``
+    and ``C S`` accumulate over dstate blocks)::
 
         yraw = (C B^T * decay * dt^T) x + w_off * (C S) + D x ;  y = yraw * silu(z) * hs
 
-    Backward: :func:`_ssd_chunk_bwd_kernel`. Inactive (sample, head) pairs write y = 0.
+    Backward: :func:`_ssd_chunk_bwd_dx_kernel` and :func:`_ssd_chunk_bwd_dbc_kernel`.
+    Inactive (sample, head) pairs write y = 0.
     """
     c = tl.program_id(0)
     pid_h = tl.program_id(1)
@@ -187,9 +192,7 @@ def _ssd_chunk_fwd_kernel(
     head, grp, rank = _head_of(pid_h, ngroups, hpg, kpg, INTERLEAVED)
     offs_l = tl.arange(0, BLOCK_L)
     offs_p = tl.arange(0, BLOCK_P)
-    offs_n = tl.arange(0, BLOCK_N)
     mp = offs_p < headdim
-    mn = offs_n < dstate
     if HAS_ACT:
         active = rank < tl.load(act_ptr + b) // ngroups
     else:
@@ -200,18 +203,25 @@ def _ssd_chunk_fwd_kernel(
             c, b, head, A, dt_ptr, bias_ptr, seq_ptr, seqlen, chunk_size, dt_lo, dt_hi,
             sdt_b, sdt_l, sdt_h, sseq_b, sseq_l, HAS_BIAS, HAS_SEQ, SOFTPLUS, CLAMP, BLOCK_L)
         mlp = valid[:, None] & mp[None, :]
-        mln = valid[:, None] & mn[None, :]
+        st_base = ((b * nlaunch + pid_h) * nchunks + c) * headdim * dstate
+        cb = tl.zeros([BLOCK_L, BLOCK_L], tl.float32)
+        CS = tl.zeros([BLOCK_L, BLOCK_P], tl.float32)
+        for n0 in range(0, dstate, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            mn = offs_n < dstate
+            mln = valid[:, None] & mn[None, :]
+            Bm = tl.load(B_ptr + b * sB_b + grp * sB_g + t[:, None] * sB_l + offs_n[None, :] * sB_n,
+                         mask=mln, other=0.0).to(tl.float32)
+            Cm = tl.load(C_ptr + b * sC_b + grp * sC_g + t[:, None] * sC_l + offs_n[None, :] * sC_n,
+                         mask=mln, other=0.0).to(tl.float32)
+            S = tl.load(st_ptr + st_base + offs_p[None, :] * dstate + offs_n[:, None],
+                        mask=mn[:, None] & mp[None, :], other=0.0)
+            cb += tl.dot(Cm, tl.trans(Bm), input_precision=DOT_PREC)
+            CS += tl.dot(Cm, S, input_precision=DOT_PREC)
         x = tl.load(x_ptr + b * sx_b + head * sx_h + t[:, None] * sx_l + offs_p[None, :] * sx_p,
                     mask=mlp, other=0.0).to(tl.float32)
-        Bm = tl.load(B_ptr + b * sB_b + grp * sB_g + t[:, None] * sB_l + offs_n[None, :] * sB_n,
-                     mask=mln, other=0.0).to(tl.float32)
-        Cm = tl.load(C_ptr + b * sC_b + grp * sC_g + t[:, None] * sC_l + offs_n[None, :] * sC_n,
-                     mask=mln, other=0.0).to(tl.float32)
-        S = tl.load(st_ptr + ((b * nlaunch + pid_h) * nchunks + c) * headdim * dstate
-                    + offs_p[None, :] * dstate + offs_n[:, None], mask=mn[:, None] & mp[None, :], other=0.0)
-        cb = tl.dot(Cm, tl.trans(Bm), input_precision=DOT_PREC) * _decay(a, seq, HAS_SEQ, BLOCK_L)
-        y = tl.dot(cb * dt[None, :], x, input_precision=DOT_PREC)
-        y += tl.dot(Cm * w_off[:, None], S, input_precision=DOT_PREC)
+        cb = cb * _decay(a, seq, HAS_SEQ, BLOCK_L) * dt[None, :]
+        y = tl.dot(cb, x, input_precision=DOT_PREC) + w_off[:, None] * CS
         if HAS_D:
             if D_PER_CH:
                 Dv = tl.load(D_ptr + head * headdim + offs_p, mask=mp, other=0.0).to(tl.float32)
@@ -234,6 +244,21 @@ def _ssd_chunk_fwd_kernel(
 
 
 @triton.jit
+def _gated_dy(b, head, t, mlp, offs_p, dy_ptr, z_ptr, hs_ptr, sy_b, sy_l, sy_h, sy_p,
+              sz_b, sz_l, sz_h, sz_p, shs_b, shs_h, HAS_Z: tl.constexpr, HAS_HS: tl.constexpr):
+    """dyr = dy * silu(z) * hs: the gradient of yraw (fp32, (BLOCK_L, BLOCK_P))."""
+    dyr = tl.load(dy_ptr + b * sy_b + head * sy_h + t[:, None] * sy_l + offs_p[None, :] * sy_p,
+                  mask=mlp, other=0.0).to(tl.float32)
+    if HAS_Z:
+        zz = tl.load(z_ptr + b * sz_b + head * sz_h + t[:, None] * sz_l + offs_p[None, :] * sz_p,
+                     mask=mlp, other=0.0).to(tl.float32)
+        dyr = dyr * zz / (1.0 + tl.exp(-zz))
+    if HAS_HS:
+        dyr = dyr * tl.load(hs_ptr + b * shs_b + head * shs_h).to(tl.float32)
+    return dyr
+
+
+@triton.jit
 def _ssd_state_bwd_kernel(
     dt_ptr, A_ptr, C_ptr, z_ptr, bias_ptr, seq_ptr, act_ptr, hs_ptr, dy_ptr, dfin_ptr, dst_ptr, dinit_ptr,
     seqlen, nchunks, chunk_size, ngroups, hpg, kpg, headdim, dstate, dt_lo, dt_hi,
@@ -245,24 +270,26 @@ def _ssd_state_bwd_kernel(
     INTERLEAVED: tl.constexpr,
     BLOCK_L: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
-    r"""Reverse state-gradient recurrence of one (head, sample), grid (nlaunch, batch).
+    r"""Reverse state-gradient recurrence of one (dstate block, head, sample), grid
+    (n-blocks, nlaunch, batch).
 
     With ``dS_c = dL/dS_{c+1}`` (the gradient of the state leaving chunk c; the last one is
-    grad_states) and ``dyr = dy * silu(z) * hs``, the transpose of the forward recurrence
-    ``S_{c+1} = g S_c + ... `` and of ``y ∋ w_off (C S_c)`` gives::
+    grad_states) and ``dyr = dy * silu(z) * hs``, the transpose of ``S_{c+1} = g S_c + ...``
+    and of ``yraw ∋ w_off (C S_c)`` gives::
 
         dS_{c-1} = g dS_c + (C * w_off)^T dyr
 
     Every ``dS_c`` is stored to ``dst[b, i, c]``; the gradient of the state entering chunk 0 is
     d initial_states. Inactive (sample, head) pairs write d initial_states = 0.
     """
-    pid_h = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
-    nlaunch = tl.num_programs(0).to(tl.int64)
+    pid_n = tl.program_id(0)
+    pid_h = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    nlaunch = tl.num_programs(1).to(tl.int64)
     head, grp, rank = _head_of(pid_h, ngroups, hpg, kpg, INTERLEAVED)
     nheads = ngroups * hpg
     offs_p = tl.arange(0, BLOCK_P)
-    offs_n = tl.arange(0, BLOCK_N)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mp = offs_p < headdim
     mn = offs_n < dstate
     mnp = mn[:, None] & mp[None, :]
@@ -275,22 +302,13 @@ def _ssd_state_bwd_kernel(
     if active:
         A = tl.load(A_ptr + head).to(tl.float32)
         dS = tl.load(dfin_ptr + s_off, mask=mnp, other=0.0)
-        if HAS_HS:
-            hs = tl.load(hs_ptr + b * shs_b + head * shs_h).to(tl.float32)
         for i in range(0, nchunks):
             c = nchunks - 1 - i
             t, valid, dt, fac, a, w_off, w_exp, g, seq = _chunk_dt(
                 c, b, head, A, dt_ptr, bias_ptr, seq_ptr, seqlen, chunk_size, dt_lo, dt_hi,
                 sdt_b, sdt_l, sdt_h, sseq_b, sseq_l, HAS_BIAS, HAS_SEQ, SOFTPLUS, CLAMP, BLOCK_L)
-            mlp = valid[:, None] & mp[None, :]
-            dyr = tl.load(dy_ptr + b * sy_b + head * sy_h + t[:, None] * sy_l + offs_p[None, :] * sy_p,
-                          mask=mlp, other=0.0).to(tl.float32)
-            if HAS_Z:
-                zz = tl.load(z_ptr + b * sz_b + head * sz_h + t[:, None] * sz_l + offs_p[None, :] * sz_p,
-                             mask=mlp, other=0.0).to(tl.float32)
-                dyr = dyr * zz / (1.0 + tl.exp(-zz))
-            if HAS_HS:
-                dyr = dyr * hs
+            dyr = _gated_dy(b, head, t, valid[:, None] & mp[None, :], offs_p, dy_ptr, z_ptr, hs_ptr,
+                            sy_b, sy_l, sy_h, sy_p, sz_b, sz_l, sz_h, sz_p, shs_b, shs_h, HAS_Z, HAS_HS)
             Cm = tl.load(C_ptr + b * sC_b + grp * sC_g + t[:, None] * sC_l + offs_n[None, :] * sC_n,
                          mask=valid[:, None] & mn[None, :], other=0.0).to(tl.float32)
             tl.store(dst_ptr + ((b * nlaunch + pid_h) * nchunks + c) * headdim * dstate + s_tile, dS, mask=mnp)
@@ -303,9 +321,9 @@ def _ssd_state_bwd_kernel(
 
 
 @triton.jit
-def _ssd_chunk_bwd_kernel(
+def _ssd_chunk_bwd_dx_kernel(
     x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, seq_ptr, act_ptr, hs_ptr, st_ptr, dst_ptr,
-    dy_ptr, dx_ptr, ddt_ptr, dz_ptr, dBh_ptr, dCh_ptr, dD_ptr, dA_ptr, dhs_ptr,
+    dy_ptr, dx_ptr, ddt_ptr, dz_ptr, dD_ptr, dA_ptr, dhs_ptr,
     seqlen, nchunks, chunk_size, ngroups, hpg, kpg, headdim, dstate, dt_lo, dt_hi,
     sx_b, sx_l, sx_h, sx_p, sz_b, sz_l, sz_h, sz_p, sy_b, sy_l, sy_h, sy_p,
     sdt_b, sdt_l, sdt_h, sB_b, sB_l, sB_g, sB_n, sC_b, sC_l, sC_g, sC_n,
@@ -315,27 +333,26 @@ def _ssd_chunk_bwd_kernel(
     SOFTPLUS: tl.constexpr, CLAMP: tl.constexpr, INTERLEAVED: tl.constexpr,
     BLOCK_L: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
-    r"""Input gradients of one (chunk, head, sample), grid (nchunks, nlaunch, batch).
+    r"""Gradients of x, z, dt, A, D, head_scale for one (chunk, head, sample), grid
+    (nchunks, nlaunch, batch).
 
     With S (entering state, :func:`_ssd_state_fwd_kernel`), dS = dL/dS' (leaving state,
     :func:`_ssd_state_bwd_kernel`), ``CBd = C B^T * decay``, ``dyr = dy * silu(z) * hs`` and
-    ``G = dyr x^T`` (L x L)::
+    ``G = dyr x^T`` (L x L); ``C B^T``, ``C S``, ``B dS`` and ``<dS, S>`` accumulate over dstate
+    blocks::
 
         dz    = dy * yraw * hs * silu'(z)            dhs += sum(dy * yraw * silu(z))
         dD   += sum_l dyr * x
         dx    = dt * (CBd^T dyr) + w_st * (B dS) + D dyr
-        dC    = (G * decay * dt^T) B + w_off * (dyr S^T)
-        dB    = (G * decay * dt^T)^T C + w_st * (x dS^T)
         ddt_s = sum_l (CBd * G)[l, s] + w_exp_s x_s . (B dS)_s + A R_s
         dA   += sum_s dt_s R_s,       R_s = sum_{l >= s} da_l + da_L
 
     where ``da`` is the gradient w.r.t. the in-chunk cumsum ``a``: with ``T = CBd * G * dt^T``,
     ``da = rowsum(T) - colsum(T) + w_off * rowsum(dyr * (C S)) - V``,
     ``V_s = w_st_s x_s . (B dS)_s`` and ``da_L = sum(V) + g <dS, S>`` (a_L = sum of dt A).
-    ddt is written in fp32 times d dt / d dt_raw (softplus' sigmoid, 0 where clamped); dB/dC
-    per launched head (batch, seqlen, nlaunch, dstate), summed over the group by the launcher;
+    ddt is written in fp32 times d dt / d dt_raw (softplus' sigmoid, 0 where clamped);
     dD (batch, nheads, nchunks, headdim), dA and dhs (batch, nheads, nchunks) per program.
-    Inactive (sample, head) pairs write zeros to dx, dz, ddt and dB/dC.
+    Inactive (sample, head) pairs write zeros to dx, dz and ddt.
     """
     c = tl.program_id(0)
     pid_h = tl.program_id(1)
@@ -345,9 +362,7 @@ def _ssd_chunk_bwd_kernel(
     nheads = ngroups * hpg
     offs_l = tl.arange(0, BLOCK_L)
     offs_p = tl.arange(0, BLOCK_P)
-    offs_n = tl.arange(0, BLOCK_N)
     mp = offs_p < headdim
-    mn = offs_n < dstate
     if HAS_ACT:
         active = rank < tl.load(act_ptr + b) // ngroups
     else:
@@ -358,18 +373,30 @@ def _ssd_chunk_bwd_kernel(
             c, b, head, A, dt_ptr, bias_ptr, seq_ptr, seqlen, chunk_size, dt_lo, dt_hi,
             sdt_b, sdt_l, sdt_h, sseq_b, sseq_l, HAS_BIAS, HAS_SEQ, SOFTPLUS, CLAMP, BLOCK_L)
         mlp = valid[:, None] & mp[None, :]
-        mln = valid[:, None] & mn[None, :]
-        mnp = mn[:, None] & mp[None, :]
         bhc = (b * nheads + head) * nchunks + c
+        st_base = ((b * nlaunch + pid_h) * nchunks + c) * headdim * dstate
+        cb = tl.zeros([BLOCK_L, BLOCK_L], tl.float32)
+        CS = tl.zeros([BLOCK_L, BLOCK_P], tl.float32)
+        BdS = tl.zeros([BLOCK_L, BLOCK_P], tl.float32)
+        dSS = tl.zeros([BLOCK_P], tl.float32)
+        for n0 in range(0, dstate, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            mn = offs_n < dstate
+            mln = valid[:, None] & mn[None, :]
+            mnp = mn[:, None] & mp[None, :]
+            Bm = tl.load(B_ptr + b * sB_b + grp * sB_g + t[:, None] * sB_l + offs_n[None, :] * sB_n,
+                         mask=mln, other=0.0).to(tl.float32)
+            Cm = tl.load(C_ptr + b * sC_b + grp * sC_g + t[:, None] * sC_l + offs_n[None, :] * sC_n,
+                         mask=mln, other=0.0).to(tl.float32)
+            s_tile = st_base + offs_p[None, :] * dstate + offs_n[:, None]
+            S = tl.load(st_ptr + s_tile, mask=mnp, other=0.0)
+            dS = tl.load(dst_ptr + s_tile, mask=mnp, other=0.0)
+            cb += tl.dot(Cm, tl.trans(Bm), input_precision=DOT_PREC)
+            CS += tl.dot(Cm, S, input_precision=DOT_PREC)
+            BdS += tl.dot(Bm, dS, input_precision=DOT_PREC)
+            dSS += tl.sum(dS * S, axis=0)
         x = tl.load(x_ptr + b * sx_b + head * sx_h + t[:, None] * sx_l + offs_p[None, :] * sx_p,
                     mask=mlp, other=0.0).to(tl.float32)
-        Bm = tl.load(B_ptr + b * sB_b + grp * sB_g + t[:, None] * sB_l + offs_n[None, :] * sB_n,
-                     mask=mln, other=0.0).to(tl.float32)
-        Cm = tl.load(C_ptr + b * sC_b + grp * sC_g + t[:, None] * sC_l + offs_n[None, :] * sC_n,
-                     mask=mln, other=0.0).to(tl.float32)
-        st_off = ((b * nlaunch + pid_h) * nchunks + c) * headdim * dstate + offs_p[None, :] * dstate + offs_n[:, None]
-        S = tl.load(st_ptr + st_off, mask=mnp, other=0.0)
-        dS = tl.load(dst_ptr + st_off, mask=mnp, other=0.0)
         dy = tl.load(dy_ptr + b * sy_b + head * sy_h + t[:, None] * sy_l + offs_p[None, :] * sy_p,
                      mask=mlp, other=0.0).to(tl.float32)
         if HAS_D:
@@ -377,10 +404,7 @@ def _ssd_chunk_bwd_kernel(
                 Dv = tl.load(D_ptr + head * headdim + offs_p, mask=mp, other=0.0).to(tl.float32)
             else:
                 Dv = tl.load(D_ptr + head).to(tl.float32) + tl.zeros([BLOCK_P], tl.float32)
-        decay = _decay(a, seq, HAS_SEQ, BLOCK_L)
-        w_st = w_exp * dt
-        cbd = tl.dot(Cm, tl.trans(Bm), input_precision=DOT_PREC) * decay
-        CS = tl.dot(Cm, S, input_precision=DOT_PREC)
+        cbd = cb * _decay(a, seq, HAS_SEQ, BLOCK_L)
         dyr = dy
         if HAS_Z or HAS_HS:
             yraw = tl.dot(cbd * dt[None, :], x, input_precision=DOT_PREC) + w_off[:, None] * CS
@@ -405,41 +429,103 @@ def _ssd_chunk_bwd_kernel(
                 dyr = dyr * hs
         if HAS_D:
             tl.store(dD_ptr + bhc * headdim + offs_p, tl.sum(dyr * x, axis=0), mask=mp)
-        G = tl.dot(dyr, tl.trans(x), input_precision=DOT_PREC)
-        dcb = G * decay * dt[None, :]
-        BdS = tl.dot(Bm, dS, input_precision=DOT_PREC)
-        dC = tl.dot(dcb, Bm, input_precision=DOT_PREC) \
-            + w_off[:, None] * tl.dot(dyr, tl.trans(S), input_precision=DOT_PREC)
-        dB = tl.dot(tl.trans(dcb), Cm, input_precision=DOT_PREC) \
-            + w_st[:, None] * tl.dot(x, tl.trans(dS), input_precision=DOT_PREC)
+        w_st = w_exp * dt
         dxv = dt[:, None] * tl.dot(tl.trans(cbd), dyr, input_precision=DOT_PREC) + w_st[:, None] * BdS
         if HAS_D:
             dxv += Dv[None, :] * dyr
-        cbdG = cbd * G
+        tl.store(dx_ptr + ((b * seqlen + t[:, None]) * nheads + head) * headdim + offs_p[None, :],
+                 dxv.to(dx_ptr.dtype.element_ty), mask=mlp)
+        cbdG = cbd * tl.dot(dyr, tl.trans(x), input_precision=DOT_PREC)
         xBdS = tl.sum(x * BdS, axis=1)
         T = cbdG * dt[None, :]
         V = w_st * xBdS
         da = tl.sum(T, axis=1) - tl.sum(T, axis=0) + w_off * tl.sum(dyr * CS, axis=1) - V
-        da_last = tl.sum(V, axis=0) + g * tl.sum(tl.sum(dS * S, axis=1), axis=0)
+        da_last = tl.sum(V, axis=0) + g * tl.sum(dSS, axis=0)
         R = tl.sum(da, axis=0) - tl.cumsum(da, axis=0) + da + da_last
         ddt_proc = tl.sum(cbdG, axis=0) + w_exp * xBdS + A * R
         tl.store(dA_ptr + bhc, tl.sum(dt * R, axis=0))
         tl.store(ddt_ptr + (b * seqlen + t) * nheads + head, ddt_proc * fac, mask=valid)
-        tl.store(dx_ptr + ((b * seqlen + t[:, None]) * nheads + head) * headdim + offs_p[None, :],
-                 dxv.to(dx_ptr.dtype.element_ty), mask=mlp)
+    else:
+        t = (c * chunk_size + offs_l).to(tl.int64)
+        valid = (offs_l < chunk_size) & (t < seqlen)
+        mlp = valid[:, None] & mp[None, :]
+        x_off = ((b * seqlen + t[:, None]) * nheads + head) * headdim + offs_p[None, :]
+        tl.store(dx_ptr + x_off, tl.zeros([BLOCK_L, BLOCK_P], dx_ptr.dtype.element_ty), mask=mlp)
+        if HAS_Z:
+            tl.store(dz_ptr + x_off, tl.zeros([BLOCK_L, BLOCK_P], dz_ptr.dtype.element_ty), mask=mlp)
+        tl.store(ddt_ptr + (b * seqlen + t) * nheads + head, tl.zeros([BLOCK_L], tl.float32), mask=valid)
+
+
+@triton.jit
+def _ssd_chunk_bwd_dbc_kernel(
+    x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, z_ptr, bias_ptr, seq_ptr, act_ptr, hs_ptr, st_ptr, dst_ptr,
+    dy_ptr, dBh_ptr, dCh_ptr,
+    seqlen, nchunks, chunk_size, ngroups, hpg, kpg, headdim, dstate, dt_lo, dt_hi,
+    sx_b, sx_l, sx_h, sx_p, sz_b, sz_l, sz_h, sz_p, sy_b, sy_l, sy_h, sy_p,
+    sdt_b, sdt_l, sdt_h, sB_b, sB_l, sB_g, sB_n, sC_b, sC_l, sC_g, sC_n,
+    sseq_b, sseq_l, shs_b, shs_h,
+    HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_ACT: tl.constexpr,
+    HAS_HS: tl.constexpr, SOFTPLUS: tl.constexpr, CLAMP: tl.constexpr, INTERLEAVED: tl.constexpr,
+    BLOCK_L: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    r"""Gradients of B and C from one (chunk x dstate block, head, sample), grid
+    (nchunks * n-blocks, nlaunch, batch).
+
+    With ``dyr = dy * silu(z) * hs``, ``G = dyr x^T`` and ``dCB = G * decay * dt^T`` (the
+    gradient of ``C B^T``), S and dS as in :func:`_ssd_chunk_bwd_dx_kernel`::
+
+        dC = dCB B + w_off * (dyr S^T)          dB = dCB^T C + w_st * (x dS^T)
+
+    written per launched head to (batch, seqlen, nlaunch, dstate) fp32; the launcher sums the
+    heads of each group. Inactive (sample, head) pairs write zeros.
+    """
+    nnb = tl.cdiv(dstate, BLOCK_N)
+    c = tl.program_id(0) // nnb
+    pid_n = tl.program_id(0) % nnb
+    pid_h = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    nlaunch = tl.num_programs(1).to(tl.int64)
+    head, grp, rank = _head_of(pid_h, ngroups, hpg, kpg, INTERLEAVED)
+    offs_l = tl.arange(0, BLOCK_L)
+    offs_p = tl.arange(0, BLOCK_P)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mp = offs_p < headdim
+    mn = offs_n < dstate
+    if HAS_ACT:
+        active = rank < tl.load(act_ptr + b) // ngroups
+    else:
+        active = True
+    if active:
+        A = tl.load(A_ptr + head).to(tl.float32)
+        t, valid, dt, fac, a, w_off, w_exp, g, seq = _chunk_dt(
+            c, b, head, A, dt_ptr, bias_ptr, seq_ptr, seqlen, chunk_size, dt_lo, dt_hi,
+            sdt_b, sdt_l, sdt_h, sseq_b, sseq_l, HAS_BIAS, HAS_SEQ, SOFTPLUS, CLAMP, BLOCK_L)
+        mlp = valid[:, None] & mp[None, :]
+        mln = valid[:, None] & mn[None, :]
+        mnp = mn[:, None] & mp[None, :]
+        x = tl.load(x_ptr + b * sx_b + head * sx_h + t[:, None] * sx_l + offs_p[None, :] * sx_p,
+                    mask=mlp, other=0.0).to(tl.float32)
+        dyr = _gated_dy(b, head, t, mlp, offs_p, dy_ptr, z_ptr, hs_ptr, sy_b, sy_l, sy_h, sy_p,
+                        sz_b, sz_l, sz_h, sz_p, shs_b, shs_h, HAS_Z, HAS_HS)
+        dcb = tl.dot(dyr, tl.trans(x), input_precision=DOT_PREC) * _decay(a, seq, HAS_SEQ, BLOCK_L) * dt[None, :]
+        Bm = tl.load(B_ptr + b * sB_b + grp * sB_g + t[:, None] * sB_l + offs_n[None, :] * sB_n,
+                     mask=mln, other=0.0).to(tl.float32)
+        Cm = tl.load(C_ptr + b * sC_b + grp * sC_g + t[:, None] * sC_l + offs_n[None, :] * sC_n,
+                     mask=mln, other=0.0).to(tl.float32)
+        s_tile = ((b * nlaunch + pid_h) * nchunks + c) * headdim * dstate + offs_p[None, :] * dstate + offs_n[:, None]
+        S = tl.load(st_ptr + s_tile, mask=mnp, other=0.0)
+        dS = tl.load(dst_ptr + s_tile, mask=mnp, other=0.0)
+        dC = tl.dot(dcb, Bm, input_precision=DOT_PREC) \
+            + w_off[:, None] * tl.dot(dyr, tl.trans(S), input_precision=DOT_PREC)
+        dB = tl.dot(tl.trans(dcb), Cm, input_precision=DOT_PREC) \
+            + (w_exp * dt)[:, None] * tl.dot(x, tl.trans(dS), input_precision=DOT_PREC)
         bc_off = ((b * seqlen + t[:, None]) * nlaunch + pid_h) * dstate + offs_n[None, :]
         tl.store(dBh_ptr + bc_off, dB, mask=mln)
         tl.store(dCh_ptr + bc_off, dC, mask=mln)
     else:
         t = (c * chunk_size + offs_l).to(tl.int64)
         valid = (offs_l < chunk_size) & (t < seqlen)
-        mlp = valid[:, None] & mp[None, :]
         mln = valid[:, None] & mn[None, :]
-        x_off = ((b * seqlen + t[:, None]) * nheads + head) * headdim + offs_p[None, :]
-        tl.store(dx_ptr + x_off, tl.zeros([BLOCK_L, BLOCK_P], dx_ptr.dtype.element_ty), mask=mlp)
-        if HAS_Z:
-            tl.store(dz_ptr + x_off, tl.zeros([BLOCK_L, BLOCK_P], dz_ptr.dtype.element_ty), mask=mlp)
-        tl.store(ddt_ptr + (b * seqlen + t) * nheads + head, tl.zeros([BLOCK_L], tl.float32), mask=valid)
         bc_off = ((b * seqlen + t[:, None]) * nlaunch + pid_h) * dstate + offs_n[None, :]
         tl.store(dBh_ptr + bc_off, tl.zeros([BLOCK_L, BLOCK_N], tl.float32), mask=mln)
         tl.store(dCh_ptr + bc_off, tl.zeros([BLOCK_L, BLOCK_N], tl.float32), mask=mln)
@@ -457,11 +543,11 @@ def _launch_plan(x, B, chunk_size, interleaved, active_int, active_t):
     kpg = hpg if (active_t is not None or active_int < 0) else active_int // ngroups
     bl = max(16, triton.next_power_of_2(chunk_size))
     bp = max(16, triton.next_power_of_2(headdim))
-    bn = max(16, triton.next_power_of_2(dstate))
+    bn = min(max(16, triton.next_power_of_2(dstate)), 64)  # dstate is processed in blocks of bn
     return dict(batch=batch, seqlen=seqlen, nheads=nheads, headdim=headdim, ngroups=ngroups,
                 dstate=dstate, hpg=hpg, kpg=kpg, nlaunch=kpg * ngroups,
-                nchunks=triton.cdiv(seqlen, chunk_size), interleaved=bool(interleaved),
-                num_warps=8 if bl * max(bp, bn) >= 64 * 64 else 4,
+                nchunks=triton.cdiv(seqlen, chunk_size), nblocks_n=triton.cdiv(dstate, bn),
+                interleaved=bool(interleaved), chunk_warps=8 if bl * max(bp, bn) >= 64 * 64 else 4,
                 const=dict(BLOCK_L=bl, BLOCK_P=bp, BLOCK_N=bn, INTERLEAVED=bool(interleaved),
                            DOT_PREC="ieee" if x.dtype == torch.float32 else "tf32"))
 
@@ -512,16 +598,16 @@ class _Launch:
                           HAS_ACT=active_t is not None, HAS_HS=head_scale is not None,
                           SOFTPLUS=bool(dt_softplus), CLAMP=clamp)
 
-    def __call__(self, kernel, per_chunk, *ptrs):
-        """Launch ``kernel`` over (nlaunch, batch), or (nchunks, nlaunch, batch) if per_chunk."""
+    def __call__(self, kernel, over, *ptrs):
+        """Launch ``kernel`` over (X, nlaunch, batch) where X is ``over``: "n" (dstate blocks),
+        "chunk" (chunks) or "chunk_n" (chunks x dstate blocks)."""
         p = self.plan
-        grid = (p["nlaunch"], p["batch"])
-        if per_chunk:
-            grid = (p["nchunks"],) + grid
+        first = {"n": p["nblocks_n"], "chunk": p["nchunks"], "chunk_n": p["nchunks"] * p["nblocks_n"]}[over]
+        grid = (first, p["nlaunch"], p["batch"])
         if 0 in grid:
             return
         names = kernel.arg_names
-        kernel[grid](*ptrs, *self.args, num_warps=p["num_warps"],
+        kernel[grid](*ptrs, *self.args, num_warps=4 if over == "n" else p["chunk_warps"],
                      **{k: v for k, v in self.const.items() if k in names})
 
 
@@ -548,9 +634,9 @@ def ssd_scan_fwd(x, dt, A, B, C, *, chunk_size, D, z, dt_bias, dt_softplus, dt_l
     st = torch.empty((b, nl, plan["nchunks"], p, n), dtype=f32, device=dev)
     launch = _Launch(plan, x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, active_t,
                      head_scale, y, chunk_size, dt_softplus, dt_lo, dt_hi)
-    launch(_ssd_state_fwd_kernel, False, x, dt, A, B, _or(dt_bias, x), _or(seq_idx, x),
+    launch(_ssd_state_fwd_kernel, "n", x, dt, A, B, _or(dt_bias, x), _or(seq_idx, x),
            _or(active_t, x), _or(initial_states, x), st, fin)
-    launch(_ssd_chunk_fwd_kernel, True, x, dt, A, B, C, _or(D, x), _or(z, x), _or(dt_bias, x),
+    launch(_ssd_chunk_fwd_kernel, "chunk", x, dt, A, B, C, _or(D, x), _or(z, x), _or(dt_bias, x),
            _or(seq_idx, x), _or(active_t, x), _or(head_scale, x), st, y)
     _zero_inactive(y, 2, plan)
     _zero_inactive(fin, 1, plan)
@@ -562,7 +648,7 @@ def ssd_scan_bwd(grad_y, grad_states, x, dt, A, B, C, *, D, z, dt_bias, initial_
     """Triton backward of ``ssd_scan``.
 
     grad_y: like x; grad_states: (batch, nheads, headdim, dstate). Recomputes the chunk states,
-    runs the reverse state-gradient pass, then the per-chunk gradient kernel; sums dB/dC over
+    runs the reverse state-gradient pass, then the per-chunk gradient kernels; sums dB/dC over
     the heads of a group and dA/dD/ddt_bias/dhead_scale over batch and chunks. Returns the
     gradients of (x, dt, A, B, C, D, z, dt_bias, initial_states, head_scale) in their inputs'
     dtypes, None for absent inputs.
@@ -588,12 +674,14 @@ def ssd_scan_bwd(grad_y, grad_states, x, dt, A, B, C, *, D, z, dt_bias, initial_
     dhs = torch.zeros((b, h, nc), dtype=f32, device=dev)
     opt = dict(D=_or(D, x), z=_or(z, x), bias=_or(dt_bias, x), seq=_or(seq_idx, x),
                act=_or(active_t, x), hs=_or(head_scale, x))
-    launch(_ssd_state_fwd_kernel, False, x, dt, A, B, opt["bias"], opt["seq"], opt["act"],
+    launch(_ssd_state_fwd_kernel, "n", x, dt, A, B, opt["bias"], opt["seq"], opt["act"],
            _or(initial_states, x), st, fin)
-    launch(_ssd_state_bwd_kernel, False, dt, A, C, opt["z"], opt["bias"], opt["seq"], opt["act"],
+    launch(_ssd_state_bwd_kernel, "n", dt, A, C, opt["z"], opt["bias"], opt["seq"], opt["act"],
            opt["hs"], grad_y, grad_states.to(f32).contiguous(), dst, _or(dinit, x))
-    launch(_ssd_chunk_bwd_kernel, True, x, dt, A, B, C, opt["D"], opt["z"], opt["bias"], opt["seq"],
-           opt["act"], opt["hs"], st, dst, grad_y, dx, ddt, _or(dz, dx), dBh, dCh, dD, dA, dhs)
+    launch(_ssd_chunk_bwd_dx_kernel, "chunk", x, dt, A, B, C, opt["D"], opt["z"], opt["bias"],
+           opt["seq"], opt["act"], opt["hs"], st, dst, grad_y, dx, ddt, _or(dz, dx), dD, dA, dhs)
+    launch(_ssd_chunk_bwd_dbc_kernel, "chunk_n", x, dt, A, B, C, opt["z"], opt["bias"], opt["seq"],
+           opt["act"], opt["hs"], st, dst, grad_y, dBh, dCh)
     for t, dim in ((dx, 2), (ddt, 2), (dz, 2), (dinit, 1)):
         if t is not None:
             _zero_inactive(t, dim, plan)
