@@ -23,7 +23,7 @@ class TrainConfig:
     run_dir: str = _f("", "output directory (default runs/<preset>); holds config, metrics.jsonl, checkpoints, report")
     seed: int = _f(0, "seed of the model init, data splits, batches, budget sampling and Gumbel noise")
     device: str = _f("auto", "auto | cpu | cuda (under torchrun, cuda:<local rank>)")
-    threads: int = _f(0, "torch CPU threads (0 = torch default)")
+    threads: int = _f(1, "torch CPU threads per process (0 = torch default); the tiny model runs fastest on one")
     resume: bool = _f(False, "continue the run in run_dir from its last checkpoint")
     stop_after: int = _f(0, "stop (with a resumable checkpoint) after this many optimizer steps in this "
                             "invocation; 0 = run to the end. For tests of interruption")

@@ -177,6 +177,8 @@ class Pipeline:
         self.test = self.task.problems("test", cfg.test_size, seed=0)
         self.steps_done_here = 0
         self._stop_requested = False
+        self._stage_t0 = time.perf_counter()
+        self._stage_prior = 0.0
         self.progress = self._init_progress()
 
     # ---- bookkeeping ------------------------------------------------------------------------
@@ -265,6 +267,7 @@ class Pipeline:
                     _load_prefixed(name, m, tensors, ck)
                 optimizer_from_tensors(opt, tensors, meta["opt"], "opt")
                 start, tokens, elapsed = meta["step"], meta["tokens"], meta["time_s"]
+                self._stage_prior = meta.get("stage_time_s", elapsed)
                 log.info("resumed stage %s at step %d", stage, start)
         self.metrics.truncate_after(lambda r: not (r.get("stage") == stage and r.get("step", 0) > start))
         t0 = time.perf_counter() - elapsed
@@ -275,7 +278,8 @@ class Pipeline:
             ot, om = optimizer_to_tensors(opt, "opt")
             tensors = {k: v for name, m in modules.items() for k, v in _prefixed(name, m).items()} | ot
             save_checkpoint(ck, tensors, {"stage": stage, "step": step, "tokens": tokens, "opt": om,
-                                          "time_s": time.perf_counter() - t0})
+                                          "time_s": time.perf_counter() - t0,
+                                          "stage_time_s": self._stage_prior + time.perf_counter() - self._stage_t0})
 
         bar = None
         if self.cfg.progress and self.dist.main and start < steps:
@@ -308,10 +312,10 @@ class Pipeline:
         finally:
             if bar is not None:
                 bar.close()
-        self.progress["time_s"][stage] = round(time.perf_counter() - t0, 2)
         return tokens
 
     def _finish_stage(self, stage: str, tokens: int | None = None) -> None:
+        self.progress["time_s"][stage] = round(self._stage_prior + time.perf_counter() - self._stage_t0, 2)
         if tokens is not None:
             self.progress["tokens"][stage] = tokens
         self.progress["done"].append(stage)
@@ -381,7 +385,6 @@ class Pipeline:
 
     def stage_importance(self) -> None:
         from ..models import estimate_importance, permute_by_importance
-        t0 = time.perf_counter()
         model = self.new_model()
         self._load_model("parent", {"model": model})
         model.eval()
@@ -397,7 +400,6 @@ class Pipeline:
         self.metrics.log({"stage": "importance", "step": 0, "full_width_max_abs_change": drift,
                           "tokens": sum(int((b != self.tok.pad_id).sum()) for b in batches)})
         self._save_model("permuted", _prefixed("model", model), {"stage": "importance", "drift": drift})
-        self.progress["time_s"]["importance"] = round(time.perf_counter() - t0, 2)
         self._finish_stage("importance", sum(int((b != self.tok.pad_id).sum()) for b in batches))
 
     def axis_specs(self) -> list[AxisSpec]:
@@ -501,7 +503,7 @@ class Pipeline:
             active = student.param_count(bud, active=True)
             got = (active if cfg.budget_metric == "active" else total) / full_params
             row = {"target": t, "budget": bud.to_dict(), "sizes": bud.to_dict(), "params_total": total,
-                   "params_active": active, "achieved": got}
+                   "params_active": active, "achieved": got, "baseline": None}
             if self.dist.main:
                 row |= self._eval(student.slice(bud))
             rows.append(row)
@@ -547,6 +549,7 @@ class Pipeline:
                      "val_size": len(self.val), "test_size": len(self.test)},
             "parent": res["parent"],
             "budgets": res["budgets"],
+            "stages": [name for name, _ in self.stages() if name != "report"],
             "tokens": self.progress["tokens"],
             "time_s": self.progress["time_s"],
             "qad": res.get("qad"),
@@ -582,6 +585,7 @@ class Pipeline:
                 if name in self.progress["done"]:
                     continue
                 log.info("stage %s", name)
+                self._stage_t0, self._stage_prior = time.perf_counter(), 0.0
                 fn()
             return json.loads((self.dir / "report.json").read_text()) if self.dist.main else {}
         finally:

@@ -6,63 +6,48 @@ frozen, unquantized stage-2 model. Each sample is drawn at one of the router's c
 (curriculum stage B probabilities) and distilled from the teacher *at the same budget* with the
 forward KL, so every nested submodel is trained under quantization.
 
-Which weights are quantized: every parameter with two or more dimensions whose last (input)
-dimension is a multiple of 16, except the embedding, the LM head, the MoE router, convolutions and
-norms. NVFP4 uses one decode scale per tensor (per expert for stacked ``(E, N, K)`` expert
-weights; other 3-D weights quantize as ``(prod(leading), K)``); FP8 uses one scale per tensor.
-Because every nested budget slices input features at multiples of 16 and the per-tensor scales
-are shared, every submodel is a slice of the one quantized checkpoint, with no requantization.
-
-Export (directory ``qad/`` in the run directory):
-``model.safetensors`` — NVFP4 weights as Model-Optimizer triples (``p.weight`` uint8 codes,
-``p.weight_scale`` e4m3 block scales, ``p.weight_scale_2`` fp32 decode scale) or FP8 weights
-(``p`` as float8_e4m3fn plus ``p.fp8_scale``), everything else as stored;
-``config.json`` — model config, the budget table, the quantized names and their shapes.
-:func:`load_quantized_nested` rebuilds the model at any budget of the table.
+The fake quantization is exactly what the export stores: the weights of
+:func:`elastic_kernels.models.quantizable_weights` (for NVFP4, those whose input features are a
+multiple of 16 in the parent and at every budget), NVFP4 with one decode scale per tensor (per
+expert for stacked expert weights; ``"flat"`` layouts quantize as ``(prod(leading), K)``), FP8 with
+one scale per tensor. Because the scales are shared and nested slices keep whole 16-blocks, every
+submodel is a slice of the one quantized checkpoint, with no requantization. The export is
+``models.save_nested(..., quantization=fmt)`` (directory ``qad/`` in the run directory); every
+budget is reloaded from it with ``models.load_nested`` and evaluated.
 """
 from __future__ import annotations
 
 import copy
-import json
 import math
-import os
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 from torch.func import functional_call
 
-from .checkpoint import CheckpointError
 from .losses import forward_kl
 from .router import curriculum_probs, sample_budget_indices
 
-__all__ = ["quantizable_names", "fake_quantize_weight", "QuantStudent", "export_quantized_nested",
-           "load_quantized_nested", "run_qad"]
-
-_SKIP = ("embed", "lm_head", "router", "conv", "norm")
-FORMAT = "elastic_kernels.qad_nested"
+__all__ = ["quantized_layouts", "fake_quantize_weight", "QuantStudent", "run_qad"]
 
 
-def quantizable_names(model: nn.Module) -> list[str]:
-    """Names of the parameters that QAD quantizes (see the module docstring)."""
-    out = []
-    for name, p in model.named_parameters():
-        leaf = name.split(".")
-        if p.dim() >= 2 and p.shape[-1] % 16 == 0 and not any(s in part for part in leaf for s in _SKIP):
-            out.append(name)
-    return out
+def quantized_layouts(model: nn.Module, budgets, fmt: str) -> dict[str, str]:
+    """``{parameter name: layout}`` of the weights the ``fmt`` export of ``model`` quantizes."""
+    from ..models import quantizable_weights
+    layouts = quantizable_weights(model)
+    if fmt == "fp8":
+        return layouts
+    shapes = [model.sliced_shapes(model.resolve_budget(b)) for b in budgets]
+    params = dict(model.named_parameters())
+    return {n: lay for n, lay in layouts.items()
+            if all(k % 16 == 0 for k in [params[n].shape[-1]] + [sh[n][-1] for sh in shapes])}
 
 
-def _is_expert_stack(name: str) -> bool:
-    return name.endswith(".w1") or name.endswith(".w2")
-
-
-def fake_quantize_weight(name: str, w: torch.Tensor, fmt: str) -> torch.Tensor:
-    """The weight as the export will store it, differentiable by straight-through estimation."""
+def fake_quantize_weight(w: torch.Tensor, layout: str, fmt: str) -> torch.Tensor:
+    """The weight as the export stores it (decoded), with a straight-through gradient."""
     from .. import fake_quant_fp8, fake_quant_nvfp4
     if fmt == "fp8":
         return fake_quant_fp8(w)
-    if w.dim() == 3 and _is_expert_stack(name):
+    if layout == "stacked":
         return torch.stack([fake_quant_nvfp4(w[e]) for e in range(w.shape[0])])
     return fake_quant_nvfp4(w.reshape(-1, w.shape[-1])).reshape(w.shape)
 
@@ -70,89 +55,16 @@ def fake_quantize_weight(name: str, w: torch.Tensor, fmt: str) -> torch.Tensor:
 class QuantStudent(nn.Module):
     """Wraps a model so its forward uses fake-quantized weights (one DDP unit for QAD)."""
 
-    def __init__(self, model: nn.Module, fmt: str) -> None:
+    def __init__(self, model: nn.Module, layouts: dict[str, str], fmt: str) -> None:
         super().__init__()
         self.model = model
+        self.layouts = dict(layouts)
         self.fmt = fmt
-        self.names = quantizable_names(model)
 
     def forward(self, input_ids: torch.Tensor, budget=None) -> torch.Tensor:
         params = dict(self.model.named_parameters())
-        q = {n: fake_quantize_weight(n, params[n], self.fmt) for n in self.names}
+        q = {n: fake_quantize_weight(params[n], lay, self.fmt) for n, lay in self.layouts.items()}
         return functional_call(self.model, q, (input_ids,), {"budget": budget})
-
-
-def export_quantized_nested(model: nn.Module, path: str | os.PathLike, budgets: dict, fmt: str) -> None:
-    """Write the quantized nested checkpoint of ``model`` with the budget table ``{name: Budget}``."""
-    from .. import nvfp4
-    from ..reference.nvfp4 import fp8_scale_of
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    names = quantizable_names(model)
-    shapes = {}
-    tensors: dict = {}
-    for name, t in model.state_dict().items():
-        t = t.detach().float().cpu() if t.is_floating_point() else t.detach().cpu()
-        if name not in names:
-            tensors[name] = t
-            continue
-        shapes[name] = list(t.shape)
-        if fmt == "fp8":
-            s = fp8_scale_of(t)
-            tensors[name] = (t / s).clamp(-448, 448).to(torch.float8_e4m3fn)
-            tensors[name + ".fp8_scale"] = s.reshape(())
-        else:
-            w = t if (t.dim() == 3 and _is_expert_stack(name)) else t.reshape(-1, t.shape[-1])
-            tensors[name + ".weight"] = nvfp4.quantize(w)
-    nvfp4.save_file(tensors, path / "model.safetensors", metadata={"format": FORMAT, "qformat": fmt})
-    meta = {"format": FORMAT, "qformat": fmt, "config": model.config.to_dict(), "quantized": shapes,
-            "budgets": {k: b.to_dict() for k, b in budgets.items()}}
-    tmp = path / "config.json.tmp"
-    tmp.write_text(json.dumps(meta, indent=2, sort_keys=True))
-    os.replace(tmp, path / "config.json")
-
-
-def load_quantized_nested(path: str | os.PathLike, budget: str | None = None, *, device=None) -> nn.Module:
-    """The submodel at table entry ``budget`` (None = full) of a quantized nested checkpoint.
-
-    Weights are decoded from the stored codes (NVFP4: ``e2m1(code) * block_scale * g``; FP8:
-    ``e4m3 * scale``), then sliced to the budget's prefixes.
-    """
-    from .. import nvfp4
-    from ..models import Budget, ElasticHybridConfig, ElasticHybridLM
-    path = Path(path)
-    try:
-        meta = json.loads((path / "config.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"quantized checkpoint {path}: unreadable config.json: {e}") from e
-    if meta.get("format") != FORMAT:
-        raise CheckpointError(f"quantized checkpoint {path}: not a {FORMAT} checkpoint")
-    if budget is not None and budget not in meta["budgets"]:
-        raise CheckpointError(f"quantized checkpoint {path}: no budget {budget!r}; "
-                              f"table has {sorted(meta['budgets'])}")
-    try:
-        sd = nvfp4.load_file(path / "model.safetensors")
-    except ValueError as e:
-        raise CheckpointError(str(e)) from e
-    state = {}
-    for name, t in sd.items():
-        if name.endswith(".fp8_scale"):
-            continue
-        if isinstance(t, nvfp4.NVFP4Tensor):
-            base = name[:-len(".weight")]
-            state[base] = t.dequantize(torch.float32).reshape(meta["quantized"][base])
-        elif name in meta["quantized"]:
-            state[name] = t.float() * sd[name + ".fp8_scale"]
-        else:
-            state[name] = t
-    model = ElasticHybridLM(ElasticHybridConfig.from_dict(meta["config"]))
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as e:
-        raise CheckpointError(f"quantized checkpoint {path}: tensors do not match its config: {e}") from e
-    if device is not None:
-        model = model.to(device)
-    return model if budget is None else model.slice(Budget.from_dict(meta["budgets"][budget]))
 
 
 def run_qad(pipe) -> tuple[dict, int]:
@@ -166,7 +78,8 @@ def run_qad(pipe) -> tuple[dict, int]:
     teacher.eval().requires_grad_(False)
     budgets = [Budget.from_dict(b) for b in meta["budgets"]]
     model = copy.deepcopy(teacher).train().requires_grad_(True)
-    student = QuantStudent(model, cfg.qad_format)
+    layouts = quantized_layouts(model, budgets, cfg.qad_format)
+    student = QuantStudent(model, layouts, cfg.qad_format)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.qad_lr, weight_decay=0.0)
     net = pipe._wrap(student)
     steps = cfg.qad_steps
@@ -196,17 +109,17 @@ def run_qad(pipe) -> tuple[dict, int]:
     out_dir = pipe.dir / "qad"
     rows = []
     if pipe.dist.main:
-        export_quantized_nested(model, out_dir, table, cfg.qad_format)
+        from ..models import load_nested, save_nested
+        save_nested(model, out_dir, table, quantization=cfg.qad_format)
         ref_rows = {r["target"]: r for r in pipe.progress["results"]["budgets"]}
         for t in cfg.budgets:
-            sub = load_quantized_nested(out_dir, f"{t:g}", device=pipe.device)
+            sub = load_nested(out_dir, f"{t:g}", device=pipe.device)
             res = pipe._eval(sub)
             rows.append({"target": t, "ref_test_acc": ref_rows[t].get("test_acc"), "test_acc": res["test_acc"],
                          "val_loss": res["val_loss"], "val_acc": res["val_acc"],
                          "params_total": sub.param_count(None)})
     pipe._barrier()
     res = {"format": cfg.qad_format, "checkpoint": str(out_dir), "budgets": rows,
-           "quantized_tensors": len(quantizable_names(model)),
-           "quantized_params": int(sum(math.prod(p.shape) for n, p in model.named_parameters()
-                                       if n in set(quantizable_names(model))))}
+           "quantized_tensors": len(layouts),
+           "quantized_params": int(sum(math.prod(p.shape) for n, p in model.named_parameters() if n in layouts))}
     return res, tokens

@@ -58,8 +58,11 @@ def render_markdown(rep: dict) -> str:
     lines.append("")
     lines.append("| stage | tokens | time (s) |")
     lines.append("|---|---|---|")
-    for stage, n in rep["tokens"].items():
-        lines.append(f"| {stage} | {n:,} | {_fmt(rep['time_s'].get(stage), '.1f')} |")
+    for stage in rep["stages"]:
+        n = rep["tokens"].get(stage)
+        lines.append(f"| {stage} | {'—' if n is None else format(n, ',')} | {_fmt(rep['time_s'].get(stage), '.1f')} |")
+    total = sum(rep["time_s"].get(s, 0.0) for s in rep["stages"])
+    lines.append(f"| **total** | {sum(rep['tokens'].get(s, 0) for s in rep['stages']):,} | {total:.1f} |")
     if rep.get("qad"):
         q = rep["qad"]
         lines.append("")
