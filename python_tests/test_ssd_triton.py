@@ -135,6 +135,43 @@ def test_ssd_scan_triton_dstate_blocks(triton_device):
     check(triton_device, torch.float32, inp, chunk_size=16, dt_softplus=True)
 
 
+def test_ssd_scan_triton_strided_inputs(triton_device):
+    """Non-contiguous views (as split from an in_proj output) are read through their strides."""
+    b, l, h, g, p, n = 2, 20, 4, 2, 8, 8
+    base = make_inputs(torch.float32, batch=b, seqlen=l, nheads=h, ngroups=g, headdim=p, dstate=n)
+    packed = {"xz": torch.randn(b, l, h, 2 * p, dtype=torch.float64),
+              "bc": torch.randn(b, l, 2, g, n, dtype=torch.float64) * 0.5,
+              "dt_t": torch.randn(b, h, l, dtype=torch.float64) * 0.5 - 1.0}
+    gy = torch.randn(b, l, h, 2 * p, dtype=torch.float64)[..., ::2]  # a strided cotangent too
+    gs = torch.randn(b, h, p, n, dtype=torch.float64)
+
+    def run_packed(dtype, device, backend):
+        leaves = {k: v.to(dtype).to(device).clone().requires_grad_(True) for k, v in packed.items()}
+        xz, bc = leaves["xz"], leaves["bc"]
+        y, fs = ssd_scan(xz[..., :p], leaves["dt_t"].transpose(1, 2), base["A"].to(dtype).to(device),
+                         bc[:, :, 0], bc[:, :, 1], chunk_size=16, D=base["D"].to(dtype).to(device),
+                         z=xz[..., p:], dt_bias=base["dt_bias"].to(dtype).to(device), dt_softplus=True,
+                         return_final_states=True, backend=backend)
+        torch.autograd.backward([y, fs], [gy.to(dtype).to(device), gs.to(device)])
+        return [y, fs] + [leaves[k].grad for k in packed]
+
+    truth = run_packed(torch.float64, "cpu", "reference")
+    ref = run_packed(torch.float32, "cpu", "reference")
+    out = run_packed(torch.float32, triton_device, "triton")
+    for name, o, t, r in zip(["y", "final_states", "dxz", "dbc", "ddt"], out, truth, ref):
+        assert_close_to_truth(o, t, r, torch.float32, name)
+
+
+def test_ssd_scan_triton_launches_only_active_heads():
+    """With an int width the grid covers the active heads only (cost falls with width)."""
+    from elastic_kernels.triton.ssd import _launch_plan
+    x, B = torch.empty(2, 40, 12, 8), torch.empty(2, 40, 3, 16)
+    for interleaved in (False, True):
+        assert _launch_plan(x, B, 16, interleaved, 6, None)["nlaunch"] == 6
+        assert _launch_plan(x, B, 16, interleaved, -1, None)["nlaunch"] == 12
+        assert _launch_plan(x, B, 16, interleaved, -1, torch.tensor([3, 6]))["nlaunch"] == 12
+
+
 def test_ssd_scan_triton_chunk_independent(triton_device):
     """Chunk sizes that are not powers of two (padded blocks) give the same result."""
     inp = {k: v.float().to(triton_device) if v.is_floating_point() else v.to(triton_device)

@@ -547,7 +547,7 @@ def _launch_plan(x, B, chunk_size, interleaved, active_int, active_t):
     return dict(batch=batch, seqlen=seqlen, nheads=nheads, headdim=headdim, ngroups=ngroups,
                 dstate=dstate, hpg=hpg, kpg=kpg, nlaunch=kpg * ngroups,
                 nchunks=triton.cdiv(seqlen, chunk_size), nblocks_n=triton.cdiv(dstate, bn),
-                interleaved=bool(interleaved), chunk_warps=8 if bl * max(bp, bn) >= 64 * 64 else 4,
+                interleaved=bool(interleaved), num_warps=8 if bl * max(bp, bn) >= 64 * 64 else 4,
                 const=dict(BLOCK_L=bl, BLOCK_P=bp, BLOCK_N=bn, INTERLEAVED=bool(interleaved),
                            DOT_PREC="ieee" if x.dtype == torch.float32 else "tf32"))
 
@@ -607,7 +607,7 @@ class _Launch:
         if 0 in grid:
             return
         names = kernel.arg_names
-        kernel[grid](*ptrs, *self.args, num_warps=4 if over == "n" else p["chunk_warps"],
+        kernel[grid](*ptrs, *self.args, num_warps=p["num_warps"],
                      **{k: v for k, v in self.const.items() if k in names})
 
 
