@@ -37,7 +37,10 @@ The model (:mod:`.model`)
         consumes ``input_ids`` as the continuation of the cached sequence (prefill of any length,
         or one-token decode steps via ``ssd_state_update``) and updates the cache in place. Use
         the same budget(s) for every call on one cache.
-    ``new_cache(batch) -> HybridCache`` (per layer: Mamba conv state + SSM state, attention KV).
+    ``new_cache(batch, device=None, dtype=None) -> HybridCache``: ``.layers`` (per layer a
+        ``MambaLayerCache(conv_x, conv_bc, ssm, has_state)``, an ``AttentionLayerCache(k, v)`` or
+        None), ``.batch``, ``.seqlen`` (tokens consumed). Buffers are full-size; a budget updates
+        the prefixes it uses.
     ``param_count(budget=None, active=False) -> int``: parameters of the submodel (== numel of
         ``slice(budget)``); ``active=True`` counts only ``moe_top_k`` routed experts per MoE layer.
     ``expected_param_count(sizes, active=False) -> Tensor``: the same count as a differentiable
@@ -45,7 +48,12 @@ The model (:mod:`.model`)
         sequence}`` (for router losses); equal to ``param_count`` at integer sizes.
     ``slice(budget) -> ElasticHybridLM``: a standalone model with really smaller tensors whose
         forward equals the masked forward at ``budget``.
-    ``resolve_budget(budget) -> {axis: per-layer sizes}``.
+    ``resolve_budget(budget) -> {axis: per-layer sizes}``; ``sliced_config(budget)``;
+    ``sliced_shapes(sizes, active=False) -> {state-dict name: prefix shape}`` (every parameter
+    of a submodel is a prefix of the parent's in every dimension).
+    Logits are float32 (float64 for a float64 model); bf16/fp16 models compute norms and SSM
+    states in float32. On a small shared CPU, ``torch.set_num_threads(1)`` is much faster for
+    the tiny presets (measured: test suite 241 s -> 20 s under load).
 
 Soft masks (router training; DESIGN §3.2)
 -----------------------------------------
@@ -93,7 +101,8 @@ Importance and permutation (:mod:`.importance`)
 -----------------------------------------------
 ``estimate_importance(model, batches) -> dict``: forward passes only (no gradients) over an
 iterable of input_ids tensors; returns ``{"hidden": (hidden,), "mamba_heads": [(H,) per M layer],
-"experts": [(E,) per E layer], "expert_ffn": [(E, F) per E layer], "ffn": [(F,) per - layer]}``.
+"experts": [(E,) per E layer], "expert_ffn": [(E, F) per E layer], "ffn": [(F,) per - layer]}``
+(float64, at full width; the model's forward hooks, no gradients).
 ``permute_by_importance(model, scores) -> dict`` reorders weights in place (most important first;
 Mamba heads within their group) and returns the permutations; full-width outputs do not change.
 
