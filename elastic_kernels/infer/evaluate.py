@@ -209,25 +209,37 @@ def analyze(rows: Sequence[dict]) -> dict:
     setting (any budget, any cap) that costs no more, with that single setting (or None when every
     single setting costs more) and ``dominates`` (single labels the pair strictly Pareto-dominates).
     ``pair_dominates_best_single``: whether some pair beats the best single setting at its cost.
+    ``reuse_pairs_beating_singles`` / ``reuse_pair_dominates_best_single``: the same for the
+    pairs run in the experimental cache-reuse mode. ``reuse``: per pair, accuracy and cost of
+    reuse against re-prefill.
     """
     main = [r for r in rows if r["kind"] in ("single", "pair")]
     singles = [r for r in main if r["kind"] == "single"]
-    out: dict = {}
-    for axis in COST_AXES:
-        front = [main[i]["label"] for i in pareto_frontier(main, axis)]
-        beating = []
-        for p in (r for r in main if r["kind"] == "pair"):
+
+    def beating(candidates: Sequence[dict], axis: str) -> list[dict]:
+        found = []
+        for p in candidates:
             cheaper = [s for s in singles if s[axis] <= p[axis]]
             best = max(cheaper, key=lambda s: (s["accuracy"], -s[axis])) if cheaper else None
             if best is None or p["accuracy"] > best["accuracy"]:
                 dominated = [s["label"] for s in singles if p[axis] <= s[axis] and p["accuracy"] >= s["accuracy"]
                              and (p[axis] < s[axis] or p["accuracy"] > s["accuracy"])]
-                beating.append({"pair": p["label"], "accuracy": p["accuracy"], "cost": p[axis],
-                                "best_single_within_cost": None if best is None else best["label"],
-                                "best_single_accuracy": None if best is None else best["accuracy"],
-                                "dominates": dominated})
-        out[axis] = {"frontier": front, "pairs_beating_singles": beating,
-                     "pair_dominates_best_single": any(b["best_single_within_cost"] is not None for b in beating)}
+                found.append({"pair": p["label"], "accuracy": p["accuracy"], "cost": p[axis],
+                              "best_single_within_cost": None if best is None else best["label"],
+                              "best_single_accuracy": None if best is None else best["accuracy"],
+                              "dominates": dominated})
+        return found
+
+    out: dict = {}
+    for axis in COST_AXES:
+        pairs = beating([r for r in main if r["kind"] == "pair"], axis)
+        reused = beating([r for r in rows if r["kind"] == "reuse"], axis)
+        out[axis] = {"frontier": [main[i]["label"] for i in pareto_frontier(main, axis)],
+                     "pairs_beating_singles": pairs,
+                     "pair_dominates_best_single": any(b["best_single_within_cost"] is not None for b in pairs),
+                     "reuse_pairs_beating_singles": reused,
+                     "reuse_pair_dominates_best_single": any(b["best_single_within_cost"] is not None
+                                                             for b in reused)}
     reuse = []
     by_key = {(r["setting"]["think"], r["setting"]["answer"], r["setting"]["max_think_tokens"]): r
               for r in main}
@@ -240,6 +252,7 @@ def analyze(rows: Sequence[dict]) -> dict:
             reuse.append({"pair": ref["label"], "accuracy_reprefill": ref["accuracy"],
                           "accuracy_reuse": r["accuracy"], "delta": r["accuracy"] - ref["accuracy"],
                           "flops_saved": 1.0 - r["flops"] / ref["flops"] if ref["flops"] else 0.0,
+                          "bytes_saved": 1.0 - r["bytes"] / ref["bytes"] if ref["bytes"] else 0.0,
                           "wall_saved": 1.0 - r["wall_s"] / ref["wall_s"] if ref["wall_s"] else 0.0})
     out["reuse"] = reuse
     return out

@@ -20,7 +20,8 @@ import os
 from pathlib import Path
 from typing import Sequence
 
-from .evaluate import COST_AXES, analyze, budget_order, build_settings, default_caps, evaluate_settings
+from .evaluate import (COST_AXES, CostModel, analyze, budget_order, build_settings, default_caps,
+                       evaluate_settings)
 
 __all__ = ["run_budget_control", "write_budget_control", "budget_control_markdown", "plot_budget_control",
            "RunDirError", "REPORT_NAME"]
@@ -85,7 +86,6 @@ def run_budget_control(run_dir: str | os.PathLike, *, limit: int | None = None, 
 
     rows = evaluate_settings(model, task, problems, table, settings, batch_size=batch_size, repeats=repeats,
                              progress=progress)
-    from .evaluate import CostModel
     cost = CostModel(model, table)
     rep = {
         "run_dir": str(run_dir), "checkpoint": str(run_dir / "nested"),
@@ -162,6 +162,12 @@ def budget_control_markdown(rep_or_dir) -> str:
                      f"{r['answer_tokens']:.1f} | {r['forced_rate']:.2f} | {r['flops'] / 1e6:.3f} | "
                      f"{r['bytes'] / 1e3:.1f} | {1e3 * r['wall_s']:.2f} | {marks} |")
     lines.append("")
+    spreads = sorted((max(r["wall_s_passes"]) - min(r["wall_s_passes"])) / min(r["wall_s_passes"])
+                     for r in rep["rows"] if len(r.get("wall_s_passes", [])) > 1 and min(r["wall_s_passes"]) > 0)
+    if spreads:
+        lines.append(f"Wall-time noise: the median setting's passes spread by {100 * spreads[len(spreads) // 2]:.0f}% "
+                     "(max - min over min); wall-time differences smaller than that are not resolved.")
+        lines.append("")
     for axis in COST_AXES:
         a = an[axis]
         lines.append(f"- **{_AXIS_TITLES[axis]}**: frontier {', '.join(a['frontier'])}.")
@@ -177,13 +183,20 @@ def budget_control_markdown(rep_or_dir) -> str:
         cheap = [b for b in a["pairs_beating_singles"] if b["best_single_within_cost"] is None]
         for b in cheap:
             lines.append(f"  - pair {b['pair']} (acc {b['accuracy']:.3f}) costs less than every single-model setting.")
+        reused = [b for b in a.get("reuse_pairs_beating_singles", []) if b["best_single_within_cost"] is not None]
+        if reused:
+            best = max(reused, key=lambda b: b["accuracy"] - b["best_single_accuracy"])
+            lines.append(f"  - with the experimental cache reuse, {len(reused)} pair(s) beat the best single setting "
+                         f"within their cost, most clearly {best['pair']} (acc {best['accuracy']:.3f} against "
+                         f"{best['best_single_within_cost']} at {best['best_single_accuracy']:.3f}).")
     if an["reuse"]:
         lines += ["", "Experimental cache reuse at the switch (no re-prefill) against the exact re-prefill:", "",
-                  "| pair | acc (re-prefill) | acc (reuse) | change | FLOPs saved | wall saved |",
-                  "|---|---|---|---|---|---|"]
+                  "| pair | acc (re-prefill) | acc (reuse) | change | FLOPs saved | bytes saved | wall saved |",
+                  "|---|---|---|---|---|---|---|"]
         for r in an["reuse"]:
             lines.append(f"| {r['pair']} | {r['accuracy_reprefill']:.3f} | {r['accuracy_reuse']:.3f} | "
-                         f"{r['delta']:+.3f} | {100 * r['flops_saved']:.1f}% | {100 * r['wall_saved']:.1f}% |")
+                         f"{r['delta']:+.3f} | {100 * r['flops_saved']:.1f}% | {100 * r['bytes_saved']:.1f}% | "
+                         f"{100 * r['wall_saved']:.1f}% |")
     lines.append("")
     return "\n".join(lines)
 
