@@ -7,6 +7,7 @@ import json
 import os
 
 import pytest
+import safetensors.torch
 import torch
 import torch.nn.functional as F
 
@@ -408,6 +409,24 @@ def test_per_sample_budgets_equal_each_sample_alone(name):
         close(out[i], model(ids[i:i + 1], b)[0])
 
 
+def test_per_sample_budgets_with_per_sample_soft_masks():
+    model = make_model()
+    cfg = model.config
+    table = budgets_for(cfg)
+    chosen = [table["full"], table["all-0.5"], table["per-layer"]]
+    ids = ids_for(cfg, batch=3)
+    g = torch.Generator().manual_seed(5)
+    masks = {"hidden": torch.rand(3, cfg.hidden_size, generator=g) + 0.5,
+             "mamba_heads": torch.rand(3, cfg.mamba_heads, generator=g) + 0.5,
+             "experts": torch.rand(3, cfg.moe_experts, generator=g) + 0.5,
+             "expert_ffn": torch.rand(3, cfg.moe_ffn, generator=g) + 0.5,
+             "ffn": torch.rand(3, cfg.ffn_size, generator=g) + 0.5}
+    out = model(ids, chosen, soft_masks=masks)
+    for i, b in enumerate(chosen):
+        alone = model(ids[i:i + 1], b, soft_masks={k: v[i:i + 1] for k, v in masks.items()})
+        close(out[i], alone[0])
+
+
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_decode_with_caches_equals_full_forward(name):
     model = make_model(name)
@@ -453,6 +472,8 @@ def test_nested_checkpoint_round_trip(tmp_path, name):
     table = budgets_for(cfg)
     save_nested(model, tmp_path, table)
     assert sorted(os.listdir(tmp_path)) == ["config.json", "model.safetensors"]  # no temp files left
+    plain = safetensors.torch.load_file(tmp_path / "model.safetensors")  # a standard safetensors file
+    assert all(torch.equal(plain[k], v) for k, v in model.state_dict().items())
     cfg2, table2 = read_nested_config(tmp_path)
     assert cfg2 == cfg and table2 == table
     ids = ids_for(cfg)
