@@ -378,3 +378,33 @@ def test_qad_smoke_nested_quantized_checkpoint(tmp_path, fmt):
         assert sub.param_count(None) == r["params_total"]
         with torch.no_grad():
             torch.testing.assert_close(sub(x), qs(x, budget=bud), rtol=1e-4, atol=1e-4)
+
+
+def test_ctrl_c_leaves_resumable_checkpoint(tmp_path):
+    """SIGINT during training: exit code 130, a checkpoint on disk, and --resume finishes the run."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    run_dir = tmp_path / "int"
+    args = [sys.executable, "-m", "elastic_kernels.train", "--preset", "smoke", "--run-dir", str(run_dir),
+            "--parent-steps", "60", "--baselines", "false", "--log-every", "1"]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 2):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=240)
+    assert proc.returncode == 130, out[-3000:]
+    _, meta = load_checkpoint(run_dir / "state.safetensors")
+    assert meta["stage"] == "parent" and 2 <= meta["step"] < 60
+    res = subprocess.run(args + ["--resume"], capture_output=True, text=True,
+                         timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    from elastic_kernels.train.metrics import read_metrics
+    steps = [r["step"] for r in read_metrics(metrics) if r["stage"] == "parent" and "loss" in r]
+    assert steps == list(range(1, 61))

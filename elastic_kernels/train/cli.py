@@ -17,7 +17,7 @@ def main(argv: list[str] | None = None) -> int:
         rep = run(cfg)
     except StopRun as e:
         logging.getLogger("elastic_kernels.train").warning("%s", e)
-        return 130 if "Ctrl-C" in str(e) else 0
+        return 130 if e.interrupted else 0
     if rep:
         run_dir = cfg.resolved_run_dir()
         print(f"report: {run_dir}/report.md ({run_dir}/report.json, {run_dir}/report.png)")

@@ -39,7 +39,7 @@ class TrainConfig:
     budget_metric: str = _f("active", "which parameter count the budgets refer to: active | total")
     # stage 0: parent
     batch_size: int = _f(32, "global batch size (split across ranks)")
-    parent_steps: int = _f(600, "stage 0 optimizer steps (parent trained from scratch)")
+    parent_steps: int = _f(1000, "stage 0 optimizer steps (parent trained from scratch)")
     lr: float = _f(3e-3, "peak learning rate of parent and baseline training (AdamW, warmup + cosine)")
     weight_decay: float = _f(0.01, "AdamW weight decay")
     warmup_steps: int = _f(30, "linear warmup steps of every stage")
@@ -71,7 +71,7 @@ class TrainConfig:
                                  "as the nested family saw)")
     # logging
     log_every: int = _f(10, "steps between metric lines")
-    eval_every: int = _f(200, "steps between validation evaluations (0 = only at the end of a stage)")
+    eval_every: int = _f(250, "steps between validation evaluations (0 = only at the end of a stage)")
     ckpt_every: int = _f(100, "steps between resumable checkpoints")
     progress: bool = _f(True, "show tqdm progress bars")
 

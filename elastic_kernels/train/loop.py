@@ -58,7 +58,14 @@ _RESUME_FREE = {"resume", "stop_after", "progress", "threads", "device", "run_di
 
 
 class StopRun(Exception):
-    """The run stopped early (``stop_after`` or Ctrl-C) after writing a resumable checkpoint."""
+    """The run stopped early (``stop_after`` or Ctrl-C) after writing a resumable checkpoint.
+
+    ``interrupted`` is True when the stop came from Ctrl-C (SIGINT).
+    """
+
+    def __init__(self, message: str, interrupted: bool = False) -> None:
+        super().__init__(message)
+        self.interrupted = interrupted
 
 
 @dataclass
@@ -179,6 +186,8 @@ class Pipeline:
         self._stop_requested = False
         self._stage_t0 = time.perf_counter()
         self._stage_prior = 0.0
+        self._stage_cpu0 = time.process_time()
+        self._stage_cpu_prior = 0.0
         self.progress = self._init_progress()
 
     # ---- bookkeeping ------------------------------------------------------------------------
@@ -268,6 +277,7 @@ class Pipeline:
                 optimizer_from_tensors(opt, tensors, meta["opt"], "opt")
                 start, tokens, elapsed = meta["step"], meta["tokens"], meta["time_s"]
                 self._stage_prior = meta.get("stage_time_s", elapsed)
+                self._stage_cpu_prior = meta.get("stage_cpu_s", 0.0)
                 log.info("resumed stage %s at step %d", stage, start)
         self.metrics.truncate_after(lambda r: not (r.get("stage") == stage and r.get("step", 0) > start))
         t0 = time.perf_counter() - elapsed
@@ -279,7 +289,8 @@ class Pipeline:
             tensors = {k: v for name, m in modules.items() for k, v in _prefixed(name, m).items()} | ot
             save_checkpoint(ck, tensors, {"stage": stage, "step": step, "tokens": tokens, "opt": om,
                                           "time_s": time.perf_counter() - t0,
-                                          "stage_time_s": self._stage_prior + time.perf_counter() - self._stage_t0})
+                                          "stage_time_s": self._stage_prior + time.perf_counter() - self._stage_t0,
+                                          "stage_cpu_s": self._stage_cpu_prior + time.process_time() - self._stage_cpu0})
 
         bar = None
         if self.cfg.progress and self.dist.main and start < steps:
@@ -308,7 +319,7 @@ class Pipeline:
                     save(done)
                 if stop and done < steps:
                     raise StopRun(f"stopped in stage {stage} at step {done}/{steps}; "
-                                  f"continue with --resume --run-dir {self.dir}")
+                                  f"continue with --resume --run-dir {self.dir}", self._stop_requested)
         finally:
             if bar is not None:
                 bar.close()
@@ -316,6 +327,8 @@ class Pipeline:
 
     def _finish_stage(self, stage: str, tokens: int | None = None) -> None:
         self.progress["time_s"][stage] = round(self._stage_prior + time.perf_counter() - self._stage_t0, 2)
+        self.progress.setdefault("cpu_s", {})[stage] = round(
+            self._stage_cpu_prior + time.process_time() - self._stage_cpu0, 2)
         if tokens is not None:
             self.progress["tokens"][stage] = tokens
         self.progress["done"].append(stage)
@@ -326,7 +339,8 @@ class Pipeline:
                 ck.unlink()
         self._barrier()
         if self._should_stop() and stage != "report":
-            raise StopRun(f"stopped after stage {stage}; continue with --resume --run-dir {self.dir}")
+            raise StopRun(f"stopped after stage {stage}; continue with --resume --run-dir {self.dir}",
+                          self._stop_requested)
 
     def _train_batch(self, step: int, *, difficulty: int | None = None, stream: int = 0) -> tuple[Batch, int]:
         batch = self.task.batch("train", self.cfg.batch_size, index=stream * 10_000_000 + step,
@@ -552,6 +566,7 @@ class Pipeline:
             "stages": [name for name, _ in self.stages() if name != "report"],
             "tokens": self.progress["tokens"],
             "time_s": self.progress["time_s"],
+            "cpu_s": self.progress.get("cpu_s", {}),
             "qad": res.get("qad"),
         }
         if self.dist.main:
@@ -586,6 +601,7 @@ class Pipeline:
                     continue
                 log.info("stage %s", name)
                 self._stage_t0, self._stage_prior = time.perf_counter(), 0.0
+                self._stage_cpu0, self._stage_cpu_prior = time.process_time(), 0.0
                 fn()
             return json.loads((self.dir / "report.json").read_text()) if self.dist.main else {}
         finally:

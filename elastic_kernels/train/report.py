@@ -56,13 +56,21 @@ def render_markdown(rep: dict) -> str:
     lines.append("")
     lines.append("## Tokens and time per stage")
     lines.append("")
-    lines.append("| stage | tokens | time (s) |")
-    lines.append("|---|---|---|")
+    lines.append("Tokens: real (non-pad) input tokens of the training batches (global batch). Wall time includes "
+                 "evaluation; CPU time is this process's (rank 0) user+system time — on a busy shared machine "
+                 "it is the better estimate of the wall time on an idle one.")
+    lines.append("")
+    lines.append("| stage | tokens | wall time (s) | CPU time (s) |")
+    lines.append("|---|---|---|---|")
+    cpu = rep.get("cpu_s", {})
     for stage in rep["stages"]:
         n = rep["tokens"].get(stage)
-        lines.append(f"| {stage} | {'—' if n is None else format(n, ',')} | {_fmt(rep['time_s'].get(stage), '.1f')} |")
+        lines.append(f"| {stage} | {'—' if n is None else format(n, ',')} | {_fmt(rep['time_s'].get(stage), '.1f')} | "
+                     f"{_fmt(cpu.get(stage), '.1f')} |")
     total = sum(rep["time_s"].get(s, 0.0) for s in rep["stages"])
-    lines.append(f"| **total** | {sum(rep['tokens'].get(s, 0) for s in rep['stages']):,} | {total:.1f} |")
+    total_cpu = sum(cpu.get(s, 0.0) for s in rep["stages"])
+    lines.append(f"| **total** | {sum(rep['tokens'].get(s, 0) for s in rep['stages']):,} | {total:.1f} | "
+                 f"{total_cpu:.1f} |")
     if rep.get("qad"):
         q = rep["qad"]
         lines.append("")
