@@ -6,12 +6,15 @@ yardstick is the reference backend in the kernel's precision (DESIGN §5).
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
+from unittest import mock
+
 import pytest
 import torch
 
 from elastic_kernels.ops.ssd import ssd_scan
 from elastic_kernels.reference.ssd import active_heads_mask, head_rank
-from helpers import DTYPES, assert_close_to_truth, cast, grads_of
+from helpers import DTYPES, assert_close_to_truth, cast, grads_of, poison_like
 
 GRAD_NAMES = ("x", "dt", "A", "B", "C", "D", "z", "dt_bias", "initial_states", "head_scale")
 
@@ -55,8 +58,18 @@ def inactive_mask(nheads, ngroups, interleaved, active, batch):
     return ~active_heads_mask(nheads, ngroups, interleaved, active)
 
 
+_EMPTY = torch.empty
+
+
+def _poisoned_empty(*args, **kwargs):
+    """torch.empty whose memory is poisoned (NaN / sentinel): catches elements never written."""
+    return poison_like(_EMPTY(*args, **kwargs))
+
+
 def run(inp, device, dtype, backend, gy, gs, **kw):
-    """Outputs and gradients of ssd_scan(**inp, **kw) for (y, final_states) cotangents (gy, gs)."""
+    """Outputs and gradients of ssd_scan(**inp, **kw) for (y, final_states) cotangents (gy, gs).
+
+    For the Triton backend every buffer the launchers allocate starts poisoned."""
     moved = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in cast(inp, dtype).items()}
     if isinstance(kw.get("active_heads"), torch.Tensor):
         kw = dict(kw, active_heads=kw["active_heads"].to(device))
@@ -68,7 +81,8 @@ def run(inp, device, dtype, backend, gy, gs, **kw):
         outs["y"], outs["fs"] = y.detach(), fs.detach()
         return y, fs
 
-    grads = grads_of(fn, moved, names, (gy.to(device), gs.to(device)))
+    with mock.patch.object(torch, "empty", _poisoned_empty) if backend == "triton" else nullcontext():
+        grads = grads_of(fn, moved, names, (gy.to(device), gs.to(device)))
     return outs, grads
 
 
