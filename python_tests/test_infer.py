@@ -362,6 +362,8 @@ def test_cli_bad_run_dir(tmp_path, capsys):
     (tmp_path / "progress.json").write_text(json.dumps({"config": {}}))
     assert main([str(tmp_path)]) == 2
     assert "has not finished its elastic stage" in capsys.readouterr().err
+    assert main([str(tmp_path), "--checkpoint", "qad"]) == 2
+    assert "no nested checkpoint 'qad'" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main([str(tmp_path), "--caps", "a,b"])
 
@@ -372,3 +374,19 @@ def test_module_entry_point():
     out = subprocess.run([sys.executable, "-m", "elastic_kernels.infer", "--help"], capture_output=True, text=True,
                          timeout=120)
     assert out.returncode == 0 and "RUN_DIR" in out.stdout and "--caps" in out.stdout
+
+
+def test_eval_on_smoke_training_run(tmp_path):
+    """elastic-eval on the run directory the training loop writes (smoke preset, with the QAD export)."""
+    from elastic_kernels.infer import run_budget_control
+    from elastic_kernels.train.config import make_config
+    from elastic_kernels.train.loop import run
+    run_dir = tmp_path / "run"
+    run(make_config("smoke", run_dir=str(run_dir), baselines=False, qad=True, threads=1))
+    for ckpt in ("nested", "qad"):
+        rep = run_budget_control(run_dir, limit=4, caps=[2], reuse=False, checkpoint=ckpt,
+                                 out_dir=tmp_path / ckpt)
+        names = rep["budget_order"]
+        assert sorted(names) == ["0.5", "0.75", "1"]
+        assert len(rep["rows"]) == len(names) ** 2 + len(names)
+        assert (tmp_path / ckpt / "budget_control.md").is_file()

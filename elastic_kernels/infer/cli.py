@@ -50,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip the experimental cache-reuse runs of the pairs")
     p.add_argument("--repeats", type=_positive, default=1,
                    help="timing passes over all settings; wall time is the minimum (robust to other load)")
+    p.add_argument("--checkpoint", default="nested",
+                   help="nested checkpoint directory inside RUN_DIR: nested (elastic stage) or qad (quantized export)")
     p.add_argument("--out", default=None, help="directory of the report files (default: RUN_DIR)")
     p.add_argument("--device", default="cpu", help="torch device of the model")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
@@ -65,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         rep = run_budget_control(args.run_dir, limit=args.limit, caps=args.caps, batch_size=args.batch_size,
                                  reuse=args.reuse, device=args.device, repeats=args.repeats,
-                                 out_dir=args.out)
+                                 out_dir=args.out, checkpoint=args.checkpoint)
     except RunDirError as e:
         print(f"elastic-eval: {e}", file=sys.stderr)
         return 2

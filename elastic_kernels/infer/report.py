@@ -9,7 +9,8 @@ setting (:mod:`.evaluate`) and writes, next to the training report::
 
 Run directory layout read (written by ``elastic_kernels.train``): ``progress.json`` (``config``:
 the TrainConfig: modulus, difficulty, seed, test_size) and ``nested/`` (the nested checkpoint of
-``save_nested`` with the budget table ``{"1": Budget, "0.75": ..., ...}``). The test split is the
+``save_nested`` with the budget table ``{"1": Budget, "0.75": ..., ...}``), or ``qad/`` (the
+quantized nested export of ``--qad``) with ``checkpoint="qad"``. The test split is the
 training loop's: ``ArithmeticTask(modulus, difficulty, seed).problems("test", test_size, seed=0)``.
 """
 from __future__ import annotations
@@ -37,7 +38,7 @@ class RunDirError(ValueError):
     """A run directory without the files the evaluation needs."""
 
 
-def _read_run(run_dir: Path) -> dict:
+def _read_run(run_dir: Path, checkpoint: str) -> dict:
     prog = run_dir / "progress.json"
     if not prog.is_file():
         raise RunDirError(f"{run_dir} is not a training run directory (no progress.json); run elastic-train first")
@@ -45,38 +46,41 @@ def _read_run(run_dir: Path) -> dict:
         cfg = json.loads(prog.read_text())["config"]
     except (json.JSONDecodeError, KeyError) as e:
         raise RunDirError(f"{prog} is unreadable or has no 'config': {e}") from e
-    nested = run_dir / "nested"
+    nested = run_dir / checkpoint
     if not (nested / "config.json").is_file():
-        raise RunDirError(f"{run_dir} has no nested checkpoint ({nested}/config.json); the run has not finished "
-                          "its elastic stage")
+        stage = "elastic" if checkpoint == "nested" else "qad" if checkpoint == "qad" else checkpoint
+        raise RunDirError(f"{run_dir} has no nested checkpoint {checkpoint!r} ({nested}/config.json); the run has "
+                          f"not finished its {stage} stage")
     return cfg
 
 
 def run_budget_control(run_dir: str | os.PathLike, *, limit: int | None = None, caps: Sequence[int] | None = None,
                        batch_size: int = 64, reuse: bool = True, device: str = "cpu", repeats: int = 1,
-                       write: bool = True,
-                       out_dir: str | os.PathLike | None = None) -> dict:
+                       write: bool = True, out_dir: str | os.PathLike | None = None,
+                       checkpoint: str = "nested") -> dict:
     """Evaluate every budget-control setting of the run in ``run_dir`` on its test split.
 
     limit: evaluate only the first ``limit`` test problems (None: all). caps: thinking-token caps
     of the single-model baseline (default :func:`~.evaluate.default_caps`). reuse: also run the
     pairs in the experimental cache-reuse mode. repeats: timing passes (wall time is the minimum).
     write: write the three report files into
-    ``out_dir`` (default ``run_dir``). Returns the report dict.
+    ``out_dir`` (default ``run_dir``). checkpoint: the nested checkpoint directory inside the run
+    (``"nested"``, the elastic stage's; ``"qad"``, the quantized export, evaluated as loaded).
+    Returns the report dict.
     """
     from ..models import load_nested, read_nested_config
     from ..train.data import ArithmeticTask
 
     run_dir = Path(run_dir)
-    cfg = _read_run(run_dir)
+    cfg = _read_run(run_dir, checkpoint)
     task = ArithmeticTask(modulus=int(cfg["modulus"]), difficulty=int(cfg["difficulty"]), seed=int(cfg["seed"]))
     problems = task.problems("test", int(cfg["test_size"]), seed=0)
     if limit is not None:
         if limit < 1:
             raise ValueError(f"run_budget_control: limit must be >= 1, got {limit}")
         problems = problems[:limit]
-    _, table = read_nested_config(run_dir / "nested")
-    model = load_nested(run_dir / "nested", None, device=device).eval()
+    _, table = read_nested_config(run_dir / checkpoint)
+    model = load_nested(run_dir / checkpoint, None, device=device).eval()
     names = budget_order(model, table)
     caps = default_caps(task) if caps is None else sorted({int(c) for c in caps})
     settings = build_settings(names, caps, reuse=reuse)
@@ -88,7 +92,7 @@ def run_budget_control(run_dir: str | os.PathLike, *, limit: int | None = None, 
                              progress=progress)
     cost = CostModel(model, table)
     rep = {
-        "run_dir": str(run_dir), "checkpoint": str(run_dir / "nested"),
+        "run_dir": str(run_dir), "checkpoint": str(run_dir / checkpoint),
         "task": {"modulus": task.modulus, "difficulty": task.difficulty, "seed": task.seed, "split": "test",
                  "n_problems": len(problems)},
         "budgets": {n: {"budget": table[n].to_dict(), **cost.per_budget[n]} for n in names},
