@@ -408,3 +408,18 @@ def test_ctrl_c_leaves_resumable_checkpoint(tmp_path):
     from elastic_kernels.train.metrics import read_metrics
     steps = [r["step"] for r in read_metrics(metrics) if r["stage"] == "parent" and "loss" in r]
     assert steps == list(range(1, 61))
+
+
+@pytest.mark.parametrize("preset", ["smoke", "tiny", "small"])
+def test_presets_build_valid_models(preset):
+    from elastic_kernels.models import ElasticHybridConfig
+    from elastic_kernels.train.data import Tokenizer
+
+    cfg = make_config(preset)
+    mc = ElasticHybridConfig(vocab_size=Tokenizer().vocab_size, **cfg.model)
+    # nested input-feature slices stay NVFP4-block aligned (multiples of 16), so QAD exports slice freely
+    for axis in ("hidden", "expert_ffn", "ffn"):
+        assert all(s % 16 == 0 for s in mc.choice_sizes(axis)), (axis, mc.choice_sizes(axis))
+    assert all(h * mc.mamba_head_dim % 16 == 0 for h in mc.choice_sizes("mamba_heads"))
+    assert cfg.resolved_baseline_steps() == (cfg.baseline_steps if cfg.baseline_steps >= 0
+                                             else cfg.parent_steps + cfg.elastic_steps)

@@ -123,7 +123,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     "small": dict(
         difficulty=4, val_size=1024, test_size=2048, batch_size=128, parent_steps=4000, elastic_steps=3000,
         importance_batches=32, stage_b_difficulty=5, eval_every=500, ckpt_every=500, lr=1e-3,
-        elastic_lr=5e-4, model={},
+        elastic_lr=5e-4,
+        model=dict(hidden_size=256, pattern="M-M*MEM-M*ME", mamba_heads=16, mamba_head_dim=32, mamba_groups=4,
+                   mamba_state=32, mamba_chunk_size=64, moe_experts=16, moe_top_k=2, moe_ffn=256, attn_heads=8,
+                   attn_kv_heads=2, ffn_size=1024),
     ),
 }
 

@@ -393,7 +393,7 @@ class Pipeline:
         res = self._eval(model) if self.dist.main else {}
         res |= {"params_total": model.param_count(None), "params_active": model.param_count(None, active=True)}
         self.progress["results"]["parent"] = res
-        self.metrics.log({"stage": "parent", "step": self.cfg.parent_steps, "eval": res})
+        self.metrics.log({"stage": "parent", "step": self.cfg.parent_steps, "final": True, "eval": res})
         self._save_model("parent", _prefixed("model", model), {"stage": "parent"})
         self._finish_stage("parent", tokens)
 
@@ -411,7 +411,7 @@ class Pipeline:
             permute_by_importance(model, scores)
             after = model(probe)
         drift = float((after - before).abs().max())
-        self.metrics.log({"stage": "importance", "step": 0, "full_width_max_abs_change": drift,
+        self.metrics.log({"stage": "importance", "step": 0, "final": True, "full_width_max_abs_change": drift,
                           "tokens": sum(int((b != self.tok.pad_id).sum()) for b in batches)})
         self._save_model("permuted", _prefixed("model", model), {"stage": "importance", "drift": drift})
         self._finish_stage("importance", sum(int((b != self.tok.pad_id).sum()) for b in batches))
@@ -522,7 +522,8 @@ class Pipeline:
                 row |= self._eval(student.slice(bud))
             rows.append(row)
         self.progress["results"]["budgets"] = rows
-        self.metrics.log({"stage": "elastic", "step": steps, "eval": {f"{r['target']:g}": r for r in rows}})
+        self.metrics.log({"stage": "elastic", "step": steps, "final": True,
+                          "eval": {f"{r['target']:g}": r for r in rows}})
         if self.dist.main:
             from ..models import save_nested
             save_nested(student, self.dir / "nested", {f"{t:g}": bud for t, bud in zip(cfg.budgets, chosen)})
@@ -544,7 +545,7 @@ class Pipeline:
         if self.dist.main:
             res |= self._eval(model)
         row["baseline"] = res
-        self.metrics.log({"stage": stage, "step": steps, "eval": res})
+        self.metrics.log({"stage": stage, "step": steps, "final": True, "eval": res})
         self._finish_stage(stage, tokens)
 
     def stage_qad(self) -> None:
@@ -600,6 +601,8 @@ class Pipeline:
                 if name in self.progress["done"]:
                     continue
                 log.info("stage %s", name)
+                # a stage that died after its training loop logged its final record: drop it
+                self.metrics.truncate_after(lambda r, n=name: not (r.get("stage") == n and r.get("final")))
                 self._stage_t0, self._stage_prior = time.perf_counter(), 0.0
                 self._stage_cpu0, self._stage_cpu_prior = time.process_time(), 0.0
                 fn()
