@@ -172,6 +172,34 @@ def test_mixed_budget_batch_equals_alone(model, budgets, cache_mode):
         assert (batch[i].think_budget, batch[i].answer_budget) == (thinks[i], answers[i])
 
 
+@pytest.mark.parametrize("cache_mode", ["reprefill", "reuse"])
+def test_one_forward_per_step(model, budgets, cache_mode):
+    """Equal-length requests in different phases and budgets share each decode forward; a step
+    where rows switch adds one batched re-prefill (re-prefill mode only)."""
+    calls = []
+
+    def hook(mod, args, kwargs, out):
+        calls.append((tuple(args[0].shape), kwargs["budget"]))
+
+    ref = plain_greedy(model, PROMPTS[0], 10)
+    end_id = ref[_first_new(ref, 2)]
+    prompts = [PROMPTS[0], PROMPTS[2], PROMPTS[0], PROMPTS[2]]  # one length
+    thinks, answers, caps = ["half", "full", "mixed", "full"], ["full", "half", "half", "full"], [1, 2, None, 4]
+    handle = model.register_forward_hook(hook, with_kwargs=True)
+    try:
+        gens = generate(model, prompts, think_budget=thinks, answer_budget=answers, max_think_tokens=caps,
+                        budgets=budgets, max_answer_tokens=3, end_think_id=end_id, cache_mode=cache_mode)
+    finally:
+        handle.remove()
+    steps = max(len(g.completion) for g in gens) - 1  # the last tokens are never fed
+    switch_steps = {len(g.thinking) for g in gens if g.switched and g.think_budget != g.answer_budget}
+    assert len(calls) == 1 + steps + (len(switch_steps) if cache_mode == "reprefill" else 0)
+    decode = [b for shape, b in calls if shape[1] == 1]
+    assert len(decode) == steps
+    # some decode forward served think-phase and answer-phase rows at different budgets together
+    assert any(isinstance(b, list) and len({bb.hidden for bb in b}) > 1 for b in decode)
+
+
 def test_batch_size_does_not_change_results(model, budgets):
     prompts = [PROMPTS[0]] * 3 + [PROMPTS[2]] * 2
     kw = dict(think_budget="half", answer_budget="full", budgets=budgets, max_think_tokens=4, max_answer_tokens=3)
@@ -240,6 +268,7 @@ def test_bad_requests(model, budgets):
         generate(model, "1+2")
     with pytest.raises(ValueError, match="mamba_heads"):
         generate(model, [PROMPTS[0]], think_budget=Budget(mamba_heads=3))
+    assert generate(model, []) == []  # no requests: no work
     assert issubclass(UnknownBudgetError, ValueError) and issubclass(EmptyPromptError, ValueError)
     assert json.dumps(str(PromptTooLongError("x")))
 

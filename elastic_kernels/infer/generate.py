@@ -22,11 +22,13 @@ simply continues on the same cache (the exact result, no extra work). Otherwise,
 Batched decoding: every request carries its own think/answer budget, phase and thinking cap.
 Requests whose prompts have the same length advance in lockstep with one shared
 :class:`~elastic_kernels.models.model.HybridCache`; every decode step is *one* forward with
-per-sample budgets (``model(ids, budget=[Budget, ...], cache=cache)``). A switch keeps the
-sequence length, so a switched row stays in its group: its cache row is rebuilt by a re-prefill
-(batched over the rows switching at that step) and written back into the shared cache. Finished
-rows leave the group. Prompts of different lengths form different groups (the model's caches
-have no per-sample length, and causal SSM layers cannot skip padding).
+per-sample budgets (``model(ids, budget=[Budget, ...], cache=cache)``), rows in the think phase
+at their think budget next to rows in the answer phase at their answer budget. A switch keeps
+the sequence length, so a switched row stays in its group: on a step where rows switch, those rows
+are re-prefilled (one more forward, batched over the rows switching at that step, at their answer
+budgets) while the others decode, and the two caches are merged row by row. Finished rows leave
+the group. Prompts of different lengths form different groups (one forward per group and step):
+the model's caches have no per-sample length, and causal SSM layers cannot skip padding.
 """
 from __future__ import annotations
 
