@@ -73,6 +73,10 @@ class NVFP4Tensor:
     def ndim(self) -> int:
         return self.data.dim()
 
+    def dim(self) -> int:
+        """Number of dimensions, as ``torch.Tensor.dim`` (for shape checks shared with tensors)."""
+        return self.data.dim()
+
     @property
     def out_features(self) -> int:
         return self.data.shape[-2]

@@ -297,8 +297,8 @@ def test_route_then_experts_end_to_end():
 
 def _op_args(backend):
     inp, w = make_case(7, 16, 20, 5, 4, 2, gated=True, width="tensor", cs="token")
-    args = (inp["x"], inp["topk_weights"], inp["topk_ids"], inp["w1"], inp["w2"], inp["w3"], inp["channel_scale"],
-            w, "silu", 4, -1, backend)
+    args = (inp["x"], inp["topk_weights"], inp["topk_ids"], inp["w1"], inp["w2"], inp["w3"], *(None,) * 6,
+            inp["channel_scale"], w, "silu", 4, -1, backend)  # None: no NVFP4 scales
     return tuple(a.requires_grad_(True) if isinstance(a, torch.Tensor) and a.is_floating_point() else a
                  for a in args)
 

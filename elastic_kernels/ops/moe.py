@@ -7,9 +7,13 @@ Validation, dispatch, torch.library registration (fake kernels, autograd). The m
 Expert weights enter the kernels only as strided prefix views ``w[:E', :d']`` and are read in
 exactly two kinds of places: the weight-tile loads of the Triton kernels and the per-expert
 prefix matmuls of the reference. Quantized experts (:class:`elastic_kernels.nvfp4.NVFP4Tensor`
-stacked as ``(E, N, K)`` with a per-expert global scale) fit behind the same op by decoding at
-those places: w1/w3 ``(E, F, hidden)`` slice their rows (d') freely; w2 ``(E, hidden, F)`` slices
-its input features, so NVFP4 w2 needs d' (and per-token widths) rounded up to multiples of 16.
+stacked as ``(E, N, K)`` with a per-expert global scale, W4A16) decode at those places: w1/w3
+``(E, F, hidden)`` slice their rows (d') freely; w2 ``(E, hidden, F)`` slices its input features,
+so an NVFP4 w2 needs d' (and every per-token width) to be a multiple of 16. The custom ops cannot
+take an NVFP4Tensor: each weight travels as one tensor (plain, or the uint8 codes) plus, when
+quantized, ``*_scale`` (the e4m3 block scales as uint8 bytes: opcheck cannot handle float8) and
+``*_scale_2`` (the float32 per-expert global scales), Model-Optimizer's names; ``_weight``
+reassembles them, and both backends take either kind of weight through one code path.
 """
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ from torch import Tensor
 from .._dispatch import resolve_backend
 from .._validation import (FLOAT_DTYPES, INT_DTYPES, Dims, _can_read_values, check_choice, check_int,
                            check_tensor, check_width)
+from ..nvfp4 import BLOCK, NVFP4Tensor
 from ..reference.moe import ACTIVATIONS, SCORES, moe_experts_reference, moe_route_reference
 from ._autograd import fake_grads, reference_vjp, unpack_grads
 
@@ -71,6 +76,19 @@ def moe_route(router_logits: Tensor, top_k: int, *, num_experts_active: int | No
 # moe_experts
 # ---------------------------------------------------------------------------------------------
 
+def _weight(w: Tensor, scale: Optional[Tensor], scale_2: Optional[Tensor]):
+    """A weight as the custom ops carry it: the tensor itself, or (when ``scale`` is given) an
+    NVFP4 weight's uint8 codes, block scale bytes (uint8) and per-expert global scales (float32)."""
+    return w if scale is None else NVFP4Tensor(w, scale.view(torch.float8_e4m3fn), scale_2)
+
+
+def _parts(w):
+    """Inverse of :func:`_weight`: ``(tensor, scale bytes, global scales)``, or ``(w, None, None)``."""
+    if isinstance(w, NVFP4Tensor):
+        return w.data, w.scales.view(torch.uint8), w.global_scale
+    return w, None, None
+
+
 def _experts_impl(x, topk_weights, topk_ids, w1, w2, w3, channel_scale, width_t, activation,
                   num_active, width_int, backend):
     if backend == "triton":
@@ -85,54 +103,68 @@ def _experts_impl(x, topk_weights, topk_ids, w1, w2, w3, channel_scale, width_t,
 
 @torch.library.custom_op("elastic_kernels::moe_experts", mutates_args=())
 def _moe_experts_op(x: Tensor, topk_weights: Tensor, topk_ids: Tensor, w1: Tensor, w2: Tensor,
-                    w3: Optional[Tensor], channel_scale: Optional[Tensor], width_t: Optional[Tensor],
+                    w3: Optional[Tensor], w1_scale: Optional[Tensor], w2_scale: Optional[Tensor],
+                    w3_scale: Optional[Tensor], w1_scale_2: Optional[Tensor], w2_scale_2: Optional[Tensor],
+                    w3_scale_2: Optional[Tensor], channel_scale: Optional[Tensor], width_t: Optional[Tensor],
                     activation: str, num_active: int, width_int: int, backend: str) -> Tensor:
-    return _experts_impl(x, topk_weights, topk_ids, w1, w2, w3, channel_scale, width_t, activation,
-                         num_active, width_int, backend)
+    """``w*_scale`` / ``w*_scale_2`` are None for plain weights (see :func:`_weight`)."""
+    return _experts_impl(x, topk_weights, topk_ids, _weight(w1, w1_scale, w1_scale_2),
+                         _weight(w2, w2_scale, w2_scale_2), _weight(w3, w3_scale, w3_scale_2) if w3 is not None
+                         else None, channel_scale, width_t, activation, num_active, width_int, backend)
 
 
 @_moe_experts_op.register_fake
-def _(x, topk_weights, topk_ids, w1, w2, w3, channel_scale, width_t, activation, num_active, width_int,
-      backend):
+def _(x, *args):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
 @torch.library.custom_op("elastic_kernels::moe_experts_backward", mutates_args=())
 def _moe_experts_bwd_op(grad_y: Tensor, x: Tensor, topk_weights: Tensor, topk_ids: Tensor, w1: Tensor,
-                        w2: Tensor, w3: Optional[Tensor], channel_scale: Optional[Tensor],
-                        width_t: Optional[Tensor], activation: str, num_active: int, width_int: int,
-                        backend: str) -> list[Tensor]:
+                        w2: Tensor, w3: Optional[Tensor], w1_scale: Optional[Tensor], w2_scale: Optional[Tensor],
+                        w3_scale: Optional[Tensor], w1_scale_2: Optional[Tensor], w2_scale_2: Optional[Tensor],
+                        w3_scale_2: Optional[Tensor], channel_scale: Optional[Tensor], width_t: Optional[Tensor],
+                        activation: str, num_active: int, width_int: int, backend: str) -> list[Tensor]:
+    """Gradients of x, topk_weights, w1, w2, w3, channel_scale (empty for absent inputs and for
+    NVFP4 weights, which are frozen: their codes are uint8)."""
     inputs = [x, topk_weights, w1, w2, w3, channel_scale]
+
+    def weights(w1, w2, w3):
+        return (_weight(w1, w1_scale, w1_scale_2), _weight(w2, w2_scale, w2_scale_2),
+                _weight(w3, w3_scale, w3_scale_2) if w3 is not None else None)
     if backend == "triton":
         from ..triton import moe as tmoe
-        grads = tmoe.moe_experts_bwd(grad_y, x, topk_weights, topk_ids, w1, w2, w3, activation=activation,
+        grads = tmoe.moe_experts_bwd(grad_y, x, topk_weights, topk_ids, *weights(w1, w2, w3), activation=activation,
                                      num_active=num_active, width_int=width_int, width_t=width_t,
                                      channel_scale=channel_scale)
         return [g if g is not None else torch.empty(0, device=x.device) for g in grads]
 
     def fn(x, topk_weights, w1, w2, w3, channel_scale):
-        return moe_experts_reference(x, topk_weights, topk_ids, w1, w2, w3, activation=activation,
+        return moe_experts_reference(x, topk_weights, topk_ids, *weights(w1, w2, w3), activation=activation,
                                      num_experts_active=num_active, width_int=width_int, width_t=width_t,
                                      channel_scale=channel_scale)
     return reference_vjp(fn, inputs, [grad_y])
 
 
 @_moe_experts_bwd_op.register_fake
-def _(grad_y, x, topk_weights, topk_ids, w1, w2, w3, channel_scale, *args):
+def _(grad_y, x, topk_weights, topk_ids, w1, w2, w3, *args):
+    channel_scale = args[6]
     return fake_grads([x, topk_weights, w1, w2, w3, channel_scale], x.device)
 
 
+_N_TENSORS = 14  # tensor inputs of _moe_experts_op, x .. width_t; the scalars follow
+
+
 def _setup_context(ctx, inputs, output):
-    ctx.save_for_backward(*inputs[:8])
-    ctx.scalars = inputs[8:]
+    ctx.save_for_backward(*inputs[:_N_TENSORS])
+    ctx.scalars = inputs[_N_TENSORS:]
 
 
 def _backward(ctx, grad_y):
-    x, topk_weights, topk_ids, w1, w2, w3, channel_scale, width_t = ctx.saved_tensors
-    grads = _moe_experts_bwd_op(grad_y.contiguous(), x, topk_weights, topk_ids, w1, w2, w3, channel_scale,
+    x, topk_weights, topk_ids, w1, w2, w3, *quant, channel_scale, width_t = ctx.saved_tensors
+    grads = _moe_experts_bwd_op(grad_y.contiguous(), x, topk_weights, topk_ids, w1, w2, w3, *quant, channel_scale,
                                 width_t, *ctx.scalars)
     gx, gw, g1, g2, g3, gs = unpack_grads(grads, [x, topk_weights, w1, w2, w3, channel_scale])
-    return (gx, gw, None, g1, g2, g3, gs, None) + (None,) * len(ctx.scalars)
+    return (gx, gw, None, g1, g2, g3, *(None,) * len(quant), gs, None) + (None,) * len(ctx.scalars)
 
 
 _moe_experts_op.register_autograd(_backward, setup_context=_setup_context)
@@ -149,8 +181,8 @@ def _check_ids(op: str, topk_ids: Tensor, n_exp: int, n_act: int) -> None:
         raise ValueError(f"{op}: topk_ids must be < num_experts_active ({n_act}), got an id {hi}")
 
 
-def moe_experts(x: Tensor, topk_weights: Tensor, topk_ids: Tensor, w1: Tensor, w2: Tensor, *,
-                w3: Tensor | None = None, activation: str = "relu2",
+def moe_experts(x: Tensor, topk_weights: Tensor, topk_ids: Tensor, w1: Tensor | NVFP4Tensor,
+                w2: Tensor | NVFP4Tensor, *, w3: Tensor | NVFP4Tensor | None = None, activation: str = "relu2",
                 num_experts_active: int | None = None, ffn_width: int | Tensor | None = None,
                 channel_scale: Tensor | None = None, backend: str = "auto") -> Tensor:
     r"""Sliced MoE experts: ``y_t = sum_j topk_weights[t, j] * expert_{topk_ids[t, j]}(x_t)``.
@@ -162,10 +194,15 @@ def moe_experts(x: Tensor, topk_weights: Tensor, topk_ids: Tensor, w1: Tensor, w
         w1: (E, F, hidden), x's dtype: the up projection (the gate projection when w3 is given).
         w2: (E, hidden, F), x's dtype: the down projection.
         w3: (E, F, hidden) optional up projection of gated experts: a = act(x w1^T) * (x w3^T).
+            Each weight may instead be a stacked :class:`~elastic_kernels.nvfp4.NVFP4Tensor` (the
+            same shape, per-expert global scales; w3 quantized exactly when w1 is), W4A16: x
+            stays in its dtype, products accumulate in fp32, and the Triton kernels decode the
+            weight tiles inside the K loop (the reference decodes the prefix views it uses).
         activation: "relu2" (relu(v)^2), "silu" or "gelu" (exact erf form).
         num_experts_active: E' (None = E); only experts [0, E') are computed.
         ffn_width: None (F), an int d' in [0, F] (every expert keeps its first d' intermediate
-            channels), or an int64 tensor (tokens,) of per-token widths.
+            channels), or an int64 tensor (tokens,) of per-token widths; multiples of 16 when w2
+            is NVFP4 (its input features slice at block boundaries).
         channel_scale: (F,) or (tokens, F) float soft scale multiplied into the intermediate
             activation; differentiable.
         backend: "auto" | "triton" | "reference" (DESIGN §4).
@@ -174,7 +211,8 @@ def moe_experts(x: Tensor, topk_weights: Tensor, topk_ids: Tensor, w1: Tensor, w
 
     Weights are used through prefix views ``w[:E', :d']`` (no copies). Gradients flow to x,
     topk_weights, w1, w2, w3 and channel_scale; those of experts >= E' and of channels >= d'
-    (or >= a token's width) are exactly 0. On CUDA the op does not synchronize with the host
+    (or >= a token's width) are exactly 0. NVFP4 weights are frozen (no gradient; QAD trains
+    high-precision weights through :func:`~elastic_kernels.fake_quant_nvfp4` instead). On CUDA the op does not synchronize with the host
     except for the value checks of ``topk_ids``/``ffn_width``, which are skipped while tracing,
     during CUDA graph capture and under ``torch.cuda.set_sync_debug_mode``.
     """
@@ -184,9 +222,15 @@ def moe_experts(x: Tensor, topk_weights: Tensor, topk_ids: Tensor, w1: Tensor, w
     dev = x.device
     check_tensor(op, "topk_weights", topk_weights, dtypes=FLOAT_DTYPES, device=dev)
     check_tensor(op, "topk_ids", topk_ids, dtypes=INT_DTYPES, device=dev)
-    for name, t in (("w1", w1), ("w2", w2)):
-        check_tensor(op, name, t, dtypes=(x.dtype,), device=dev)
-    check_tensor(op, "w3", w3, dtypes=(x.dtype,), device=dev, optional=True)
+    for name, t in (("w1", w1), ("w2", w2), ("w3", w3)):
+        if isinstance(t, NVFP4Tensor):
+            if t.device != dev:
+                raise ValueError(f"{op}: {name} is on {t.device} but the other inputs are on {dev}")
+        else:
+            check_tensor(op, name, t, dtypes=(x.dtype,), device=dev, optional=name == "w3")
+    if w3 is not None and isinstance(w3, NVFP4Tensor) != isinstance(w1, NVFP4Tensor):
+        raise TypeError(f"{op}: w3 must be an NVFP4Tensor exactly when w1 is, got w1 {type(w1).__name__} "
+                        f"and w3 {type(w3).__name__}")
     check_tensor(op, "channel_scale", channel_scale, dtypes=FLOAT_DTYPES, device=dev, optional=True)
     dims.check("x", x, ("tokens", "hidden"))
     dims.check("topk_weights", topk_weights, ("tokens", "top_k"))
@@ -203,10 +247,15 @@ def moe_experts(x: Tensor, topk_weights: Tensor, topk_ids: Tensor, w1: Tensor, w
         raise ValueError(f"{op}: w1 must hold at least one expert, got shape {tuple(w1.shape)}")
     n_act = n_exp if num_experts_active is None else check_int(
         op, "num_experts_active", num_experts_active, min_value=1, max_value=n_exp)
-    width_int, width_t = check_width(op, "ffn_width", ffn_width, full=ffn, batch=tokens, device=dev)
+    q2 = isinstance(w2, NVFP4Tensor)
+    width_int, width_t = check_width(op, "ffn_width", ffn_width, full=ffn, batch=tokens, device=dev,
+                                     multiple_of=BLOCK if q2 else 1,
+                                     multiple_name="the NVFP4 block size of w2")
     _check_ids(op, topk_ids, n_exp, n_act)
     be = resolve_backend(op, backend, dev, ("reference", "triton"))
     if be == "triton" and x.dtype not in KERNEL_DTYPES:
         raise TypeError(f"{op}: backend 'triton' supports fp32/fp16/bf16 x, got {x.dtype}")
-    return _moe_experts_op(x, topk_weights, topk_ids, w1, w2, w3, channel_scale, width_t, activation,
-                           n_act, width_int, be)
+    (w1_, s1, g1), (w2_, s2, g2) = _parts(w1), _parts(w2)
+    w3_, s3, g3 = _parts(w3)
+    return _moe_experts_op(x, topk_weights, topk_ids, w1_, w2_, w3_, s1, s2, s3, g1, g2, g3, channel_scale,
+                           width_t, activation, n_act, width_int, be)

@@ -6,8 +6,8 @@ Validation, dispatch, torch.library registration (fake kernels, autograd). The m
 (Triton) and ``csrc/nvfp4.cu`` (CUDA quantize and tensor-core W4A16 GEMM).
 
 Stacked expert weights ``(E, N, K)`` quantize with a per-expert global scale; the grouped MoE op
-(:mod:`elastic_kernels.ops.moe`, a separate issue) is where they are consumed: this module covers
-the dense case, and ``q[e]`` gives one expert's 2-d weight for :func:`nvfp4_linear`.
+:func:`elastic_kernels.moe_experts` (:mod:`elastic_kernels.ops.moe`) takes them directly (W4A16),
+and ``q[e]`` gives one expert's 2-d weight for :func:`nvfp4_linear`.
 """
 from __future__ import annotations
 

@@ -18,12 +18,15 @@ Gradients come from autograd. Experts >= E' and channels >= d' take no part (zer
 
 The reference sorts the (token, slot) pairs by expert and loops over the experts below E' that
 received tokens, multiplying by prefix views ``w1[e, :d']`` (no weight copies). Per-token widths
-compute at the largest width present and mask the intermediate.
+compute at the largest width present and mask the intermediate. NVFP4 weights
+(:class:`elastic_kernels.nvfp4.NVFP4Tensor`, W4A16) decode only those prefix views, to x's dtype.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from ..nvfp4 import NVFP4Tensor
 
 ACTIVATIONS = ("relu2", "silu", "gelu")
 SCORES = ("softmax", "sigmoid")
@@ -36,6 +39,12 @@ def activation_fn(v: torch.Tensor, activation: str) -> torch.Tensor:
     if activation == "silu":
         return F.silu(v)
     return F.gelu(v)
+
+
+def expert_weight(w, e: int, rows: slice, cols: slice, dtype: torch.dtype) -> torch.Tensor:
+    """Expert e's prefix view ``w[e, rows, cols]``; an NVFP4 weight decodes only that view (to ``dtype``)."""
+    v = w[e, rows, cols]
+    return v.dequantize(dtype) if isinstance(v, NVFP4Tensor) else v
 
 
 def moe_route_reference(router_logits: torch.Tensor, top_k: int, num_experts_active: int,
@@ -77,7 +86,8 @@ def moe_experts_reference(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids:
     Args:
         x: (tokens, hidden); topk_weights: (tokens, top_k) float; topk_ids: (tokens, top_k) int,
             every id below ``num_experts_active``.
-        w1: (E, F, hidden); w3: (E, F, hidden) or None; w2: (E, hidden, F).
+        w1: (E, F, hidden); w3: (E, F, hidden) or None; w2: (E, hidden, F); each a tensor of x's
+            dtype or an :class:`~elastic_kernels.nvfp4.NVFP4Tensor` (then d' % 16 == 0 for w2).
         width_int: d' (-1 for F); width_t: (tokens,) int64 per-token widths (then width_int is -1).
         channel_scale: (F,) or (tokens, F) float.
     Returns:
@@ -107,9 +117,9 @@ def moe_experts_reference(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids:
         t = tok[start:start + n]
         start += n
         xe = x[t]
-        a = activation_fn(xe @ w1[e, :d].T, activation)
+        a = activation_fn(xe @ expert_weight(w1, e, slice(0, d), slice(None), x.dtype).T, activation)
         if w3 is not None:
-            a = a * (xe @ w3[e, :d].T)
+            a = a * (xe @ expert_weight(w3, e, slice(0, d), slice(None), x.dtype).T)
         if channel_scale is not None:
             cs = channel_scale[:d] if channel_scale.dim() == 1 else channel_scale[t, :d]
             a = a * cs.to(a.dtype)
@@ -118,7 +128,7 @@ def moe_experts_reference(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids:
             a = a.masked_fill(~keep, 0)
         toks.append(t)
         rows.append(r)
-        outs.append(a @ w2[e, :, :d].T)
+        outs.append(a @ expert_weight(w2, e, slice(None), slice(0, d), x.dtype).T)
     if outs:
         rows_all = torch.cat(rows)
         w = topk_weights.reshape(-1)[rows_all].to(acc_dtype)

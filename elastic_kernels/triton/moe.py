@@ -27,12 +27,22 @@ Backward (``_moe_bwd_act_kernel`` recomputes h1, h3 and g = dy[tok] w2[e, :, :d'
 
 act: relu2 = relu(v)^2 (act' = 2 relu(v)); silu = v sig(v) (act' = sig(v)(1 + v(1 - sig(v))));
 gelu = v Phi(v) (act' = Phi(v) + v phi(v)). Accumulation is fp32; fp32 inputs use IEEE dots.
+
+NVFP4 experts (W4A16): every weight tile goes through ``_w_tile``, which for an NVFP4 weight
+(codes packed along its input dim, per-expert global scale g[e]) decodes ``e2m1 * s`` in registers
+inside the K loop (``_nvfp4_tile`` of :mod:`elastic_kernels.triton.nvfp4`; exact in bf16/fp16) for
+a dot in x's dtype; g[e] multiplies each fp32 accumulator once after the loop. The same kernels
+serve both layouts: tiles are packed along their k index (w1/w3 forward, w2 forward) or their n
+index (w2 in ``_moe_bwd_act_kernel``, w1/w3 for dx). NVFP4 weights are frozen: no dW kernel runs.
 """
 from __future__ import annotations
 
 import torch
 import triton
 import triton.language as tl
+
+from ..nvfp4 import NVFP4Tensor
+from .nvfp4 import _nvfp4_tile
 
 ACT_CODES = {"relu2": 0, "silu": 1, "gelu": 2}
 
@@ -69,6 +79,33 @@ def _mma(a, b, acc, PREC: tl.constexpr):
 
 
 @triton.jit
+def _w_tile(w, e, k0, k_lim, n0, n_lim, Q: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr):
+    """Tile T[k, n] (BK, BN) of expert e's weight: k in k0 + [0, BK), n in n0 + [0, BN), 0 outside
+    k < k_lim, n < n_lim. ``w`` = (ptr, scale bytes ptr, global scales ptr, s_e, s_k, s_n, ss_e, ss_k,
+    ss_n) (see ``_weight_operand``). Q = 0: a plain weight, element (k, n) at ptr + e s_e + k s_k +
+    n s_n, as stored. Q = 1 / 2: NVFP4 packed along k / along n (the other index walks the rows),
+    decoded to float32 ``e2m1 * s`` (exact in bf16/fp16); the caller applies g[e] (``_w_scale``)."""
+    if Q == 0:
+        ks = k0 + tl.arange(0, BK).to(tl.int64)
+        ns = n0 + tl.arange(0, BN).to(tl.int64)
+        return tl.load(w[0] + e * w[3] + ks[:, None] * w[4] + ns[None, :] * w[5],
+                       mask=(ks < k_lim)[:, None] & (ns < n_lim)[None, :], other=0.0)
+    elif Q == 1:
+        return tl.trans(_nvfp4_tile(w[0] + e * w[3], w[1] + e * w[6], n0, n_lim, w[5], w[8], k0, k_lim, BN, BK))
+    else:
+        return _nvfp4_tile(w[0] + e * w[3], w[1] + e * w[6], k0, k_lim, w[4], w[7], n0, n_lim, BK, BN)
+
+
+@triton.jit
+def _w_scale(w, e, Q: tl.constexpr):
+    """The per-expert global scale g[e] of an NVFP4 weight (1 for a plain weight)."""
+    if Q == 0:
+        return 1.0
+    else:
+        return tl.load(w[2] + e)
+
+
+@triton.jit
 def _tile_rows(tile_e_ptr, tile_row_ptr, offs_ptr, row_tok_ptr, row_width_ptr, F_act, pid_m,
                HAS_WT: tl.constexpr, BM: tl.constexpr):
     """Expert, rows, row mask, tokens and widths of one row tile (e < 0: a spare program)."""
@@ -86,13 +123,14 @@ def _tile_rows(tile_e_ptr, tile_row_ptr, offs_ptr, row_tok_ptr, row_width_ptr, F
 
 
 @triton.jit
-def _moe_up_kernel(x_ptr, w1_ptr, w3_ptr, cs_ptr, a_ptr,
+def _moe_up_kernel(x_ptr, w1, w3, cs_ptr, a_ptr,
                    tile_e_ptr, tile_row_ptr, offs_ptr, row_tok_ptr, row_width_ptr,
-                   H, F_act,
-                   s_xt, s_xh, s_w1e, s_w1f, s_w1h, s_w3e, s_w3f, s_w3h, s_cst, s_csf, s_ar,
+                   H, F_act, s_xt, s_xh, s_cst, s_csf, s_ar,
                    ACT: tl.constexpr, GATED: tl.constexpr, HAS_WT: tl.constexpr, CS_MODE: tl.constexpr,
-                   PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-    """a[rows, cols] = act(x[tok] w1[e, cols]^T) (* x[tok] w3[e, cols]^T) * s * [c < d_r]."""
+                   Q1: tl.constexpr, PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """a[rows, cols] = act(x[tok] w1[e, cols]^T) (* x[tok] w3[e, cols]^T) * s * [c < d_r].
+
+    w1, w3: weight operands with tiles T[k = hidden, n = F] (Q1: NVFP4, g[e] applied per accumulator)."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     e, rows, rmask, tok, wid = _tile_rows(tile_e_ptr, tile_row_ptr, offs_ptr, row_tok_ptr, row_width_ptr,
@@ -111,13 +149,12 @@ def _moe_up_kernel(x_ptr, w1_ptr, w3_ptr, cs_ptr, a_ptr,
         kmask = ks < H
         xt = tl.load(x_ptr + tok[:, None] * s_xt + ks[None, :] * s_xh, mask=rmask[:, None] & kmask[None, :],
                      other=0.0)
-        wmask = kmask[:, None] & cmask[None, :]
-        w1t = tl.load(w1_ptr + e * s_w1e + cols[None, :] * s_w1f + ks[:, None] * s_w1h, mask=wmask, other=0.0)
-        acc1 = _mma(xt, w1t, acc1, PREC)
+        acc1 = _mma(xt, _w_tile(w1, e, k0, H, n0, F_act, Q1, BK, BN).to(xt.dtype), acc1, PREC)
         if GATED:
-            w3t = tl.load(w3_ptr + e * s_w3e + cols[None, :] * s_w3f + ks[:, None] * s_w3h, mask=wmask,
-                          other=0.0)
-            acc3 = _mma(xt, w3t, acc3, PREC)
+            acc3 = _mma(xt, _w_tile(w3, e, k0, H, n0, F_act, Q1, BK, BN).to(xt.dtype), acc3, PREC)
+    acc1 = acc1 * _w_scale(w1, e, Q1)
+    if GATED:
+        acc3 = acc3 * _w_scale(w3, e, Q1)
     a = _act(acc1, ACT)
     if GATED:
         a = a * acc3
@@ -132,13 +169,13 @@ def _moe_up_kernel(x_ptr, w1_ptr, w3_ptr, cs_ptr, a_ptr,
 
 
 @triton.jit
-def _moe_down_kernel(a_ptr, w_ptr, a2_ptr, w2_ptr, o_ptr,
+def _moe_down_kernel(a_ptr, wa, a2_ptr, wb, o_ptr,
                      tile_e_ptr, tile_row_ptr, offs_ptr, row_tok_ptr, row_width_ptr,
-                     H, F_act,
-                     s_ar, s_we, s_wh, s_wc, s_w2e, s_w2h, s_w2c, s_or,
-                     TWO: tl.constexpr, HAS_WT: tl.constexpr, PREC: tl.constexpr,
+                     H, F_act, s_ar, s_or,
+                     TWO: tl.constexpr, Q: tl.constexpr, HAS_WT: tl.constexpr, PREC: tl.constexpr,
                      BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-    """o[rows, hs] = sum_{c < d_r} a[rows, c] w[e, hs, c] (+ a2[rows, c] w2[e, hs, c] when TWO).
+    """o[rows, hs] = sum_{c < d_r} a[rows, c] Wa[c, hs] (+ a2[rows, c] Wb[c, hs] when TWO), where
+    wa / wb are weight operands with tiles T[k = c, n = hs] (Q: NVFP4, g[e] applied per accumulator).
 
     Columns of a / a2 at or past a row's width are never read (they may be unwritten)."""
     pid_m = tl.program_id(0)
@@ -147,22 +184,23 @@ def _moe_down_kernel(a_ptr, w_ptr, a2_ptr, w2_ptr, o_ptr,
                                           F_act, pid_m, HAS_WT, BM)
     if e < 0:
         return
-    hs = pid_n * BN + tl.arange(0, BN).to(tl.int64)
+    n0 = pid_n * BN
+    hs = n0 + tl.arange(0, BN).to(tl.int64)
     hmask = hs < H
     tile_w = tl.max(wid)
     acc = tl.zeros((BM, BN), dtype=tl.float32)
+    acc2 = tl.zeros((BM, BN), dtype=tl.float32)
     for k0 in range(0, tile_w, BK):
         cs = k0 + tl.arange(0, BK).to(tl.int64)
         amask = cs[None, :] < wid[:, None]
-        wmask = (cs[:, None] < tile_w) & hmask[None, :]
         at = tl.load(a_ptr + rows[:, None] * s_ar + cs[None, :], mask=amask, other=0.0)
-        wt = tl.load(w_ptr + e * s_we + hs[None, :] * s_wh + cs[:, None] * s_wc, mask=wmask, other=0.0)
-        acc = _mma(at, wt, acc, PREC)
+        acc = _mma(at, _w_tile(wa, e, k0, tile_w, n0, H, Q, BK, BN).to(at.dtype), acc, PREC)
         if TWO:
             at2 = tl.load(a2_ptr + rows[:, None] * s_ar + cs[None, :], mask=amask, other=0.0)
-            wt2 = tl.load(w2_ptr + e * s_w2e + hs[None, :] * s_w2h + cs[:, None] * s_w2c, mask=wmask,
-                          other=0.0)
-            acc = _mma(at2, wt2, acc, PREC)
+            acc2 = _mma(at2, _w_tile(wb, e, k0, tile_w, n0, H, Q, BK, BN).to(at2.dtype), acc2, PREC)
+    acc = acc * _w_scale(wa, e, Q)
+    if TWO:
+        acc += acc2 * _w_scale(wb, e, Q)
     tl.store(o_ptr + rows[:, None] * s_or + hs[None, :], acc.to(o_ptr.dtype.element_ty),
              mask=rmask[:, None] & hmask[None, :])
 
@@ -187,16 +225,17 @@ def _moe_unpermute_kernel(o_ptr, w_ptr, inv_ptr, offs_ptr, y_ptr, H, TOP_K, n_ac
 
 
 @triton.jit
-def _moe_bwd_act_kernel(x_ptr, dy_ptr, w1_ptr, w3_ptr, w2_ptr, cs_ptr, row_w_ptr,
+def _moe_bwd_act_kernel(x_ptr, dy_ptr, w1, w3, w2, cs_ptr, row_w_ptr,
                         dh1_ptr, dh3_ptr, aw_ptr, dwt_ptr, dcs_ptr,
                         tile_e_ptr, tile_row_ptr, offs_ptr, row_tok_ptr, row_width_ptr,
-                        H, F_act, n_nblk,
-                        s_xt, s_xh, s_dyt, s_dyh, s_w1e, s_w1f, s_w1h, s_w3e, s_w3f, s_w3h,
-                        s_w2e, s_w2h, s_w2f, s_cst, s_csf, s_hr,
+                        H, F_act, n_nblk, s_xt, s_xh, s_dyt, s_dyh, s_cst, s_csf, s_hr,
                         ACT: tl.constexpr, GATED: tl.constexpr, HAS_WT: tl.constexpr, CS_MODE: tl.constexpr,
-                        PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+                        Q1: tl.constexpr, Q2: tl.constexpr, PREC: tl.constexpr,
+                        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     """Recompute h1, h3, g = dy[tok] w2[e, :, cols]; write dh1, dh3, aw (rows, cols), the partial
-    dw[row, pid_n] = sum_c a g, and ds (per tile for an (F,) scale, per row for (tokens, F))."""
+    dw[row, pid_n] = sum_c a g, and ds (per tile for an (F,) scale, per row for (tokens, F)).
+
+    Weight operands: w1, w3 with tiles T[k = hidden, n = F] (Q1), w2 with T[k = hidden, n = F] (Q2)."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     e, rows, rmask, tok, wid = _tile_rows(tile_e_ptr, tile_row_ptr, offs_ptr, row_tok_ptr, row_width_ptr,
@@ -215,17 +254,16 @@ def _moe_bwd_act_kernel(x_ptr, dy_ptr, w1_ptr, w3_ptr, w2_ptr, cs_ptr, row_w_ptr
         ks = k0 + tl.arange(0, BK).to(tl.int64)
         kmask = ks < H
         lmask = rmask[:, None] & kmask[None, :]
-        wmask = kmask[:, None] & cmask[None, :]
         xt = tl.load(x_ptr + tok[:, None] * s_xt + ks[None, :] * s_xh, mask=lmask, other=0.0)
-        w1t = tl.load(w1_ptr + e * s_w1e + cols[None, :] * s_w1f + ks[:, None] * s_w1h, mask=wmask, other=0.0)
-        acc1 = _mma(xt, w1t, acc1, PREC)
+        acc1 = _mma(xt, _w_tile(w1, e, k0, H, n0, F_act, Q1, BK, BN).to(xt.dtype), acc1, PREC)
         if GATED:
-            w3t = tl.load(w3_ptr + e * s_w3e + cols[None, :] * s_w3f + ks[:, None] * s_w3h, mask=wmask,
-                          other=0.0)
-            acc3 = _mma(xt, w3t, acc3, PREC)
+            acc3 = _mma(xt, _w_tile(w3, e, k0, H, n0, F_act, Q1, BK, BN).to(xt.dtype), acc3, PREC)
         dyt = tl.load(dy_ptr + tok[:, None] * s_dyt + ks[None, :] * s_dyh, mask=lmask, other=0.0)
-        w2t = tl.load(w2_ptr + e * s_w2e + ks[:, None] * s_w2h + cols[None, :] * s_w2f, mask=wmask, other=0.0)
-        accg = _mma(dyt, w2t, accg, PREC)
+        accg = _mma(dyt, _w_tile(w2, e, k0, H, n0, F_act, Q2, BK, BN).to(dyt.dtype), accg, PREC)
+    acc1 = acc1 * _w_scale(w1, e, Q1)
+    if GATED:
+        acc3 = acc3 * _w_scale(w3, e, Q1)
+    accg = accg * _w_scale(w2, e, Q2)
     keep = (cols[None, :] < wid[:, None]) & cmask[None, :]
     f = _act(acc1, ACT)
     if GATED:
@@ -371,6 +409,19 @@ def _plan(topk_ids, topk_weights, width_t, num_active: int, block_m: int):
                 inv=inv, row_w=row_w, row_width=row_width, exp_w=exp_w, n=n)
 
 
+def _weight_operand(w, k_dim: int):
+    """Kernel operand for tiles T[k, n] of ``w: (E, ., .)`` with k along dim ``k_dim`` (1 or 2) and
+    n along the other: ``((ptr, scale bytes, global scales, s_e, s_k, s_n, ss_e, ss_k, ss_n), Q)``.
+    NVFP4 weights (packed along dim 2) give Q = 1 when k walks the packed dim, else 2; their code and
+    scale strides along the packed dim are never used. Plain weights give Q = 0 (unused slots: w, 0)."""
+    n_dim = 3 - k_dim
+    if isinstance(w, NVFP4Tensor):
+        d, sc = w.data, w.scales.view(torch.uint8)
+        return ((d, sc, w.global_scale.contiguous(), d.stride(0), d.stride(k_dim), d.stride(n_dim),
+                 sc.stride(0), sc.stride(k_dim), sc.stride(n_dim)), 1 if k_dim == 2 else 2)
+    return (w, w, w, w.stride(0), w.stride(k_dim), w.stride(n_dim), 0, 0, 0), 0
+
+
 def _cs_args(channel_scale):
     if channel_scale is None:
         return 0, 0, 0
@@ -390,7 +441,8 @@ def _unpermute(o, plan, topk_weights, tokens, top_k, hidden, num_active, out_dty
 
 def moe_experts_fwd(x, topk_weights, topk_ids, w1, w2, w3=None, *, activation: str, num_active: int,
                     width_int: int, width_t=None, channel_scale=None) -> torch.Tensor:
-    """Forward launcher; arguments as :func:`elastic_kernels.reference.moe.moe_experts_reference`."""
+    """Forward launcher; arguments as :func:`elastic_kernels.reference.moe.moe_experts_reference`
+    (w1, w2, w3 plain tensors or :class:`~elastic_kernels.nvfp4.NVFP4Tensor`; w1 and w3 alike)."""
     tokens, hidden = x.shape
     top_k = topk_ids.shape[1]
     f_act = w1.shape[1] if width_int < 0 else width_int
@@ -401,36 +453,41 @@ def moe_experts_fwd(x, topk_weights, topk_ids, w1, w2, w3=None, *, activation: s
     plan = _plan(topk_ids, topk_weights, width_t, num_active, bm)
     n, tiles = plan["n"], plan["max_tiles"]
     gated = w3 is not None
-    w3_ = w3 if gated else w1
+    w1_op, q1 = _weight_operand(w1, 2)
+    w3_op = _weight_operand(w3, 2)[0] if gated else w1_op
+    w2_op, q2 = _weight_operand(w2, 2)
     cs_mode, s_cst, s_csf = _cs_args(channel_scale)
     cs = channel_scale if channel_scale is not None else x
     rw = plan["row_width"] if width_t is not None else plan["row_tok"]
     meta = (plan["tile_e"], plan["tile_row"], plan["offs"], plan["row_tok"], rw)
     a = torch.empty(n, f_act, dtype=x.dtype, device=x.device)
     _moe_up_kernel[(tiles, triton.cdiv(f_act, bn))](
-        x, w1, w3_, cs, a, *meta, hidden, f_act, *x.stride(), *w1.stride(), *w3_.stride(), s_cst, s_csf,
-        a.stride(0), ACT=ACT_CODES[activation], GATED=gated, HAS_WT=width_t is not None, CS_MODE=cs_mode,
+        x, w1_op, w3_op, cs, a, *meta, hidden, f_act, *x.stride(), s_cst, s_csf, a.stride(0),
+        ACT=ACT_CODES[activation], GATED=gated, HAS_WT=width_t is not None, CS_MODE=cs_mode, Q1=q1,
         PREC=_prec(x), BM=bm, BN=bn, BK=bk, num_warps=blk["num_warps"], num_stages=blk["num_stages"])
     o = torch.empty(n, hidden, dtype=x.dtype, device=x.device)
     _moe_down_kernel[(tiles, triton.cdiv(hidden, bn))](
-        a, w2, a, w2, o, *meta, hidden, f_act, a.stride(0), *w2.stride(), *w2.stride(), o.stride(0),
-        TWO=False, HAS_WT=width_t is not None, PREC=_prec(x), BM=bm, BN=bn, BK=bk,
+        a, w2_op, a, w2_op, o, *meta, hidden, f_act, a.stride(0), o.stride(0),
+        TWO=False, Q=q2, HAS_WT=width_t is not None, PREC=_prec(x), BM=bm, BN=bn, BK=bk,
         num_warps=blk["num_warps"], num_stages=blk["num_stages"])
     return _unpermute(o, plan, topk_weights, tokens, top_k, hidden, num_active, x.dtype, blk)
 
 
 def moe_experts_bwd(grad_y, x, topk_weights, topk_ids, w1, w2, w3=None, *, activation: str, num_active: int,
                     width_int: int, width_t=None, channel_scale=None):
-    """Backward launcher: returns [dx, dtopk_weights, dw1, dw2, dw3 or None, dchannel_scale or None]."""
+    """Backward launcher: returns [dx, dtopk_weights, dw1, dw2, dw3, dchannel_scale]; None for an
+    absent w3 / channel_scale and for NVFP4 weights (frozen: no weight gradient)."""
     tokens, hidden = x.shape
     top_k = topk_ids.shape[1]
     ffn = w1.shape[1]
     f_act = ffn if width_int < 0 else width_int
     gated = w3 is not None
+    quant1, quant2 = isinstance(w1, NVFP4Tensor), isinstance(w2, NVFP4Tensor)
     dx = torch.zeros_like(x)
     dwt = torch.zeros_like(topk_weights)
-    dw1, dw2 = torch.zeros_like(w1), torch.zeros_like(w2)
-    dw3 = torch.zeros_like(w3) if gated else None
+    dw1 = None if quant1 else torch.zeros_like(w1)
+    dw2 = None if quant2 else torch.zeros_like(w2)
+    dw3 = torch.zeros_like(w3) if gated and not quant1 else None
     dcs = torch.zeros_like(channel_scale) if channel_scale is not None else None
     if tokens * top_k == 0 or f_act == 0 or hidden == 0:
         return [dx, dwt, dw1, dw2, dw3, dcs]
@@ -440,7 +497,9 @@ def moe_experts_bwd(grad_y, x, topk_weights, topk_ids, w1, w2, w3=None, *, activ
     plan = _plan(topk_ids, topk_weights, width_t, num_active, bm)
     n, tiles = plan["n"], plan["max_tiles"]
     has_wt = width_t is not None
-    w3_ = w3 if gated else w1
+    w1_op, q1 = _weight_operand(w1, 2)
+    w3_op = _weight_operand(w3, 2)[0] if gated else w1_op
+    w2_op, q2 = _weight_operand(w2, 1)
     cs_mode, s_cst, s_csf = _cs_args(channel_scale)
     cs = channel_scale if channel_scale is not None else x
     rw = plan["row_width"] if has_wt else plan["row_tok"]
@@ -457,9 +516,9 @@ def moe_experts_bwd(grad_y, x, topk_weights, topk_ids, w1, w2, w3=None, *, activ
     else:
         dcs_part = dwt_part
     _moe_bwd_act_kernel[(tiles, n_nblk)](
-        x, grad_y, w1, w3_, w2, cs, plan["row_w"], dh1, dh3, aw, dwt_part, dcs_part, *meta, hidden, f_act, n_nblk,
-        *x.stride(), *grad_y.stride(), *w1.stride(), *w3_.stride(), *w2.stride(), s_cst, s_csf, dh1.stride(0),
-        ACT=ACT_CODES[activation], GATED=gated, HAS_WT=has_wt, CS_MODE=cs_mode, PREC=_prec(x),
+        x, grad_y, w1_op, w3_op, w2_op, cs, plan["row_w"], dh1, dh3, aw, dwt_part, dcs_part, *meta, hidden, f_act,
+        n_nblk, *x.stride(), *grad_y.stride(), s_cst, s_csf, dh1.stride(0),
+        ACT=ACT_CODES[activation], GATED=gated, HAS_WT=has_wt, CS_MODE=cs_mode, Q1=q1, Q2=q2, PREC=_prec(x),
         BM=bm, BN=bn, BK=bk, num_warps=nw, num_stages=ns)
     # dtopk_weights and dchannel_scale: reduce the partials, back to (token, slot) order
     dwt.copy_(dwt_part.sum(1)[plan["inv"]].view(tokens, top_k))
@@ -469,23 +528,27 @@ def moe_experts_bwd(grad_y, x, topk_weights, topk_ids, w1, w2, w3=None, *, activ
         dcs[:, :f_act] = dcs_part[plan["inv"]].view(tokens, top_k, f_act).sum(1)
     # dx: rows of dh1 w1 (+ dh3 w3), summed back per token
     dx_rows = torch.empty(n, hidden, dtype=torch.float32, device=x.device)
+    w1_t, _ = _weight_operand(w1, 1)
+    w3_t = _weight_operand(w3, 1)[0] if gated else w1_t
     _moe_down_kernel[(tiles, triton.cdiv(hidden, bn))](
-        dh1, w1, dh3, w3_, dx_rows, *meta, hidden, f_act, dh1.stride(0),
-        w1.stride(0), w1.stride(2), w1.stride(1), w3_.stride(0), w3_.stride(2), w3_.stride(1), dx_rows.stride(0),
-        TWO=gated, HAS_WT=has_wt, PREC=_prec(x), BM=bm, BN=bn, BK=bk, num_warps=nw, num_stages=ns)
+        dh1, w1_t, dh3, w3_t, dx_rows, *meta, hidden, f_act, dh1.stride(0), dx_rows.stride(0),
+        TWO=gated, Q=2 if quant1 else 0, HAS_WT=has_wt, PREC=_prec(x), BM=bm, BN=bn, BK=bk,
+        num_warps=nw, num_stages=ns)
     dx.copy_(_unpermute(dx_rows, plan, None, tokens, top_k, hidden, num_active, x.dtype, blk))
     # dw1 (and dw3): (E', d', hidden) = dh^T x[tok];  dw2: (E', hidden, d') = dy[tok]^T aw
-    dw3_ = dw3 if gated else dw1
     rw_dw = plan["row_width"] if has_wt else plan["row_tok"]
     ew = plan["exp_w"] if has_wt else plan["offs"]
-    _moe_dw_kernel[(num_active, triton.cdiv(f_act, bn), triton.cdiv(hidden, bn))](
-        dh1, dh3, x, dw1, dw3_, plan["offs"], plan["row_tok"], rw_dw, ew, f_act, hidden,
-        dh1.stride(0), dh1.stride(1), *x.stride(), *dw1.stride(), *dw3_.stride(),
-        L_GATHER=False, R_GATHER=True, WIDTH_ON_P=True, HAS_WT=has_wt, TWO=gated, PREC=_prec(x),
-        BP=bn, BQ=bn, BR=bk, num_warps=nw, num_stages=ns)
-    _moe_dw_kernel[(num_active, triton.cdiv(hidden, bn), triton.cdiv(f_act, bn))](
-        grad_y, grad_y, aw, dw2, dw2, plan["offs"], plan["row_tok"], rw_dw, ew, hidden, f_act,
-        *grad_y.stride(), aw.stride(0), aw.stride(1), *dw2.stride(), *dw2.stride(),
-        L_GATHER=True, R_GATHER=False, WIDTH_ON_P=False, HAS_WT=has_wt, TWO=False, PREC=_prec(x),
-        BP=bn, BQ=bn, BR=bk, num_warps=nw, num_stages=ns)
+    if not quant1:
+        dw3_ = dw3 if gated else dw1
+        _moe_dw_kernel[(num_active, triton.cdiv(f_act, bn), triton.cdiv(hidden, bn))](
+            dh1, dh3, x, dw1, dw3_, plan["offs"], plan["row_tok"], rw_dw, ew, f_act, hidden,
+            dh1.stride(0), dh1.stride(1), *x.stride(), *dw1.stride(), *dw3_.stride(),
+            L_GATHER=False, R_GATHER=True, WIDTH_ON_P=True, HAS_WT=has_wt, TWO=gated, PREC=_prec(x),
+            BP=bn, BQ=bn, BR=bk, num_warps=nw, num_stages=ns)
+    if not quant2:
+        _moe_dw_kernel[(num_active, triton.cdiv(hidden, bn), triton.cdiv(f_act, bn))](
+            grad_y, grad_y, aw, dw2, dw2, plan["offs"], plan["row_tok"], rw_dw, ew, hidden, f_act,
+            *grad_y.stride(), aw.stride(0), aw.stride(1), *dw2.stride(), *dw2.stride(),
+            L_GATHER=True, R_GATHER=False, WIDTH_ON_P=False, HAS_WT=has_wt, TWO=False, PREC=_prec(x),
+            BP=bn, BQ=bn, BR=bk, num_warps=nw, num_stages=ns)
     return [dx, dwt, dw1, dw2, dw3, dcs]

@@ -11,8 +11,9 @@ value ``e2m1 * s * g`` (forward of fake quant; its backward is the identity, str
 2 the exact ``e2m1 * s`` (W4A4 activations, the GEMM applies ``g_x`` in its epilogue).
 
 GEMM: ``y = ((x @ (e2m1 * s_w).T) * g_w) [* g_x] + bias``. Each K step unpacks a (BN, BK) weight
-tile and multiplies its block scales in registers (``e2m1 * s`` is exact in bf16/fp16), then
-``tl.dot`` accumulates in float32. Backward (x): ``dx = (dy @ (e2m1 * s_w)) * g_w`` (in PyTorch).
+tile and multiplies its block scales in registers (``_nvfp4_tile``, also used by the grouped GEMMs
+of :mod:`elastic_kernels.triton.moe`; ``e2m1 * s`` is exact in bf16/fp16), then ``tl.dot``
+accumulates in float32. Backward (x): ``dx = (dy @ (e2m1 * s_w)) * g_w`` (in PyTorch).
 """
 from __future__ import annotations
 
@@ -38,6 +39,24 @@ def _e4m3_value(b):
     m = b & 7
     v = tl.where(e == 0, m, (8 + m) << tl.maximum(e - 1, 0)).to(tl.float32) * 0.001953125  # 2**-9
     return tl.where((b & 128) != 0, -v, v)
+
+
+@triton.jit
+def _nvfp4_tile(data_ptr, scales_ptr, r0, r_lim, s_dr, s_sr, c0, c_lim, BR: tl.constexpr, BC: tl.constexpr):
+    """float32 ``e2m1 * s`` tile (BR, BC) of an NVFP4 matrix packed along its columns: rows
+    ``r0 + [0, BR)``, columns ``c0 + [0, BC)`` (c0 and c_lim multiples of 16, BC of 16); 0 at
+    rows >= r_lim or columns >= c_lim. s_dr / s_sr: row strides of the codes / the scale bytes."""
+    NB: tl.constexpr = BC // 16
+    rows = r0 + tl.arange(0, BR).to(tl.int64)
+    rmask = rows < r_lim
+    offs_h = c0 // 2 + tl.arange(0, BC // 2).to(tl.int64)
+    p = tl.load(data_ptr + rows[:, None] * s_dr + offs_h[None, :],
+                mask=rmask[:, None] & (offs_h < c_lim // 2)[None, :], other=0).to(tl.int32)
+    codes = tl.reshape(tl.join(p & 15, p >> 4), (BR, BC))
+    offs_s = c0 // 16 + tl.arange(0, NB).to(tl.int64)
+    sb = tl.load(scales_ptr + rows[:, None] * s_sr + offs_s[None, :],
+                 mask=rmask[:, None] & (offs_s < c_lim // 16)[None, :], other=0).to(tl.int32)
+    return tl.reshape(tl.reshape(_e2m1_value(codes), (BR, NB, 16)) * _e4m3_value(sb)[:, :, None], (BR, BC))
 
 
 @triton.jit
@@ -107,7 +126,6 @@ def _linear_kernel(x_ptr, data_ptr, scales_ptr, g_ptr, gx_ptr, bias_ptr, y_ptr, 
                    stride_xm, stride_dn, stride_sn, stride_ym,
                    HAS_BIAS: tl.constexpr, HAS_GX: tl.constexpr, DOT_F32: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    NB: tl.constexpr = BLOCK_K // 16
     pid_m = tl.program_id(0).to(tl.int64)
     pid_n = tl.program_id(1).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
@@ -119,15 +137,7 @@ def _linear_kernel(x_ptr, data_ptr, scales_ptr, g_ptr, gx_ptr, bias_ptr, y_ptr, 
         offs_k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
                     mask=mmask[:, None] & (offs_k < K)[None, :], other=0.0)
-        offs_h = k0 // 2 + tl.arange(0, BLOCK_K // 2).to(tl.int64)
-        p = tl.load(data_ptr + offs_n[:, None] * stride_dn + offs_h[None, :],
-                    mask=nmask[:, None] & (offs_h < K // 2)[None, :], other=0).to(tl.int32)
-        codes = tl.reshape(tl.join(p & 15, p >> 4), (BLOCK_N, BLOCK_K))
-        offs_s = k0 // 16 + tl.arange(0, NB).to(tl.int64)
-        sb = tl.load(scales_ptr + offs_n[:, None] * stride_sn + offs_s[None, :],
-                     mask=nmask[:, None] & (offs_s < K // 16)[None, :], other=0).to(tl.int32)
-        w = tl.reshape(tl.reshape(_e2m1_value(codes), (BLOCK_N, NB, 16)) * _e4m3_value(sb)[:, :, None],
-                       (BLOCK_N, BLOCK_K))
+        w = _nvfp4_tile(data_ptr, scales_ptr, pid_n * BLOCK_N, N, stride_dn, stride_sn, k0, K, BLOCK_N, BLOCK_K)
         if DOT_F32:  # fp32 inputs, and the CPU interpreter (its bf16 dot is broken): exact products
             acc = tl.dot(x.to(tl.float32), tl.trans(w), acc, input_precision="ieee")
         else:
