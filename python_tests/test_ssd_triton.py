@@ -176,6 +176,19 @@ def test_ssd_scan_triton_strided_inputs(triton_device):
         assert_close_to_truth(o, t, r, torch.float32, name)
 
 
+@pytest.mark.parametrize("batch,seqlen", [(2, 0), (0, 5)])
+def test_ssd_scan_triton_empty(triton_device, batch, seqlen):
+    """Empty inputs: correctly shaped results; with seqlen 0 the final state is the initial one."""
+    inp = make_inputs(torch.float32, batch=batch, seqlen=seqlen)
+    inp = {k: v.float().to(triton_device).requires_grad_(k in GRAD_NAMES) for k, v in inp.items()}
+    y, fs = ssd_scan(**inp, chunk_size=16, return_final_states=True, backend="triton")
+    assert y.shape == inp["x"].shape and fs.shape == inp["initial_states"].shape
+    torch.testing.assert_close(fs, inp["initial_states"].detach())
+    (y.sum() + fs.sum()).backward()
+    torch.testing.assert_close(inp["initial_states"].grad, torch.ones_like(fs))
+    assert inp["A"].grad.abs().sum() == 0
+
+
 def test_ssd_scan_triton_launches_only_active_heads():
     """With an int width the grid covers the active heads only (cost falls with width)."""
     from elastic_kernels.triton.ssd import _launch_plan
