@@ -581,7 +581,7 @@ def _or(t, dummy):
 
 
 class _Launch:
-    """Scalars, strides and flags common to the four kernels of one call."""
+    """Scalars, strides and flags shared by the kernels of one forward or backward call."""
 
     def __init__(self, plan, x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, active_t,
                  head_scale, y, chunk_size, dt_softplus, dt_lo, dt_hi):
