@@ -192,7 +192,16 @@ class Pipeline:
 
     # ---- bookkeeping ------------------------------------------------------------------------
     def _init_progress(self) -> dict:
+        """Rank 0 opens (``--resume``) or creates ``progress.json``; the other ranks then read it."""
         path = self.dir / "progress.json"
+        if self.dist.main:
+            prog = self._open_or_create_progress(path)
+        self._barrier()
+        if not self.dist.main:
+            prog = json.loads(path.read_text())
+        return prog
+
+    def _open_or_create_progress(self, path: Path) -> dict:
         cfg_json = self.cfg.to_json()
         if path.exists():
             if not self.cfg.resume:
@@ -206,10 +215,9 @@ class Pipeline:
                 raise ValueError(f"--resume: the configuration differs from the run in {self.dir} in {diff}")
             return prog
         prog = {"config": cfg_json, "done": [], "tokens": {}, "time_s": {}, "results": {}}
-        if self.dist.main:
-            self.dir.mkdir(parents=True, exist_ok=True)
-            (self.dir / "model_config.json").write_text(self.model_config.to_json())
-            _atomic_json(path, prog)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        (self.dir / "model_config.json").write_text(self.model_config.to_json())
+        _atomic_json(path, prog)
         return prog
 
     def _save_progress(self) -> None:
