@@ -253,9 +253,11 @@ class ElasticMamba2Mixer(nn.Module):
             cache.conv_x[:, :hh] = tail[:, :hh * P].reshape(b, hh, P, K - 1).to(cache.conv_x.dtype)
             cache.conv_bc.copy_(tail[:, hh * P:].to(cache.conv_bc.dtype))
         conv = conv.transpose(1, 2)  # (b, l, ch)
-        xs = conv[..., :hh * P].reshape(b, l, hh, P)
-        Bm = conv[..., hh * P:hh * P + G * N].reshape(b, l, G, N)
-        Cm = conv[..., hh * P + G * N:].reshape(b, l, G, N)
+        # contiguous operands: the scan's output strides then match its fake kernel under torch.compile
+        xs = conv[..., :hh * P].reshape(b, l, hh, P).contiguous()
+        Bm = conv[..., hh * P:hh * P + G * N].reshape(b, l, G, N).contiguous()
+        Cm = conv[..., hh * P + G * N:].reshape(b, l, G, N).contiguous()
+        dt = dt.contiguous()
 
         A = -torch.exp(self.A_log[:hh].to(_compute_dtype(x)))
         scale = None
