@@ -490,6 +490,16 @@ def test_nested_checkpoint_round_trip(tmp_path, name):
     torch.testing.assert_close(full(ids), model(ids), atol=0, rtol=0)
 
 
+def test_nested_checkpoint_keeps_bf16(tmp_path):
+    model = make_model().to(torch.bfloat16)
+    table = {"half": Budget.from_fractions(model.config, 0.5), "per-layer": budgets_for(model.config)["per-layer"]}
+    save_nested(model, tmp_path, table)
+    for bname, budget in table.items():
+        loaded, want = load_nested(tmp_path, bname), model.slice(budget)
+        for k, v in loaded.state_dict().items():
+            assert v.dtype == torch.bfloat16 and torch.equal(v, want.state_dict()[k]), (bname, k)
+
+
 def test_load_nested_smallest_budget_reads_only_its_bytes(tmp_path):
     model = make_model()
     cfg = model.config
