@@ -551,6 +551,20 @@ def test_quantized_nested_checkpoint_round_trip(tmp_path, fmt):
                 own += sum(x.numel() * x.element_size() for x in parts)
             assert stats["bytes_read"] == stats["header_bytes"] + own
             assert stats["bytes_read"] < 0.5 * stats["file_bytes"]
+    if fmt == "nvfp4":  # W4A16 serving: packed weights, nvfp4_linear / NVFP4 moe_experts in the layers
+        packed = load_nested(tmp_path, weights="nvfp4")
+        deq = load_nested(tmp_path)
+        assert set(packed.nvfp4_weights()) == set(qtable)
+        assert packed.param_count() == deq.param_count()
+        for bname in table:  # nested slices of the packed parent, in the forward
+            close(packed(ids, table[bname]), deq(ids, table[bname]))
+        close(load_nested(tmp_path, "all-0.5", weights="nvfp4")(ids), deq(ids, table["all-0.5"]))
+        with pytest.raises(TypeError, match="NVFP4"):
+            packed.slice(table["all-0.5"])
+        with pytest.raises(TypeError, match="NVFP4"):
+            save_nested(packed, tmp_path / "again", {})
+    with pytest.raises(ValueError, match="weights"):
+        load_nested(tmp_path, weights="int4")
     _, raw = load_nested_state(tmp_path, "all-0.5")
     if fmt == "nvfp4":
         q = raw["layers.0.mixer.in_heads"]

@@ -48,6 +48,7 @@ The model (:mod:`.model`)
         sequence}`` (for router losses); equal to ``param_count`` at integer sizes.
     ``slice(budget) -> ElasticHybridLM``: a standalone model with really smaller tensors whose
         forward equals the masked forward at ``budget``.
+    ``nvfp4_weights() -> {name: NVFP4Tensor}`` (empty unless loaded with ``weights="nvfp4"``).
     ``resolve_budget(budget) -> {axis: per-layer sizes}``; ``sliced_config(budget)``;
     ``sliced_shapes(sizes, active=False) -> {state-dict name: prefix shape}`` (every parameter
     of a submodel is a prefix of the parent's in every dimension).
@@ -114,10 +115,13 @@ atomically (temp file + rename). ``quantization="nvfp4" | "fp8"`` stores the lin
 ``quantizable_weights(model)`` quantized (Model-Optimizer-style ``name``, ``name_scale``,
 ``name_scale_2``); every nested slice is a prefix of the one quantized tensor (no requantization;
 NVFP4 input features slice at multiples of 16).
-``load_nested(path, budget=None, *, device="cpu", stats=None) -> ElasticHybridLM``: ``budget`` a
-table name, a Budget or None (full); reads only the header and the prefix bytes of every slice
-(``stats`` receives ``bytes_read``/``header_bytes``/``file_bytes``); quantized weights are
-dequantized into the saved dtype. ``load_nested_state(path, budget=None)`` -> ``(config,
+``load_nested(path, budget=None, *, device="cpu", stats=None, weights="dequantize") ->
+ElasticHybridLM``: ``budget`` a table name, a Budget or None (full); reads only the header and the
+prefix bytes of every slice (``stats`` receives ``bytes_read``/``header_bytes``/``file_bytes``).
+``weights="dequantize"`` decodes NVFP4/FP8 weights into the saved dtype (a regular model);
+``weights="nvfp4"`` keeps NVFP4 weights packed and the layers run W4A16 (``nvfp4_linear``, NVFP4
+``moe_experts``) on nested slices of them, for serving (``model.nvfp4_weights()`` lists them;
+slice/save/importance then raise TypeError). ``load_nested_state(path, budget=None)`` -> ``(config,
 {name: Tensor | NVFP4Tensor | (fp8 codes, scale)})`` for serving with ``nvfp4_linear``.
 ``read_nested_config(path) -> (config, budgets)``.
 Errors: ``CheckpointError`` (a ValueError) for corrupt or mismatched files.

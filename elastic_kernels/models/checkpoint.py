@@ -112,6 +112,7 @@ def save_nested(model: ElasticHybridLM, path: str | os.PathLike, budgets: Mappin
     """
     if not isinstance(model, ElasticHybridLM):
         raise TypeError(f"save_nested: model must be an ElasticHybridLM, got {type(model).__name__}")
+    model.require_float_weights("save_nested")
     if not isinstance(budgets, Mapping):
         raise TypeError(f"save_nested: budgets must be a mapping {{name: Budget}}, got {type(budgets).__name__}")
     if quantization is not None and quantization not in QUANTIZATIONS:
@@ -361,24 +362,42 @@ def load_nested_state(path: str | os.PathLike, budget: str | Budget | None = Non
     return parent.sliced_config(meta["budget"]), state
 
 
+LOAD_WEIGHTS = ("dequantize", "nvfp4")
+
+
 def load_nested(path: str | os.PathLike, budget: str | Budget | None = None, *,
-                device: str | torch.device = "cpu", stats: dict | None = None) -> ElasticHybridLM:
+                device: str | torch.device = "cpu", stats: dict | None = None,
+                weights: str = "dequantize") -> ElasticHybridLM:
     """Build the nested submodel ``budget`` (a budget-table name, a Budget, or None = the parent)
     from the checkpoint directory ``path``, reading only the header and the prefix bytes of every
-    slice; NVFP4/FP8 weights are dequantized into the saved dtype. ``stats``, when given, receives
-    ``bytes_read``, ``header_bytes`` and ``file_bytes``. Raises :class:`CheckpointError` for
-    missing, corrupt or mismatched files."""
+    slice. ``stats``, when given, receives ``bytes_read``, ``header_bytes`` and ``file_bytes``.
+
+    ``weights``: ``"dequantize"`` (NVFP4/FP8 weights decoded into the saved dtype: a regular,
+    trainable model) or ``"nvfp4"`` (NVFP4 weights stay packed, as nested slices, and the layers
+    run W4A16 through :func:`elastic_kernels.nvfp4_linear` / NVFP4 ``moe_experts``; for serving:
+    no gradients to them, no slice/save/importance; FP8 weights are dequantized either way).
+    Raises :class:`CheckpointError` for missing, corrupt or mismatched files."""
+    if weights not in LOAD_WEIGHTS:
+        raise ValueError(f"load_nested: weights must be one of {LOAD_WEIGHTS}, got {weights!r}")
     meta, parent, full_shapes, prefixes = _resolve_request(os.fspath(path), budget)
     raw = _read_state(meta, full_shapes, prefixes, stats)
     dtype = meta["dtype"]
-    state = {}
+    state, packed = {}, {}
     for n, v in raw.items():
         if isinstance(v, nvfp4.NVFP4Tensor):
+            if weights == "nvfp4":
+                packed[n] = v.to(device)
+                continue
             v = v.dequantize(dtype).reshape(prefixes[n])
         elif isinstance(v, tuple):
             v = (v[0].float() * v[1]).to(dtype).reshape(prefixes[n])
         state[n] = v.to(device)
     with torch.device("meta"):
         sub = ElasticHybridLM(parent.sliced_config(meta["budget"]))
+    for n, q in packed.items():
+        mod_name, _, attr = n.rpartition(".")
+        mod = sub.get_submodule(mod_name)
+        del mod._parameters[attr]
+        setattr(mod, attr, q)
     sub.load_state_dict(state, strict=True, assign=True)
     return sub

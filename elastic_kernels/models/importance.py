@@ -32,6 +32,7 @@ def estimate_importance(model: ElasticHybridLM, batches: Iterable[Tensor]) -> di
     """
     if not isinstance(model, ElasticHybridLM):
         raise TypeError(f"estimate_importance: model must be an ElasticHybridLM, got {type(model).__name__}")
+    model.require_float_weights("estimate_importance")
     c = model.config
     dev = model.embed.weight.device
     f64 = dict(dtype=torch.float64, device=dev)
@@ -123,6 +124,7 @@ def permute_by_importance(model: ElasticHybridLM, scores: dict) -> dict:
     """
     if not isinstance(model, ElasticHybridLM):
         raise TypeError(f"permute_by_importance: model must be an ElasticHybridLM, got {type(model).__name__}")
+    model.require_float_weights("permute_by_importance")
     c = model.config
     unknown = sorted(set(scores) - {"hidden", "mamba_heads", "experts", "expert_ffn", "ffn"})
     if unknown:

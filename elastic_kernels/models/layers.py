@@ -23,12 +23,20 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..nvfp4 import NVFP4Tensor
 from ..ops.moe import moe_experts, moe_route
+from ..ops.nvfp4 import nvfp4_linear
 from ..ops.ssd import ssd_scan, ssd_state_update
 
 def _compute_dtype(t: Tensor) -> torch.dtype:
     """Normalization statistics run in float32 at least (float64 stays float64)."""
     return torch.promote_types(t.dtype, torch.float32)
+
+
+def _linear(x: Tensor, w) -> Tensor:
+    """``x @ w.T`` for a weight prefix view, or W4A16 (:func:`elastic_kernels.nvfp4_linear`) for a
+    nested slice of an NVFP4 weight (models loaded with ``load_nested(..., weights="nvfp4")``)."""
+    return nvfp4_linear(x, w) if isinstance(w, NVFP4Tensor) else F.linear(x, w)
 
 
 def _activation(v: Tensor, name: str) -> Tensor:
@@ -233,10 +241,13 @@ class ElasticMamba2Mixer(nn.Module):
         if l == 0:  # nothing to mix; the cache is unchanged
             return x.new_zeros(b, 0, k)
 
-        w_heads = self.in_heads[:hh, :, :k].reshape(hh * (2 * P + 1), k)
-        zxdt = F.linear(x, w_heads).view(b, l, hh, 2 * P + 1)
+        if isinstance(self.in_heads, NVFP4Tensor):  # stored flat: (nheads * (2P+1), hidden)
+            w_heads = self.in_heads[:hh * (2 * P + 1), :k]
+        else:
+            w_heads = self.in_heads[:hh, :, :k].reshape(hh * (2 * P + 1), k)
+        zxdt = _linear(x, w_heads).view(b, l, hh, 2 * P + 1)
         z, xs, dt = zxdt[..., :P], zxdt[..., P:2 * P], zxdt[..., 2 * P]
-        bc = F.linear(x, self.in_bc[:, :k])
+        bc = _linear(x, self.in_bc[:, :k])
 
         # causal depthwise conv over (x heads, B, C), continuing the cached window
         u = torch.cat([xs.reshape(b, l, hh * P), bc], dim=-1).transpose(1, 2)  # (b, ch, l)
@@ -281,7 +292,7 @@ class ElasticMamba2Mixer(nn.Module):
             cache.has_state = True
         hw = _unit_weights(per_sample, head_mask, hh, x, "ElasticMamba2Mixer: head_mask")
         y = self.norm(y, z, hw)
-        return F.linear(y.reshape(b, l, hh * P), self.out_proj[:k, :hh * P])
+        return _linear(y.reshape(b, l, hh * P), self.out_proj[:k, :hh * P])
 
     def sliced_shapes(self, k: int, heads: int) -> dict[str, tuple]:
         P, GN2, K = self.head_dim, 2 * self.ngroups * self.d_state, self.conv_kernel
@@ -336,9 +347,9 @@ class GQAAttention(nn.Module):
     def forward(self, x: Tensor, cache: AttentionLayerCache | None = None) -> Tensor:
         b, l, k = x.shape
         hd = self.head_dim
-        q = F.linear(x, self.q_proj[:, :k]).view(b, l, self.nheads, hd).transpose(1, 2)
-        kk = F.linear(x, self.k_proj[:, :k]).view(b, l, self.nkv_heads, hd).transpose(1, 2)
-        vv = F.linear(x, self.v_proj[:, :k]).view(b, l, self.nkv_heads, hd).transpose(1, 2)
+        q = _linear(x, self.q_proj[:, :k]).view(b, l, self.nheads, hd).transpose(1, 2)
+        kk = _linear(x, self.k_proj[:, :k]).view(b, l, self.nkv_heads, hd).transpose(1, 2)
+        vv = _linear(x, self.v_proj[:, :k]).view(b, l, self.nkv_heads, hd).transpose(1, 2)
         past = 0
         if cache is not None:
             past = cache.k.shape[2]
@@ -353,7 +364,7 @@ class GQAAttention(nn.Module):
             qpos = torch.arange(past, past + l, device=x.device)[:, None]
             mask = torch.arange(past + l, device=x.device)[None, :] <= qpos
             o = F.scaled_dot_product_attention(q, kk, vv, attn_mask=mask)
-        return F.linear(o.transpose(1, 2).reshape(b, l, self.nheads * hd), self.o_proj[:k])
+        return _linear(o.transpose(1, 2).reshape(b, l, self.nheads * hd), self.o_proj[:k])
 
     def sliced_shapes(self, k: int) -> dict[str, tuple]:
         nq, nkv = self.nheads * self.head_dim, self.nkv_heads * self.head_dim
@@ -385,11 +396,11 @@ class ElasticFFN(nn.Module):
         f = _hard_int(width, self.ffn, "ElasticFFN: width")
         if isinstance(width, Tensor) and max_width is not None:
             f = _hard_int(max_width, self.ffn, "ElasticFFN: max_width")
-        a = _activation(F.linear(x, self.up[:f, :k]), self.activation)
+        a = _activation(_linear(x, self.up[:f, :k]), self.activation)
         c = _unit_weights(width if isinstance(width, Tensor) else None, mask, f, x, "ElasticFFN: mask")
         if c is not None:
             a = a * (_per_sample(c, x.dim() - 1) if c.dim() == 2 else c).to(a.dtype)
-        return F.linear(a, self.down[:k, :f])
+        return _linear(a, self.down[:k, :f])
 
     def sliced_shapes(self, k: int, width: int) -> dict[str, tuple]:
         return {"up": (width, k), "down": (k, width)}
@@ -431,7 +442,7 @@ class ElasticLMHead(nn.Module):
         self.weight = nn.Parameter(torch.randn(vocab, hidden) * init_std)
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.linear(x, self.weight[:, :x.shape[-1]])
+        return _linear(x, self.weight[:, :x.shape[-1]])
 
     def sliced_shapes(self, k: int) -> dict[str, tuple]:
         return {"weight": (self.vocab, k)}

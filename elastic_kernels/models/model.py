@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from ..nvfp4 import NVFP4Tensor
 from .config import AXES, AXIS_LETTER, Budget, ElasticHybridConfig
 from .layers import (AttentionLayerCache, ElasticEmbedding, ElasticFFN, ElasticLMHead, ElasticMamba2Mixer,
                      ElasticMoE, ElasticRMSNorm, GQAAttention, MambaLayerCache, _unit_weights)
@@ -239,11 +240,26 @@ class ElasticHybridLM(nn.Module):
             out["lm_head.weight"] = self.lm_head.sliced_shapes(k)["weight"]
         return out
 
+    def nvfp4_weights(self) -> dict[str, NVFP4Tensor]:
+        """The weights held as NVFP4 (W4A16 serving; see ``load_nested(..., weights="nvfp4")``)."""
+        out = {}
+        for mname, mod in self.named_modules():
+            for attr, v in vars(mod).items():
+                if isinstance(v, NVFP4Tensor):
+                    out[f"{mname}.{attr}" if mname else attr] = v
+        return out
+
+    def require_float_weights(self, what: str) -> None:
+        """Raise a TypeError naming ``what`` if this model holds NVFP4 weights."""
+        if self.nvfp4_weights():
+            raise TypeError(f"{what} needs a model with float weights; this one holds NVFP4 weights "
+                            f"(load the checkpoint with weights='dequantize' instead)")
+
     def _count(self, sizes, active: bool):
-        params = {n for n, _ in self.named_parameters()}
+        buffers = {n for n, _ in self.named_buffers()}
         total = 0
         for name, shape in self.sliced_shapes(sizes, active).items():
-            if name in params:
+            if name not in buffers:
                 total = total + math.prod(shape) if not any(isinstance(s, Tensor) for s in shape) \
                     else total + torch.stack([torch.as_tensor(s, dtype=torch.float32) for s in shape]).prod()
         return total
@@ -297,6 +313,7 @@ class ElasticHybridLM(nn.Module):
     @torch.no_grad()
     def slice(self, budget: Budget | None) -> "ElasticHybridLM":
         """A standalone submodel with really smaller tensors (copies of the prefixes)."""
+        self.require_float_weights("slice")
         shapes = self.sliced_shapes(self.resolve_budget(budget))
         p = self.embed.weight
         new = ElasticHybridLM(self.sliced_config(budget)).to(device=p.device, dtype=p.dtype)
