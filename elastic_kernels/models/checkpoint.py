@@ -17,8 +17,9 @@ Layouts: ``"2d"`` (N, K) weights, ``"flat"`` (the Mamba head projection (H, 2P+1
 packed codes and block scales (input features at multiples of 16 for NVFP4) with the shared
 global scale: nothing is requantized. Embeddings, norms, routers, convolutions and the SSM
 scalars stay in the model's dtype. Loading dequantizes into a regular model
-(:func:`load_nested`), or returns the raw NVFP4/FP8 slices (:func:`load_nested_state`) for
-serving with :func:`elastic_kernels.nvfp4_linear`.
+(:func:`load_nested`), keeps NVFP4 weights packed in a W4A16 serving model
+(``load_nested(..., weights="nvfp4")``), or returns the raw NVFP4/FP8 slices
+(:func:`load_nested_state`).
 
 Both files are written atomically (temp file in the same directory, fsync, rename). The
 safetensors metadata repeats the config hash, so a weights file that does not belong to its

@@ -9,6 +9,8 @@ Conventions shared by every layer:
   maximum to skip work) and masks each sample's inactive units to exactly 0.
 - Soft masks are float tensors over the layer's full units, ``(units,)`` or ``(batch, units)``,
   multiplied in (differentiable), see :mod:`elastic_kernels.models`.
+- Linear weights may also be :class:`~elastic_kernels.nvfp4.NVFP4Tensor` (W4A16 serving; the
+  ``in_heads`` of the Mamba mixer then stored flat as ``(nheads * (2P+1), hidden)``).
 - ``sliced_shapes(k, ...)`` gives the prefix shape of every parameter of a submodel (for
   ``param_count``, ``slice`` and nested checkpoints); every parameter slices as a prefix of every
   dimension.
@@ -186,7 +188,9 @@ class ElasticMamba2Mixer(nn.Module):
 
     in_proj per head (z, x, dt) and per group (B, C); causal depthwise conv + SiLU on (x, B, C);
     SSD with ``A = -exp(A_log)``, ``D``, ``dt_bias`` (softplus); gated per-group RMSNorm with z;
-    out_proj.
+    out_proj. An int ``active_heads`` uses prefix views of every head weight (the interleaved
+    layout makes "the first k heads of every group" the contiguous prefix ``[0, k)``), so the scan
+    runs on ``k`` heads; per-sample widths go to the ops as ``active_heads`` LongTensors.
 
     ``forward(x, active_heads=None, head_mask=None, cache=None, max_active=None)``:
         x: (batch, seqlen, k). active_heads: None | int | LongTensor (batch,), total active heads
