@@ -122,7 +122,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(model={}),
     "small": dict(
         difficulty=4, val_size=1024, test_size=2048, batch_size=128, parent_steps=4000, elastic_steps=3000,
-        importance_batches=32, stage_b_difficulty=5, eval_every=500, ckpt_every=500, lr=1e-3,
+        importance_batches=32, eval_every=500, ckpt_every=500, lr=1e-3,
         elastic_lr=5e-4,
         model=dict(hidden_size=256, pattern="M-M*MEM-M*ME", mamba_heads=16, mamba_head_dim=32, mamba_groups=4,
                    mamba_state=32, mamba_chunk_size=64, moe_experts=16, moe_top_k=2, moe_ffn=256, attn_heads=8,
@@ -163,7 +163,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "stage 2 router + curriculum distillation of all nested budgets, stage 3 (--qad) "
                     "quantization-aware distillation, independent baselines, and a report "
                     "(report.md / report.json / report.png) in the run directory.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        epilog="Presets override the tiny defaults shown above: " + "; ".join(
+            f"{name}: " + (", ".join(f"{k}={json.dumps(v)}" for k, v in sorted(over.items())) or "(none)")
+            for name, over in PRESETS.items()) + ". Explicit options override the preset.",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     defaults = TrainConfig()
     for f in fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
