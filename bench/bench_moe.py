@@ -13,6 +13,11 @@ top_k experts per token, so its FLOPs stay flat: the ideal ratio there is 1 (onl
 
 Targets (issue 3): >= 70% of dense bf16 matmul TFLOP/s at the training shape; time at d' = F/2
 <= 0.6x full.
+
+NVFP4 experts (issue 4, W4A16): ``bench_moe_nvfp4`` times the Triton forward with NVFP4 w1/w2
+(0.5 byte codes + 1/16 byte scales = 0.5625 bytes per weight) against the same call with the bf16
+weights, in the same run (``speedup_vs_bf16``); weight bytes fall 3.56x, so decode (weight-bound)
+is where it should win, while at the training shape the in-loop decoding competes with the MMAs.
 """
 from __future__ import annotations
 
@@ -22,7 +27,7 @@ import pytest
 import torch
 
 import elastic_kernels as ek
-from common import record
+from common import record, time_fn
 
 WIDTHS = [0.25, 0.5, 0.75, 1.0]
 SHAPES = {"cpu": dict(tokens=128, hidden=256, ffn=512, experts=16, top_k=4),
@@ -39,12 +44,14 @@ def _inputs(device, dtype, s, n_act, requires_grad=False):
                 w2=mk(e, h, f, scale=f ** -0.5))
 
 
-def _cost(s, d, n_act, elem, mats=2):
+def _cost(s, d, n_act, elem, mats=2, w_elem=None):
+    """(bytes, FLOPs) of the forward; ``w_elem``: bytes per weight element (default ``elem``)."""
     t, h, k = s["tokens"], s["hidden"], s["top_k"]
     rows = t * k
     touched = n_act * (1 - (1 - k / n_act) ** t)
     flops = 2 * rows * h * d * mats
-    return elem * (touched * mats * d * h + 2 * t * h) + 12 * rows, flops
+    w_elem = elem if w_elem is None else w_elem
+    return w_elem * touched * mats * d * h + elem * 2 * t * h + 12 * rows, flops
 
 
 def _widths(s, width, device):
@@ -199,3 +206,23 @@ def bench_moe_vllm_fused_moe(benchmark, shape):
     by, fl = _cost(s, s["ffn"], s["experts"], 2)
     record(benchmark, device=device, bytes_moved=by, flops=fl,
            group="moe d' fwd" if shape == "train" else "moe decode fwd", width=1.0, impl="vllm")
+
+
+NVFP4_BYTES = 0.5 + 1 / 16  # per weight element: one E2M1 code and a 16th of an e4m3 block scale
+
+
+@pytest.mark.parametrize("width", [0.5, 1.0])
+@pytest.mark.parametrize("shape", ["decode", "train"])
+def bench_moe_nvfp4(benchmark, shape, width):
+    """NVFP4 (W4A16) vs bf16 expert weights: Triton forward, same inputs and routing, d' = 50/100%."""
+    device = _cuda()
+    s = SHAPES[shape]
+    inp = _inputs(device, torch.bfloat16, s, s["experts"])
+    q = dict(inp, w1=ek.nvfp4.quantize(inp["w1"]), w2=ek.nvfp4.quantize(inp["w2"]))
+    d = int(s["ffn"] * width) // 16 * 16  # NVFP4 w2 slices its input features at multiples of 16
+    t_bf16 = time_fn(lambda: _run("fwd", inp, ffn_width=d, backend="triton"), device)
+    benchmark.pedantic(lambda: _run("fwd", q, ffn_width=d, backend="triton"), warmup_rounds=3, rounds=50)
+    by, fl = _cost(s, d, s["experts"], 2, w_elem=NVFP4_BYTES)
+    record(benchmark, device=device, bytes_moved=by, flops=fl, group=f"moe nvfp4 {shape} fwd", width=width,
+           impl="triton-nvfp4", bf16_median_s=t_bf16,
+           speedup_vs_bf16=t_bf16 / benchmark.stats.stats.median)

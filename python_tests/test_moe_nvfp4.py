@@ -13,7 +13,7 @@ import torch
 import elastic_kernels as ek
 from elastic_kernels.nvfp4 import NVFP4Tensor, quantize
 from helpers import assert_close_to_truth
-from test_moe import forward_backward, make_case, run_op, truth_experts
+from test_moe import forward_backward, make_case, poison_empty, run_op, truth_experts  # noqa: F401 (fixture)
 
 BF16, FP16, FP32, FP64 = torch.bfloat16, torch.float16, torch.float32, torch.float64
 WEIGHTS = ("w1", "w2", "w3")
@@ -95,7 +95,7 @@ def _case_id(c):
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
-def test_nvfp4_experts_match_truth(case, backend, request):
+def test_nvfp4_experts_match_truth(case, backend, request, poison_empty):
     tokens, hidden, ffn, n_exp, n_act, top_k, gated, activation, width, cs, dtype, quant = case
     device = request.getfixturevalue("triton_device") if backend == "triton" else torch.device("cpu")
     inp, w = nvfp4_case(tokens, hidden, ffn, n_exp, n_act, top_k, gated=gated, width=width if isinstance(width, str)
@@ -205,6 +205,33 @@ def test_torch_compile_fullgraph_nvfp4():
     torch.testing.assert_close(out, ref)
     for a, e in zip(args, eager):
         torch.testing.assert_close(a.grad, e.grad)
+
+
+def test_triton_gpu_no_host_sync_nvfp4():
+    """On a GPU: NVFP4 experts forward and backward (x, weights, channel scale) with no host
+    synchronization, matching the reference backend."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    dev = torch.device("cuda")
+    inp, w = nvfp4_case(300, 256, 192, 16, 12, 4, gated=True, width="tensor", cs="token")
+    q = {k: inp[k].to(dev) for k in WEIGHTS}
+    x = inp["x"].to(dev, BF16).requires_grad_(True)
+    cs = inp["channel_scale"].to(dev).requires_grad_(True)
+    logits = torch.randn(300, 16, device=dev, requires_grad=True)
+    w = w.to(dev)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        tw, ids = ek.moe_route(logits, 4, num_experts_active=12)
+        y = ek.moe_experts(x, tw, ids, q["w1"], q["w2"], w3=q["w3"], activation="silu", num_experts_active=12,
+                           ffn_width=w, channel_scale=cs, backend="triton")
+        y.float().square().sum().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert torch.isfinite(y).all() and logits.grad is not None and x.grad is not None and cs.grad is not None
+    ref = ek.moe_experts(x.detach(), tw.detach(), ids, q["w1"], q["w2"], w3=q["w3"], activation="silu",
+                         num_experts_active=12, ffn_width=w, channel_scale=cs.detach(), backend="reference")
+    torch.testing.assert_close(y.float(), ref.float(), atol=3e-2, rtol=3e-2)
 
 
 # ---------------------------------------------------------------------------------------------

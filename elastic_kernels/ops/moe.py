@@ -146,8 +146,8 @@ def _moe_experts_bwd_op(grad_y: Tensor, x: Tensor, topk_weights: Tensor, topk_id
 
 
 @_moe_experts_bwd_op.register_fake
-def _(grad_y, x, topk_weights, topk_ids, w1, w2, w3, *args):
-    channel_scale = args[6]
+def _(grad_y, x, topk_weights, topk_ids, w1, w2, w3, w1_scale, w2_scale, w3_scale, w1_scale_2, w2_scale_2,
+      w3_scale_2, channel_scale, *args):
     return fake_grads([x, topk_weights, w1, w2, w3, channel_scale], x.device)
 
 
@@ -212,9 +212,10 @@ def moe_experts(x: Tensor, topk_weights: Tensor, topk_ids: Tensor, w1: Tensor | 
     Weights are used through prefix views ``w[:E', :d']`` (no copies). Gradients flow to x,
     topk_weights, w1, w2, w3 and channel_scale; those of experts >= E' and of channels >= d'
     (or >= a token's width) are exactly 0. NVFP4 weights are frozen (no gradient; QAD trains
-    high-precision weights through :func:`~elastic_kernels.fake_quant_nvfp4` instead). On CUDA the op does not synchronize with the host
-    except for the value checks of ``topk_ids``/``ffn_width``, which are skipped while tracing,
-    during CUDA graph capture and under ``torch.cuda.set_sync_debug_mode``.
+    high-precision weights through :func:`~elastic_kernels.fake_quant_nvfp4` instead). On CUDA
+    the op does not synchronize with the host except for the value checks of
+    ``topk_ids``/``ffn_width``, which are skipped while tracing, during CUDA graph capture and
+    under ``torch.cuda.set_sync_debug_mode``.
     """
     op = "moe_experts"
     dims = Dims(op)

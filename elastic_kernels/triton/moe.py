@@ -230,12 +230,13 @@ def _moe_bwd_act_kernel(x_ptr, dy_ptr, w1, w3, w2, cs_ptr, row_w_ptr,
                         tile_e_ptr, tile_row_ptr, offs_ptr, row_tok_ptr, row_width_ptr,
                         H, F_act, n_nblk, s_xt, s_xh, s_dyt, s_dyh, s_cst, s_csf, s_hr,
                         ACT: tl.constexpr, GATED: tl.constexpr, HAS_WT: tl.constexpr, CS_MODE: tl.constexpr,
-                        Q1: tl.constexpr, Q2: tl.constexpr, PREC: tl.constexpr,
+                        Q1: tl.constexpr, Q2: tl.constexpr, NEED_AW: tl.constexpr, PREC: tl.constexpr,
                         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     """Recompute h1, h3, g = dy[tok] w2[e, :, cols]; write dh1, dh3, aw (rows, cols), the partial
     dw[row, pid_n] = sum_c a g, and ds (per tile for an (F,) scale, per row for (tokens, F)).
 
-    Weight operands: w1, w3 with tiles T[k = hidden, n = F] (Q1), w2 with T[k = hidden, n = F] (Q2)."""
+    Weight operands: w1, w3 with tiles T[k = hidden, n = F] (Q1), w2 with T[k = hidden, n = F] (Q2).
+    aw (only read by dw2) is written when NEED_AW."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     e, rows, rmask, tok, wid = _tile_rows(tile_e_ptr, tile_row_ptr, offs_ptr, row_tok_ptr, row_width_ptr,
@@ -293,7 +294,8 @@ def _moe_bwd_act_kernel(x_ptr, dy_ptr, w1, w3, w2, cs_ptr, row_w_ptr,
         tl.store(dh3_ptr + hoffs, (dar * f).to(dh3_ptr.dtype.element_ty), mask=smask)
     else:
         tl.store(dh1_ptr + hoffs, (dar * _act_grad(acc1, ACT)).to(dh1_ptr.dtype.element_ty), mask=smask)
-    tl.store(aw_ptr + hoffs, (wr[:, None] * a).to(aw_ptr.dtype.element_ty), mask=smask)
+    if NEED_AW:
+        tl.store(aw_ptr + hoffs, (wr[:, None] * a).to(aw_ptr.dtype.element_ty), mask=smask)
 
 
 @triton.jit
@@ -507,7 +509,7 @@ def moe_experts_bwd(grad_y, x, topk_weights, topk_ids, w1, w2, w3=None, *, activ
     n_nblk = triton.cdiv(f_act, bn)
     dh1 = torch.empty(n, f_act, dtype=x.dtype, device=x.device)
     dh3 = torch.empty_like(dh1) if gated else dh1
-    aw = torch.empty_like(dh1)
+    aw = dh1 if quant2 else torch.empty_like(dh1)
     dwt_part = torch.zeros(n, n_nblk, dtype=torch.float32, device=x.device)
     if cs_mode == 1:
         dcs_part = torch.zeros(tiles, f_act, dtype=torch.float32, device=x.device)
@@ -518,8 +520,8 @@ def moe_experts_bwd(grad_y, x, topk_weights, topk_ids, w1, w2, w3=None, *, activ
     _moe_bwd_act_kernel[(tiles, n_nblk)](
         x, grad_y, w1_op, w3_op, w2_op, cs, plan["row_w"], dh1, dh3, aw, dwt_part, dcs_part, *meta, hidden, f_act,
         n_nblk, *x.stride(), *grad_y.stride(), s_cst, s_csf, dh1.stride(0),
-        ACT=ACT_CODES[activation], GATED=gated, HAS_WT=has_wt, CS_MODE=cs_mode, Q1=q1, Q2=q2, PREC=_prec(x),
-        BM=bm, BN=bn, BK=bk, num_warps=nw, num_stages=ns)
+        ACT=ACT_CODES[activation], GATED=gated, HAS_WT=has_wt, CS_MODE=cs_mode, Q1=q1, Q2=q2, NEED_AW=not quant2,
+        PREC=_prec(x), BM=bm, BN=bn, BK=bk, num_warps=nw, num_stages=ns)
     # dtopk_weights and dchannel_scale: reduce the partials, back to (token, slot) order
     dwt.copy_(dwt_part.sum(1)[plan["inv"]].view(tokens, top_k))
     if cs_mode == 1:
