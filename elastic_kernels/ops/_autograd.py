@@ -39,7 +39,7 @@ def reference_vjp(fn: Callable, inputs: Sequence[torch.Tensor | None], grad_outp
     for t in leaves:
         if isinstance(t, torch.Tensor) and t.requires_grad:
             g = next(it)
-            result.append(torch.zeros_like(t) if g is None else g)
+            result.append(t.new_zeros(t.shape) if g is None else g.contiguous())
         else:
             result.append(torch.empty(0, device=grad_outputs[0].device))
     return result
@@ -51,6 +51,6 @@ def unpack_grads(grads: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor | 
 
 
 def fake_grads(inputs: Sequence[torch.Tensor | None], device) -> list[torch.Tensor]:
-    """Fake-tensor gradients with the shapes ``reference_vjp`` would return."""
-    return [torch.empty_like(t) if (t is not None and t.is_floating_point()) else torch.empty(0, device=device)
+    """Fake-tensor gradients with the shapes (contiguous) ``reference_vjp`` would return."""
+    return [t.new_empty(t.shape) if (t is not None and t.is_floating_point()) else torch.empty(0, device=device)
             for t in inputs]

@@ -80,7 +80,7 @@ def _state_dtype(x: Tensor) -> torch.dtype:
 def _(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, head_scale, active_t, chunk_size,
       dt_softplus, dt_lo, dt_hi, interleaved, active_int, backend):
     b, _, h, p = x.shape
-    return torch.empty_like(x), x.new_empty((b, h, p, B.shape[-1]), dtype=_state_dtype(x))
+    return x.new_empty(x.shape), x.new_empty((b, h, p, B.shape[-1]), dtype=_state_dtype(x))
 
 
 _GRAD_INPUTS = ("x", "dt", "A", "B", "C", "D", "z", "dt_bias", "initial_states", "head_scale")
@@ -100,7 +100,7 @@ def _ssd_scan_bwd_op(grad_y: Tensor, grad_states: Tensor, x: Tensor, dt: Tensor,
         from ..triton import ssd as tssd
         grads = tssd.ssd_scan_bwd(grad_y, grad_states, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias,
                                   initial_states=initial_states, head_scale=head_scale, **kw)
-        return [g if g is not None else torch.empty(0, device=x.device) for g in grads]
+        return [g.contiguous() if g is not None else torch.empty(0, device=x.device) for g in grads]
 
     def fn(x, dt, A, B, C, D, z, dt_bias, initial_states, head_scale):
         return ssd_scan_reference(x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias,
@@ -212,7 +212,7 @@ def _ssd_state_update_op(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Ten
 
 @_ssd_state_update_op.register_fake
 def _(state, x, *args):
-    return torch.empty_like(x)
+    return x.new_empty(x.shape)
 
 
 def _state_update_cuda(state, x, dt, A, B, C, D, z, dt_bias, active_t, dt_softplus, interleaved, active_int):

@@ -158,7 +158,7 @@ def ssd_scan_reference(x, dt, A, B, C, *, chunk_size=64, D=None, z=None, dt_bias
         fs = fsa.new_zeros(b, h, p, n).index_copy(1, idx, fsa)
     else:
         y, fs = ya, fsa
-    return y.to(x.dtype), fs
+    return y.to(x.dtype).contiguous(), fs
 
 
 def ssd_state_update_reference(state, x, dt, A, B, C, *, D=None, z=None, dt_bias=None,
@@ -189,4 +189,4 @@ def ssd_state_update_reference(state, x, dt, A, B, C, *, D=None, z=None, dt_bias
         y = y * mask[..., None]
         new = torch.where(mask[..., None, None], new, state)
     state.copy_(new)
-    return y.to(x.dtype)
+    return y.to(x.dtype).contiguous()
