@@ -92,6 +92,7 @@ def _plot(rep: dict, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
 
     fig, ax = plt.subplots(1, 2, figsize=(10, 4))
     rows = rep["budgets"]
@@ -103,7 +104,8 @@ def _plot(rep: dict, path: Path) -> None:
         ax[0].plot(bx, by, "s--", label="independent baseline")
     if rep.get("qad"):
         ax[0].plot(x, [r["test_acc"] for r in rep["qad"]["budgets"]], "^:", label=f"QAD {rep['qad']['format']}")
-    ax[0].set_xlabel(f"{rep['config']['budget_metric']} parameters")
+    ax[0].set_xlabel(f"{rep['config']['budget_metric']} parameters (thousands)")
+    ax[0].xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v / 1000:g}"))
     ax[0].set_ylabel("test exact-match accuracy")
     ax[0].set_ylim(-0.02, 1.02)
     ax[0].legend()
