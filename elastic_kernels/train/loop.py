@@ -258,13 +258,16 @@ class Pipeline:
         dist.all_reduce(t)
         return {k: float(v) / self.dist.world for k, v in zip(keys, t.tolist())}
 
-    def _shard(self, batch: Batch) -> tuple[Batch, int]:
-        """This rank's rows of a global batch and the global count of real (non-pad) tokens."""
+    def _shard(self, batch: Batch) -> tuple[Batch, int, float]:
+        """This rank's rows of a global batch, the global count of real (non-pad) tokens, and the
+        loss denominator (global masked positions / ranks: DDP's gradient average then equals the
+        single-process gradient)."""
         tokens = int((batch.input_ids != self.tok.pad_id).sum())
+        denom = max(float(batch.loss_mask.sum()), 1.0) / self.dist.world
         r, w = self.dist.rank, self.dist.world
         b = Batch(batch.input_ids[r::w].to(self.device), batch.targets[r::w].to(self.device),
                   batch.loss_mask[r::w].to(self.device))
-        return b, tokens
+        return b, tokens, denom
 
     def new_model(self, config=None, seed: int | None = None) -> nn.Module:
         from ..models import ElasticHybridLM
@@ -350,7 +353,8 @@ class Pipeline:
             raise StopRun(f"stopped after stage {stage}; continue with --resume --run-dir {self.dir}",
                           self._stop_requested)
 
-    def _train_batch(self, step: int, *, difficulty: int | None = None, stream: int = 0) -> tuple[Batch, int]:
+    def _train_batch(self, step: int, *, difficulty: int | None = None,
+                     stream: int = 0) -> tuple[Batch, int, float]:
         batch = self.task.batch("train", self.cfg.batch_size, index=stream * 10_000_000 + step,
                                 difficulty=difficulty)
         return self._shard(batch)
@@ -380,8 +384,8 @@ class Pipeline:
             lr = lr_at(step, steps, cfg.lr, cfg.warmup_steps)
             for g in opt.param_groups:
                 g["lr"] = lr
-            b, tokens = self._train_batch(step, stream=stream)
-            loss = masked_ce(net(b.input_ids), b.targets, b.loss_mask)
+            b, tokens, denom = self._train_batch(step, stream=stream)
+            loss = masked_ce(net(b.input_ids), b.targets, b.loss_mask, denom=denom)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             gn = (torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip) if cfg.grad_clip > 0
@@ -482,7 +486,7 @@ class Pipeline:
             opt.param_groups[0]["lr"] = lr_at(step, steps, cfg.elastic_lr, cfg.warmup_steps)
             opt.param_groups[1]["lr"] = lr_at(step, steps, cfg.router_lr, cfg.warmup_steps)
             diff = cfg.stage_b_difficulty if (phase == "B" and cfg.stage_b_difficulty) else None
-            b, tokens = self._train_batch(step, difficulty=diff, stream=1)
+            b, tokens, denom = self._train_batch(step, difficulty=diff, stream=1)
             gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
             idx = sample_budget_indices(cfg.batch_size, curriculum_probs(len(cfg.budgets), phase, cfg.stage_b_skew),
                                         gen)[self.dist.rank::self.dist.world]
@@ -493,7 +497,7 @@ class Pipeline:
                 t_logits = teacher(b.input_ids)
             logits, params = net(b.input_ids, idx.to(self.device), budgets.to(self.device), tau, scale,
                                  cfg.seed * 7_000_003 + step)
-            kd = forward_kl(logits, t_logits, b.loss_mask, temperature=cfg.kd_temperature)
+            kd = forward_kl(logits, t_logits, b.loss_mask, temperature=cfg.kd_temperature, denom=denom)
             # the size loss covers every budget each step (its routers train even when not drawn)
             rl = router_size_loss(params, budgets.to(params) * full_params, cfg.router_tolerance)
             loss = kd + cfg.router_loss_weight * rl

@@ -88,14 +88,14 @@ def run_qad(pipe) -> tuple[dict, int]:
     def step_fn(step: int) -> dict:
         for g in opt.param_groups:
             g["lr"] = lr_at(step, steps, cfg.qad_lr, cfg.warmup_steps)
-        b, tokens = pipe._train_batch(step, stream=1_000)
+        b, tokens, denom = pipe._train_batch(step, stream=1_000)
         gen = torch.Generator().manual_seed(cfg.seed * 3_000_017 + step)
         idx = sample_budget_indices(cfg.batch_size, probs, gen)[pipe.dist.rank::pipe.dist.world].tolist()
         per_sample = [budgets[i] for i in idx]
         with torch.no_grad():
             t_logits = teacher(b.input_ids, budget=per_sample)
         logits = net(b.input_ids, budget=per_sample)
-        loss = forward_kl(logits, t_logits, b.loss_mask, temperature=cfg.kd_temperature)
+        loss = forward_kl(logits, t_logits, b.loss_mask, temperature=cfg.kd_temperature, denom=denom)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip > 0:
