@@ -110,13 +110,18 @@ def run_qad(pipe) -> tuple[dict, int]:
     rows = []
     if pipe.dist.main:
         from ..models import load_nested, save_nested
+        # post-training quantization of the unquantized stage-2 model, for comparison
+        ptq_dir = pipe.dir / "ptq"
+        save_nested(teacher, ptq_dir, table, quantization=cfg.qad_format)
         save_nested(model, out_dir, table, quantization=cfg.qad_format)
         ref_rows = {r["target"]: r for r in pipe.progress["results"]["budgets"]}
         for t in cfg.budgets:
             sub = load_nested(out_dir, f"{t:g}", device=pipe.device)
             res = pipe._eval(sub)
+            ptq = pipe._eval(load_nested(ptq_dir, f"{t:g}", device=pipe.device))
             rows.append({"target": t, "ref_test_acc": ref_rows[t].get("test_acc"), "test_acc": res["test_acc"],
                          "val_loss": res["val_loss"], "val_acc": res["val_acc"],
+                         "ptq_test_acc": ptq["test_acc"], "ptq_val_loss": ptq["val_loss"],
                          "params_total": sub.param_count(None)})
     pipe._barrier()
     res = {"format": cfg.qad_format, "checkpoint": str(out_dir), "budgets": rows,

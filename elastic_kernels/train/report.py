@@ -78,12 +78,12 @@ def render_markdown(rep: dict) -> str:
         lines.append("")
         lines.append(f"Nested checkpoint: `{q['checkpoint']}`.")
         lines.append("")
-        lines.append("| budget | test acc (bf16 student) | test acc (quantized, loaded from checkpoint) | "
-                     "val loss (quantized) |")
-        lines.append("|---|---|---|---|")
+        lines.append("| budget | test acc (unquantized student) | test acc (PTQ: stage-2 model quantized) | "
+                     "test acc (QAD, loaded from the nested checkpoint) | val loss PTQ | val loss QAD |")
+        lines.append("|---|---|---|---|---|---|")
         for r in q["budgets"]:
-            lines.append(f"| {r['target']:.2f} | {_fmt(r['ref_test_acc'])} | {_fmt(r['test_acc'])} | "
-                         f"{_fmt(r['val_loss'])} |")
+            lines.append(f"| {r['target']:.2f} | {_fmt(r['ref_test_acc'])} | {_fmt(r.get('ptq_test_acc'))} | "
+                         f"{_fmt(r['test_acc'])} | {_fmt(r.get('ptq_val_loss'))} | {_fmt(r['val_loss'])} |")
     lines.append("")
     return "\n".join(lines)
 
