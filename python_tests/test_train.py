@@ -290,12 +290,17 @@ def test_smoke_end_to_end(tmp_path):
     md = (d / "report.md").read_text()
     assert "| 0.50 |" in md and "baseline" in md
     # every budget of the nested checkpoint loads and gives the sliced model's logits
-    from elastic_kernels.models import Budget
+    from elastic_kernels.models import Budget, ElasticHybridConfig, ElasticHybridLM
+    from elastic_kernels.train.loop import _load_prefixed
+    student = ElasticHybridLM(ElasticHybridConfig.from_json((d / "model_config.json").read_text()))
+    _load_prefixed("student", student, load_checkpoint(d / "elastic.safetensors")[0], "elastic")
     x = torch.randint(0, 20, (2, 9))
     for r in rep["budgets"]:
         sub = load_nested(d / "nested", budget=f"{r['target']:g}")
         assert sub.param_count(None) == r["params_total"]
-        assert torch.isfinite(sub(x)).all()
+        with torch.no_grad():
+            torch.testing.assert_close(sub(x), student(x, budget=Budget.from_dict(r["budget"])),
+                                       rtol=1e-5, atol=1e-5)
     # a second run into the same directory without --resume is refused
     with pytest.raises(FileExistsError, match="--resume"):
         run(cfg)
