@@ -23,7 +23,6 @@ uninterrupted run. Under ``torchrun`` each rank takes its shard of the same glob
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 import logging
 import math
@@ -450,12 +449,14 @@ class Pipeline:
         torch.manual_seed(self.cfg.seed + 1)
         return BudgetRouters(specs, self.cfg.budgets, hidden=self.cfg.router_hidden).to(self.device), specs
 
-    def chosen_budgets(self, routers: BudgetRouters, specs: list[AxisSpec]) -> list:
-        """The argmax nested submodel of every target budget, as ``models.Budget``."""
+    def chosen_budgets(self, routers: BudgetRouters, specs: list[AxisSpec], targets=None) -> list:
+        """The argmax nested submodel of every target (default: the trained budgets) as
+        ``models.Budget``; a target between two trained budgets uses the blended router input."""
         from ..models import Budget
-        widths = routers.widths(routers.choose(torch.tensor(self.cfg.budgets)))
+        targets = list(self.cfg.budgets if targets is None else targets)
+        widths = routers.widths(routers.choose(torch.tensor(targets, dtype=torch.float32)))
         out = []
-        for i in range(len(self.cfg.budgets)):
+        for i in range(len(targets)):
             kw = {}
             for spec in specs:
                 w = [int(x) for x in widths[spec.name][i].tolist()]
@@ -507,8 +508,8 @@ class Pipeline:
                 torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip)
             opt.step()
             ratio = (params.detach() / (budgets.to(params) * full_params)).tolist()
-            rec = {"loss": float(loss.detach()), "kd": float(kd.detach()), "router": float(rl.detach()), "tau": tau, "scale": scale,
-                   "tokens": tokens}
+            rec = {"loss": float(loss.detach()), "kd": float(kd.detach()), "router": float(rl.detach()),
+                   "tau": tau, "scale": scale, "tokens": tokens}
             rec |= {f"size_ratio@{t:g}": r for t, r in zip(cfg.budgets, ratio)}
             return rec
 
@@ -528,12 +529,19 @@ class Pipeline:
             total = student.param_count(bud)
             active = student.param_count(bud, active=True)
             got = (active if cfg.budget_metric == "active" else total) / full_params
-            row = {"target": t, "budget": bud.to_dict(), "sizes": bud.to_dict(), "params_total": total,
-                   "params_active": active, "achieved": got, "baseline": None}
+            row = {"target": t, "budget": bud.to_dict(), "params_total": total, "params_active": active,
+                   "achieved": got, "baseline": None}
             if self.dist.main:
                 row |= self._eval(student.slice(bud))
             rows.append(row)
         self.progress["results"]["budgets"] = rows
+        # in-between targets: the router's blended input picks sizes no trained budget asked for
+        sb = sorted(cfg.budgets)
+        mids = [(a + b) / 2 for a, b in zip(sb, sb[1:])]
+        self.progress["results"]["interpolated"] = [
+            {"target": t, "budget": bud.to_dict(),
+             "achieved": student.param_count(bud, active=cfg.budget_metric == "active") / full_params}
+            for t, bud in zip(mids, self.chosen_budgets(routers, specs, mids))]
         self.metrics.log({"stage": "elastic", "step": steps, "final": True,
                           "eval": {f"{r['target']:g}": r for r in rows}})
         if self.dist.main:
@@ -546,9 +554,7 @@ class Pipeline:
         cfg = self.cfg
         row = self.progress["results"]["budgets"][i]
         stage = f"baseline-{row['target']:g}"
-        template = self.new_model()
-        sliced = template.slice(Budget.from_dict(row["budget"]))
-        bcfg = dataclasses.replace(sliced.config, nested_choices={})
+        bcfg = self.new_model().sliced_config(Budget.from_dict(row["budget"]))
         model = self.new_model(bcfg, seed=cfg.seed + 100 + i)
         steps = cfg.resolved_baseline_steps()
         tokens = self._supervised(stage, model, steps, stream=2 + i)
@@ -576,6 +582,7 @@ class Pipeline:
                      "val_size": len(self.val), "test_size": len(self.test)},
             "parent": res["parent"],
             "budgets": res["budgets"],
+            "interpolated": res.get("interpolated", []),
             "stages": [name for name, _ in self.stages() if name != "report"],
             "tokens": self.progress["tokens"],
             "time_s": self.progress["time_s"],

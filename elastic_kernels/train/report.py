@@ -2,11 +2,12 @@
 
 The report dict (written as JSON) has::
 
-    {"config": {...}, "task": {...}, "parent": {row}, "budgets": [row, ...], "tokens": {stage: n},
-     "time_s": {stage: seconds}, "qad": {...} | None}
+    {"config": {...}, "model_config": {...}, "task": {...}, "parent": {row}, "budgets": [row, ...],
+     "interpolated": [{target, budget, achieved}, ...], "stages": [name, ...], "tokens": {stage: n},
+     "time_s": {stage: wall seconds}, "cpu_s": {stage: CPU seconds}, "qad": {...} | None}
 
 where a budget row holds ``target``, ``params_total``, ``params_active``, ``achieved`` (chosen
-params / parent params in the budget metric), ``sizes`` (the router's per-axis choices),
+params / parent params in the budget metric), ``budget`` (the router's per-axis choices),
 ``val_loss``, ``val_acc``, ``test_acc`` and ``baseline`` (a row of the independently trained model
 of the same size, or None).
 """
@@ -51,8 +52,17 @@ def render_markdown(rep: dict) -> str:
     lines.append("## Router choices (sizes per axis; per layer where the axis is per layer)")
     lines.append("")
     for r in rep["budgets"]:
-        sizes = ", ".join(f"{a}={v}" for a, v in r["sizes"].items())
+        sizes = ", ".join(f"{a}={v}" for a, v in r["budget"].items())
         lines.append(f"- budget {r['target']:.2f}: {sizes}")
+    if rep.get("interpolated"):
+        lines.append("")
+        lines.append("In-between targets (router input blended between the two neighbouring budgets; "
+                     "never trained directly):")
+        lines.append("")
+        for r in rep["interpolated"]:
+            sizes = ", ".join(f"{a}={v}" for a, v in r["budget"].items())
+            lines.append(f"- target {r['target']:.3f}: achieved {r['achieved']:.3f} "
+                         f"({100 * (r['achieved'] / r['target'] - 1):+.1f}%); {sizes}")
     lines.append("")
     lines.append("## Tokens and time per stage")
     lines.append("")
