@@ -27,7 +27,7 @@ import pytest
 import torch
 
 import elastic_kernels as ek
-from common import record, time_fn
+from common import record, run_bench, time_fn
 
 WIDTHS = [0.25, 0.5, 0.75, 1.0]
 SHAPES = {"cpu": dict(tokens=128, hidden=256, ffn=512, experts=16, top_k=4),
@@ -83,8 +83,7 @@ def bench_moe_ffn_width(benchmark, device, mode, width):
     s, dtype, backend, rounds = _setup(device, mode)
     inp = _inputs(device, dtype, s, s["experts"], requires_grad=(mode != "fwd"))
     ffn_width, frac = _widths(s, width, device)
-    benchmark.pedantic(lambda: _run(mode, inp, ffn_width=ffn_width, backend=backend), warmup_rounds=1,
-                       rounds=rounds)
+    run_bench(benchmark, lambda: _run(mode, inp, ffn_width=ffn_width, backend=backend), device, rounds=rounds)
     by, fl = _cost(s, frac * s["ffn"], s["experts"], inp["x"].element_size())
     mult = 1 if mode == "fwd" else 3
     record(benchmark, device=device, bytes_moved=by * mult, flops=fl * mult, group=f"moe d' {mode}",
@@ -98,8 +97,8 @@ def bench_moe_num_experts(benchmark, device, mode, width):
     s, dtype, backend, rounds = _setup(device, mode)
     n_act = max(s["top_k"], int(s["experts"] * width))
     inp = _inputs(device, dtype, s, n_act, requires_grad=(mode != "fwd"))
-    benchmark.pedantic(lambda: _run(mode, inp, num_experts_active=n_act, backend=backend), warmup_rounds=1,
-                       rounds=rounds)
+    run_bench(benchmark, lambda: _run(mode, inp, num_experts_active=n_act, backend=backend), device,
+              rounds=rounds)
     by, fl = _cost(s, s["ffn"], n_act, inp["x"].element_size())
     mult = 1 if mode == "fwd" else 3
     record(benchmark, device=device, bytes_moved=by * mult, flops=fl * mult, group=f"moe E' {mode}",
@@ -123,7 +122,7 @@ def bench_moe_decode(benchmark, width):
     s = SHAPES["decode"]
     inp = _inputs(device, torch.bfloat16, s, s["experts"])
     d = int(s["ffn"] * width)
-    benchmark.pedantic(lambda: _run("fwd", inp, ffn_width=d, backend="triton"), warmup_rounds=3, rounds=50)
+    run_bench(benchmark, lambda: _run("fwd", inp, ffn_width=d, backend="triton"), device)
     by, fl = _cost(s, d, s["experts"], 2)
     record(benchmark, device=device, bytes_moved=by, flops=fl, group="moe decode fwd", width=width, impl="triton")
 
@@ -180,7 +179,7 @@ def bench_moe_baselines(benchmark, impl, mode, width):
         run()
     except (RuntimeError, NotImplementedError) as exc:  # e.g. _grouped_mm needs sm_90 and aligned strides
         pytest.skip(f"{impl} unavailable here: {exc}")
-    benchmark.pedantic(run, warmup_rounds=1, rounds=20)
+    run_bench(benchmark, run, device)
     by, fl = _cost(s, d, s["experts"], 2)
     mult = 1 if mode == "fwd" else 3
     record(benchmark, device=device, bytes_moved=by * mult, flops=fl * mult, group=f"moe d' {mode}",
@@ -202,7 +201,7 @@ def bench_moe_vllm_fused_moe(benchmark, shape):
         run()
     except (TypeError, ValueError, RuntimeError) as exc:
         pytest.skip(f"vllm fused_experts could not run this case: {exc}")
-    benchmark.pedantic(run, warmup_rounds=3, rounds=20)
+    run_bench(benchmark, run, device)
     by, fl = _cost(s, s["ffn"], s["experts"], 2)
     record(benchmark, device=device, bytes_moved=by, flops=fl,
            group="moe d' fwd" if shape == "train" else "moe decode fwd", width=1.0, impl="vllm")
@@ -221,7 +220,7 @@ def bench_moe_nvfp4(benchmark, shape, width):
     q = dict(inp, w1=ek.nvfp4.quantize(inp["w1"]), w2=ek.nvfp4.quantize(inp["w2"]))
     d = int(s["ffn"] * width) // 16 * 16  # NVFP4 w2 slices its input features at multiples of 16
     t_bf16 = time_fn(lambda: _run("fwd", inp, ffn_width=d, backend="triton"), device)
-    benchmark.pedantic(lambda: _run("fwd", q, ffn_width=d, backend="triton"), warmup_rounds=3, rounds=50)
+    run_bench(benchmark, lambda: _run("fwd", q, ffn_width=d, backend="triton"), device)
     by, fl = _cost(s, d, s["experts"], 2, w_elem=NVFP4_BYTES)
     record(benchmark, device=device, bytes_moved=by, flops=fl, group=f"moe nvfp4 {shape} fwd", width=width,
            impl="triton-nvfp4", bf16_median_s=t_bf16,

@@ -10,7 +10,7 @@ the public API); ``scale="given"`` times the quantize kernel alone (one pass).
 
 GPU (issue 4 targets on H100): decode M = 1, 4, 16 >= 3.0x the bf16 cuBLAS matmul (byte limit
 3.56x); prefill M = 4096 >= 0.8x; quantize >= 80% of the copy bandwidth. ``speedup_vs_baseline``
-and ``frac_of_copy`` use triton.testing.do_bench medians on both sides. On the CPU the reference
+and ``frac_of_copy`` use the same timer on both sides (do_bench medians on a GPU). On the CPU the reference
 backend runs against an fp32 matmul (the CPU has no fast bf16 path): ratios only, noisy.
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import elastic_kernels as ek
-from common import record, sync, time_fn
+from common import record, run_bench, time_fn
 
 GPU_SHAPES = [(2688, 1856), (1856, 2688), (8192, 8192)]
 CPU_SHAPES = [(512, 384)]
@@ -29,13 +29,6 @@ def _impls(device):
     if device.type == "cpu":
         return ["reference"]
     return ["triton"] + (["cuda"] if ek._ext.c_has_cuda() else [])
-
-
-def _synced(fn, device):
-    def run():
-        fn()
-        sync(device)
-    return run
 
 
 def _linear_cases():
@@ -67,15 +60,13 @@ def bench_nvfp4_linear(benchmark, device, case, impl_idx):
     fn = lambda: ek.nvfp4_linear(x, q, backend=impl)  # noqa: E731
     base = lambda: x @ wd.T  # noqa: E731
     fn()
-    benchmark.pedantic(_synced(fn, device), warmup_rounds=1, rounds=5 if device.type == "cpu" else 30)
-    t, tb = time_fn(fn, device), time_fn(base, device)
+    t, tb = run_bench(benchmark, fn, device), time_fn(base, device)
     bytes_w4 = n * k * (0.5 + 1 / 16) + 2 * m * k + 2 * m * n
     bytes_bf16 = 2 * n * k + 2 * m * k + 2 * m * n
     record(benchmark, device=device, bytes_moved=bytes_w4, flops=2 * m * n * k,
-           group=f"nvfp4_linear M={m} N={n} K={k}", impl=impl, median_s_do_bench=t,
+           group=f"nvfp4_linear M={m} N={n} K={k}", impl=impl,
            baseline_median_s=tb, baseline=("bf16 x @ w.T (cuBLAS)" if device.type == "cuda" else "fp32 x @ w.T"),
            speedup_vs_baseline=tb / t, byte_limit_speedup=bytes_bf16 / bytes_w4,
-           GBps_do_bench=bytes_w4 / t / 1e9, TFLOPs_do_bench=2 * m * n * k / t / 1e12,
            baseline_TFLOPs=2 * m * n * k / tb / 1e12)
 
 
@@ -95,11 +86,10 @@ def bench_nvfp4_quantize(benchmark, device, scale, impl_idx):
     else:  # the public API: finiteness check (a read and a host sync), amax pass, kernel
         fn = lambda: ek.nvfp4.quantize(w, backend=impl)  # noqa: E731
     fn()
-    benchmark.pedantic(_synced(fn, device), warmup_rounds=1, rounds=5 if device.type == "cpu" else 30)
+    t = run_bench(benchmark, fn, device)
     out = torch.empty(n * k * 2 + n * k // 2 + n * k // 16, dtype=torch.uint8, device=device)
     src = torch.empty_like(out)
-    t, tc = time_fn(fn, device), time_fn(lambda: out.copy_(src), device)
+    tc = time_fn(lambda: out.copy_(src), device)
     moved = n * k * (2 + 0.5 + 1 / 16)
     record(benchmark, device=device, bytes_moved=moved, flops=0, group=f"nvfp4_quantize {n}x{k} scale={scale}",
-           impl=impl, median_s_do_bench=t, GBps_do_bench=moved / t / 1e9,
-           copy_GBps=2 * out.numel() / tc / 1e9, frac_of_copy=(moved / t) / (2 * out.numel() / tc))
+           impl=impl, copy_GBps=2 * out.numel() / tc / 1e9, frac_of_copy=(moved / t) / (2 * out.numel() / tc))

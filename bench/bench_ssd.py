@@ -17,10 +17,10 @@ import pytest
 import torch
 
 import elastic_kernels as ek
-from common import record
+from common import record, run_bench
 
 WIDTHS = [0.25, 0.5, 0.75, 1.0]
-SHAPES = {"cpu": dict(batch=2, seqlen=256, nheads=16, headdim=32, ngroups=4, dstate=32, chunk=64),
+SHAPES = {"cpu": dict(batch=4, seqlen=256, nheads=16, headdim=32, ngroups=4, dstate=32, chunk=64),
           "cuda": dict(batch=8, seqlen=4096, nheads=64, headdim=64, ngroups=8, dstate=128, chunk=128)}
 
 
@@ -63,7 +63,7 @@ def bench_ssd_scan(benchmark, device, mode, width):
                         active_heads=active, backend=backend)
         if mode != "fwd":
             torch.autograd.grad(y, [inp["x"], inp["dt"], inp["B"], inp["C"], inp["z"]], gy)
-    benchmark.pedantic(run, warmup_rounds=1, rounds=5 if device.type == "cpu" else 50)
+    run_bench(benchmark, run, device)
     by, fl = _cost(s, w, inp["x"].element_size())
     mult = 1 if mode == "fwd" else 3  # backward ~2x the forward's traffic and FLOPs
     record(benchmark, device=device, bytes_moved=by * mult, flops=fl * mult,
@@ -87,7 +87,7 @@ def bench_ssd_scan_mamba_ssm(benchmark, mode):
                                       z=inp["z"], dt_bias=inp["dt_bias"], dt_softplus=True)
         if mode != "fwd":
             torch.autograd.grad(y, [inp["x"], inp["dt"], inp["B"], inp["C"], inp["z"]], gy)
-    benchmark.pedantic(run, warmup_rounds=1, rounds=50)
+    run_bench(benchmark, run, device)
     by, fl = _cost(s, 1.0, 2)
     mult = 1 if mode == "fwd" else 3
     record(benchmark, device=device, bytes_moved=by * mult, flops=fl * mult, group=f"ssd_scan {mode}",

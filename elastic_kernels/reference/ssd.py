@@ -11,8 +11,10 @@ to sequence index 0). The chunked algorithm below splits the sequence into chunk
 state passing over chunks, and an inter-chunk term. Gradients come from autograd.
 
 Elastic heads (DESIGN §3.5): with ``k`` active heads (a multiple of ``ngroups``) the active set
-is the first ``k / ngroups`` heads of every group. Inactive heads do no work (int widths) or are
-masked (per-sample widths), so their outputs, final states and gradients are exactly 0.
+is the first ``k / ngroups`` heads of every group. Inactive heads do no work: an int width computes
+only the active heads, per-sample widths run one int-width pass per distinct width over its
+samples (a host read of the widths, fine on the CPU path), so outputs, final states and
+gradients of inactive heads are exactly 0 and cost falls with the mean width.
 """
 from __future__ import annotations
 
@@ -127,9 +129,20 @@ def ssd_scan_reference(x, dt, A, B, C, *, chunk_size=64, D=None, z=None, dt_bias
     b, l, h, p = x.shape
     g, n = B.shape[2], B.shape[3]
     cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
+    if active_t is not None:  # per-sample widths: one int-width call per distinct width
+        y = x.new_zeros(b, l, h, p)
+        fs = x.new_zeros(b, h, p, n, dtype=cdt)
+        for k in torch.unique(active_t).tolist():
+            rows = (active_t == k).nonzero().flatten()
+            pick = lambda t: None if t is None else t.index_select(0, rows)  # noqa: E731
+            yk, fsk = ssd_scan_reference(
+                pick(x), pick(dt), A, pick(B), pick(C), chunk_size=chunk_size, D=D, z=pick(z),
+                dt_bias=dt_bias, dt_softplus=dt_softplus, dt_lo=dt_lo, dt_hi=dt_hi,
+                initial_states=pick(initial_states), seq_idx=pick(seq_idx), interleaved=interleaved,
+                active_int=k, head_scale=pick(head_scale))
+            y, fs = y.index_copy(0, rows, yk), fs.index_copy(0, rows, fsk)
+        return y, fs
     k = h if active_int < 0 else active_int
-    if active_t is not None:
-        k = int(active_t.max()) if b else 0
     idx = None if k == h else active_heads_index(h, g, interleaved, k, x.device)
 
     def sel(t, dim):
@@ -148,11 +161,6 @@ def ssd_scan_reference(x, dt, A, B, C, *, chunk_size=64, D=None, z=None, dt_bias
         ya = ya * F.silu(sel(z, 2).to(cdt))
     if head_scale is not None:
         ya = ya * sel(head_scale, 1).to(cdt)[:, None, :, None]
-    if active_t is not None:
-        mask = active_heads_mask(h, g, interleaved, active_t)
-        mask = mask if idx is None else mask.index_select(1, idx)
-        ya = ya * mask[:, None, :, None]
-        fsa = fsa * mask[:, :, None, None]
     if idx is not None:
         y = ya.new_zeros(b, l, h, p).index_copy(2, idx, ya)
         fs = fsa.new_zeros(b, h, p, n).index_copy(1, idx, fsa)
