@@ -52,6 +52,8 @@ class TrainConfig:
     router_lr: float = _f(1e-2, "learning rate of the routers (higher than the student's)")
     router_hidden: int = _f(64, "hidden width of each router MLP")
     router_loss_weight: float = _f(1.0, "weight of the router size loss against the KD loss")
+    router_interp_targets: int = _f(4, "random in-between targets per step that train the routers' blended "
+                                        "budget inputs on the size loss alone (0 = only the trained budgets)")
     router_tolerance: float = _f(0.02, "tolerance band of the router size loss |params/target - 1|")
     kd_temperature: float = _f(1.0, "distillation temperature of the forward KL")
     tau_start: float = _f(1.0, "Gumbel-softmax temperature at the start of stage 2")

@@ -135,11 +135,12 @@ class StudentWithRouters(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, budget_idx: torch.Tensor, budgets: torch.Tensor, tau: float,
                 scale: float, noise_seed: int):
-        """Soft-masked student logits and the expected parameters of every budget.
+        """Soft-masked student logits and the expected parameters of every target.
 
         input_ids: (batch, seqlen); budget_idx: (batch,) index of each sample's budget in ``budgets``
-        budgets: (nb,) target fractions. One Gumbel draw per budget per step, shared by its samples.
-        Returns ``(logits (batch, seqlen, vocab), expected_params (nb,))``.
+        budgets: (nt,) target fractions (rows no sample indexes — in-between targets — only get
+        sizes). One Gumbel draw per target per step, shared by its samples.
+        Returns ``(logits (batch, seqlen, vocab), expected_params (nt,))``.
         """
         gen = torch.Generator().manual_seed(noise_seed)
         probs = self.routers.sample(budgets, tau=tau, scale=scale, generator=gen)
@@ -496,18 +497,20 @@ class Pipeline:
             scale = ramp_scale(progress, cfg.scale_start, cfg.scale_end)
             with torch.no_grad():
                 t_logits = teacher(b.input_ids)
-            logits, params = net(b.input_ids, idx.to(self.device), budgets.to(self.device), tau, scale,
-                                 cfg.seed * 7_000_003 + step)
+            # in-between targets train the routers' blended inputs on the size loss alone
+            extra = budgets.min() + (1.0 - budgets.min()) * torch.rand(cfg.router_interp_targets, generator=gen)
+            targets = torch.cat([budgets, extra]).to(self.device)
+            logits, params = net(b.input_ids, idx.to(self.device), targets, tau, scale, cfg.seed * 7_000_003 + step)
             kd = forward_kl(logits, t_logits, b.loss_mask, temperature=cfg.kd_temperature, denom=denom)
             # the size loss covers every budget each step (its routers train even when not drawn)
-            rl = router_size_loss(params, budgets.to(params) * full_params, cfg.router_tolerance)
+            rl = router_size_loss(params, targets.to(params) * full_params, cfg.router_tolerance)
             loss = kd + cfg.router_loss_weight * rl
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip)
             opt.step()
-            ratio = (params.detach() / (budgets.to(params) * full_params)).tolist()
+            ratio = (params.detach()[:len(cfg.budgets)] / (budgets.to(params) * full_params)).tolist()
             rec = {"loss": float(loss.detach()), "kd": float(kd.detach()), "router": float(rl.detach()),
                    "tau": tau, "scale": scale, "tokens": tokens}
             rec |= {f"size_ratio@{t:g}": r for t, r in zip(cfg.budgets, ratio)}
