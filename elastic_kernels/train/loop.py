@@ -502,8 +502,13 @@ class Pipeline:
             targets = torch.cat([budgets, extra]).to(self.device)
             logits, params = net(b.input_ids, idx.to(self.device), targets, tau, scale, cfg.seed * 7_000_003 + step)
             kd = forward_kl(logits, t_logits, b.loss_mask, temperature=cfg.kd_temperature, denom=denom)
-            # the size loss covers every budget each step (its routers train even when not drawn)
-            rl = router_size_loss(params, targets.to(params) * full_params, cfg.router_tolerance)
+            # the size loss covers every budget each step (its routers train even when not drawn); the
+            # in-between targets are a separate term so they do not dilute the trained budgets' term
+            nb = len(cfg.budgets)
+            want = targets.to(params) * full_params
+            rl = router_size_loss(params[:nb], want[:nb], cfg.router_tolerance)
+            if cfg.router_interp_targets:
+                rl = rl + router_size_loss(params[nb:], want[nb:], cfg.router_tolerance)
             loss = kd + cfg.router_loss_weight * rl
             opt.zero_grad(set_to_none=True)
             loss.backward()

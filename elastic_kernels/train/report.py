@@ -56,8 +56,8 @@ def render_markdown(rep: dict) -> str:
         lines.append(f"- budget {r['target']:.2f}: {sizes}")
     if rep.get("interpolated"):
         lines.append("")
-        lines.append("In-between targets (router input blended between the two neighbouring budgets; "
-                     "never trained directly):")
+        lines.append("In-between targets (router input blended between the two neighbouring budgets; the "
+                     "routers saw random in-between targets on the size loss only, never distilled there):")
         lines.append("")
         for r in rep["interpolated"]:
             sizes = ", ".join(f"{a}={v}" for a, v in r["budget"].items())
