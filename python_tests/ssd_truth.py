@@ -7,12 +7,12 @@ import torch.nn.functional as F
 
 def make_inputs(batch=2, seqlen=17, nheads=4, headdim=8, ngroups=2, dstate=8, *, dtype=torch.float32,
                 device="cpu", D="head", z=True, dt_bias=True, initial_states=False, seq_idx=False,
-                head_scale=False):
-    """Random SSD inputs as a kwargs dict for ``ssd_scan`` (A negative, dt around softplus range)."""
+                head_scale=False, dt_mean=-1.0):
+    """Random SSD inputs as a kwargs dict for ``ssd_scan`` (A negative, dt around ``dt_mean``)."""
     g = torch.Generator().manual_seed(1234 + seqlen * 7 + nheads)
     r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
     inp = dict(
-        x=r(batch, seqlen, nheads, headdim), dt=r(batch, seqlen, nheads) * 0.5 - 1.0,
+        x=r(batch, seqlen, nheads, headdim), dt=r(batch, seqlen, nheads) * 0.5 + dt_mean,
         A=-torch.rand(nheads, generator=g) * 2 - 0.1,
         B=r(batch, seqlen, ngroups, dstate) * 0.5, C=r(batch, seqlen, ngroups, dstate) * 0.5)
     if D == "head":

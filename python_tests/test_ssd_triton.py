@@ -15,29 +15,16 @@ import torch
 from elastic_kernels.ops.ssd import ssd_scan
 from elastic_kernels.reference.ssd import active_heads_mask, head_rank
 from helpers import DTYPES, assert_close_to_truth, cast, grads_of, poison_like
+from ssd_truth import make_inputs as truth_inputs
 
 GRAD_NAMES = ("x", "dt", "A", "B", "C", "D", "z", "dt_bias", "initial_states", "head_scale")
 
 
-def make_inputs(dtype, *, batch=2, seqlen=40, nheads=4, ngroups=2, headdim=8, dstate=8, D="head",
-                z=True, dt_bias=True, initial_states=True, seq_idx=False, head_scale=False, dt_mean=-1.0):
+def make_inputs(dtype, *, batch=2, seqlen=40, nheads=4, ngroups=2, headdim=8, dstate=8, initial_states=True,
+                seq_idx=False, **kw):
     """Random inputs in float64, rounded to ``dtype`` (so truth and kernel see the same values)."""
-    r = lambda *s: torch.randn(*s, dtype=torch.float64)  # noqa: E731
-    inp = dict(x=r(batch, seqlen, nheads, headdim), dt=r(batch, seqlen, nheads) * 0.5 + dt_mean,
-               A=-torch.rand(nheads, dtype=torch.float64) * 2 - 0.1,
-               B=r(batch, seqlen, ngroups, dstate) * 0.5, C=r(batch, seqlen, ngroups, dstate) * 0.5)
-    if D == "head":
-        inp["D"] = r(nheads)
-    elif D == "channel":
-        inp["D"] = r(nheads, headdim)
-    if z:
-        inp["z"] = r(batch, seqlen, nheads, headdim)
-    if dt_bias:
-        inp["dt_bias"] = r(nheads) * 0.3
-    if initial_states:
-        inp["initial_states"] = r(batch, nheads, headdim, dstate) * 0.5
-    if head_scale:
-        inp["head_scale"] = torch.rand(batch, nheads, dtype=torch.float64) + 0.5
+    inp = truth_inputs(batch=batch, seqlen=seqlen, nheads=nheads, headdim=headdim, ngroups=ngroups,
+                       dstate=dstate, dtype=torch.float64, initial_states=initial_states, **kw)
     inp = {k: v.to(dtype).to(torch.float64) for k, v in inp.items()}
     if seq_idx:
         # sample 0: three packed sequences; sample 1 starts at index 1 (no initial state flows)
