@@ -20,7 +20,7 @@ import elastic_kernels as ek
 from common import record, run_bench
 
 WIDTHS = [0.25, 0.5, 0.75, 1.0]
-SHAPES = {"cpu": dict(batch=4, seqlen=256, nheads=16, headdim=32, ngroups=4, dstate=32, chunk=64),
+SHAPES = {"cpu": dict(batch=4, seqlen=512, nheads=16, headdim=64, ngroups=4, dstate=64, chunk=64),
           "cuda": dict(batch=8, seqlen=4096, nheads=64, headdim=64, ngroups=8, dstate=128, chunk=128)}
 
 

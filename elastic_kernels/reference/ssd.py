@@ -161,12 +161,13 @@ def ssd_scan_reference(x, dt, A, B, C, *, chunk_size=64, D=None, z=None, dt_bias
         ya = ya * F.silu(sel(z, 2).to(cdt))
     if head_scale is not None:
         ya = ya * sel(head_scale, 1).to(cdt)[:, None, :, None]
-    if idx is not None:
-        y = ya.new_zeros(b, l, h, p).index_copy(2, idx, ya)
-        fs = fsa.new_zeros(b, h, p, n).index_copy(1, idx, fsa)
-    else:
-        y, fs = ya, fsa
-    return y.to(x.dtype).contiguous(), fs
+    if idx is None:
+        return ya.to(x.dtype).contiguous(), fsa
+    y = x.new_zeros(b, l, h, p)  # inactive heads are written as zeros, once
+    y.index_copy_(2, idx, ya.to(x.dtype))
+    fs = fsa.new_zeros(b, h, p, n)
+    fs.index_copy_(1, idx, fsa)
+    return y, fs
 
 
 def ssd_state_update_reference(state, x, dt, A, B, C, *, D=None, z=None, dt_bias=None,
