@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import elastic_kernels as ek
-from helpers import assert_close_to_truth, grads_of
+from helpers import assert_close_to_truth, assert_compile_matches_eager, grads_of
 
 ACTS = ("relu2", "silu", "gelu")
 BF16, FP16, FP32, FP64 = torch.bfloat16, torch.float16, torch.float32, torch.float64
@@ -322,17 +322,8 @@ def test_torch_compile_fullgraph():
         y = ek.moe_experts(x, tw, ids, w1, w2, w3=w3, activation="silu", num_experts_active=4,
                            ffn_width=widths, channel_scale=cs)
         return (y * y).sum()
-    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
     args = [torch.randn(8, 6)] + [inp[k] for k in ("x", "w1", "w2", "w3", "channel_scale")]
-    args = [a.clone().requires_grad_(True) for a in args]
-    out = compiled(*args, w)
-    out.backward()
-    eager = [a.detach().clone().requires_grad_(True) for a in args]
-    ref = f(*eager, w)
-    ref.backward()
-    torch.testing.assert_close(out, ref)
-    for a, e in zip(args, eager):
-        torch.testing.assert_close(a.grad, e.grad)
+    assert_compile_matches_eager(f, args, w)
 
 
 @pytest.mark.parametrize("dtype", [BF16, FP32])

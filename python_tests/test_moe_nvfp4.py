@@ -12,7 +12,7 @@ import torch
 
 import elastic_kernels as ek
 from elastic_kernels.nvfp4 import NVFP4Tensor, quantize
-from helpers import assert_close_to_truth
+from helpers import assert_close_to_truth, assert_compile_matches_eager
 from test_moe import forward_backward, make_case, poison_empty, run_op, truth_experts  # noqa: F401 (fixture)
 
 BF16, FP16, FP32, FP64 = torch.bfloat16, torch.float16, torch.float32, torch.float64
@@ -194,17 +194,7 @@ def test_torch_compile_fullgraph_nvfp4():
         y = ek.moe_experts(x, tw, ids, q1, q2, w3=q3, activation="silu", num_experts_active=4, ffn_width=widths,
                            channel_scale=cs)
         return (y * y).sum()
-    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
-    args = [torch.randn(8, 6), inp["x"], inp["channel_scale"]]
-    args = [a.clone().requires_grad_(True) for a in args]
-    out = compiled(*args, w)
-    out.backward()
-    eager = [a.detach().clone().requires_grad_(True) for a in args]
-    ref = f(*eager, w)
-    ref.backward()
-    torch.testing.assert_close(out, ref)
-    for a, e in zip(args, eager):
-        torch.testing.assert_close(a.grad, e.grad)
+    assert_compile_matches_eager(f, [torch.randn(8, 6), inp["x"], inp["channel_scale"]], w)
 
 
 def test_triton_gpu_no_host_sync_nvfp4():

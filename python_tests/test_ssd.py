@@ -4,7 +4,7 @@ import torch
 
 import elastic_kernels as ek
 from elastic_kernels.reference.ssd import active_heads_index
-from helpers import DTYPES, assert_close_to_truth, cast, grads_of
+from helpers import DTYPES, assert_close_to_truth, assert_compile_matches_eager, cast, grads_of
 from ssd_truth import make_inputs, sequential_ssd
 
 GRAD_NAMES = ("x", "dt", "A", "B", "C", "D", "z", "dt_bias", "initial_states", "head_scale")
@@ -203,16 +203,7 @@ def test_torch_compile_fullgraph():
         y = ek.ssd_scan(x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, chunk_size=4, dt_softplus=True,
                         head_layout="interleaved", active_heads=2)
         return (y * y).sum()
-    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
-    args = [inp[k].clone().requires_grad_(True) for k in ("x", "dt", "A", "B", "C", "D", "z", "dt_bias")]
-    out = compiled(*args)
-    out.backward()
-    eager_args = [a.detach().clone().requires_grad_(True) for a in args]
-    ref = f(*eager_args)
-    ref.backward()
-    torch.testing.assert_close(out, ref)
-    for a, e in zip(args, eager_args):
-        torch.testing.assert_close(a.grad, e.grad)
+    assert_compile_matches_eager(f, [inp[k] for k in ("x", "dt", "A", "B", "C", "D", "z", "dt_bias")])
 
 
 def _bad(**over):
