@@ -12,8 +12,8 @@ from torch import Tensor
 
 from ..nvfp4 import NVFP4Tensor
 from .config import AXES, AXIS_LETTER, Budget, ElasticHybridConfig
-from .layers import (AttentionLayerCache, ElasticEmbedding, ElasticFFN, ElasticLMHead, ElasticMamba2Mixer,
-                     ElasticMoE, ElasticRMSNorm, GQAAttention, MambaLayerCache, _unit_weights)
+from .layers import (ElasticEmbedding, ElasticFFN, ElasticLMHead, ElasticMamba2Mixer, ElasticMoE, ElasticRMSNorm,
+                     GQAAttention, _unit_weights)
 
 # per layer letter: (axis, mixer keyword for the hard width, keyword for the host maximum, mask keyword)
 _LAYER_AXES = {
