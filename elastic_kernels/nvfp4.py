@@ -19,11 +19,11 @@ Example::
 from __future__ import annotations
 
 import os
-import tempfile
 from typing import Mapping
 
 import torch
 
+from ._io import atomic_path
 from ._validation import _can_read_values, check_int, check_tensor
 from .reference import nvfp4 as ref
 
@@ -277,15 +277,8 @@ def save_file(tensors: Mapping[str, "torch.Tensor | NVFP4Tensor"], path: str | o
     """Write a safetensors file atomically (temp file in the same folder, then rename)."""
     from safetensors.torch import save_file as _save
     flat = {k: v.detach().cpu() for k, v in pack_state_dict(tensors).items()}
-    path = os.fspath(path)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=os.path.dirname(path) or ".")
-    os.close(fd)
-    try:
-        _save(flat, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    with atomic_path(path) as tmp:
+        _save(flat, str(tmp), metadata=metadata)
 
 
 def load_file(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict:

@@ -21,6 +21,7 @@ import os
 from pathlib import Path
 from typing import Sequence
 
+from .._io import atomic_path, atomic_write_text
 from .evaluate import (COST_AXES, CostModel, analyze, budget_order, build_settings, default_caps,
                        evaluate_settings)
 
@@ -107,18 +108,12 @@ def run_budget_control(run_dir: str | os.PathLike, *, limit: int | None = None, 
     return rep
 
 
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def write_budget_control(rep: dict, out_dir: str | os.PathLike) -> dict[str, Path]:
     """Write ``budget_control.{json,md,png}`` into ``out_dir`` atomically; returns the paths."""
     out_dir = Path(out_dir)
     paths = {k: out_dir / f"{REPORT_NAME}.{k}" for k in ("json", "md", "png")}
-    _atomic_text(paths["json"], json.dumps(rep, indent=2, sort_keys=True))
-    _atomic_text(paths["md"], budget_control_markdown(rep))
+    atomic_write_text(paths["json"], json.dumps(rep, indent=2, sort_keys=True))
+    atomic_write_text(paths["md"], budget_control_markdown(rep))
     plot_budget_control(rep, paths["png"])
     return paths
 
@@ -237,7 +232,6 @@ def plot_budget_control(rep: dict, path: str | os.PathLike) -> None:
     axes[0].legend(fontsize=7)
     fig.suptitle("Elastic budget control: accuracy vs latency")
     fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=100)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100)
     plt.close(fig)
-    os.replace(tmp, path)

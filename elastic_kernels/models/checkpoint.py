@@ -34,13 +34,13 @@ import json
 import math
 import os
 import struct
-import tempfile
 from typing import Mapping
 
 import torch
 from safetensors.torch import save as _st_save
 
 from .. import nvfp4
+from .._io import atomic_write_bytes
 from ..reference.nvfp4 import E4M3_MAX, fp8_scale_of
 from .config import Budget, ElasticHybridConfig
 from .model import ElasticHybridLM
@@ -57,21 +57,6 @@ _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF
 
 class CheckpointError(ValueError):
     """A nested checkpoint is missing, corrupt, or does not match its config or the request."""
-
-
-def _atomic_write(path: str, data: bytes) -> None:
-    d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=os.path.basename(path))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _config_sha(config: ElasticHybridConfig) -> str:
@@ -149,12 +134,12 @@ def save_nested(model: ElasticHybridLM, path: str | os.PathLike, budgets: Mappin
         if layout is not None:
             qtable[name] = layout
     tensors = {n: t.contiguous() for n, t in tensors.items()}
-    _atomic_write(os.path.join(path, WEIGHTS), _st_save(tensors, metadata={"format": FORMAT, "config_sha256": sha}))
+    atomic_write_bytes(os.path.join(path, WEIGHTS), _st_save(tensors, metadata={"format": FORMAT, "config_sha256": sha}))
     meta = {"format": FORMAT, "version": VERSION, "weights": WEIGHTS, "config_sha256": sha,
             "dtype": str(model.embed.weight.dtype).replace("torch.", ""),
             "quantization": {"format": quantization, "tensors": qtable} if quantization else None,
             "config": model.config.to_dict(), "budgets": {n: b.to_dict() for n, b in budgets.items()}}
-    _atomic_write(os.path.join(path, CONFIG), json.dumps(meta, indent=2, sort_keys=True).encode())
+    atomic_write_bytes(os.path.join(path, CONFIG), json.dumps(meta, indent=2, sort_keys=True).encode())
 
 
 def read_nested_config(path: str | os.PathLike) -> tuple[ElasticHybridConfig, dict[str, Budget]]:

@@ -3,8 +3,8 @@
 A training checkpoint stores the model, router and optimizer tensors under prefixes
 (``model.``, ``router.``, ``opt.<name>.<param index>.<state key>``) and a JSON ``meta`` entry with
 the stage, the step, the optimizer's param groups and anything else the loop needs to resume.
-Files are written to ``<path>.tmp`` and renamed into place, so an interrupted write never leaves a
-truncated checkpoint behind.
+Files are written through :func:`elastic_kernels._io.atomic_path` (a temporary file beside the
+target, renamed into place), so an interrupted write never leaves a truncated checkpoint behind.
 """
 from __future__ import annotations
 
@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
+
+from .._io import atomic_path
 
 __all__ = ["save_checkpoint", "load_checkpoint", "optimizer_to_tensors", "optimizer_from_tensors",
            "CheckpointError"]
@@ -28,10 +30,9 @@ def save_checkpoint(path: str | os.PathLike, tensors: dict[str, torch.Tensor], m
     """Write ``tensors`` and ``meta`` to ``path`` atomically (temp file + rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
     clean = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
-    save_file(clean, str(tmp), metadata={"meta": json.dumps(meta)})
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file(clean, str(tmp), metadata={"meta": json.dumps(meta)})
 
 
 def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:

@@ -37,6 +37,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from .._io import atomic_write_text
 from .checkpoint import (CheckpointError, load_checkpoint, optimizer_from_tensors, optimizer_to_tensors,
                          save_checkpoint)
 from .config import TrainConfig
@@ -105,9 +106,7 @@ def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
 
 
 def _atomic_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True))
 
 
 def _prefixed(prefix: str, module: nn.Module) -> dict[str, torch.Tensor]:

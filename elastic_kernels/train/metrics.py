@@ -5,6 +5,8 @@ import json
 import os
 from pathlib import Path
 
+from .._io import atomic_write_text
+
 __all__ = ["MetricsLog", "read_metrics"]
 
 
@@ -31,12 +33,7 @@ class MetricsLog:
         if not self.enabled or not self.path.exists():
             return
         records = read_metrics(self.path)
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        with open(tmp, "w") as f:
-            for r in records:
-                if keep(r):
-                    f.write(json.dumps(r, sort_keys=True) + "\n")
-        os.replace(tmp, self.path)
+        atomic_write_text(self.path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in records if keep(r)))
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict]:

@@ -17,6 +17,8 @@ import json
 import os
 from pathlib import Path
 
+from .._io import atomic_path, atomic_write_text
+
 __all__ = ["write_report", "render_markdown"]
 
 
@@ -128,23 +130,16 @@ def _plot(rep: dict, path: Path) -> None:
     ax[1].legend()
     ax[1].grid(alpha=0.3)
     fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=100)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100)
     plt.close(fig)
-    os.replace(tmp, path)
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def write_report(rep: dict, run_dir: str | os.PathLike) -> dict[str, Path]:
     """Write the three report files; returns their paths."""
     run_dir = Path(run_dir)
     paths = {"json": run_dir / "report.json", "md": run_dir / "report.md", "png": run_dir / "report.png"}
-    _atomic_write(paths["json"], json.dumps(rep, indent=2, sort_keys=True))
-    _atomic_write(paths["md"], render_markdown(rep))
+    atomic_write_text(paths["json"], json.dumps(rep, indent=2, sort_keys=True))
+    atomic_write_text(paths["md"], render_markdown(rep))
     _plot(rep, paths["png"])
     return paths
