@@ -453,6 +453,57 @@ def test_sliced_model_decodes_like_masked_model():
     close(steps, model(ids, budget))
 
 
+@torch.no_grad()
+def _decode(model, cache, ids, budget):
+    """Continue ``cache`` over ``ids`` one token at a time; logits (batch, seqlen, vocab)."""
+    return torch.cat([model(ids[:, t:t + 1], budget, cache=cache) for t in range(ids.shape[1])], 1)
+
+
+def test_cache_select_rows_and_merge_continue_like_separate_caches():
+    model = make_model()
+    table = budgets_for(model.config)
+    ids = ids_for(model.config, batch=3, seqlen=9)
+    budgets = [table["full"], table["all-0.5"], table["per-layer"]]
+    cache = model.new_cache(3)
+    model(ids[:, :5], budgets, cache=cache)
+    sub = cache.select_rows(torch.tensor([2, 0]))
+    assert sub.batch == 2 and sub.seqlen == 5
+    close(_decode(model, sub, ids[[2, 0], 5:], [budgets[2], budgets[0]]),
+          model(ids[[2, 0]], [budgets[2], budgets[0]])[:, 5:])
+    # merge rows decoded in two separate caches back into one cache of the original order
+    a, b = cache.select_rows(torch.tensor([1])), cache.select_rows(torch.tensor([0, 2]))
+    merged = type(cache).merge([(torch.tensor([1]), a), (torch.tensor([0, 2]), b)], 3)
+    close(_decode(model, merged, ids[:, 5:], budgets), model(ids, budgets)[:, 5:])
+    b.seqlen += 1
+    with pytest.raises(ValueError, match="same length"):
+        type(cache).merge([(torch.tensor([1]), a), (torch.tensor([0, 2]), b)], 3)
+    with pytest.raises(ValueError, match="must not be empty"):
+        type(cache).merge([], 3)
+
+
+def test_cache_clear_outside_leaves_what_a_narrow_decode_alone_leaves():
+    model = make_model()
+    table = budgets_for(model.config)
+    ids = ids_for(model.config, batch=2, seqlen=7)
+    narrow = table["per-layer"]
+    batched = model.new_cache(2)
+    _decode(model, batched, ids, [table["full"], narrow])
+    alone = model.new_cache(1)
+    _decode(model, alone, ids[1:], narrow)
+    row = batched.select_rows(torch.tensor([1]))
+    assert any(not torch.allclose(got.conv_x, want.conv_x) for got, want in zip(row.layers, alone.layers)
+               if got is not None and hasattr(got, "ssm"))  # the wide neighbour left state beyond the budget
+    batched.clear_outside(1, model.resolve_budget(narrow))
+    row = batched.select_rows(torch.tensor([1]))
+    for got, want in zip(row.layers, alone.layers):
+        if got is None or not hasattr(got, "ssm"):
+            continue
+        close(got.ssm, want.ssm)
+        close(got.conv_x, want.conv_x)
+    with pytest.raises(ValueError, match="row must lie"):
+        batched.clear_outside(2, model.resolve_budget(narrow))
+
+
 # ---------------------------------------------------------------------------------------------
 # acceptance 5: nested checkpoints
 # ---------------------------------------------------------------------------------------------

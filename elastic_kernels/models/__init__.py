@@ -130,12 +130,13 @@ from .checkpoint import (CheckpointError, load_nested, load_nested_state, quanti
                          save_nested)
 from .config import AXES, Budget, ElasticHybridConfig
 from .importance import estimate_importance, permute_by_importance
-from .layers import (AttentionLayerCache, ElasticEmbedding, ElasticFFN, ElasticGatedRMSNorm, ElasticLMHead,
-                     ElasticMamba2Mixer, ElasticMoE, ElasticRMSNorm, GQAAttention, MambaLayerCache)
-from .model import ElasticHybridLM, HybridBlock, HybridCache
+from .cache import AttentionLayerCache, HybridCache, LayerCache, MambaLayerCache
+from .layers import (ElasticEmbedding, ElasticFFN, ElasticGatedRMSNorm, ElasticLMHead, ElasticMamba2Mixer, ElasticMoE,
+                     ElasticRMSNorm, GQAAttention)
+from .model import ElasticHybridLM, HybridBlock
 
 __all__ = ["AXES", "AttentionLayerCache", "Budget", "CheckpointError", "ElasticEmbedding", "ElasticFFN",
            "ElasticGatedRMSNorm", "ElasticHybridConfig", "ElasticHybridLM", "ElasticLMHead", "ElasticMamba2Mixer",
-           "ElasticMoE", "ElasticRMSNorm", "GQAAttention", "HybridBlock", "HybridCache", "MambaLayerCache",
+           "ElasticMoE", "ElasticRMSNorm", "GQAAttention", "HybridBlock", "HybridCache", "LayerCache", "MambaLayerCache",
            "estimate_importance", "load_nested", "load_nested_state", "permute_by_importance", "quantizable_weights",
            "read_nested_config", "save_nested"]

@@ -18,8 +18,6 @@ Conventions shared by every layer:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -29,6 +27,7 @@ from ..nvfp4 import NVFP4Tensor
 from ..ops.moe import moe_experts, moe_route
 from ..ops.nvfp4 import nvfp4_linear
 from ..ops.ssd import ssd_scan, ssd_state_update
+from .cache import AttentionLayerCache, MambaLayerCache
 
 def _compute_dtype(t: Tensor) -> torch.dtype:
     """Normalization statistics run in float32 at least (float64 stays float64)."""
@@ -156,29 +155,6 @@ class ElasticGatedRMSNorm(nn.Module):
         inv = torch.rsqrt(ms + self.eps)  # (..., g); head h uses group h % g
         inv = inv.unsqueeze(-2).expand(*inv.shape[:-1], h // g, g).reshape(*inv.shape[:-1], h)
         return (gated * inv[..., None] * self.weight[:h].to(cd)).to(y.dtype)
-
-
-@dataclass
-class MambaLayerCache:
-    """Decode state of one Mamba2 mixer (full-size buffers; narrower budgets use prefixes).
-
-    conv_x: (batch, nheads, headdim, conv_kernel - 1); conv_bc: (batch, 2 * ngroups * d_state,
-    conv_kernel - 1); ssm: (batch, nheads, headdim, d_state) float32; has_state: whether any token
-    has been consumed. ssm is float32 (float64 for a float64 model).
-    """
-
-    conv_x: Tensor
-    conv_bc: Tensor
-    ssm: Tensor
-    has_state: bool = False
-
-
-@dataclass
-class AttentionLayerCache:
-    """KV cache of one attention layer: k, v: (batch, nkv_heads, seqlen_so_far, head_dim)."""
-
-    k: Tensor
-    v: Tensor
 
 
 class ElasticMamba2Mixer(nn.Module):

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -11,6 +11,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from ..nvfp4 import NVFP4Tensor
+from .cache import HybridCache
 from .config import AXES, AXIS_LETTER, Budget, ElasticHybridConfig
 from .layers import (ElasticEmbedding, ElasticFFN, ElasticLMHead, ElasticMamba2Mixer, ElasticMoE, ElasticRMSNorm,
                      GQAAttention, _unit_weights)
@@ -22,16 +23,6 @@ _LAYER_AXES = {
     "-": (("ffn", "width", "max_width", "mask"),),
     "*": (),
 }
-
-
-@dataclass
-class HybridCache:
-    """Decode caches of every layer (:class:`MambaLayerCache`, :class:`AttentionLayerCache` or None)
-    and the number of tokens consumed so far."""
-
-    layers: list = field(default_factory=list)
-    batch: int = 0
-    seqlen: int = 0
 
 
 class HybridBlock(nn.Module):
@@ -150,13 +141,11 @@ class ElasticHybridLM(nn.Module):
         p = self.embed.weight
         device = p.device if device is None else device
         dtype = p.dtype if dtype is None else dtype
-        layers = []
+        layers, units = [], []
         for block in self.layers:
-            if block.kind in "M*":
-                layers.append(block.mixer.new_cache(batch, device, dtype))
-            else:
-                layers.append(None)
-        return HybridCache(layers=layers, batch=batch)
+            layers.append(block.mixer.new_cache(batch, device, dtype) if block.kind in "M*" else None)
+            units.append(("mamba_heads", block.occurrence) if block.kind == "M" else None)
+        return HybridCache(layers=layers, batch=batch, units=units)
 
     def forward(self, input_ids: Tensor, budget=None, soft_masks: Mapping[str, Any] | None = None,
                 cache: HybridCache | None = None) -> Tensor:
