@@ -15,8 +15,11 @@ from elastic_kernels.infer import (EmptyPromptError, GenerationError, PromptTooL
                                    generate)
 from elastic_kernels.models.config import AXES, Budget, ElasticHybridConfig
 from elastic_kernels.models.model import ElasticHybridLM
+from elastic_kernels.tasks import get as get_task
 
 VOCAB = 20
+TASK = get_task("arithmetic")  # its special ids; the model below shares its vocabulary size
+IDS = dict(end_think_id=TASK.end_think_id, eos_id=TASK.eos_id)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -144,8 +147,9 @@ def test_cap_does_not_fire_after_natural_end(model, budgets):
     prompt = PROMPTS[2]
     ref = plain_greedy(model, prompt, 12, budgets["half"])
     j = _first_new(ref, 2)
-    a = generate(model, [prompt], think_budget="half", budgets=budgets, end_think_id=ref[j], max_think_tokens=j + 1)
-    b = generate(model, [prompt], think_budget="half", budgets=budgets, end_think_id=ref[j])
+    kw = dict(think_budget="half", budgets=budgets, end_think_id=ref[j], eos_id=TASK.eos_id)
+    a = generate(model, [prompt], max_think_tokens=j + 1, **kw)
+    b = generate(model, [prompt], **kw)
     assert a[0].completion == b[0].completion and not a[0].forced_switch
 
 
@@ -188,7 +192,8 @@ def test_one_forward_per_step(model, budgets, cache_mode):
     handle = model.register_forward_hook(hook, with_kwargs=True)
     try:
         gens = generate(model, prompts, think_budget=thinks, answer_budget=answers, max_think_tokens=caps,
-                        budgets=budgets, max_answer_tokens=3, end_think_id=end_id, cache_mode=cache_mode)
+                        budgets=budgets, max_answer_tokens=3, end_think_id=end_id, eos_id=TASK.eos_id,
+                        cache_mode=cache_mode)
     finally:
         handle.remove()
     steps = max(len(g.completion) for g in gens) - 1  # the last tokens are never fed
@@ -202,7 +207,8 @@ def test_one_forward_per_step(model, budgets, cache_mode):
 
 def test_batch_size_does_not_change_results(model, budgets):
     prompts = [PROMPTS[0]] * 3 + [PROMPTS[2]] * 2
-    kw = dict(think_budget="half", answer_budget="full", budgets=budgets, max_think_tokens=4, max_answer_tokens=3)
+    kw = dict(think_budget="half", answer_budget="full", budgets=budgets, max_think_tokens=4, max_answer_tokens=3,
+              **IDS)
     a = generate(model, prompts, batch_size=64, **kw)
     b = generate(model, prompts, batch_size=2, **kw)
     assert [g.completion for g in a] == [g.completion for g in b]
@@ -211,7 +217,8 @@ def test_batch_size_does_not_change_results(model, budgets):
 def test_reuse_mode_with_one_budget_is_exact(model, budgets):
     """With think == answer budget the reused cache is the exact cache: both modes agree."""
     prompts = PROMPTS[:3]
-    kw = dict(think_budget="half", answer_budget="half", budgets=budgets, max_think_tokens=3, max_answer_tokens=4)
+    kw = dict(think_budget="half", answer_budget="half", budgets=budgets, max_think_tokens=3, max_answer_tokens=4,
+              **IDS)
     a = generate(model, prompts, cache_mode="reprefill", **kw)
     b = generate(model, prompts, cache_mode="reuse", **kw)
     assert [g.completion for g in a] == [g.completion for g in b]
@@ -220,7 +227,7 @@ def test_reuse_mode_with_one_budget_is_exact(model, budgets):
 
 # ---- sampling and limits -----------------------------------------------------------------------
 def test_sampling_seeded_per_request(model, budgets):
-    kw = dict(think_budget="half", answer_budget="full", budgets=budgets, max_think_tokens=6, max_answer_tokens=4,
+    kw = dict(think_budget="half", answer_budget="full", budgets=budgets, max_think_tokens=6, max_answer_tokens=4, **IDS,
               sampling="sample", temperature=1.5, top_p=0.9)
     batch = generate(model, PROMPTS[:3], seed=11, **kw)
     again = generate(model, PROMPTS[:3], seed=11, **kw)
@@ -245,30 +252,48 @@ def test_max_length_stops(model):
 # ---- bad requests ------------------------------------------------------------------------------
 def test_bad_requests(model, budgets):
     with pytest.raises(UnknownBudgetError, match=r"think_budget 'huge' is not a known budget.*half"):
-        generate(model, [PROMPTS[0]], think_budget="huge", budgets=budgets)
+        generate(model, [PROMPTS[0]], think_budget="huge", budgets=budgets, **IDS)
     with pytest.raises(UnknownBudgetError, match="answer_budget 'tiny'"):
-        generate(model, [PROMPTS[0]], answer_budget="tiny", budgets=budgets)
+        generate(model, [PROMPTS[0]], answer_budget="tiny", budgets=budgets, **IDS)
     with pytest.raises(EmptyPromptError, match=r"prompts\[1\] is empty"):
-        generate(model, [PROMPTS[0], []])
+        generate(model, [PROMPTS[0], []], **IDS)
     with pytest.raises(PromptTooLongError, match=r"prompts\[0\] has 5 tokens; max_length=5"):
-        generate(model, [PROMPTS[0]], max_length=5)
+        generate(model, [PROMPTS[0]], max_length=5, **IDS)
     with pytest.raises(GenerationError, match="sampling must be one of"):
-        generate(model, [PROMPTS[0]], sampling="beam")
+        generate(model, [PROMPTS[0]], sampling="beam", **IDS)
     with pytest.raises(GenerationError, match="temperature"):
-        generate(model, [PROMPTS[0]], sampling="sample", temperature=0.0)
+        generate(model, [PROMPTS[0]], sampling="sample", temperature=0.0, **IDS)
     with pytest.raises(GenerationError, match="cache_mode"):
-        generate(model, [PROMPTS[0]], cache_mode="magic")
+        generate(model, [PROMPTS[0]], cache_mode="magic", **IDS)
     with pytest.raises(GenerationError, match="think_budget has 1 entries, expected one per prompt"):
-        generate(model, PROMPTS[:2], think_budget=["full"])
+        generate(model, PROMPTS[:2], think_budget=["full"], **IDS)
     with pytest.raises(GenerationError, match=r"token id 99 outside \[0, 20\)"):
-        generate(model, [[1, 99]])
+        generate(model, [[1, 99]], **IDS)
     with pytest.raises(GenerationError, match="max_think_tokens must be >= 0"):
-        generate(model, [PROMPTS[0]], max_think_tokens=-1)
+        generate(model, [PROMPTS[0]], max_think_tokens=-1, **IDS)
     with pytest.raises(TypeError, match="prompts must be a list"):
-        generate(model, "1+2")
+        generate(model, "1+2", **IDS)
     with pytest.raises(ValueError, match="mamba_heads"):
-        generate(model, [PROMPTS[0]], think_budget=Budget(mamba_heads=3))
-    assert generate(model, []) == []  # no requests: no work
+        generate(model, [PROMPTS[0]], think_budget=Budget(mamba_heads=3), **IDS)
+    assert generate(model, [], **IDS) == []  # no requests: no work
+    # token ids must be ints (not floats, bools, strings) in range; temperature finite and >= 0
+    for bad in ([1, 2.0, 3], [1, True], [1, "3"]):
+        with pytest.raises(TypeError, match=r"prompts\[1\]\[1\] must be an int token id"):
+            generate(model, [PROMPTS[0], bad], **IDS)
+    with pytest.raises(TypeError, match=r"prompts\[0\] must hold int token ids, got a torch.float32 tensor"):
+        generate(model, [torch.tensor([1, 3.5])], **IDS)
+    with pytest.raises(GenerationError, match=r"prompts\[0\] has token id -1 outside"):
+        generate(model, [[1, -1]], **IDS)
+    for t in (float("nan"), float("inf"), -1.0):
+        with pytest.raises(GenerationError, match="temperature must be finite and >= 0"):
+            generate(model, [PROMPTS[0]], temperature=t, **IDS)
+    with pytest.raises(TypeError, match="temperature must be a float"):
+        generate(model, [PROMPTS[0]], temperature="hot", **IDS)
+    with pytest.raises(TypeError, match="end_think_id"):
+        generate(model, [PROMPTS[0]])  # the special ids belong to the task: no hidden defaults
+    ok = generate(model, [torch.tensor(PROMPTS[0]), [torch.tensor(t) for t in PROMPTS[1]]], max_think_tokens=1,
+                  **IDS)
+    assert ok[0].prompt == PROMPTS[0] and ok[1].prompt == PROMPTS[1]
     assert issubclass(UnknownBudgetError, ValueError) and issubclass(EmptyPromptError, ValueError)
     assert json.dumps(str(PromptTooLongError("x")))
 
@@ -277,7 +302,8 @@ def test_work_counters(model, budgets):
     """The cost model's inputs: what each phase computed, for both cache modes."""
     ref = plain_greedy(model, PROMPTS[0], 12, budgets["half"])
     j = _first_new(ref, 2)
-    kw = dict(think_budget="half", answer_budget="full", budgets=budgets, end_think_id=ref[j], max_answer_tokens=3)
+    kw = dict(think_budget="half", answer_budget="full", budgets=budgets, end_think_id=ref[j], max_answer_tokens=3,
+              eos_id=TASK.eos_id)
     (g,) = generate(model, [PROMPTS[0]], **kw)
     L, T = len(PROMPTS[0]), len(g.thinking)
     assert T == j + 1 and g.stop == "max_answer_tokens" and len(g.answer) == 3
@@ -340,7 +366,7 @@ def test_cost_model(model, budgets):
     assert full["params_active"] == model.param_count(None, active=True)
     assert half["flops_per_token"] < full["flops_per_token"] and half["decode_bytes"] < full["decode_bytes"]
     (g,) = generate(model, [PROMPTS[0]], think_budget="half", answer_budget="half", budgets=budgets,
-                    max_think_tokens=3, max_answer_tokens=2)
+                    max_think_tokens=3, max_answer_tokens=2, **IDS)
     w = g.work
     assert w["think"]["prefill_forwards"] == 1 and w["answer"]["prefill_forwards"] == 0  # same model: no re-prefill
     tokens = sum(w[p]["prefill_tokens"] + w[p]["decode_tokens"] for p in w)
@@ -356,8 +382,8 @@ def test_cost_model(model, budgets):
 def _fake_run(tmp_path, model, budgets, test_size=6):
     from elastic_kernels.models import save_nested
     save_nested(model, tmp_path / "nested", {"1": budgets["full"], "0.5": budgets["half"]})
-    (tmp_path / "progress.json").write_text(json.dumps(
-        {"config": {"modulus": 10, "difficulty": 1, "seed": 0, "test_size": test_size}}))
+    task = get_task("arithmetic", modulus=10, difficulty=1, seed=0)
+    (tmp_path / "progress.json").write_text(json.dumps({"config": {"test_size": test_size}, "task": task.to_dict()}))
     return tmp_path
 
 
@@ -388,7 +414,7 @@ def test_cli_bad_run_dir(tmp_path, capsys):
     from elastic_kernels.infer.cli import main
     assert main([str(tmp_path)]) == 2
     assert "no progress.json" in capsys.readouterr().err
-    (tmp_path / "progress.json").write_text(json.dumps({"config": {}}))
+    (tmp_path / "progress.json").write_text(json.dumps({"config": {}, "task": TASK.to_dict()}))
     assert main([str(tmp_path)]) == 2
     assert "has not finished its elastic stage" in capsys.readouterr().err
     assert main([str(tmp_path), "--checkpoint", "qad"]) == 2

@@ -10,7 +10,8 @@ import torch
 from elastic_kernels.train.checkpoint import (CheckpointError, load_checkpoint, optimizer_from_tensors,
                                               optimizer_to_tensors, save_checkpoint)
 from elastic_kernels.train.config import build_parser, config_from_args, make_config
-from elastic_kernels.train.data import ArithmeticTask, Problem, Tokenizer
+from elastic_kernels.tasks import ArithmeticTask, Problem
+from elastic_kernels.tasks.arithmetic import Tokenizer
 from elastic_kernels.train.losses import forward_kl, masked_ce
 from elastic_kernels.train.router import (AxisSpec, BudgetRouters, anneal_temperature, budget_weights,
                                           curriculum_probs, gumbel_softmax, prefix_mask, ramp_scale,
@@ -423,7 +424,6 @@ def test_ctrl_c_leaves_resumable_checkpoint(tmp_path):
 @pytest.mark.parametrize("preset", ["smoke", "tiny", "small"])
 def test_presets_build_valid_models(preset):
     from elastic_kernels.models import ElasticHybridConfig
-    from elastic_kernels.train.data import Tokenizer
 
     cfg = make_config(preset)
     mc = ElasticHybridConfig(vocab_size=Tokenizer().vocab_size, **cfg.model)

@@ -126,10 +126,10 @@ def evaluate_settings(model, task, problems: Sequence, budgets: Mapping[str, Bud
                       batch_size: int = 64, think_bound: int | None = None, max_answer_tokens: int | None = None,
                       repeats: int = 1, warmup: bool = True,
                       progress: Callable[[int, int, Setting], None] | None = None) -> list[dict]:
-    """Run every setting over ``problems`` (of an :class:`~elastic_kernels.train.data.ArithmeticTask`).
+    """Run every setting over ``problems`` (of an :class:`~elastic_kernels.tasks.Task`).
 
     ``think_bound`` bounds uncapped thinking (default: the task's longest completion + 4);
-    ``max_answer_tokens`` defaults to the answer's digits + 3. Returns one row per setting:
+    ``max_answer_tokens`` defaults to ``task.max_answer_len() + 2``. Returns one row per setting:
     ``setting`` (dict), ``label``, ``kind``, ``accuracy``, ``n``, means per problem of
     ``think_tokens``, ``answer_tokens``, ``flops``, ``bytes``, ``wall_s``; ``switch_rate``,
     ``forced_rate``; ``wall_s_total`` and ``wall_s_passes``. Wall time is the minimum over
@@ -143,15 +143,14 @@ def evaluate_settings(model, task, problems: Sequence, budgets: Mapping[str, Bud
     unknown = sorted({n for s in settings for n in (s.think, s.answer)} - set(budgets))
     if unknown:
         raise ValueError(f"evaluate_settings: settings use budgets {unknown} that are not in budgets {sorted(budgets)}")
-    tok = task.tokenizer
     if think_bound is None:
         think_bound = task.max_completion_len() + 4
     if max_answer_tokens is None:
-        max_answer_tokens = len(str(task.modulus - 1)) + 3
+        max_answer_tokens = task.max_answer_len() + 2
     prompts = task.prompts(problems)
     cost = CostModel(model, budgets)
     common = dict(budgets=budgets, max_answer_tokens=max_answer_tokens, batch_size=batch_size,
-                  end_think_id=tok.end_think_id, eos_id=tok.eos_id)
+                  end_think_id=task.end_think_id, eos_id=task.eos_id)
     if warmup:  # first calls pay one-time dispatch/allocation costs; keep them out of the timings
         for s in settings:
             if s.cache_mode == "reprefill" and s.think != s.answer:
@@ -175,7 +174,7 @@ def evaluate_settings(model, task, problems: Sequence, budgets: Mapping[str, Bud
                     progress(i, len(settings), s)
     rows = []
     for s, gens, wall in zip(settings, outputs, walls):
-        correct = sum(task.parse_answer(g.completion) == p.answer for g, p in zip(gens, problems))
+        correct = sum(task.score(p, g.completion) for g, p in zip(gens, problems))
         costs = [cost.request_cost(g) for g in gens]
         rows.append({
             "setting": asdict(s), "label": s.label, "kind": s.kind, "n": n, "accuracy": correct / n,
@@ -260,9 +259,7 @@ def analyze(rows: Sequence[dict]) -> dict:
 
 def default_caps(task, fractions: Sequence[float] = (0.25, 0.5, 0.75)) -> list[int]:
     """Thinking caps at ``fractions`` of the task's longest correct thinking trace (at least 1)."""
-    from ..train.data import DIFFICULTY_OPS
-    w = len(str(task.modulus - 1))
-    longest = DIFFICULTY_OPS[task.difficulty][1] * (3 * w + 3) - 1
+    longest = task.max_think_len()
     return sorted({max(1, int(round(f * longest))) for f in fractions})
 
 

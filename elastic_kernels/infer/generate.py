@@ -1,4 +1,4 @@
-"""Generation with elastic budget control (Star Elastic; DESIGN §1).
+"""Generation with elastic budget control (Star Elastic; docs/design.md §1): the one decode loop.
 
 A request is decoded by two nested submodels of one parent: the *think* budget until the
 end-of-thinking token, the *answer* budget after it. The switch happens exactly at the
@@ -33,6 +33,8 @@ the model's caches have no per-sample length, and causal SSM layers cannot skip 
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
@@ -42,16 +44,12 @@ from torch import Tensor
 from ..models.config import Budget
 
 __all__ = ["generate", "Generation", "GenerationError", "UnknownBudgetError", "EmptyPromptError",
-           "PromptTooLongError", "resolve_budget", "FULL", "SAMPLING", "CACHE_MODES", "DEFAULT_END_THINK_ID",
-           "DEFAULT_EOS_ID"]
+           "PromptTooLongError", "resolve_budget", "FULL", "SAMPLING", "CACHE_MODES"]
 
 
 FULL = "full"
 SAMPLING = ("greedy", "sample")
 CACHE_MODES = ("reprefill", "reuse")
-# ids of the task tokenizer (elastic_kernels.train.data.Tokenizer): <eos> = 2, </think> = 4
-DEFAULT_EOS_ID = 2
-DEFAULT_END_THINK_ID = 4
 
 
 class GenerationError(ValueError):
@@ -363,8 +361,8 @@ def _run_group(model, seqs: list[_Seq], *, max_answer: int, max_length: int, sam
 def generate(model, prompts: Sequence[Sequence[int]], *, think_budget=FULL, answer_budget=FULL,
              budgets: Mapping[str, Budget] | None = None, max_think_tokens=None, max_answer_tokens: int = 16,
              max_length: int = 2048, sampling: str = "greedy", temperature: float = 1.0, top_p: float = 1.0,
-             seed=0, cache_mode: str = "reprefill", batch_size: int = 64,
-             end_think_id: int = DEFAULT_END_THINK_ID, eos_id: int = DEFAULT_EOS_ID) -> list[Generation]:
+             seed=0, cache_mode: str = "reprefill", batch_size: int = 64, end_think_id: int,
+             eos_id: int) -> list[Generation]:
     """Generate completions with a think budget and an answer budget.
 
     Args:
@@ -384,7 +382,9 @@ def generate(model, prompts: Sequence[Sequence[int]], *, think_budget=FULL, answ
             ``seed[i]`` for a list), so a request samples the same tokens alone or in any batch.
         cache_mode: ``"reprefill"`` (exact) or ``"reuse"`` (experimental); see the module docstring.
         batch_size: the most requests decoded together.
-        end_think_id, eos_id: the end-of-thinking and end-of-sequence token ids.
+        end_think_id, eos_id: the end-of-thinking and end-of-sequence token ids (required: they
+            belong to the task's tokenizer, e.g. ``task.end_think_id`` and ``task.eos_id`` of an
+            :class:`elastic_kernels.tasks.Task`).
 
     Returns:
         One :class:`Generation` per prompt, in order.
@@ -400,8 +400,13 @@ def generate(model, prompts: Sequence[Sequence[int]], *, think_budget=FULL, answ
         raise GenerationError(f"generate: sampling must be one of {SAMPLING}, got {sampling!r}")
     if cache_mode not in CACHE_MODES:
         raise GenerationError(f"generate: cache_mode must be one of {CACHE_MODES}, got {cache_mode!r}")
+    for name, v in (("temperature", temperature), ("top_p", top_p)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise TypeError(f"generate: {name} must be a float, got {type(v).__name__}")
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise GenerationError(f"generate: temperature must be finite and >= 0, got {temperature!r}")
     if sampling == "sample":
-        if not (isinstance(temperature, (int, float)) and temperature > 0):
+        if temperature <= 0:
             raise GenerationError(f"generate: temperature must be > 0 when sampling, got {temperature!r}")
         if not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
             raise GenerationError(f"generate: top_p must lie in (0, 1], got {top_p!r}")
@@ -422,9 +427,17 @@ def generate(model, prompts: Sequence[Sequence[int]], *, think_budget=FULL, answ
     seqs: list[_Seq] = []
     for i, p in enumerate(prompts):
         if isinstance(p, Tensor):
+            if p.is_floating_point() or p.is_complex() or p.dtype == torch.bool:
+                raise TypeError(f"generate: prompts[{i}] must hold int token ids, got a {p.dtype} tensor")
             p = p.tolist()
         if isinstance(p, (str, bytes)) or not isinstance(p, Sequence):
             raise TypeError(f"generate: prompts[{i}] must be a list of token ids, got {type(p).__name__}")
+        for j, t in enumerate(p):
+            if isinstance(t, Tensor) and t.ndim == 0 and not t.is_floating_point() and not t.is_complex() \
+                    and t.dtype != torch.bool:
+                continue
+            if isinstance(t, bool) or not isinstance(t, numbers.Integral):
+                raise TypeError(f"generate: prompts[{i}][{j}] must be an int token id, got {type(t).__name__} {t!r}")
         p = [int(t) for t in p]
         if not p:
             raise EmptyPromptError(f"generate: prompts[{i}] is empty; a prompt needs at least one token")
@@ -433,7 +446,8 @@ def generate(model, prompts: Sequence[Sequence[int]], *, think_budget=FULL, answ
                                      "leaves no room to generate (a prompt must be shorter than max_length)")
         bad = [t for t in p if not 0 <= t < vocab]
         if bad:
-            raise GenerationError(f"generate: prompts[{i}] has token id {bad[0]} outside [0, {vocab})")
+            raise GenerationError(f"generate: prompts[{i}] has token id {bad[0]} outside [0, {vocab}) "
+                                  f"(vocab_size={vocab})")
         _check_count(caps[i], f"max_think_tokens[{i}]" if isinstance(max_think_tokens, (list, tuple))
                      else "max_think_tokens", True)
         tb = resolve_budget(thinks[i], budgets, "think_budget")

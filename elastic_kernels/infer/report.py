@@ -7,11 +7,12 @@ setting (:mod:`.evaluate`) and writes, next to the training report::
     budget_control.md     the table (:func:`budget_control_markdown`)
     budget_control.png    accuracy against FLOPs / bytes / wall time, frontier marked
 
-Run directory layout read (written by ``elastic_kernels.train``): ``progress.json`` (``config``:
-the TrainConfig: modulus, difficulty, seed, test_size) and ``nested/`` (the nested checkpoint of
+Run directory layout read (written by ``elastic_kernels.train``): ``progress.json`` (``task``: the
+task spec :func:`elastic_kernels.tasks.from_dict` rebuilds; ``config``: the TrainConfig, of which
+``test_size`` is read) and ``nested/`` (the nested checkpoint of
 ``save_nested`` with the budget table ``{"1": Budget, "0.75": ..., ...}``), or ``qad/`` (the
 quantized nested export of ``--qad``) with ``checkpoint="qad"``. The test split is the
-training loop's: ``ArithmeticTask(modulus, difficulty, seed).problems("test", test_size, seed=0)``.
+training loop's: ``task.problems("test", test_size, seed=0)``.
 """
 from __future__ import annotations
 
@@ -44,15 +45,16 @@ def _read_run(run_dir: Path, checkpoint: str) -> dict:
     if not prog.is_file():
         raise RunDirError(f"{run_dir} is not a training run directory (no progress.json); run elastic-train first")
     try:
-        cfg = json.loads(prog.read_text())["config"]
-    except (json.JSONDecodeError, KeyError) as e:
-        raise RunDirError(f"{prog} is unreadable or has no 'config': {e}") from e
+        saved = json.loads(prog.read_text())
+        cfg, task = saved["config"], saved["task"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise RunDirError(f"{prog} is unreadable or has no 'config' and 'task': {e}") from e
     nested = run_dir / checkpoint
     if not (nested / "config.json").is_file():
         stage = "elastic" if checkpoint == "nested" else "qad" if checkpoint == "qad" else checkpoint
         raise RunDirError(f"{run_dir} has no nested checkpoint {checkpoint!r} ({nested}/config.json); the run has "
                           f"not finished its {stage} stage")
-    return cfg
+    return {"config": cfg, "task": task}
 
 
 def run_budget_control(run_dir: str | os.PathLike, *, limit: int | None = None, caps: Sequence[int] | None = None,
@@ -70,11 +72,15 @@ def run_budget_control(run_dir: str | os.PathLike, *, limit: int | None = None, 
     Returns the report dict.
     """
     from ..models import load_nested, read_nested_config
-    from ..train.data import ArithmeticTask
+    from ..tasks import from_dict
 
     run_dir = Path(run_dir)
-    cfg = _read_run(run_dir, checkpoint)
-    task = ArithmeticTask(modulus=int(cfg["modulus"]), difficulty=int(cfg["difficulty"]), seed=int(cfg["seed"]))
+    saved = _read_run(run_dir, checkpoint)
+    cfg = saved["config"]
+    try:
+        task = from_dict(saved["task"])
+    except (TypeError, ValueError) as e:
+        raise RunDirError(f"{run_dir / 'progress.json'}: its task spec cannot be rebuilt: {e}") from e
     problems = task.problems("test", int(cfg["test_size"]), seed=0)
     if limit is not None:
         if limit < 1:
@@ -94,8 +100,7 @@ def run_budget_control(run_dir: str | os.PathLike, *, limit: int | None = None, 
     cost = CostModel(model, table)
     rep = {
         "run_dir": str(run_dir), "checkpoint": str(run_dir / checkpoint),
-        "task": {"modulus": task.modulus, "difficulty": task.difficulty, "seed": task.seed, "split": "test",
-                 "n_problems": len(problems)},
+        "task": {**task.to_dict(), "description": task.describe(), "split": "test", "n_problems": len(problems)},
         "budgets": {n: {"budget": table[n].to_dict(), **cost.per_budget[n]} for n in names},
         "budget_order": names, "caps": caps, "batch_size": batch_size, "device": device,
         "repeats": repeats,
@@ -142,7 +147,7 @@ def budget_control_markdown(rep_or_dir) -> str:
     fronts = {axis: set(an[axis]["frontier"]) for axis in COST_AXES}
     t = rep["task"]
     lines = ["## Elastic budget control (think budget -> answer budget)", "",
-             f"Test split, {t['n_problems']} problems (modulus {t['modulus']}, difficulty {t['difficulty']}); "
+             f"Test split, {t['n_problems']} problems ({t['description']}); "
              "greedy decoding; when the answer budget differs from the think budget, the answer model "
              "re-prefills prompt + thinking at the switch (charged to the pair). "
              "`A->B`: think with budget A, answer with budget B; `cap N`: single model with </think> forced after "

@@ -1,4 +1,5 @@
-"""Evaluation: masked validation loss and exact-match accuracy by greedy generation."""
+"""Evaluation during training: masked validation loss and exact-match accuracy of greedy
+completions (decoded by :func:`elastic_kernels.infer.generate`, the one decode loop)."""
 from __future__ import annotations
 
 from collections import defaultdict
@@ -6,15 +7,16 @@ from typing import Sequence
 
 import torch
 
-from .data import ArithmeticTask, Problem
+from ..infer.generate import generate
+from ..tasks import Task
 from .losses import masked_ce
 
-__all__ = ["validation_loss", "greedy_complete", "exact_match", "evaluate_model"]
+__all__ = ["validation_loss", "greedy_completions", "evaluate_model"]
 
 
 @torch.no_grad()
-def validation_loss(model, task: ArithmeticTask, problems: Sequence[Problem], *, budget=None,
-                    batch_size: int = 128, device=None) -> float:
+def validation_loss(model, task: Task, problems: Sequence, *, budget=None, batch_size: int = 128,
+                    device=None) -> float:
     """Token-weighted mean cross-entropy over the completions of ``problems``."""
     total, count = 0.0, 0.0
     for i in range(0, len(problems), batch_size):
@@ -26,64 +28,32 @@ def validation_loss(model, task: ArithmeticTask, problems: Sequence[Problem], *,
     return total / max(count, 1.0)
 
 
-@torch.no_grad()
-def greedy_complete(model, task: ArithmeticTask, problems: Sequence[Problem], *, budget=None,
-                    batch_size: int = 256, device=None) -> list[list[int]]:
-    """Greedy completions (token ids after the prompt, up to and including ``<eos>``).
-
-    Prompts of equal length are batched together; the prompt is prefilled into the model's cache
-    and the completion decoded one token at a time.
-    """
-    tok = task.tokenizer
-    # room for the longest correct completion plus slack for a model that rambles
-    max_new = task.completion_bound(max((len(p.ops) for p in problems), default=0)) + 4
+def greedy_completions(model, task: Task, problems: Sequence, *, budget=None, batch_size: int = 256) -> list[list[int]]:
+    """Greedy completions (ids after the prompt, up to and including ``<eos>``) of one model at
+    ``budget`` for both phases, each at most ``task.max_new_tokens(problems)`` tokens long."""
+    max_new = task.max_new_tokens(problems)
     prompts = task.prompts(problems)
     groups: dict[int, list[int]] = defaultdict(list)
     for i, p in enumerate(prompts):
         groups[len(p)].append(i)
     out: list[list[int]] = [[] for _ in problems]
-    for _, idx in sorted(groups.items()):
-        for c in range(0, len(idx), batch_size):
-            chunk = idx[c:c + batch_size]
-            ids = torch.tensor([prompts[i] for i in chunk], dtype=torch.long, device=device)
-            cache = model.new_cache(len(chunk), device=device)
-            logits = model(ids, budget=budget, cache=cache)
-            nxt = logits[:, -1].argmax(-1)
-            gen = [nxt]
-            done = nxt == tok.eos_id
-            for _ in range(max_new - 1):
-                if bool(done.all()):
-                    break
-                logits = model(nxt[:, None], budget=budget, cache=cache)
-                nxt = logits[:, -1].argmax(-1)
-                nxt = torch.where(done, torch.full_like(nxt, tok.pad_id), nxt)
-                gen.append(nxt)
-                done = done | (nxt == tok.eos_id)
-            seqs = torch.stack(gen, 1).tolist()
-            for i, s in zip(chunk, seqs):
-                if tok.eos_id in s:
-                    s = s[:s.index(tok.eos_id) + 1]
-                out[i] = [t for t in s if t != tok.pad_id]
+    for length, idx in sorted(groups.items()):
+        gens = generate(model, [prompts[i] for i in idx], think_budget=budget, answer_budget=budget,
+                        max_answer_tokens=max_new, max_length=length + max_new, batch_size=batch_size,
+                        end_think_id=task.end_think_id, eos_id=task.eos_id)
+        for i, g in zip(idx, gens):
+            out[i] = g.completion
     return out
 
 
-def exact_match(task: ArithmeticTask, problems: Sequence[Problem], completions: Sequence[Sequence[int]]) -> float:
-    """Fraction of completions whose stated answer equals the true value."""
-    if not problems:
-        return 0.0
-    ok = sum(task.parse_answer(c) == p.answer for p, c in zip(problems, completions))
-    return ok / len(problems)
-
-
-def evaluate_model(model, task: ArithmeticTask, val: Sequence[Problem], test: Sequence[Problem] | None, *,
-                   budget=None, device=None) -> dict:
+def evaluate_model(model, task: Task, val: Sequence, test: Sequence | None, *, budget=None, device=None) -> dict:
     """``{"val_loss", "val_acc", "test_acc"}`` (test_acc None when ``test`` is None)."""
     was_training = model.training
     model.eval()
     try:
         res = {"val_loss": validation_loss(model, task, val, budget=budget, device=device),
-               "val_acc": exact_match(task, val, greedy_complete(model, task, val, budget=budget, device=device))}
-        res["test_acc"] = (exact_match(task, test, greedy_complete(model, task, test, budget=budget, device=device))
+               "val_acc": task.accuracy(val, greedy_completions(model, task, val, budget=budget))}
+        res["test_acc"] = (task.accuracy(test, greedy_completions(model, task, test, budget=budget))
                            if test is not None else None)
     finally:
         model.train(was_training)

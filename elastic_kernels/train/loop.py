@@ -41,7 +41,7 @@ from .._io import atomic_write_text
 from .checkpoint import (CheckpointError, load_checkpoint, optimizer_from_tensors, optimizer_to_tensors,
                          save_checkpoint)
 from .config import TrainConfig
-from .data import ArithmeticTask, Batch
+from ..tasks import Batch, get as get_task
 from .evaluate import evaluate_model
 from .losses import forward_kl, masked_ce
 from .metrics import MetricsLog
@@ -174,7 +174,7 @@ class Pipeline:
         if cfg.threads > 0:
             torch.set_num_threads(cfg.threads)
         self.dir = Path(cfg.resolved_run_dir())
-        self.task = ArithmeticTask(modulus=cfg.modulus, difficulty=cfg.difficulty, seed=cfg.seed)
+        self.task = get_task("arithmetic", modulus=cfg.modulus, difficulty=cfg.difficulty, seed=cfg.seed)
         self.tok = self.task.tokenizer
         mkw = {"vocab_size": self.tok.vocab_size, **cfg.model}
         self.model_config = ElasticHybridConfig(**mkw)
@@ -213,7 +213,8 @@ class Pipeline:
             if diff:
                 raise ValueError(f"--resume: the configuration differs from the run in {self.dir} in {diff}")
             return prog
-        prog = {"config": cfg_json, "done": [], "tokens": {}, "time_s": {}, "results": {}}
+        prog = {"config": cfg_json, "task": self.task.to_dict(), "done": [], "tokens": {}, "time_s": {},
+                "results": {}}
         self.dir.mkdir(parents=True, exist_ok=True)
         (self.dir / "model_config.json").write_text(self.model_config.to_json())
         _atomic_json(path, prog)
@@ -584,8 +585,7 @@ class Pipeline:
         rep = {
             "config": self.cfg.to_json(),
             "model_config": self.model_config.to_dict(),
-            "task": {"description": f"left-to-right arithmetic mod {self.cfg.modulus}, difficulty "
-                                    f"{self.cfg.difficulty}, with a thinking trace of every intermediate result",
+            "task": {**self.task.to_dict(), "description": self.task.describe(),
                      "val_size": len(self.val), "test_size": len(self.test)},
             "parent": res["parent"],
             "budgets": res["budgets"],

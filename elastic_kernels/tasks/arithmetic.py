@@ -1,4 +1,4 @@
-"""Self-generated reasoning task: multi-step modular arithmetic with a thinking trace.
+"""The self-generated reasoning task ``"arithmetic"``: multi-step modular arithmetic with a thinking trace.
 
 A problem is a chain ``a0 op1 a1 op2 a2 ...`` of numbers in ``[0, modulus)`` evaluated left to right
 modulo ``modulus``. The model sees the problem and a think-start token, writes every intermediate
@@ -22,11 +22,9 @@ import random
 from dataclasses import dataclass
 from typing import Sequence
 
-import torch
+from .base import SPLITS, Task
 
-__all__ = ["Tokenizer", "Problem", "DIFFICULTY_OPS", "ArithmeticTask", "Batch"]
-
-SPLITS = ("train", "val", "test")
+__all__ = ["Tokenizer", "Problem", "DIFFICULTY_OPS", "ArithmeticTask"]
 
 # difficulty level -> (min ops, max ops) per problem; sequence length grows with the level
 DIFFICULTY_OPS = {1: (1, 2), 2: (1, 3), 3: (2, 4), 4: (3, 6), 5: (4, 8)}
@@ -131,26 +129,10 @@ class Problem:
         return self.prompt_text + self.completion_text
 
 
-@dataclass
-class Batch:
-    """A padded batch.
-
-    input_ids: (batch, seqlen) — tokens ``0..L-2`` of each padded sequence
-    targets: (batch, seqlen) — tokens ``1..L-1``
-    loss_mask: (batch, seqlen) float — 1 where the target is part of the completion
-    """
-
-    input_ids: torch.Tensor
-    targets: torch.Tensor
-    loss_mask: torch.Tensor
-
-    @property
-    def num_tokens(self) -> int:
-        return int(self.input_ids.numel())
-
-
-class ArithmeticTask:
+class ArithmeticTask(Task):
     """Generator of problems, batches and evaluation sets for one task configuration."""
+
+    name = "arithmetic"
 
     def __init__(self, *, modulus: int = 10, difficulty: int = 2, seed: int = 0,
                  val_fraction: float = 0.05, test_fraction: float = 0.05) -> None:
@@ -167,6 +149,17 @@ class ArithmeticTask:
         self.val_fraction = val_fraction
         self.test_fraction = test_fraction
         self.tokenizer = Tokenizer()
+        tok = self.tokenizer
+        self.pad_id, self.bos_id, self.eos_id = tok.pad_id, tok.bos_id, tok.eos_id
+        self.think_id, self.end_think_id = tok.think_id, tok.end_think_id
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "modulus": self.modulus, "difficulty": self.difficulty, "seed": self.seed,
+                "val_fraction": self.val_fraction, "test_fraction": self.test_fraction}
+
+    def describe(self) -> str:
+        return (f"left-to-right arithmetic mod {self.modulus}, difficulty {self.difficulty}, with a thinking "
+                "trace of every intermediate result")
 
     # ---- splits -------------------------------------------------------------------------------
     def split_of(self, problem: Problem) -> str:
@@ -208,30 +201,15 @@ class ArithmeticTask:
                                    "the problem space is too small for this split fraction")
         return out
 
-    # ---- tensors ------------------------------------------------------------------------------
-    def collate(self, problems: Sequence[Problem]) -> Batch:
-        tok = self.tokenizer
-        seqs = []
-        prompt_lens = []
-        for p in problems:
-            prompt = tok.encode(p.prompt_text)
-            seqs.append(prompt + tok.encode(p.completion_text))
-            prompt_lens.append(len(prompt))
-        length = max(len(s) for s in seqs)
-        ids = torch.full((len(seqs), length), tok.pad_id, dtype=torch.long)
-        mask = torch.zeros(len(seqs), length - 1)
-        for i, (s, pl) in enumerate(zip(seqs, prompt_lens)):
-            ids[i, :len(s)] = torch.tensor(s)
-            # target position j predicts token j+1; completion tokens are pl..len(s)-1
-            mask[i, pl - 1:len(s) - 1] = 1.0
-        return Batch(ids[:, :-1].contiguous(), ids[:, 1:].contiguous(), mask)
+    # ---- ids and scoring ---------------------------------------------------------------------
+    def prompt_ids(self, problem: Problem) -> list[int]:
+        return self.tokenizer.encode(problem.prompt_text)
 
-    def batch(self, split: str, batch_size: int, *, index: int, difficulty: int | None = None) -> Batch:
-        """Batch number ``index`` of ``split`` (deterministic)."""
-        return self.collate(self.problems(split, batch_size, seed=index, difficulty=difficulty))
+    def completion_ids(self, problem: Problem) -> list[int]:
+        return self.tokenizer.encode(problem.completion_text)
 
-    def prompts(self, problems: Sequence[Problem]) -> list[list[int]]:
-        return [self.tokenizer.encode(p.prompt_text) for p in problems]
+    def score(self, problem: Problem, completion: Sequence[int]) -> bool:
+        return self.parse_answer(completion) == problem.answer
 
     def parse_answer(self, completion_ids: Sequence[int]) -> int | None:
         """The answer a generated completion states (text between ``</think>`` and ``<eos>``)."""
@@ -250,7 +228,25 @@ class ArithmeticTask:
         w = len(str(self.modulus - 1))
         return num_ops * (3 * w + 3) + w + 2
 
+    def _level(self, difficulty: int | None) -> int:
+        difficulty = self.difficulty if difficulty is None else difficulty
+        if difficulty not in DIFFICULTY_OPS:
+            raise ValueError(f"ArithmeticTask: difficulty must be one of {tuple(DIFFICULTY_OPS)}, got {difficulty!r}")
+        return difficulty
+
     def max_completion_len(self, difficulty: int | None = None) -> int:
         """An upper bound on the completion length in tokens at ``difficulty``."""
-        difficulty = self.difficulty if difficulty is None else difficulty
-        return self.completion_bound(DIFFICULTY_OPS[difficulty][1])
+        return self.completion_bound(DIFFICULTY_OPS[self._level(difficulty)][1])
+
+    def max_think_len(self, difficulty: int | None = None) -> int:
+        """The longest thinking trace at ``difficulty``: every step ``a op b = r`` and the ``;`` between."""
+        w = len(str(self.modulus - 1))
+        return DIFFICULTY_OPS[self._level(difficulty)][1] * (3 * w + 3) - 1
+
+    def max_answer_len(self) -> int:
+        """The answer's digits and ``<eos>``."""
+        return len(str(self.modulus - 1)) + 1
+
+    def max_new_tokens(self, problems: Sequence[Problem]) -> int:
+        """Room for the longest correct completion of ``problems`` plus slack for a model that rambles."""
+        return self.completion_bound(max((len(p.ops) for p in problems), default=0)) + 4
