@@ -1,0 +1,287 @@
+"""Fused-answer chain arithmetic: a generated task where budgets, thinking and answering separate.
+
+A problem is a left-to-right chain ``a0 op1 a1 op2 a2 ...`` modulo ``m`` plus two *answer keys*
+``f, g`` in the prompt. The thinking trace writes every intermediate step of the chain, exactly
+as in the plain arithmetic task; the answer is *not* the trace's last value ``r`` but one harder
+three-input function of it, computed in the answer phase without a trace::
+
+    <bos>3+5*2|7,4=<think>3+5=8;8*2=6</think>6<eos>        (6 = (6 * 7 + 4) mod 10)
+
+The premise the task encodes (and which the reports state): **the thinking phase is a long,
+step-by-step computation whose steps are easy; the answer phase is one short, hard step.** So
+
+- accuracy falls with the model's capacity without saturating (the fused step ``(r*f + g) mod m``
+  is a lookup over ``m**3`` cases, learned better by larger models);
+- thinking helps: a trace cut short (``max_think_tokens``) leaves the rest of the chain to the
+  answer step, which rarely gets it right;
+- the answer phase needs capacity, so (think small, answer big) and (think big, answer small)
+  differ.
+
+**Graded thinking caps the model was trained for.** A share ``truncate_prob`` of training
+problems has its trace cut after a uniformly drawn number of tokens ``t`` in ``[0, len(trace))``
+and closed with a *forced* ``</think>`` — exactly what a thinking cap does at inference. The
+forced ``</think>`` is an input, not a target (it is masked out of the loss), so the model never
+learns to stop early by itself; the answer after a cut trace is still the true answer. Capping the
+thinking is therefore a fair baseline: the model has seen every cap.
+
+Splits never overlap: a problem's split is a pure function of its question text (a keyed BLAKE2b
+hash bucket), and generators only emit problems that hash into the requested split. Batches are a
+pure function of ``(seed, split, index)``.
+"""
+from __future__ import annotations
+
+import hashlib
+import random
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from .arithmetic import Tokenizer
+from .base import SPLITS, Batch, Task
+
+__all__ = ["FusedTokenizer", "FusedProblem", "FusedAnswerTask", "FUSED_OPS"]
+
+# difficulty level -> (min, max) chained operations per problem
+FUSED_OPS = {1: (1, 2), 2: (1, 3), 3: (2, 4), 4: (3, 6), 5: (4, 8)}
+
+
+class FusedTokenizer(Tokenizer):
+    """The arithmetic task's character tokenizer with ``|`` and ``,`` added: ``0 <pad>``, ``1 <bos>``,
+    ``2 <eos>``, ``3 <think>``, ``4 </think>``, then one id per character of ``0123456789+-*=;|,``."""
+
+    CHARS = Tokenizer.CHARS + "|,"
+
+
+@dataclass(frozen=True)
+class FusedProblem:
+    """One problem: the chain (``operands``, ``ops``), the answer keys ``f, g`` and the modulus."""
+
+    operands: tuple[int, ...]
+    ops: tuple[str, ...]
+    f: int
+    g: int
+    modulus: int
+
+    @property
+    def question(self) -> str:
+        s = str(self.operands[0])
+        for op, b in zip(self.ops, self.operands[1:]):
+            s += op + str(b)
+        return f"{s}|{self.f},{self.g}"
+
+    def steps(self) -> list[tuple[int, str, int, int]]:
+        """``(lhs, op, rhs, result)`` for every step of the left-to-right evaluation mod ``modulus``."""
+        acc, m = self.operands[0], self.modulus
+        out = []
+        for op, b in zip(self.ops, self.operands[1:]):
+            r = (acc + b) % m if op == "+" else (acc - b) % m if op == "-" else (acc * b) % m
+            out.append((acc, op, b, r))
+            acc = r
+        return out
+
+    @property
+    def chain_value(self) -> int:
+        """The trace's last value ``r``."""
+        return self.steps()[-1][3]
+
+    @property
+    def answer(self) -> int:
+        """``(r * f + g) mod modulus``."""
+        return (self.chain_value * self.f + self.g) % self.modulus
+
+    @property
+    def thinking(self) -> str:
+        return ";".join(f"{a}{op}{b}={r}" for a, op, b, r in self.steps())
+
+    @property
+    def prompt_text(self) -> str:
+        return f"<bos>{self.question}=<think>"
+
+    @property
+    def completion_text(self) -> str:
+        return f"{self.thinking}</think>{self.answer}<eos>"
+
+    @property
+    def text(self) -> str:
+        return self.prompt_text + self.completion_text
+
+
+class FusedAnswerTask(Task):
+    """Generator of fused-answer problems, training batches (with cut traces) and evaluation sets.
+
+    modulus: numbers are in ``[0, modulus)``; difficulty: 1-5, the chain length range
+    (:data:`FUSED_OPS`); truncate_prob: share of training problems whose trace is cut at a random
+    token and closed with a forced ``</think>`` (see the module docstring).
+    """
+
+    name = "fused"
+
+    def __init__(self, *, modulus: int = 10, difficulty: int = 2, seed: int = 0, truncate_prob: float = 0.25,
+                 val_fraction: float = 0.05, test_fraction: float = 0.05) -> None:
+        if isinstance(modulus, bool) or not isinstance(modulus, int) or not 2 <= modulus <= 10:
+            raise ValueError(f"FusedAnswerTask: modulus must be an int in [2, 10] (one digit per number), "
+                             f"got {modulus!r}")
+        if difficulty not in FUSED_OPS:
+            raise ValueError(f"FusedAnswerTask: difficulty must be one of {tuple(FUSED_OPS)}, got {difficulty!r}")
+        if not 0 <= truncate_prob < 1:
+            raise ValueError(f"FusedAnswerTask: truncate_prob must be in [0, 1), got {truncate_prob!r}")
+        if not (0 < val_fraction < 1 and 0 < test_fraction < 1 and val_fraction + test_fraction < 1):
+            raise ValueError("FusedAnswerTask: val_fraction and test_fraction must be in (0, 1) with a sum below 1, "
+                             f"got {val_fraction} and {test_fraction}")
+        self.modulus, self.difficulty, self.seed = modulus, difficulty, seed
+        self.truncate_prob = truncate_prob
+        self.val_fraction, self.test_fraction = val_fraction, test_fraction
+        self.tokenizer = FusedTokenizer()
+        tok = self.tokenizer
+        self.pad_id, self.bos_id, self.eos_id = tok.pad_id, tok.bos_id, tok.eos_id
+        self.think_id, self.end_think_id = tok.think_id, tok.end_think_id
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "modulus": self.modulus, "difficulty": self.difficulty, "seed": self.seed,
+                "truncate_prob": self.truncate_prob, "val_fraction": self.val_fraction,
+                "test_fraction": self.test_fraction}
+
+    def describe(self) -> str:
+        lo, hi = FUSED_OPS[self.difficulty]
+        return (f"fused-answer chain arithmetic mod {self.modulus} ({lo}-{hi} chained + - * steps written in the "
+                f"thinking trace; the answer (r*f + g) mod {self.modulus} of the trace's last value r and two keys "
+                f"f, g from the prompt is computed without a trace); {100 * self.truncate_prob:.0f}% of training "
+                "traces cut at a random token with a forced </think>")
+
+    def premise(self) -> str:
+        """The premise the task encodes, one sentence for reports."""
+        return ("thinking is a long chain of easy steps written out token by token, the answer one short hard "
+                "step done without a trace: capacity matters most in the answer phase, and a cut trace leaves "
+                "the rest of the chain to that one step")
+
+    # ---- splits -------------------------------------------------------------------------------
+    def split_of(self, problem: FusedProblem) -> str:
+        """The split of a problem: a pure function of its question text (and the task seed)."""
+        h = hashlib.blake2b(problem.question.encode(), digest_size=8, key=f"split-{self.seed}".encode()).digest()
+        u = int.from_bytes(h, "little") / 2.0 ** 64
+        if u < self.val_fraction:
+            return "val"
+        if u < self.val_fraction + self.test_fraction:
+            return "test"
+        return "train"
+
+    def _random_problem(self, rng: random.Random, difficulty: int) -> FusedProblem:
+        lo, hi = FUSED_OPS[difficulty]
+        n = rng.randint(lo, hi)
+        m = self.modulus
+        return FusedProblem(tuple(rng.randrange(m) for _ in range(n + 1)), tuple(rng.choice("+-*") for _ in range(n)),
+                            rng.randrange(m), rng.randrange(m), m)
+
+    def problems(self, split: str, n: int, *, seed: int, difficulty: int | None = None) -> list[FusedProblem]:
+        """``n`` problems of ``split``, a pure function of ``(task seed, split, seed, difficulty)``.
+
+        Problems may repeat within a draw (the space is finite); they never cross splits.
+        """
+        if split not in SPLITS:
+            raise ValueError(f"FusedAnswerTask.problems: split must be one of {SPLITS}, got {split!r}")
+        difficulty = self.difficulty if difficulty is None else difficulty
+        if difficulty not in FUSED_OPS:
+            raise ValueError(f"FusedAnswerTask.problems: difficulty must be one of {tuple(FUSED_OPS)}, "
+                             f"got {difficulty!r}")
+        rng = random.Random(f"fused/{self.seed}/{split}/{seed}/{difficulty}")
+        out: list[FusedProblem] = []
+        attempts = 0
+        while len(out) < n:
+            p = self._random_problem(rng, difficulty)
+            attempts += 1
+            if self.split_of(p) == split:
+                out.append(p)
+            elif attempts > 1000 * (n + 10):
+                raise RuntimeError(f"FusedAnswerTask: could not draw {n} problems of split {split!r}")
+        return out
+
+    # ---- tensors ------------------------------------------------------------------------------
+    def collate(self, problems: Sequence[FusedProblem], cuts: Sequence[int | None] | None = None) -> Batch:
+        """Pad problems into a batch. ``cuts[i]`` (None: whole trace) keeps only the first
+        ``cuts[i]`` trace tokens of problem i, followed by a forced ``</think>`` (not a target)."""
+        tok = self.tokenizer
+        cuts = [None] * len(problems) if cuts is None else list(cuts)
+        if len(cuts) != len(problems):
+            raise ValueError(f"FusedAnswerTask.collate: cuts needs one entry per problem ({len(problems)}), "
+                             f"got {len(cuts)}")
+        seqs, masks = [], []
+        for p, cut in zip(problems, cuts):
+            prompt = self.prompt_ids(p)
+            trace = tok.encode(p.thinking)
+            tail = tok.encode(f"</think>{p.answer}<eos>")
+            if cut is not None:
+                if not 0 <= cut < len(trace):
+                    raise ValueError(f"FusedAnswerTask.collate: cut must be in [0, {len(trace)}) for "
+                                     f"{p.question!r}, got {cut}")
+                trace = trace[:cut]
+            seq = prompt + trace + tail
+            # mask over target positions j (predicting token j+1): completion tokens, except a forced </think>
+            m = [0.0] * (len(prompt) - 1) + [1.0] * (len(trace) + len(tail))
+            if cut is not None:
+                m[len(prompt) - 1 + len(trace)] = 0.0
+            seqs.append(seq)
+            masks.append(m)
+        length = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), length), tok.pad_id, dtype=torch.long)
+        mask = torch.zeros(len(seqs), length - 1)
+        for i, (s, m) in enumerate(zip(seqs, masks)):
+            ids[i, :len(s)] = torch.tensor(s)
+            mask[i, :len(m)] = torch.tensor(m)
+        return Batch(ids[:, :-1].contiguous(), ids[:, 1:].contiguous(), mask)
+
+    def batch(self, split: str, batch_size: int, *, index: int, difficulty: int | None = None) -> Batch:
+        """Batch number ``index`` of ``split`` (deterministic). Training batches cut a share
+        ``truncate_prob`` of their traces; validation and test batches never do."""
+        probs = self.problems(split, batch_size, seed=index, difficulty=difficulty)
+        cuts: list[int | None] = [None] * len(probs)
+        if split == "train" and self.truncate_prob > 0:
+            rng = random.Random(f"fused-cut/{self.seed}/{index}/{difficulty}")
+            for i, p in enumerate(probs):
+                if rng.random() < self.truncate_prob:
+                    cuts[i] = rng.randrange(self.think_len(len(p.ops)))
+        return self.collate(probs, cuts)
+
+    # ---- ids and scoring ---------------------------------------------------------------------
+    def prompt_ids(self, problem: FusedProblem) -> list[int]:
+        return self.tokenizer.encode(problem.prompt_text)
+
+    def completion_ids(self, problem: FusedProblem) -> list[int]:
+        return self.tokenizer.encode(problem.completion_text)
+
+    def score(self, problem: FusedProblem, completion: Sequence[int]) -> bool:
+        return self.parse_answer(completion) == problem.answer
+
+    def parse_answer(self, completion_ids: Sequence[int]) -> int | None:
+        """The answer a generated completion states (text between ``</think>`` and ``<eos>``)."""
+        ids = list(completion_ids)
+        if self.end_think_id not in ids:
+            return None
+        rest = ids[ids.index(self.end_think_id) + 1:]
+        if self.eos_id in rest:
+            rest = rest[:rest.index(self.eos_id)]
+        text = self.tokenizer.decode(rest)
+        return int(text) if text.isdigit() else None
+
+    # ---- length bounds -----------------------------------------------------------------------
+    @staticmethod
+    def think_len(num_ops: int) -> int:
+        """Tokens of the trace of a ``num_ops``-step problem (``a op b = r`` per step, ``;`` between)."""
+        return 6 * num_ops - 1
+
+    def _level(self, difficulty: int | None) -> int:
+        difficulty = self.difficulty if difficulty is None else difficulty
+        if difficulty not in FUSED_OPS:
+            raise ValueError(f"FusedAnswerTask: difficulty must be one of {tuple(FUSED_OPS)}, got {difficulty!r}")
+        return difficulty
+
+    def max_think_len(self, difficulty: int | None = None) -> int:
+        return self.think_len(FUSED_OPS[self._level(difficulty)][1])
+
+    def max_answer_len(self) -> int:
+        """One digit and ``<eos>``."""
+        return 2
+
+    def max_new_tokens(self, problems: Sequence[FusedProblem]) -> int:
+        """The longest reference completion of ``problems`` plus slack for a model that rambles."""
+        return self.think_len(max((len(p.ops) for p in problems), default=1)) + 1 + self.max_answer_len() + 4

@@ -1,0 +1,109 @@
+"""The fused-answer task: disjoint splits, answers correct by construction, trained thinking caps."""
+import re
+
+import pytest
+import torch
+
+from elastic_kernels import tasks
+from elastic_kernels.tasks import FUSED_OPS, FusedAnswerTask
+
+
+def _evaluate(question: str, m: int) -> tuple[list[int], int]:
+    """Independent evaluation of a question text ``a0 op a1 ... | f,g``: the chain values and the answer."""
+    chain, keys = question.split("|")
+    f, g = (int(x) for x in keys.split(","))
+    nums = [int(x) for x in re.findall(r"\d", chain)]
+    ops = re.findall(r"[+\-*]", chain)
+    acc, vals = nums[0], []
+    for op, b in zip(ops, nums[1:]):
+        acc = {"+": acc + b, "-": acc - b, "*": acc * b}[op] % m
+        vals.append(acc)
+    return vals, (acc * f + g) % m
+
+
+@pytest.mark.parametrize("modulus,difficulty", [(10, 2), (7, 4), (2, 1)])
+def test_answers_correct_by_construction(modulus, difficulty):
+    t = FusedAnswerTask(modulus=modulus, difficulty=difficulty, seed=3)
+    lo, hi = FUSED_OPS[difficulty]
+    for p in t.problems("train", 300, seed=1):
+        vals, ans = _evaluate(p.question, modulus)
+        assert lo <= len(p.ops) <= hi
+        assert p.answer == ans and p.chain_value == vals[-1]
+        assert [r for *_, r in p.steps()] == vals
+        text = t.tokenizer.decode(t.prompt_ids(p) + t.completion_ids(p))
+        assert text == p.text and text.endswith(f"</think>{ans}<eos>")
+        trace = t.tokenizer.decode(t.completion_ids(p)).split("</think>")[0]
+        assert [int(s.split("=")[1]) for s in trace.split(";")] == vals
+        assert len(t.tokenizer.encode(trace)) == t.think_len(len(p.ops)) <= t.max_think_len()
+        assert t.score(p, t.completion_ids(p))
+        wrong = t.tokenizer.encode(f"{trace}</think>{(ans + 1) % modulus}<eos>")
+        assert not t.score(p, wrong)
+
+
+def test_splits_disjoint_and_deterministic():
+    t = FusedAnswerTask(seed=5)
+    qs = {s: {p.question for i in range(4) for p in t.problems(s, 400, seed=i)} for s in ("train", "val", "test")}
+    assert not qs["train"] & qs["val"] and not qs["train"] & qs["test"] and not qs["val"] & qs["test"]
+    assert all(t.split_of(p) == "test" for p in t.problems("test", 200, seed=0))
+    assert [p.question for p in t.problems("val", 50, seed=2)] == [p.question for p in t.problems("val", 50, seed=2)]
+    other = FusedAnswerTask(seed=6)
+    assert [p.question for p in t.problems("test", 50, seed=0)] != [p.question for p in other.problems("test", 50, seed=0)]
+    a, b = t.batch("train", 16, index=7), t.batch("train", 16, index=7)
+    assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.loss_mask, b.loss_mask)
+
+
+def test_trained_caps_cut_trace_with_forced_stop():
+    t = FusedAnswerTask(truncate_prob=0.5, seed=0)
+    probs = t.problems("train", 8, seed=0)
+    cuts = [0, 1, 3, None, 2, 0, None, 4]
+    b = t.collate(probs, cuts)
+    for i, (p, cut) in enumerate(zip(probs, cuts)):
+        prompt = t.prompt_ids(p)
+        full = t.completion_ids(p)
+        trace = full[:full.index(t.end_think_id)]
+        seq = b.input_ids[i].tolist() + [b.targets[i, -1].item()]
+        kept = trace if cut is None else trace[:cut]
+        want = prompt + kept + [t.end_think_id] + t.tokenizer.encode(f"{p.answer}<eos>")
+        assert seq[:len(want)] == want and all(x == t.pad_id for x in seq[len(want):])
+        mask = b.loss_mask[i].tolist()
+        # targets are the completion, except a forced </think> (an input the model never learns to emit)
+        stop = len(prompt) - 1 + len(kept)
+        for j, v in enumerate(mask):
+            inside = len(prompt) - 1 <= j < len(want) - 1
+            assert v == (1.0 if inside and not (cut is not None and j == stop) else 0.0), (i, j)
+        assert b.targets[i, stop] == t.end_think_id
+    with pytest.raises(ValueError, match="cut"):
+        t.collate(probs[:1], [t.think_len(len(probs[0].ops))])
+    with pytest.raises(ValueError, match="one entry per problem"):
+        t.collate(probs[:2], [None])
+
+
+def test_training_batches_cut_a_share_eval_batches_never():
+    t = FusedAnswerTask(truncate_prob=0.3, seed=1)
+    forced = total = 0
+    for i in range(20):
+        b = t.batch("train", 32, index=i)
+        stops = (b.targets == t.end_think_id)
+        forced += int((stops & (b.loss_mask == 0)).any(1).sum())
+        total += b.targets.shape[0]
+    assert 0.2 < forced / total < 0.4
+    for split in ("val", "test"):
+        b = t.batch(split, 64, index=0)
+        stops = (b.targets == t.end_think_id)
+        assert bool((b.loss_mask[stops] == 1).all())
+    none = FusedAnswerTask(truncate_prob=0.0).batch("train", 64, index=0)
+    assert bool((none.loss_mask[none.targets == t.end_think_id] == 1).all())
+
+
+def test_registry_roundtrip_and_validation():
+    t = tasks.get("fused", modulus=9, difficulty=3, seed=2, truncate_prob=0.1)
+    assert tasks.from_dict(t.to_dict()).to_dict() == t.to_dict()
+    assert "fused" in tasks.names() and "mod 9" in t.describe() and t.premise()
+    assert t.max_new_tokens(t.problems("val", 5, seed=0)) >= max(len(t.completion_ids(p)) for p in t.problems("val", 5, seed=0))
+    for kw, msg in [({"modulus": 11}, "modulus"), ({"difficulty": 6}, "difficulty"), ({"truncate_prob": 1.0},
+                                                                                         "truncate_prob")]:
+        with pytest.raises(ValueError, match=msg):
+            FusedAnswerTask(**kw)
+    with pytest.raises(ValueError, match="split"):
+        t.problems("dev", 3, seed=0)
+    assert t.vocab_size == len(t.tokenizer.itos) and t.tokenizer.decode(t.tokenizer.encode("1|2,3")) == "1|2,3"
