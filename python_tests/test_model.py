@@ -115,6 +115,10 @@ def test_config_json_round_trip():
     (dict(layer_sizes={"mamba_heads": (8,)}), "layer_sizes"),
     (dict(vocab_size=0), "vocab_size"),
     (dict(norm_eps=-1.0), "norm_eps"),
+    (dict(norm_eps=float("nan")), "norm_eps"),
+    (dict(init_std=float("nan")), "init_std"),
+    (dict(init_std=float("inf")), "init_std"),
+    (dict(init_std=-0.02), "init_std"),
 ])
 def test_bad_config_named_error(kw, match):
     with pytest.raises(ValueError, match=match):
@@ -128,6 +132,34 @@ def test_bad_config_types_and_json():
         ElasticHybridConfig.from_dict({"hidden": 3})
     with pytest.raises(ValueError, match="not valid JSON"):
         ElasticHybridConfig.from_json("{")
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_every_layer_kind_implements_the_protocol(name):
+    """Each registered kind: full sliced shapes are its parameter shapes, its axes name config
+    fields, quantizable weights are 2-D+ parameters, permuting by identity changes nothing."""
+    from elastic_kernels.models import LAYER_KINDS, ElasticLayer
+    model = make_model(name)
+    cfg = model.config
+    assert set(LAYER_KINDS) == set("ME*-")
+    for block in model.layers:
+        mixer = block.mixer
+        assert isinstance(mixer, ElasticLayer) and LAYER_KINDS[block.kind] is type(mixer)
+        assert set(mixer.sizes()) == {a.name for a in mixer.axes}
+        for a in mixer.axes:
+            assert mixer.sizes()[a.name] == cfg.full_size(a.name, block.occurrence) == getattr(cfg, a.size_field)
+        state = dict(mixer.state_dict())
+        assert {n: tuple(t.shape) for n, t in state.items()} == mixer.sliced_shapes(cfg.hidden_size, mixer.sizes())
+        assert all(state[n].dim() >= 2 for n in mixer.quantizable_weights())
+        before = {n: t.clone() for n, t in state.items()}
+        mixer.permute_("hidden", torch.arange(cfg.hidden_size))
+        for a in mixer.axes:
+            units = mixer.sizes()[a.name]
+            ident = torch.arange(units)
+            mixer.permute_(a.name, ident if a.name != "expert_ffn" else ident.expand(mixer.num_experts, units))
+        assert all(torch.equal(before[n], t) for n, t in mixer.state_dict().items())
+        with pytest.raises(ValueError, match="axis must be"):
+            mixer.permute_("bogus", torch.arange(3))
 
 
 def test_elastic_rmsnorm_active_prefix():

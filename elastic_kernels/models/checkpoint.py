@@ -64,23 +64,9 @@ def _config_sha(config: ElasticHybridConfig) -> str:
 
 
 def quantizable_weights(model: ElasticHybridLM) -> dict[str, str]:
-    """The linear weights a quantized checkpoint stores in NVFP4/FP8: ``{name: layout}``."""
-    out: dict[str, str] = {}
-    for i, block in enumerate(model.layers):
-        pre = f"layers.{i}.mixer."
-        if block.kind == "M":
-            out.update({pre + "in_heads": "flat", pre + "in_bc": "2d", pre + "out_proj": "2d"})
-        elif block.kind == "*":
-            out.update({pre + n: "2d" for n in ("q_proj", "k_proj", "v_proj", "o_proj")})
-        elif block.kind == "-":
-            out.update({pre + "up": "2d", pre + "down": "2d"})
-        else:
-            out.update({pre + "w1": "stacked", pre + "w2": "stacked"})
-            if block.mixer.shared is not None:
-                out.update({pre + "shared.up": "2d", pre + "shared.down": "2d"})
-    if model.lm_head is not None:
-        out["lm_head.weight"] = "2d"
-    return out
+    """The linear weights a quantized checkpoint stores in NVFP4/FP8: ``{name: layout}``
+    (:meth:`ElasticHybridLM.quantizable_weights`)."""
+    return model.quantizable_weights()
 
 
 def _qshape(shape: tuple, layout: str) -> tuple:

@@ -1,6 +1,6 @@
 """``ElasticHybridConfig`` (the architecture, JSON round-trip) and ``Budget`` (a nested submodel).
 
-Elastic axes (DESIGN §1); every submodel keeps a *prefix* of each axis:
+Elastic axes (docs/design.md §1); every submodel keeps a *prefix* of each axis:
 
 ======================  ===================================  =====================================
 axis                    units                                per layer?
@@ -18,11 +18,16 @@ import dataclasses
 import json
 import math
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
-AXES = ("hidden", "mamba_heads", "experts", "expert_ffn", "ffn")
-LAYER_KINDS = {"M": "mamba", "E": "moe", "*": "attention", "-": "ffn"}
-AXIS_LETTER = {"mamba_heads": "M", "experts": "E", "expert_ffn": "E", "ffn": "-"}
+from .layers import LAYER_KINDS
+from .protocol import LayerAxis
+
+#: per-layer axis name -> (its layer kind's letter, its LayerAxis), from the registered layer kinds
+LAYER_AXES: dict[str, tuple[str, LayerAxis]] = {a.name: (letter, a) for letter, cls in LAYER_KINDS.items()
+                                                for a in cls.axes}
+AXES = ("hidden",) + tuple(LAYER_AXES)
+AXIS_LETTER = {name: letter for name, (letter, _) in LAYER_AXES.items()}
 ROUTER_SCORES = ("softmax", "sigmoid")
 ACTIVATIONS = ("relu2", "silu", "gelu")
 
@@ -98,8 +103,7 @@ class ElasticHybridConfig:
             return self.hidden_size
         if self.layer_sizes is not None and axis in self.layer_sizes:
             return self.layer_sizes[axis][occurrence]
-        return {"mamba_heads": self.mamba_heads, "experts": self.moe_experts,
-                "expert_ffn": self.moe_ffn, "ffn": self.ffn_size}[axis]
+        return getattr(self, LAYER_AXES[axis][1].size_field)
 
     def num_units(self, axis: str) -> int:
         """How many layers carry ``axis`` (1 for hidden)."""
@@ -127,8 +131,8 @@ class ElasticHybridConfig:
             raise _err("pattern", f"must be a non-empty string of {tuple(LAYER_KINDS)}, got {self.pattern!r}")
         bad = sorted({c for c in self.pattern if c not in LAYER_KINDS})
         if bad:
-            raise _err("pattern", f"has unknown layer letter(s) {bad} in {self.pattern!r}; "
-                                  f"allowed: 'M' Mamba2, 'E' MoE, '*' attention, '-' dense FFN")
+            allowed = ", ".join(f"{letter!r} {cls.kind_name}" for letter, cls in LAYER_KINDS.items())
+            raise _err("pattern", f"has unknown layer letter(s) {bad} in {self.pattern!r}; allowed: {allowed}")
         if self.mamba_heads % self.mamba_groups:
             raise _err("mamba_heads", f"({self.mamba_heads}) must be a multiple of mamba_groups "
                                       f"({self.mamba_groups})")
@@ -149,8 +153,12 @@ class ElasticHybridConfig:
         elif isinstance(self.attn_head_dim, bool) or not isinstance(self.attn_head_dim, int) \
                 or self.attn_head_dim < 1:
             raise _err("attn_head_dim", f"must be None or a positive int, got {self.attn_head_dim!r}")
-        if not (isinstance(self.norm_eps, (int, float)) and self.norm_eps > 0):
-            raise _err("norm_eps", f"must be a positive float, got {self.norm_eps!r}")
+        for name in ("norm_eps", "init_std"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+                raise _err(name, f"must be a finite positive float, got {v!r}")
+        if not isinstance(self.tie_embeddings, bool):
+            raise TypeError(f"ElasticHybridConfig: tie_embeddings must be a bool, got {type(self.tie_embeddings).__name__}")
         if self.layer_sizes is not None:
             for axis, sizes in self.layer_sizes.items():
                 if axis not in AXES or axis == "hidden":
@@ -211,13 +219,13 @@ def _check_axis_size(config: ElasticHybridConfig, axis: str, size, name: str, li
     """A hard size of ``axis``: an int in [min, limit], a multiple of the group count for heads."""
     if isinstance(size, bool) or not isinstance(size, int):
         raise TypeError(f"{name} must be an int, got {type(size).__name__}")
-    lo = {"experts": config.moe_top_k, "mamba_heads": config.mamba_groups}.get(axis, 1)
+    spec = LAYER_AXES[axis][1] if axis != "hidden" else None
+    lo, mult = spec.bounds(config) if spec is not None else (1, 1)
     if size < lo or (limit is not None and size > limit):
         hi = f", {limit}]" if limit is not None else ", ...)"
         raise ValueError(f"{name}: {axis} size must lie in [{lo}{hi}, got {size}")
-    if axis == "mamba_heads" and size % config.mamba_groups:
-        raise ValueError(f"{name}: mamba_heads size ({size}) must be a multiple of mamba_groups "
-                         f"({config.mamba_groups}) (the first k heads of every group stay)")
+    if size % mult:
+        raise ValueError(f"{name}: {axis} size ({size}) must be a multiple of {spec.multiple_field} ({mult})")
     return size
 
 
@@ -253,8 +261,8 @@ class Budget:
                        **per_axis: float) -> "Budget":
         """A budget keeping ``fraction`` (or ``per_axis[axis]``) of every axis, rounded to valid sizes.
 
-        Heads round down to a multiple of the group count (at least one per group), experts to at
-        least ``moe_top_k``; every size is at least 1.
+        Sizes round down to a valid size of their axis (heads: a multiple of the group count, at
+        least one per group; experts: at least ``moe_top_k``); every size is at least 1.
         """
         unknown = sorted(set(per_axis) - set(AXES))
         if unknown:
@@ -270,10 +278,9 @@ class Budget:
             for occ in range(config.num_units(axis)):
                 full = config.full_size(axis, occ)
                 s = max(1, int(math.floor(f * full + 1e-9)))
-                if axis == "mamba_heads":
-                    s = max(config.mamba_groups, s // config.mamba_groups * config.mamba_groups)
-                if axis == "experts":
-                    s = max(config.moe_top_k, s)
+                if axis != "hidden":
+                    lo, mult = LAYER_AXES[axis][1].bounds(config)
+                    s = max(lo, s // mult * mult)
                 sizes.append(s)
             if axis == "hidden":
                 vals[axis] = sizes[0]
@@ -314,11 +321,3 @@ class Budget:
                 sizes.append(full if s is None else _check_axis_size(config, axis, s, f"Budget.{axis}", full))
             out[axis] = tuple(sizes)
         return out
-
-
-def budget_from_sizes(config: ElasticHybridConfig, sizes: Mapping[str, Sequence[int]]) -> Budget:
-    """The :class:`Budget` of resolved per-layer sizes (inverse of :meth:`Budget.resolve`)."""
-    kw: dict[str, Any] = {"hidden": int(sizes["hidden"][0])}
-    for axis in AXES[1:]:
-        kw[axis] = tuple(int(s) for s in sizes[axis])
-    return Budget(**kw)

@@ -1,4 +1,4 @@
-"""Public elastic layers of the reference model (reusable nn.Modules; DESIGN §2-§3).
+"""Public elastic layers of the reference model (reusable nn.Modules; docs/design.md §2-§3).
 
 Conventions shared by every layer:
 
@@ -11,13 +11,15 @@ Conventions shared by every layer:
   multiplied in (differentiable), see :mod:`elastic_kernels.models`.
 - Linear weights may also be :class:`~elastic_kernels.nvfp4.NVFP4Tensor` (W4A16 serving; the
   ``in_heads`` of the Mamba mixer then stored flat as ``(nheads * (2P+1), hidden)``).
-- ``sliced_shapes(k, ...)`` gives the prefix shape of every parameter of a submodel (for
-  ``param_count``, ``slice`` and nested checkpoints); every parameter slices as a prefix of every
-  dimension.
+- Every layer implements the per-layer protocol of :mod:`elastic_kernels.models.protocol`
+  (sizes, ``sliced_shapes(k, sizes, active)``, ``permute_(axis, perm)``, importance, quantizable
+  weights, decode caches); every parameter slices as a prefix of every dimension. The model's
+  layer kinds are :data:`LAYER_KINDS`, one class per pattern letter.
 """
 from __future__ import annotations
 
 import math
+from typing import Mapping
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -28,6 +30,7 @@ from ..ops.moe import moe_experts, moe_route
 from ..ops.nvfp4 import nvfp4_linear
 from ..ops.ssd import ssd_scan, ssd_state_update
 from .cache import AttentionLayerCache, MambaLayerCache
+from .protocol import ElasticLayer, LayerAxis, check_score, descending, permute_rows_
 
 def _compute_dtype(t: Tensor) -> torch.dtype:
     """Normalization statistics run in float32 at least (float64 stays float64)."""
@@ -84,7 +87,7 @@ def _hard_int(width, full: int, name: str) -> int:
     return width
 
 
-class ElasticRMSNorm(nn.Module):
+class ElasticRMSNorm(ElasticLayer):
     """RMSNorm over the active channel prefix: with ``k`` of ``dim`` channels active it
     normalizes over those ``k`` only, ``y = x / sqrt(mean_k(x^2) + eps) * weight[:k]``.
 
@@ -112,11 +115,12 @@ class ElasticRMSNorm(nn.Module):
             ms = (xf.square() * c).sum(-1, keepdim=True) / c.sum(-1, keepdim=True).clamp_min(1e-30)
         return (xf * torch.rsqrt(ms + self.eps) * self.weight[:k].to(cd)).to(x.dtype)
 
-    def sliced_shapes(self, k: int) -> dict[str, tuple]:
+    def sliced_shapes(self, k: int, sizes: Mapping[str, int] | None = None, active: bool = False) -> dict[str, tuple]:
         return {"weight": (k,)}
 
-    def permute_hidden_(self, perm: Tensor) -> None:
-        self.weight.data = self.weight.data[perm].contiguous()
+    def permute_(self, axis: str, perm: Tensor) -> None:
+        _only_hidden(self, axis)
+        permute_rows_(self.weight, perm)
 
 
 class ElasticGatedRMSNorm(nn.Module):
@@ -157,7 +161,7 @@ class ElasticGatedRMSNorm(nn.Module):
         return (gated * inv[..., None] * self.weight[:h].to(cd)).to(y.dtype)
 
 
-class ElasticMamba2Mixer(nn.Module):
+class ElasticMamba2Mixer(ElasticLayer):
     """Mamba2 mixer with elastic heads (interleaved layout: the first ``k`` heads of every group
     are the prefix ``[0, k * ngroups)``), on :func:`elastic_kernels.ssd_scan` /
     :func:`elastic_kernels.ssd_state_update`.
@@ -175,6 +179,16 @@ class ElasticMamba2Mixer(nn.Module):
         one-token steps use ``ssd_state_update``). max_active: host upper bound of per-sample
         ``active_heads`` (heads computed). Returns (batch, seqlen, k).
     """
+
+    letter, kind_name, cache_axis = "M", "Mamba2", "mamba_heads"
+    axes = (LayerAxis("mamba_heads", "mamba_heads", width_kw="active_heads", mask_kw="head_mask",
+                      max_kw="max_active", min_field="mamba_groups", multiple_field="mamba_groups"),)
+
+    @classmethod
+    def from_config(cls, c, occurrence: int) -> "ElasticMamba2Mixer":
+        """The ``occurrence``-th Mamba2 layer of an :class:`~elastic_kernels.models.ElasticHybridConfig`."""
+        return cls(c.hidden_size, c.full_size("mamba_heads", occurrence), c.mamba_head_dim, c.mamba_groups,
+                   c.mamba_state, c.mamba_conv_kernel, c.mamba_chunk_size, c.norm_eps, c.init_std)
 
     def __init__(self, hidden: int, nheads: int, head_dim: int, ngroups: int, d_state: int,
                  conv_kernel: int = 4, chunk_size: int = 64, eps: float = 1e-5, init_std: float = 0.02) -> None:
@@ -206,6 +220,19 @@ class ElasticMamba2Mixer(nn.Module):
             ssm=torch.zeros(batch, self.nheads, P, self.d_state, device=device,
                             dtype=torch.promote_types(dtype, torch.float32)))
 
+    def project_in(self, x: Tensor, heads: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """In-projection of ``x: (batch, seqlen, k)`` for the first ``heads`` heads: ``z``, ``x``
+        (batch, seqlen, heads, headdim), ``dt`` (batch, seqlen, heads) and ``B|C`` (batch, seqlen,
+        2 * ngroups * d_state), before the convolution."""
+        b, l, k = x.shape
+        P = self.head_dim
+        if isinstance(self.in_heads, NVFP4Tensor):  # stored flat: (nheads * (2P+1), hidden)
+            w_heads = self.in_heads[:heads * (2 * P + 1), :k]
+        else:
+            w_heads = self.in_heads[:heads, :, :k].reshape(heads * (2 * P + 1), k)
+        zxdt = _linear(x, w_heads).view(b, l, heads, 2 * P + 1)
+        return zxdt[..., :P], zxdt[..., P:2 * P], zxdt[..., 2 * P], _linear(x, self.in_bc[:, :k])
+
     def forward(self, x: Tensor, active_heads=None, head_mask: Tensor | None = None,
                 cache: MambaLayerCache | None = None, max_active: int | None = None) -> Tensor:
         b, l, k = x.shape
@@ -221,13 +248,7 @@ class ElasticMamba2Mixer(nn.Module):
         if l == 0:  # nothing to mix; the cache is unchanged
             return x.new_zeros(b, 0, k)
 
-        if isinstance(self.in_heads, NVFP4Tensor):  # stored flat: (nheads * (2P+1), hidden)
-            w_heads = self.in_heads[:hh * (2 * P + 1), :k]
-        else:
-            w_heads = self.in_heads[:hh, :, :k].reshape(hh * (2 * P + 1), k)
-        zxdt = _linear(x, w_heads).view(b, l, hh, 2 * P + 1)
-        z, xs, dt = zxdt[..., :P], zxdt[..., P:2 * P], zxdt[..., 2 * P]
-        bc = _linear(x, self.in_bc[:, :k])
+        z, xs, dt, bc = self.project_in(x, hh)
 
         # causal depthwise conv over (x heads, B, C), continuing the cached window
         u = torch.cat([xs.reshape(b, l, hh * P), bc], dim=-1).transpose(1, 2)  # (b, ch, l)
@@ -274,41 +295,73 @@ class ElasticMamba2Mixer(nn.Module):
         y = self.norm(y, z, hw)
         return _linear(y.reshape(b, l, hh * P), self.out_proj[:k, :hh * P])
 
-    def sliced_shapes(self, k: int, heads: int) -> dict[str, tuple]:
+    def sizes(self) -> dict[str, int]:
+        return {"mamba_heads": self.nheads}
+
+    def sliced_shapes(self, k: int, sizes: Mapping[str, int] | None = None, active: bool = False) -> dict[str, tuple]:
+        heads = (sizes or {}).get("mamba_heads", self.nheads)
         P, GN2, K = self.head_dim, 2 * self.ngroups * self.d_state, self.conv_kernel
         return {"in_heads": (heads, 2 * P + 1, k), "in_bc": (GN2, k), "conv_x_weight": (heads, P, K),
                 "conv_x_bias": (heads, P), "conv_bc_weight": (GN2, K), "conv_bc_bias": (GN2,),
                 "dt_bias": (heads,), "A_log": (heads,), "D": (heads,), "norm.weight": (heads, P),
                 "out_proj": (k, heads * P)}
 
-    def permute_hidden_(self, perm: Tensor) -> None:
-        self.in_heads.data = self.in_heads.data[:, :, perm].contiguous()
-        self.in_bc.data = self.in_bc.data[:, perm].contiguous()
-        self.out_proj.data = self.out_proj.data[perm].contiguous()
-
-    def permute_heads_(self, perm: Tensor) -> None:
-        """Reorder heads (``perm[new] = old``); every head must stay in its group."""
+    def permute_(self, axis: str, perm: Tensor) -> None:
+        """Reorder hidden channels or heads (``perm[new] = old``); every head must stay in its group."""
+        if axis == "hidden":
+            permute_rows_(self.in_heads, perm, 2)
+            permute_rows_(self.in_bc, perm, 1)
+            permute_rows_(self.out_proj, perm, 0)
+            return
+        _check_axis(self, axis)
         G = self.ngroups
         ar = torch.arange(self.nheads, device=perm.device)
         if not torch.equal(perm % G, ar % G) or not torch.equal(perm.sort().values, ar):
-            raise ValueError("ElasticMamba2Mixer.permute_heads_: perm must be a permutation that keeps "
+            raise ValueError("ElasticMamba2Mixer.permute_: perm must be a permutation that keeps "
                              "every head in its group (perm[h] % ngroups == h % ngroups)")
-        for name in ("in_heads", "conv_x_weight", "conv_x_bias", "dt_bias", "A_log", "D"):
-            p = getattr(self, name)
-            p.data = p.data[perm].contiguous()
-        self.norm.weight.data = self.norm.weight.data[perm].contiguous()
+        for p in (self.in_heads, self.conv_x_weight, self.conv_x_bias, self.dt_bias, self.A_log, self.D,
+                  self.norm.weight):
+            permute_rows_(p, perm)
         P = self.head_dim
-        self.out_proj.data = self.out_proj.data.view(self.hidden, self.nheads, P)[:, perm].reshape(
-            self.hidden, self.nheads * P).contiguous()
+        self.out_proj.data = self.out_proj.data.view(self.hidden, self.nheads, P)[:, perm.to(self.out_proj.device)] \
+            .reshape(self.hidden, self.nheads * P).contiguous()
+
+    def importance(self, x: Tensor) -> dict[str, Tensor]:
+        """``mamba_heads``: ``sum |X W_x,h^T|`` over the x-projection channels of each head."""
+        _, xs, _, _ = self.project_in(x, self.nheads)
+        return {"mamba_heads": xs.abs().double().sum(dim=(0, 1, 3))}
+
+    def permute_by_importance_(self, scores: Mapping[str, Tensor], where: str = "") -> dict[str, Tensor]:
+        """Heads ranked within their group, so the permutation keeps every head in its group."""
+        if "mamba_heads" not in scores:
+            return {}
+        s = check_score(f"scores['mamba_heads']{where}", scores["mamba_heads"], (self.nheads,)).cpu()
+        G = self.ngroups
+        perm = torch.empty(self.nheads, dtype=torch.int64)
+        for g in range(G):
+            heads = torch.arange(g, self.nheads, G)
+            perm[heads] = heads[descending(s[heads])]
+        perm = perm.to(self.A_log.device)
+        self.permute_("mamba_heads", perm)
+        return {"mamba_heads": perm}
+
+    def quantizable_weights(self) -> dict[str, str]:
+        return {"in_heads": "flat", "in_bc": "2d", "out_proj": "2d"}
 
 
-class GQAAttention(nn.Module):
+class GQAAttention(ElasticLayer):
     """Causal grouped-query attention (plain PyTorch SDPA), no positional encoding (as
     Nemotron-H: the Mamba layers carry position). Heads are not elastic; the hidden prefix is.
 
     ``forward(x, cache=None)``: x: (batch, seqlen, k); cache: :class:`AttentionLayerCache`
     (appended in place). Returns (batch, seqlen, k).
     """
+
+    letter, kind_name = "*", "attention"
+
+    @classmethod
+    def from_config(cls, c, occurrence: int) -> "GQAAttention":
+        return cls(c.hidden_size, c.attn_heads, c.attn_kv_heads, c.head_dim, c.init_std)
 
     def __init__(self, hidden: int, nheads: int, nkv_heads: int, head_dim: int, init_std: float = 0.02) -> None:
         super().__init__()
@@ -346,24 +399,34 @@ class GQAAttention(nn.Module):
             o = F.scaled_dot_product_attention(q, kk, vv, attn_mask=mask)
         return _linear(o.transpose(1, 2).reshape(b, l, self.nheads * hd), self.o_proj[:k])
 
-    def sliced_shapes(self, k: int) -> dict[str, tuple]:
+    def sliced_shapes(self, k: int, sizes: Mapping[str, int] | None = None, active: bool = False) -> dict[str, tuple]:
         nq, nkv = self.nheads * self.head_dim, self.nkv_heads * self.head_dim
         return {"q_proj": (nq, k), "k_proj": (nkv, k), "v_proj": (nkv, k), "o_proj": (k, nq)}
 
-    def permute_hidden_(self, perm: Tensor) -> None:
-        for name in ("q_proj", "k_proj", "v_proj"):
-            p = getattr(self, name)
-            p.data = p.data[:, perm].contiguous()
-        self.o_proj.data = self.o_proj.data[perm].contiguous()
+    def permute_(self, axis: str, perm: Tensor) -> None:
+        _only_hidden(self, axis)
+        for p in (self.q_proj, self.k_proj, self.v_proj):
+            permute_rows_(p, perm, 1)
+        permute_rows_(self.o_proj, perm, 0)
+
+    def quantizable_weights(self) -> dict[str, str]:
+        return {n: "2d" for n in ("q_proj", "k_proj", "v_proj", "o_proj")}
 
 
-class ElasticFFN(nn.Module):
+class ElasticFFN(ElasticLayer):
     """Dense (non-gated) FFN with elastic intermediate width: ``down(act(up(x)) * mask)``.
 
     ``forward(x, width=None, mask=None, max_width=None)``: x: (batch, ..., k); width: None | int |
     LongTensor (batch,); mask: (ffn,) or (batch, ffn) soft channel scale; max_width: host upper
     bound of per-sample widths. Returns (batch, ..., k).
     """
+
+    letter, kind_name = "-", "dense FFN"
+    axes = (LayerAxis("ffn", "ffn_size", width_kw="width", mask_kw="mask", max_kw="max_width"),)
+
+    @classmethod
+    def from_config(cls, c, occurrence: int) -> "ElasticFFN":
+        return cls(c.hidden_size, c.full_size("ffn", occurrence), c.ffn_activation, c.init_std)
 
     def __init__(self, hidden: int, ffn: int, activation: str = "relu2", init_std: float = 0.02) -> None:
         super().__init__()
@@ -382,19 +445,28 @@ class ElasticFFN(nn.Module):
             a = a * (_per_sample(c, x.dim() - 1) if c.dim() == 2 else c).to(a.dtype)
         return _linear(a, self.down[:k, :f])
 
-    def sliced_shapes(self, k: int, width: int) -> dict[str, tuple]:
+    def sizes(self) -> dict[str, int]:
+        return {"ffn": self.ffn}
+
+    def sliced_shapes(self, k: int, sizes: Mapping[str, int] | None = None, active: bool = False) -> dict[str, tuple]:
+        width = (sizes or {}).get("ffn", self.ffn)
         return {"up": (width, k), "down": (k, width)}
 
-    def permute_hidden_(self, perm: Tensor) -> None:
-        self.up.data = self.up.data[:, perm].contiguous()
-        self.down.data = self.down.data[perm].contiguous()
+    def permute_(self, axis: str, perm: Tensor) -> None:
+        if axis != "hidden":
+            _check_axis(self, axis)
+        permute_rows_(self.up, perm, 1 if axis == "hidden" else 0)
+        permute_rows_(self.down, perm, 0 if axis == "hidden" else 1)
 
-    def permute_channels_(self, perm: Tensor) -> None:
-        self.up.data = self.up.data[perm].contiguous()
-        self.down.data = self.down.data[:, perm].contiguous()
+    def importance(self, x: Tensor) -> dict[str, Tensor]:
+        """``ffn``: ``sum |X W_up,i^T|`` per intermediate neuron."""
+        return {"ffn": _linear(x, self.up[:, :x.shape[-1]]).abs().double().reshape(-1, self.ffn).sum(0)}
+
+    def quantizable_weights(self) -> dict[str, str]:
+        return {"up": "2d", "down": "2d"}
 
 
-class ElasticEmbedding(nn.Module):
+class ElasticEmbedding(ElasticLayer):
     """Token embedding keeping the first ``k`` channels: ``forward(ids, k=None) -> (..., k)``."""
 
     def __init__(self, vocab: int, hidden: int, init_std: float = 0.02) -> None:
@@ -406,14 +478,15 @@ class ElasticEmbedding(nn.Module):
         k = self.hidden if k is None else k
         return F.embedding(ids, self.weight[:, :k])
 
-    def sliced_shapes(self, k: int) -> dict[str, tuple]:
+    def sliced_shapes(self, k: int, sizes: Mapping[str, int] | None = None, active: bool = False) -> dict[str, tuple]:
         return {"weight": (self.vocab, k)}
 
-    def permute_hidden_(self, perm: Tensor) -> None:
-        self.weight.data = self.weight.data[:, perm].contiguous()
+    def permute_(self, axis: str, perm: Tensor) -> None:
+        _only_hidden(self, axis)
+        permute_rows_(self.weight, perm, 1)
 
 
-class ElasticLMHead(nn.Module):
+class ElasticLMHead(ElasticLayer):
     """Output projection from the first ``k`` channels: ``forward(x (..., k)) -> (..., vocab)``."""
 
     def __init__(self, vocab: int, hidden: int, init_std: float = 0.02) -> None:
@@ -424,14 +497,18 @@ class ElasticLMHead(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return _linear(x, self.weight[:, :x.shape[-1]])
 
-    def sliced_shapes(self, k: int) -> dict[str, tuple]:
+    def quantizable_weights(self) -> dict[str, str]:
+        return {"weight": "2d"}
+
+    def sliced_shapes(self, k: int, sizes: Mapping[str, int] | None = None, active: bool = False) -> dict[str, tuple]:
         return {"weight": (self.vocab, k)}
 
-    def permute_hidden_(self, perm: Tensor) -> None:
-        self.weight.data = self.weight.data[:, perm].contiguous()
+    def permute_(self, axis: str, perm: Tensor) -> None:
+        _only_hidden(self, axis)
+        permute_rows_(self.weight, perm, 1)
 
 
-class ElasticMoE(nn.Module):
+class ElasticMoE(ElasticLayer):
     """MoE block (Nemotron-style non-gated experts) on :func:`elastic_kernels.moe_route` /
     :func:`elastic_kernels.moe_experts`, with elastic experts and expert FFN width, plus an
     optional always-on shared expert (hidden-elastic only).
@@ -443,6 +520,15 @@ class ElasticMoE(nn.Module):
         expert_mask: (E,) or (batch, E) soft, added to the router logits as ``log(m)``;
         channel_mask: (F,) or (batch, F) soft, the op's ``channel_scale``. Returns like x.
     """
+
+    letter, kind_name = "E", "MoE"
+    axes = (LayerAxis("experts", "moe_experts", width_kw="num_experts", mask_kw="expert_mask", min_field="moe_top_k"),
+            LayerAxis("expert_ffn", "moe_ffn", width_kw="ffn_width", mask_kw="channel_mask"))
+
+    @classmethod
+    def from_config(cls, c, occurrence: int) -> "ElasticMoE":
+        return cls(c.hidden_size, c.full_size("experts", occurrence), c.moe_top_k, c.full_size("expert_ffn", occurrence),
+                   c.moe_shared_ffn, c.moe_score, c.moe_activation, c.init_std)
 
     def __init__(self, hidden: int, num_experts: int, top_k: int, ffn: int, shared_ffn: int = 0,
                  score: str = "softmax", activation: str = "relu2", init_std: float = 0.02) -> None:
@@ -513,28 +599,92 @@ class ElasticMoE(nn.Module):
             y = y + self.shared(xt)
         return y.reshape(shape)
 
-    def sliced_shapes(self, k: int, experts: int, ffn: int) -> dict[str, tuple]:
-        out = {"router": (experts, k), "w1": (experts, ffn, k), "w2": (experts, k, ffn)}
+    def sizes(self) -> dict[str, int]:
+        return {"experts": self.num_experts, "expert_ffn": self.ffn}
+
+    def sliced_shapes(self, k: int, sizes: Mapping[str, int] | None = None, active: bool = False) -> dict[str, tuple]:
+        """``active``: the routed expert weights counted for ``top_k`` experts (what one token uses)."""
+        sizes = sizes or {}
+        e, f = sizes.get("experts", self.num_experts), sizes.get("expert_ffn", self.ffn)
+        used = self.top_k if active else e
+        out = {"router": (e, k), "w1": (used, f, k), "w2": (used, k, f)}
+        if self.correction_bias is not None:
+            out["correction_bias"] = (e,)
         if self.shared is not None:
-            out.update({f"shared.{n}": s for n, s in self.shared.sliced_shapes(k, self.shared.ffn).items()})
+            out.update({f"shared.{n}": s for n, s in self.shared.sliced_shapes(k).items()})
         return out
 
-    def permute_hidden_(self, perm: Tensor) -> None:
-        self.router.data = self.router.data[:, perm].contiguous()
-        self.w1.data = self.w1.data[:, :, perm].contiguous()
-        self.w2.data = self.w2.data[:, perm].contiguous()
-        if self.shared is not None:
-            self.shared.permute_hidden_(perm)
-
-    def permute_experts_(self, perm: Tensor) -> None:
-        for name in ("router", "w1", "w2"):
-            p = getattr(self, name)
-            p.data = p.data[perm].contiguous()
-        if self.correction_bias is not None:
-            self.correction_bias.data = self.correction_bias.data[perm].contiguous()
-
-    def permute_expert_channels_(self, perm: Tensor) -> None:
-        """``perm: (E, F)``: per-expert channel order (``perm[e, new] = old``)."""
-        idx = perm.to(torch.int64)
+    def permute_(self, axis: str, perm: Tensor) -> None:
+        """``perm``: (hidden,), (E,) for ``experts``, or (E, F) for ``expert_ffn`` (every expert's
+        channel order, ``perm[e, new] = old``)."""
+        if axis == "hidden":
+            permute_rows_(self.router, perm, 1)
+            permute_rows_(self.w1, perm, 2)
+            permute_rows_(self.w2, perm, 1)
+            if self.shared is not None:
+                self.shared.permute_("hidden", perm)
+            return
+        _check_axis(self, axis)
+        if axis == "experts":
+            for p in (self.router, self.w1, self.w2):
+                permute_rows_(p, perm)
+            if self.correction_bias is not None:
+                permute_rows_(self.correction_bias, perm)
+            return
+        idx = perm.to(device=self.w1.device, dtype=torch.int64)
         self.w1.data = torch.gather(self.w1.data, 1, idx[:, :, None].expand_as(self.w1.data)).contiguous()
         self.w2.data = torch.gather(self.w2.data, 2, idx[:, None, :].expand_as(self.w2.data)).contiguous()
+
+    def importance(self, x: Tensor) -> dict[str, Tensor]:
+        """``experts``: ``sum ||w_t,e expert_e(x_t)||_2`` over the tokens routed to ``e`` (the
+        layer's own routing and expert op, one top-k slot at a time); ``expert_ffn`` (E, F):
+        ``sum |x_t W1[e, i]^T|`` over the tokens routed to ``e``."""
+        xt = x.reshape(-1, x.shape[-1])
+        w, ids, _ = self.route(xt)
+        f64 = dict(dtype=torch.float64, device=x.device)
+        experts, channels = torch.zeros(self.num_experts, **f64), torch.zeros(self.num_experts, self.ffn, **f64)
+        for j in range(self.top_k):
+            out = moe_experts(xt, w[:, j:j + 1].to(xt.dtype), ids[:, j:j + 1], self.w1, self.w2,
+                              activation=self.activation)
+            experts.index_add_(0, ids[:, j], out.double().norm(dim=-1))
+        for e in range(self.num_experts):
+            tok = (ids == e).any(1)
+            if tok.any():
+                channels[e] = _linear(xt[tok], self.w1[e]).abs().double().sum(0)
+        return {"experts": experts, "expert_ffn": channels}
+
+    def permute_by_importance_(self, scores: Mapping[str, Tensor], where: str = "") -> dict[str, Tensor]:
+        """Expert channels first (their scores are indexed by the current expert order), then experts."""
+        perms = {}
+        if "expert_ffn" in scores:
+            s = check_score(f"scores['expert_ffn']{where}", scores["expert_ffn"], (self.num_experts, self.ffn))
+            perms["expert_ffn"] = torch.sort(s, dim=1, descending=True, stable=True).indices.to(self.w1.device)
+            self.permute_("expert_ffn", perms["expert_ffn"])
+        if "experts" in scores:
+            s = check_score(f"scores['experts']{where}", scores["experts"], (self.num_experts,))
+            perms["experts"] = descending(s).to(self.w1.device)
+            self.permute_("experts", perms["experts"])
+        return perms
+
+    def quantizable_weights(self) -> dict[str, str]:
+        out = {"w1": "stacked", "w2": "stacked"}
+        if self.shared is not None:
+            out.update({f"shared.{n}": v for n, v in self.shared.quantizable_weights().items()})
+        return out
+
+
+def _only_hidden(layer: nn.Module, axis: str) -> None:
+    if axis != "hidden":
+        raise ValueError(f"{type(layer).__name__}.permute_: axis must be 'hidden', got {axis!r}")
+
+
+def _check_axis(layer: ElasticLayer, axis: str) -> None:
+    names = ["hidden"] + [a.name for a in layer.axes]
+    if axis not in names:
+        raise ValueError(f"{type(layer).__name__}.permute_: axis must be one of {names}, got {axis!r}")
+
+
+#: The layer kinds of the hybrid model, one per pattern letter. A new kind is an ElasticLayer
+#: subclass (docs: :mod:`elastic_kernels.models.protocol`) added here.
+LAYER_KINDS: dict[str, type[ElasticLayer]] = {cls.letter: cls for cls in (ElasticMamba2Mixer, ElasticMoE,
+                                                                            GQAAttention, ElasticFFN)}

@@ -1,4 +1,18 @@
-"""``ElasticHybridLM``: the Nemotron-H-like hybrid assembled from the public elastic layers."""
+"""``ElasticHybridLM``: the Nemotron-H-like hybrid assembled from the public elastic layers.
+
+Budgets (:class:`~elastic_kernels.models.Budget`) cut hard widths: weights are used as prefix
+views and the ops get int widths, or per-sample LongTensors for a sequence of budgets (each sample
+then equals running it alone at its budget). Soft masks (router training, docs/design.md §3) are a
+dict ``{axis: value}`` over :data:`~elastic_kernels.models.AXES`; ``value`` is a float tensor over
+the axis's units in nesting order, ``(units,)`` or ``(batch, units)`` with ``units`` the layer's
+full size, or for a per-layer axis a sequence with one entry (tensor or None) per layer of that
+kind. Masks multiply in (differentiable) after the hard widths cut; a 0/1 prefix mask gives the
+hard-width result. Per axis: ``hidden`` scales the embedding output and every layer's output and
+weighs every RMSNorm's mean square (``sum(m x^2) / sum(m)``); ``mamba_heads`` is the scan's
+``head_scale`` and the gated norm's head weights; ``experts`` adds ``log(m)`` to the router logits
+(m = 0 removes an expert); ``expert_ffn`` is the expert op's ``channel_scale``; ``ffn`` scales the
+dense FFN's intermediate activation. Logits are float32 (float64 for a float64 model).
+"""
 from __future__ import annotations
 
 import dataclasses
@@ -12,17 +26,8 @@ from torch import Tensor
 
 from ..nvfp4 import NVFP4Tensor
 from .cache import HybridCache
-from .config import AXES, AXIS_LETTER, Budget, ElasticHybridConfig
-from .layers import (ElasticEmbedding, ElasticFFN, ElasticLMHead, ElasticMamba2Mixer, ElasticMoE, ElasticRMSNorm,
-                     GQAAttention, _unit_weights)
-
-# per layer letter: (axis, mixer keyword for the hard width, keyword for the host maximum, mask keyword)
-_LAYER_AXES = {
-    "M": (("mamba_heads", "active_heads", "max_active", "head_mask"),),
-    "E": (("experts", "num_experts", None, "expert_mask"), ("expert_ffn", "ffn_width", None, "channel_mask")),
-    "-": (("ffn", "width", "max_width", "mask"),),
-    "*": (),
-}
+from .config import AXES, AXIS_LETTER, LAYER_AXES, Budget, ElasticHybridConfig
+from .layers import LAYER_KINDS, ElasticEmbedding, ElasticLMHead, ElasticRMSNorm, _unit_weights
 
 
 class HybridBlock(nn.Module):
@@ -46,7 +51,8 @@ def _is_budget_list(budget) -> bool:
 
 
 class ElasticHybridLM(nn.Module):
-    """The elastic hybrid reference LM; see :mod:`elastic_kernels.models` for the full API."""
+    """The elastic hybrid reference LM (docs/design.md §1-§3): ``forward(input_ids, budget=None,
+    soft_masks=None, cache=None)``, budgets, sizes, slicing and decode caches."""
 
     def __init__(self, config: ElasticHybridConfig) -> None:
         super().__init__()
@@ -55,21 +61,11 @@ class ElasticHybridLM(nn.Module):
         c = self.config = config
         d, std = c.hidden_size, c.init_std
         self.embed = ElasticEmbedding(c.vocab_size, d, std)
-        blocks, seen = [], {letter: 0 for letter in "ME*-"}
+        blocks, seen = [], {letter: 0 for letter in LAYER_KINDS}
         for letter in c.pattern:
             occ = seen[letter]
             seen[letter] += 1
-            if letter == "M":
-                mixer = ElasticMamba2Mixer(d, c.full_size("mamba_heads", occ), c.mamba_head_dim, c.mamba_groups,
-                                           c.mamba_state, c.mamba_conv_kernel, c.mamba_chunk_size, c.norm_eps, std)
-            elif letter == "E":
-                mixer = ElasticMoE(d, c.full_size("experts", occ), c.moe_top_k, c.full_size("expert_ffn", occ),
-                                   c.moe_shared_ffn, c.moe_score, c.moe_activation, std)
-            elif letter == "-":
-                mixer = ElasticFFN(d, c.full_size("ffn", occ), c.ffn_activation, std)
-            else:
-                mixer = GQAAttention(d, c.attn_heads, c.attn_kv_heads, c.head_dim, std)
-            blocks.append(HybridBlock(letter, ElasticRMSNorm(d, c.norm_eps), mixer, occ))
+            blocks.append(HybridBlock(letter, ElasticRMSNorm(d, c.norm_eps), LAYER_KINDS[letter].from_config(c, occ), occ))
         self.layers = nn.ModuleList(blocks)
         self.norm_f = ElasticRMSNorm(d, c.norm_eps)
         self.lm_head = None if c.tie_embeddings else ElasticLMHead(c.vocab_size, d, std)
@@ -103,11 +99,11 @@ class ElasticHybridLM(nn.Module):
         kwargs = []
         for block in self.layers:
             kw: dict[str, Any] = {}
-            for axis, key, max_key, _ in _LAYER_AXES[block.kind]:
-                hi, t = width(axis, block.occurrence)
-                kw[key] = hi if t is None else t
-                if t is not None and max_key is not None:
-                    kw[max_key] = hi
+            for a in block.mixer.axes:
+                hi, t = width(a.name, block.occurrence)
+                kw[a.width_kw] = hi if t is None else t
+                if t is not None and a.max_kw is not None:
+                    kw[a.max_kw] = hi
             kwargs.append(kw)
         return _Plan(hidden, hidden_t, kwargs)
 
@@ -141,10 +137,8 @@ class ElasticHybridLM(nn.Module):
         p = self.embed.weight
         device = p.device if device is None else device
         dtype = p.dtype if dtype is None else dtype
-        layers, units = [], []
-        for block in self.layers:
-            layers.append(block.mixer.new_cache(batch, device, dtype) if block.kind in "M*" else None)
-            units.append(("mamba_heads", block.occurrence) if block.kind == "M" else None)
+        layers = [block.mixer.new_cache(batch, device, dtype) for block in self.layers]
+        units = [None if b.mixer.cache_axis is None else (b.mixer.cache_axis, b.occurrence) for b in self.layers]
         return HybridCache(layers=layers, batch=batch, units=units)
 
     def forward(self, input_ids: Tensor, budget=None, soft_masks: Mapping[str, Any] | None = None,
@@ -184,11 +178,11 @@ class ElasticHybridLM(nn.Module):
         for i, block in enumerate(self.layers):
             y = block.norm(h, plan.hidden_t, hmask)
             kw = dict(plan.layer_kwargs[i])
-            for axis, _, _, mask_key in _LAYER_AXES[block.kind]:
-                m = self._mask_for(soft_masks, axis, block.occurrence, b)
+            for a in block.mixer.axes:
+                m = self._mask_for(soft_masks, a.name, block.occurrence, b)
                 if m is not None:
-                    kw[mask_key] = m
-            if cache is not None and block.kind in "M*":
+                    kw[a.mask_kw] = m
+            if cache is not None and cache.layers[i] is not None:
                 kw["cache"] = cache.layers[i]
             y = block.mixer(y, **kw)
             h = h + (y * hw if hw is not None else y)
@@ -207,26 +201,23 @@ class ElasticHybridLM(nn.Module):
         k = sizes["hidden"][0]
         out = {f"embed.{n}": s for n, s in self.embed.sliced_shapes(k).items()}
         for i, block in enumerate(self.layers):
-            o = block.occurrence
             out[f"layers.{i}.norm.weight"] = (k,)
-            if block.kind == "M":
-                shapes = block.mixer.sliced_shapes(k, sizes["mamba_heads"][o])
-            elif block.kind == "E":
-                shapes = block.mixer.sliced_shapes(k, sizes["experts"][o], sizes["expert_ffn"][o])
-                if block.mixer.correction_bias is not None:
-                    shapes["correction_bias"] = (sizes["experts"][o],)
-                if active:
-                    tk = self.config.moe_top_k
-                    shapes["w1"] = (tk,) + tuple(shapes["w1"][1:])
-                    shapes["w2"] = (tk,) + tuple(shapes["w2"][1:])
-            elif block.kind == "-":
-                shapes = block.mixer.sliced_shapes(k, sizes["ffn"][o])
-            else:
-                shapes = block.mixer.sliced_shapes(k)
+            own = {a.name: sizes[a.name][block.occurrence] for a in block.mixer.axes}
+            shapes = block.mixer.sliced_shapes(k, own, active)
             out.update({f"layers.{i}.mixer.{n}": s for n, s in shapes.items()})
         out["norm_f.weight"] = (k,)
         if self.lm_head is not None:
             out["lm_head.weight"] = self.lm_head.sliced_shapes(k)["weight"]
+        return out
+
+    def quantizable_weights(self) -> dict[str, str]:
+        """The linear weights a quantized checkpoint stores in NVFP4/FP8: ``{state-dict name:
+        layout}`` (layouts: see :meth:`~elastic_kernels.models.protocol.ElasticLayer.quantizable_weights`)."""
+        out = {}
+        for i, block in enumerate(self.layers):
+            out.update({f"layers.{i}.mixer.{n}": v for n, v in block.mixer.quantizable_weights().items()})
+        if self.lm_head is not None:
+            out.update({f"lm_head.{n}": v for n, v in self.lm_head.quantizable_weights().items()})
         return out
 
     def nvfp4_weights(self) -> dict[str, NVFP4Tensor]:
@@ -286,9 +277,9 @@ class ElasticHybridLM(nn.Module):
         c = self.config
         fields: dict[str, Any] = {"hidden_size": sizes["hidden"][0], "attn_head_dim": c.head_dim,
                                   "nested_choices": {a: (1.0,) for a in AXES}}
-        scalar = {"mamba_heads": "mamba_heads", "experts": "moe_experts", "expert_ffn": "moe_ffn", "ffn": "ffn_size"}
         layer_sizes = {}
-        for axis, fname in scalar.items():
+        for axis, (_, spec) in LAYER_AXES.items():
+            fname = spec.size_field
             vals = sizes[axis]
             if len(set(vals)) <= 1:
                 if vals:
