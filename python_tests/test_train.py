@@ -13,8 +13,9 @@ from elastic_kernels.train.config import build_parser, config_from_args, make_co
 from elastic_kernels.tasks import ArithmeticTask, Problem
 from elastic_kernels.tasks.arithmetic import Tokenizer
 from elastic_kernels.train.losses import forward_kl, masked_ce
-from elastic_kernels.train.router import (AxisSpec, BudgetRouters, anneal_temperature, budget_weights,
-                                          curriculum_probs, gumbel_softmax, prefix_mask, ramp_scale,
+from elastic_kernels.train.router import (AxisSpec, BudgetRouters, budget_weights, decay_temperature,
+                                          curriculum_probs, full_choice_loss, gumbel_softmax, pin_full,
+                                          prefix_mask, ramp_scale,
                                           router_size_loss, sample_budget_indices)
 
 
@@ -129,20 +130,48 @@ def test_gumbel_softmax_and_masks():
     assert torch.allclose(probs.grad, torch.tensor([[2.0, 4.0, 8.0]]))  # d(expected width)/dp = widths
     with pytest.raises(ValueError, match="tau"):
         gumbel_softmax(logits, tau=0.0)
+    # hard: one-hot forward, soft gradient (straight-through)
+    soft = gumbel_softmax(logits, tau=1.0, generator=torch.Generator().manual_seed(1))
+    hard = gumbel_softmax(logits, tau=1.0, hard=True, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(hard.detach(), torch.nn.functional.one_hot(soft.argmax(-1), 5).float())
+    w = torch.randn(5)
+    ga = torch.autograd.grad((soft * w).sum(), logits)[0]
+    gb = torch.autograd.grad((hard * w).sum(), logits)[0]
+    assert torch.allclose(ga, gb)
 
+
+def test_full_budget_is_pinned_to_the_parent():
+    specs = [AxisSpec("a", 1, (4, 8)), AxisSpec("b", 2, (1, 2, 3))]
+    routers = BudgetRouters(specs, [1.0, 0.5])
+    t = torch.tensor([1.0, 0.5, 0.75])
+    probs = routers.sample(t, tau=1.0, scale=1.0, generator=torch.Generator().manual_seed(0))
+    for v in probs.values():
+        assert torch.equal(v[0], torch.nn.functional.one_hot(torch.full((v.shape[1],), v.shape[-1] - 1),
+                                                             v.shape[-1]).float())
+        assert not torch.equal(v[1], v[0])
+    ch = routers.choose(t)
+    assert ch["a"][0].tolist() == [1] and ch["b"][0].tolist() == [2, 2]
+    loss = full_choice_loss(routers)
+    loss.backward()
+    assert loss > 0 and all(p.grad is not None for p in routers.parameters())
+    assert pin_full(probs["a"], torch.tensor([0.5, 0.5, 0.5])) is probs["a"]
 
 def test_schedules():
-    assert anneal_temperature(0.0) == pytest.approx(1.0)
-    assert anneal_temperature(1.0) == pytest.approx(0.05)
-    assert anneal_temperature(0.5) == pytest.approx(math.sqrt(0.05))
-    assert anneal_temperature(2.0) == pytest.approx(0.05)
+    assert decay_temperature(0) == pytest.approx(1.0)
+    assert decay_temperature(400) == pytest.approx(0.9999 ** 400)
+    assert decay_temperature(10 ** 6) == pytest.approx(0.05)  # floored
+    assert decay_temperature(10, 2.0, 0.5, 1e-3) == pytest.approx(2.0 / 1024)
     assert ramp_scale(0.0) == 1.0 and ramp_scale(1.0) == 10.0 and ramp_scale(0.5) == 5.5
-    ts = [anneal_temperature(i / 10) for i in range(11)]
+    ts = [decay_temperature(100 * i) for i in range(11)]
     assert all(a > b for a, b in zip(ts, ts[1:]))
+    with pytest.raises(ValueError, match="decay"):
+        decay_temperature(1, decay=1.5)
 
 
 def test_curriculum():
     assert curriculum_probs(3, "A") == pytest.approx([1 / 3] * 3)
+    assert curriculum_probs(3, "A", full_prob=0.4) == pytest.approx([0.4, 0.3, 0.3])
+    assert curriculum_probs(1, "B") == [1.0]
     assert curriculum_probs(3, "B") == pytest.approx([0.5, 0.3, 0.2])
     assert curriculum_probs(4, "B") == pytest.approx([0.5, 0.15, 0.15, 0.2])
     assert curriculum_probs(2, "B") == pytest.approx([0.5 / 0.7, 0.2 / 0.7])
@@ -169,7 +198,8 @@ def test_router_learns_size_targets():
     steps = 120
     for step in range(steps):
         t = torch.tensor(budgets)
-        probs = routers.sample(t, tau=anneal_temperature(step / steps), scale=ramp_scale(step / steps), generator=g)
+        probs = routers.sample(t, tau=decay_temperature(step, 1.0, 0.975), scale=ramp_scale(step / steps),
+                               generator=g)
         widths = {k: (p * torch.tensor(routers.specs[k].choices, dtype=p.dtype)).sum(-1) for k, p in probs.items()}
         loss = router_size_loss(cost(widths), t * full, tolerance=0.01)
         opt.zero_grad()

@@ -28,6 +28,9 @@ class TrainConfig:
     stop_after: int = _f(0, "stop (with a resumable checkpoint) after this many optimizer steps in this "
                             "invocation; 0 = run to the end. For tests of interruption")
     # task
+    task: str = _f("fused", "generated task (elastic_kernels.tasks): fused (chain arithmetic whose answer is one hard "
+                            "fused step; thinking caps trained) | arithmetic (the answer copies the trace's last value)")
+    task_args: dict = _f({}, "extra task keyword arguments as JSON, e.g. {\"truncate_prob\": 0.25} for fused")
     modulus: int = _f(10, "arithmetic modulus; numbers are in [0, modulus)")
     difficulty: int = _f(2, "difficulty level 1-5 (number of chained operations per problem)")
     stage_b_difficulty: int = _f(0, "difficulty in curriculum stage B (longer sequences); 0 = same as difficulty")
@@ -36,7 +39,8 @@ class TrainConfig:
     # model
     model: dict = _f({}, "ElasticHybridConfig fields as JSON, merged over the preset's model")
     budgets: list = _f([1.0, 0.75, 0.5], "target budgets as fractions of the parent's parameters (comma list)")
-    budget_metric: str = _f("active", "which parameter count the budgets refer to: active | total")
+    budget_metric: str = _f("total", "which parameter count the budgets refer to: total (the paper's sizes) | "
+                                     "active (top-k experts; leaves the expert count free); both are reported")
     # stage 0: parent
     batch_size: int = _f(32, "global batch size (split across ranks)")
     parent_steps: int = _f(1000, "stage 0 optimizer steps (parent trained from scratch)")
@@ -56,8 +60,15 @@ class TrainConfig:
                                         "budget inputs on the size loss alone (0 = only the trained budgets)")
     router_tolerance: float = _f(0.02, "tolerance band of the router size loss |params/target - 1|")
     kd_temperature: float = _f(1.0, "distillation temperature of the forward KL")
-    tau_start: float = _f(1.0, "Gumbel-softmax temperature at the start of stage 2")
-    tau_end: float = _f(0.05, "Gumbel-softmax temperature at the end of stage 2")
+    tau_start: float = _f(1.0, "Gumbel-softmax temperature at the start of stage 2 (reference tau_init)")
+    tau_decay: float = _f(0.9999, "per-step temperature decay: tau = tau_start * tau_decay**step (reference)")
+    tau_min: float = _f(0.05, "floor of the Gumbel-softmax temperature")
+    hard_sample_prob: float = _f(0.004, "probability per step of a hard (straight-through one-hot) Gumbel sample "
+                                        "(reference: 1 - hard_sample_th = 0.004)")
+    full_prob: float = _f(0.33, "curriculum stage A probability of drawing the full model (reference "
+                                "original_model_sample_prob); the other budgets share the rest")
+    full_pin_weight: float = _f(1.0, "weight of the loss pulling the routers' 1.0 choice to the full size (budget "
+                                     "1.0 itself always runs the unrouted parent)")
     scale_start: float = _f(1.0, "router logit scale at the start of stage 2")
     scale_end: float = _f(10.0, "router logit scale at the end of stage 2")
     stage_a_fraction: float = _f(0.5, "fraction of stage 2 in curriculum stage A (uniform budgets)")
@@ -88,6 +99,15 @@ class TrainConfig:
             raise ValueError(f"preset must be one of {tuple(PRESETS)}, got {self.preset!r}")
         if self.budget_metric not in ("active", "total"):
             raise ValueError(f"budget_metric must be 'active' or 'total', got {self.budget_metric!r}")
+        from ..tasks import names as task_names
+        if self.task not in task_names():
+            raise ValueError(f"task must be one of {task_names()}, got {self.task!r}")
+        if not 0 < self.tau_decay <= 1 or self.tau_min <= 0 or self.tau_start <= 0:
+            raise ValueError(f"tau_start and tau_min must be > 0 and tau_decay in (0, 1], got {self.tau_start}, "
+                             f"{self.tau_min}, {self.tau_decay}")
+        for name in ("hard_sample_prob", "full_prob"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         if self.qad_format not in ("nvfp4", "fp8"):
             raise ValueError(f"qad_format must be 'nvfp4' or 'fp8', got {self.qad_format!r}")
         b = [float(x) for x in self.budgets]

@@ -46,8 +46,8 @@ from .evaluate import evaluate_model
 from .losses import forward_kl, masked_ce
 from .metrics import MetricsLog
 from .report import write_report
-from .router import (AxisSpec, BudgetRouters, anneal_temperature, curriculum_probs, prefix_mask, ramp_scale,
-                     router_size_loss, sample_budget_indices)
+from .router import (AxisSpec, BudgetRouters, curriculum_probs, decay_temperature, full_choice_loss, prefix_mask,
+                     ramp_scale, router_size_loss, sample_budget_indices)
 
 log = logging.getLogger(__name__)
 
@@ -133,16 +133,17 @@ class StudentWithRouters(nn.Module):
         self.active = metric == "active"
 
     def forward(self, input_ids: torch.Tensor, budget_idx: torch.Tensor, budgets: torch.Tensor, tau: float,
-                scale: float, noise_seed: int):
+                scale: float, noise_seed: int, hard: bool = False):
         """Soft-masked student logits and the expected parameters of every target.
 
         input_ids: (batch, seqlen); budget_idx: (batch,) index of each sample's budget in ``budgets``
         budgets: (nt,) target fractions (rows no sample indexes — in-between targets — only get
-        sizes). One Gumbel draw per target per step, shared by its samples.
+        sizes). One Gumbel draw per target per step, shared by its samples (``hard``: straight-through
+        one-hot samples); the target 1.0 is the unrouted full model.
         Returns ``(logits (batch, seqlen, vocab), expected_params (nt,))``.
         """
         gen = torch.Generator().manual_seed(noise_seed)
-        probs = self.routers.sample(budgets, tau=tau, scale=scale, generator=gen)
+        probs = self.routers.sample(budgets, tau=tau, scale=scale, hard=hard, generator=gen)
         masks: dict = {}
         params = []
         per_budget: list[dict] = [{} for _ in range(budgets.shape[0])]
@@ -174,7 +175,7 @@ class Pipeline:
         if cfg.threads > 0:
             torch.set_num_threads(cfg.threads)
         self.dir = Path(cfg.resolved_run_dir())
-        self.task = get_task("arithmetic", modulus=cfg.modulus, difficulty=cfg.difficulty, seed=cfg.seed)
+        self.task = get_task(cfg.task, modulus=cfg.modulus, difficulty=cfg.difficulty, seed=cfg.seed, **cfg.task_args)
         self.tok = self.task.tokenizer
         mkw = {"vocab_size": self.tok.vocab_size, **cfg.model}
         self.model_config = ElasticHybridConfig(**mkw)
@@ -490,17 +491,19 @@ class Pipeline:
             diff = cfg.stage_b_difficulty if (phase == "B" and cfg.stage_b_difficulty) else None
             b, tokens, denom = self._train_batch(step, difficulty=diff, stream=1)
             gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-            idx = sample_budget_indices(cfg.batch_size, curriculum_probs(len(cfg.budgets), phase, cfg.stage_b_skew),
-                                        gen)[self.dist.rank::self.dist.world]
+            probs = curriculum_probs(len(cfg.budgets), phase, cfg.stage_b_skew, full_prob=cfg.full_prob)
+            idx = sample_budget_indices(cfg.batch_size, probs, gen)[self.dist.rank::self.dist.world]
             progress = step / max(1, steps - 1)
-            tau = anneal_temperature(progress, cfg.tau_start, cfg.tau_end)
+            tau = decay_temperature(step, cfg.tau_start, cfg.tau_decay, cfg.tau_min)
             scale = ramp_scale(progress, cfg.scale_start, cfg.scale_end)
+            hard = bool(torch.rand((), generator=gen) < cfg.hard_sample_prob)
             with torch.no_grad():
                 t_logits = teacher(b.input_ids)
             # in-between targets train the routers' blended inputs on the size loss alone
             extra = budgets.min() + (1.0 - budgets.min()) * torch.rand(cfg.router_interp_targets, generator=gen)
             targets = torch.cat([budgets, extra]).to(self.device)
-            logits, params = net(b.input_ids, idx.to(self.device), targets, tau, scale, cfg.seed * 7_000_003 + step)
+            logits, params = net(b.input_ids, idx.to(self.device), targets, tau, scale, cfg.seed * 7_000_003 + step,
+                                 hard)
             kd = forward_kl(logits, t_logits, b.loss_mask, temperature=cfg.kd_temperature, denom=denom)
             # the size loss covers every budget each step (its routers train even when not drawn); the
             # in-between targets are a separate term so they do not dilute the trained budgets' term
@@ -509,7 +512,8 @@ class Pipeline:
             rl = router_size_loss(params[:nb], want[:nb], cfg.router_tolerance)
             if cfg.router_interp_targets:
                 rl = rl + router_size_loss(params[nb:], want[nb:], cfg.router_tolerance)
-            loss = kd + cfg.router_loss_weight * rl
+            pin = full_choice_loss(routers)
+            loss = kd + cfg.router_loss_weight * rl + cfg.full_pin_weight * pin
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip > 0:
@@ -517,7 +521,7 @@ class Pipeline:
             opt.step()
             ratio = (params.detach()[:len(cfg.budgets)] / (budgets.to(params) * full_params)).tolist()
             rec = {"loss": float(loss.detach()), "kd": float(kd.detach()), "router": float(rl.detach()),
-                   "tau": tau, "scale": scale, "tokens": tokens}
+                   "full_pin": float(pin.detach()), "tau": tau, "scale": scale, "hard": float(hard), "tokens": tokens}
             rec |= {f"size_ratio@{t:g}": r for t, r in zip(cfg.budgets, ratio)}
             return rec
 

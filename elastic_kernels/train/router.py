@@ -5,10 +5,20 @@ choices — one set of logits per *slot* (a slot is a layer for per-layer axes s
 FFN width; the hidden size is one global slot). The router input is the budget's one-hot over the
 trained budgets, blended linearly between the two neighbouring budgets for an in-between target.
 
-During training the logits go through a Gumbel-softmax with temperature annealed ``1 -> 0.05`` and
-a logit scale ramped ``1 -> 10``; the resulting probabilities ``p`` over choices (widths
-``c_1..c_K`` of a ``full``-unit axis) make the differentiable *soft mask*
-``mask[u] = sum_k p_k * [u < c_k]``. At the end the argmax choice is taken.
+During training the logits go through a Gumbel-softmax with the schedules of Megatron-LM's
+elastification router (Flextron): temperature ``tau = tau_init * tau_decay ** step`` (defaults
+1.0 and 0.9999 per optimizer step, floored at ``tau_min``), logit scale ramped linearly ``1 -> 10``
+over the stage, and with probability ``hard_sample_prob`` per step a *hard* sample (the one-hot of
+the Gumbel argmax in the forward pass, the soft probabilities' gradient in the backward pass).
+The resulting probabilities ``p`` over choices (widths ``c_1..c_K`` of a ``full``-unit axis) make
+the differentiable *soft mask* ``mask[u] = sum_k p_k * [u < c_k]``. At the end the argmax choice
+is taken.
+
+**The full budget is the parent.** Budget 1.0 is never routed: its samples run the full model
+(:func:`pin_full`), it is drawn with probability ``full_prob`` (the reference's
+``original_model_sample_prob``, 0.33), and :func:`full_choice_loss` pulls the routers' logits for
+the 1.0 input toward the full-size choice, so the blended input of a target just below 1.0 starts
+from the parent's shape.
 """
 from __future__ import annotations
 
@@ -21,7 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 __all__ = ["AxisSpec", "AxisRouter", "BudgetRouters", "budget_weights", "gumbel_softmax",
-           "prefix_mask", "anneal_temperature", "ramp_scale", "curriculum_probs",
+           "prefix_mask", "decay_temperature", "ramp_scale", "curriculum_probs", "pin_full", "full_choice_loss",
            "sample_budget_indices", "router_size_loss"]
 
 
@@ -108,16 +118,23 @@ class BudgetRouters(nn.Module):
         enc = budget_weights(targets, self.budgets).to(next(self.parameters()).device)
         return {name: r(enc) for name, r in self.routers.items()}
 
-    def sample(self, targets: torch.Tensor, *, tau: float, scale: float,
+    def sample(self, targets: torch.Tensor, *, tau: float, scale: float, hard: bool = False,
                generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-        """Gumbel-softmax probabilities per axis: ``{axis: (batch, slots, choices)}``."""
-        return {name: gumbel_softmax(lg, tau=tau, scale=scale, generator=generator)
+        """Gumbel-softmax probabilities per axis: ``{axis: (batch, slots, choices)}``; rows whose
+        target is 1.0 are the full-size one-hot (:func:`pin_full`)."""
+        return {name: pin_full(gumbel_softmax(lg, tau=tau, scale=scale, hard=hard, generator=generator), targets)
                 for name, lg in self.logits(targets).items()}
 
     @torch.no_grad()
     def choose(self, targets: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Argmax choice indices per axis: ``{axis: (batch, slots)}`` (LongTensor)."""
-        return {name: lg.argmax(-1) for name, lg in self.logits(targets).items()}
+        """Argmax choice indices per axis: ``{axis: (batch, slots)}`` (LongTensor); the full-size
+        choice for a target of 1.0."""
+        full = (targets.detach().to(torch.float64) >= 1.0).to(next(self.parameters()).device)
+        out = {}
+        for name, lg in self.logits(targets).items():
+            idx = lg.argmax(-1)
+            out[name] = torch.where(full[:, None], torch.full_like(idx, lg.shape[-1] - 1), idx)
+        return out
 
     def widths(self, choice_idx: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Choice indices -> sizes in units, ``{axis: (batch, slots)}``."""
@@ -128,14 +145,41 @@ class BudgetRouters(nn.Module):
         return out
 
 
-def gumbel_softmax(logits: torch.Tensor, *, tau: float, scale: float = 1.0,
+def gumbel_softmax(logits: torch.Tensor, *, tau: float, scale: float = 1.0, hard: bool = False,
                    generator: torch.Generator | None = None) -> torch.Tensor:
-    """``softmax((scale * logits + g) / tau)`` with ``g ~ Gumbel(0, 1)`` drawn from ``generator``."""
+    """``y = softmax((scale * logits + g) / tau)`` with ``g ~ Gumbel(0, 1)`` drawn from ``generator``.
+
+    ``hard``: the forward value is the one-hot of ``argmax y``, the gradient that of ``y``
+    (straight-through, as ``torch.nn.functional.gumbel_softmax(hard=True)``).
+    """
     if tau <= 0:
         raise ValueError(f"gumbel_softmax: tau must be > 0, got {tau}")
     u = torch.rand(logits.shape, generator=generator, dtype=torch.float32).to(logits.device)
     g = -torch.log((-torch.log(u.clamp_min(1e-10))).clamp_min(1e-10))
-    return F.softmax((scale * logits + g.to(logits.dtype)) / tau, dim=-1)
+    y = F.softmax((scale * logits + g.to(logits.dtype)) / tau, dim=-1)
+    if not hard:
+        return y
+    one = F.one_hot(y.argmax(-1), y.shape[-1]).to(y.dtype)
+    return one - y.detach() + y
+
+
+def pin_full(probs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """``probs: (batch, slots, choices)`` with the rows of ``targets >= 1.0`` replaced by the
+    one-hot of the last (full-size) choice: the full budget runs the parent, unrouted."""
+    full = (targets.detach() >= 1.0).to(probs.device)
+    if not bool(full.any()):
+        return probs
+    one = torch.zeros_like(probs)
+    one[..., -1] = 1.0
+    return torch.where(full[:, None, None], one, probs)
+
+
+def full_choice_loss(routers: "BudgetRouters") -> torch.Tensor:
+    """Cross-entropy of every axis' logits for the 1.0 input toward the full-size choice (mean over
+    axes and slots): keeps the routers' view of the full budget at the parent's shape."""
+    lg = routers.logits(torch.ones(1))
+    losses = [F.cross_entropy(v[0], torch.full((v.shape[1],), v.shape[-1] - 1, device=v.device)) for v in lg.values()]
+    return torch.stack(losses).mean()
 
 
 def prefix_mask(probs: torch.Tensor, choices: Sequence[int]) -> torch.Tensor:
@@ -150,10 +194,12 @@ def prefix_mask(probs: torch.Tensor, choices: Sequence[int]) -> torch.Tensor:
     return probs @ prefix
 
 
-def anneal_temperature(progress: float, start: float = 1.0, end: float = 0.05) -> float:
-    """Geometric annealing from ``start`` (progress 0) to ``end`` (progress 1)."""
-    p = min(max(progress, 0.0), 1.0)
-    return float(math.exp(math.log(start) + p * (math.log(end) - math.log(start))))
+def decay_temperature(step: int, start: float = 1.0, decay: float = 0.9999, minimum: float = 0.05) -> float:
+    """``max(start * decay ** step, minimum)``: the per-step exponential decay of the reference."""
+    if start <= 0 or not 0 < decay <= 1 or minimum <= 0:
+        raise ValueError(f"decay_temperature: need start > 0, decay in (0, 1], minimum > 0; got {start}, {decay}, "
+                         f"{minimum}")
+    return float(max(start * math.exp(step * math.log(decay)), minimum))
 
 
 def ramp_scale(progress: float, start: float = 1.0, end: float = 10.0) -> float:
@@ -162,19 +208,27 @@ def ramp_scale(progress: float, start: float = 1.0, end: float = 10.0) -> float:
     return float(start + p * (end - start))
 
 
-def curriculum_probs(num_budgets: int, phase: str, skew: Sequence[float] = (0.5, 0.3, 0.2)) -> list[float]:
-    """Sampling probabilities over budgets sorted from largest to smallest.
+def curriculum_probs(num_budgets: int, phase: str, skew: Sequence[float] = (0.5, 0.3, 0.2),
+                     full_prob: float | None = None) -> list[float]:
+    """Sampling probabilities over budgets sorted from largest (the full model) to smallest.
 
-    phase ``"A"``: uniform. Phase ``"B"``: ``skew = (full, middle, smallest)``; the middle share is
-    split evenly over the budgets between the largest and the smallest (with two budgets, the
-    full and smallest shares are renormalized).
+    phase ``"A"``: the full model with ``full_prob`` (None: uniform over all budgets), the rest
+    uniform. Phase ``"B"``: ``skew = (full, middle, smallest)``; the middle share is split evenly
+    over the budgets between the largest and the smallest (with two budgets, the full and smallest
+    shares are renormalized).
     """
     if phase not in ("A", "B"):
         raise ValueError(f"curriculum_probs: phase must be 'A' or 'B', got {phase!r}")
     if num_budgets < 1:
         raise ValueError(f"curriculum_probs: num_budgets must be >= 1, got {num_budgets}")
-    if phase == "A" or num_budgets == 1:
-        return [1.0 / num_budgets] * num_budgets
+    if num_budgets == 1:
+        return [1.0]
+    if phase == "A":
+        if full_prob is None:
+            return [1.0 / num_budgets] * num_budgets
+        if not 0 <= full_prob <= 1:
+            raise ValueError(f"curriculum_probs: full_prob must be in [0, 1], got {full_prob}")
+        return [float(full_prob)] + [(1.0 - full_prob) / (num_budgets - 1)] * (num_budgets - 1)
     full, middle, small = (float(x) for x in skew)
     if min(full, middle, small) < 0 or full + middle + small <= 0:
         raise ValueError(f"curriculum_probs: skew must be three non-negative weights, got {tuple(skew)}")
