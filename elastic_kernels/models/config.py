@@ -49,6 +49,18 @@ class ElasticHybridConfig:
     :data:`AXES` to the fractions of its full size that the nested submodels may keep.
     ``layer_sizes`` (normally None; set by :meth:`ElasticHybridLM.slice` for per-layer budgets)
     overrides a per-layer axis with one size per layer of that kind, in pattern order.
+
+    Hugging Face compatibility fields (docs/interop.md): ``mamba_dt_limit`` clamps the processed
+    dt of every prefill scan (NemotronH ``(time_step_min, inf)``, Mamba2 ``time_step_limit``;
+    one-token decode steps do not clamp, as in mamba_ssm and transformers). ``moe_gated`` adds
+    a gate projection ``w3`` to every routed expert (``act(x w1^T) * (x w3^T)``).
+    ``moe_n_group``/``moe_topk_group``: group-limited routing, expert ``e`` belongs to group
+    ``e % moe_n_group`` (interleaved, like the Mamba heads, so a prefix of experts keeps every
+    group); a token chooses among the experts of its ``moe_topk_group`` groups with the highest
+    sum of their two best selection scores. ``moe_norm_topk`` renormalizes the chosen weights;
+    ``moe_routed_scaling`` multiplies them. ``moe_router_fp32`` keeps the router weight and its
+    logits in float32 whatever the model dtype. ``residual_fp32`` keeps the residual stream in
+    float32 (Mamba2's ``residual_in_fp32``).
     """
 
     vocab_size: int = 48
@@ -60,12 +72,19 @@ class ElasticHybridConfig:
     mamba_state: int = 16
     mamba_conv_kernel: int = 4
     mamba_chunk_size: int = 32
+    mamba_dt_limit: tuple[float, float] = (0.0, math.inf)
     moe_experts: int = 8
     moe_top_k: int = 2
     moe_ffn: int = 64
     moe_shared_ffn: int = 0
     moe_score: str = "softmax"
     moe_activation: str = "relu2"
+    moe_gated: bool = False
+    moe_n_group: int = 1
+    moe_topk_group: int = 1
+    moe_norm_topk: bool = True
+    moe_routed_scaling: float = 1.0
+    moe_router_fp32: bool = False
     attn_heads: int = 4
     attn_kv_heads: int = 2
     attn_head_dim: int | None = None
@@ -73,12 +92,15 @@ class ElasticHybridConfig:
     ffn_activation: str = "relu2"
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
+    residual_fp32: bool = False
     init_std: float = 0.02
     nested_choices: dict[str, tuple[float, ...]] = field(default_factory=_default_choices)
     layer_sizes: dict[str, tuple[int, ...]] | None = None
 
     def __post_init__(self) -> None:
         self.nested_choices = {k: tuple(float(f) for f in v) for k, v in dict(self.nested_choices).items()}
+        if isinstance(self.mamba_dt_limit, list):
+            self.mamba_dt_limit = tuple(self.mamba_dt_limit)
         if self.layer_sizes is not None:
             self.layer_sizes = {k: tuple(int(s) for s in v) for k, v in dict(self.layer_sizes).items()}
         self.validate()
@@ -120,7 +142,7 @@ class ElasticHybridConfig:
         """Raise ``ValueError``/``TypeError`` naming the first bad field."""
         ints = ["vocab_size", "hidden_size", "mamba_heads", "mamba_head_dim", "mamba_groups", "mamba_state",
                 "mamba_conv_kernel", "mamba_chunk_size", "moe_experts", "moe_top_k", "moe_ffn",
-                "attn_heads", "attn_kv_heads", "ffn_size"]
+                "attn_heads", "attn_kv_heads", "ffn_size", "moe_n_group", "moe_topk_group"]
         for name in ints + ["moe_shared_ffn"]:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int):
@@ -138,6 +160,18 @@ class ElasticHybridConfig:
                                       f"({self.mamba_groups})")
         if self.moe_top_k > self.moe_experts:
             raise _err("moe_top_k", f"({self.moe_top_k}) must be <= moe_experts ({self.moe_experts})")
+        for name in ("moe_gated", "moe_norm_topk", "moe_router_fp32", "residual_fp32", "tie_embeddings"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"ElasticHybridConfig: {name} must be a bool, got {type(getattr(self, name)).__name__}")
+        lim = self.mamba_dt_limit
+        if (not isinstance(lim, tuple) or len(lim) != 2 or not all(isinstance(v, (int, float)) for v in lim)
+                or not 0.0 <= lim[0] <= lim[1]):
+            raise _err("mamba_dt_limit", f"must be a pair (lo, hi) with 0 <= lo <= hi, got {lim!r}")
+        if not (isinstance(self.moe_routed_scaling, (int, float)) and not isinstance(self.moe_routed_scaling, bool)
+                and self.moe_routed_scaling > 0):
+            raise _err("moe_routed_scaling", f"must be a positive float, got {self.moe_routed_scaling!r}")
+        if self.moe_topk_group > self.moe_n_group:
+            raise _err("moe_topk_group", f"({self.moe_topk_group}) must be <= moe_n_group ({self.moe_n_group})")
         if self.moe_score not in ROUTER_SCORES:
             raise _err("moe_score", f"must be one of {ROUTER_SCORES}, got {self.moe_score!r}")
         for name in ("moe_activation", "ffn_activation"):
@@ -159,6 +193,7 @@ class ElasticHybridConfig:
                 raise _err(name, f"must be a finite positive float, got {v!r}")
         if not isinstance(self.tie_embeddings, bool):
             raise TypeError(f"ElasticHybridConfig: tie_embeddings must be a bool, got {type(self.tie_embeddings).__name__}")
+        _check_axis_size(self, "experts", self.moe_experts, "moe_experts", limit=None)
         if self.layer_sizes is not None:
             for axis, sizes in self.layer_sizes.items():
                 if axis not in AXES or axis == "hidden":
@@ -226,6 +261,12 @@ def _check_axis_size(config: ElasticHybridConfig, axis: str, size, name: str, li
         raise ValueError(f"{name}: {axis} size must lie in [{lo}{hi}, got {size}")
     if size % mult:
         raise ValueError(f"{name}: {axis} size ({size}) must be a multiple of {spec.multiple_field} ({mult})")
+    ng = config.moe_n_group
+    if axis == "experts" and ng > 1:
+        if size % ng or size // ng < 2 or config.moe_topk_group * (size // ng) < config.moe_top_k:
+            raise ValueError(f"{name}: experts size ({size}) must be a multiple of moe_n_group ({ng}) with at "
+                             f"least 2 experts per group and moe_topk_group ({config.moe_topk_group}) groups "
+                             f"holding at least moe_top_k ({config.moe_top_k}) experts")
     return size
 
 
@@ -281,6 +322,9 @@ class Budget:
                 if axis != "hidden":
                     lo, mult = LAYER_AXES[axis][1].bounds(config)
                     s = max(lo, s // mult * mult)
+                if axis == "experts" and config.moe_n_group > 1:
+                    per = max(2, s // config.moe_n_group, -(-config.moe_top_k // config.moe_topk_group))
+                    s = per * config.moe_n_group
                 sizes.append(s)
             if axis == "hidden":
                 vals[axis] = sizes[0]

@@ -167,7 +167,8 @@ class ElasticMamba2Mixer(ElasticLayer):
     :func:`elastic_kernels.ssd_state_update`.
 
     in_proj per head (z, x, dt) and per group (B, C); causal depthwise conv + SiLU on (x, B, C);
-    SSD with ``A = -exp(A_log)``, ``D``, ``dt_bias`` (softplus); gated per-group RMSNorm with z;
+    SSD with ``A = -exp(A_log)``, ``D``, ``dt_bias`` (softplus; prefill scans clamp it to
+    ``dt_limit``, one-token decode steps do not, as mamba_ssm); gated per-group RMSNorm with z;
     out_proj. An int ``active_heads`` uses prefix views of every head weight (the interleaved
     layout makes "the first k heads of every group" the contiguous prefix ``[0, k)``), so the scan
     runs on ``k`` heads; per-sample widths go to the ops as ``active_heads`` LongTensors.
@@ -188,11 +189,14 @@ class ElasticMamba2Mixer(ElasticLayer):
     def from_config(cls, c, occurrence: int) -> "ElasticMamba2Mixer":
         """The ``occurrence``-th Mamba2 layer of an :class:`~elastic_kernels.models.ElasticHybridConfig`."""
         return cls(c.hidden_size, c.full_size("mamba_heads", occurrence), c.mamba_head_dim, c.mamba_groups,
-                   c.mamba_state, c.mamba_conv_kernel, c.mamba_chunk_size, c.norm_eps, c.init_std)
+                   c.mamba_state, c.mamba_conv_kernel, c.mamba_chunk_size, c.norm_eps, c.init_std,
+                   dt_limit=c.mamba_dt_limit)
 
     def __init__(self, hidden: int, nheads: int, head_dim: int, ngroups: int, d_state: int,
-                 conv_kernel: int = 4, chunk_size: int = 64, eps: float = 1e-5, init_std: float = 0.02) -> None:
+                 conv_kernel: int = 4, chunk_size: int = 64, eps: float = 1e-5, init_std: float = 0.02,
+                 dt_limit: tuple[float, float] = (0.0, math.inf)) -> None:
         super().__init__()
+        self.dt_limit = (float(dt_limit[0]), float(dt_limit[1]))
         if nheads % ngroups:
             raise ValueError(f"ElasticMamba2Mixer: nheads ({nheads}) must be a multiple of ngroups ({ngroups})")
         self.hidden, self.nheads, self.head_dim, self.ngroups = hidden, nheads, head_dim, ngroups
@@ -286,7 +290,7 @@ class ElasticMamba2Mixer(ElasticLayer):
         else:
             init = cache.ssm[:, :hh] if cache is not None and cache.has_state else None
             y, final = ssd_scan(xs, dt, A, Bm, Cm, chunk_size=self.chunk_size, initial_states=init,
-                                head_scale=scale, return_final_states=True, **common)
+                                dt_limit=self.dt_limit, head_scale=scale, return_final_states=True, **common)
             if cache is not None:
                 cache.ssm[:, :hh] = final.to(cache.ssm.dtype)
         if cache is not None:
@@ -509,9 +513,9 @@ class ElasticLMHead(ElasticLayer):
 
 
 class ElasticMoE(ElasticLayer):
-    """MoE block (Nemotron-style non-gated experts) on :func:`elastic_kernels.moe_route` /
-    :func:`elastic_kernels.moe_experts`, with elastic experts and expert FFN width, plus an
-    optional always-on shared expert (hidden-elastic only).
+    """MoE block (Nemotron-style non-gated experts, or gated with ``w3``) on
+    :func:`elastic_kernels.moe_route` / :func:`elastic_kernels.moe_experts`, with elastic experts
+    and expert FFN width, plus an optional always-on shared expert (hidden-elastic only).
 
     ``forward(x, num_experts=None, ffn_width=None, expert_mask=None, channel_mask=None)``:
         x: (batch, seqlen, k) (or (batch, k)); num_experts: None | int | LongTensor (batch,) —
@@ -519,6 +523,13 @@ class ElasticMoE(ElasticLayer):
         ffn_width: None | int | LongTensor (batch,) — first d' channels of every routed expert;
         expert_mask: (E,) or (batch, E) soft, added to the router logits as ``log(m)``;
         channel_mask: (F,) or (batch, F) soft, the op's ``channel_scale``. Returns like x.
+
+    Routing options (Hugging Face NemotronH / DeepSeek-V3 style): ``n_group``/``topk_group``
+    limit every token to the experts of its ``topk_group`` best groups (expert ``e`` is in group
+    ``e % n_group``; a group's score is the sum of its two best selection scores, computed among
+    the active experts); ``norm_topk`` renormalizes the top-k weights; ``routed_scaling``
+    multiplies them; ``router_fp32`` keeps the router weight (and correction bias) in float32
+    under ``.to(dtype)`` and computes the logits in float32. ``gated`` adds ``w3``.
     """
 
     letter, kind_name = "E", "MoE"
@@ -528,25 +539,62 @@ class ElasticMoE(ElasticLayer):
     @classmethod
     def from_config(cls, c, occurrence: int) -> "ElasticMoE":
         return cls(c.hidden_size, c.full_size("experts", occurrence), c.moe_top_k, c.full_size("expert_ffn", occurrence),
-                   c.moe_shared_ffn, c.moe_score, c.moe_activation, c.init_std)
+                   c.moe_shared_ffn, c.moe_score, c.moe_activation, c.init_std, gated=c.moe_gated,
+                   n_group=c.moe_n_group, topk_group=c.moe_topk_group, norm_topk=c.moe_norm_topk,
+                   routed_scaling=c.moe_routed_scaling, router_fp32=c.moe_router_fp32)
 
     def __init__(self, hidden: int, num_experts: int, top_k: int, ffn: int, shared_ffn: int = 0,
-                 score: str = "softmax", activation: str = "relu2", init_std: float = 0.02) -> None:
+                 score: str = "softmax", activation: str = "relu2", init_std: float = 0.02, *,
+                 gated: bool = False, n_group: int = 1, topk_group: int = 1, norm_topk: bool = True,
+                 routed_scaling: float = 1.0, router_fp32: bool = False) -> None:
         super().__init__()
         if not 1 <= top_k <= num_experts:
             raise ValueError(f"ElasticMoE: top_k ({top_k}) must lie in [1, num_experts={num_experts}]")
+        if n_group < 1 or num_experts % n_group or not 1 <= topk_group <= n_group:
+            raise ValueError(f"ElasticMoE: n_group ({n_group}) must divide num_experts ({num_experts}) and "
+                             f"topk_group ({topk_group}) must lie in [1, n_group]")
         self.hidden, self.num_experts, self.top_k, self.ffn = hidden, num_experts, top_k, ffn
         self.score, self.activation = score, activation
+        self.n_group, self.topk_group, self.norm_topk = n_group, topk_group, norm_topk
+        self.routed_scaling, self.router_fp32 = float(routed_scaling), router_fp32
         self.router = nn.Parameter(torch.randn(num_experts, hidden) * init_std)
         self.register_buffer("correction_bias", torch.zeros(num_experts) if score == "sigmoid" else None)
         self.w1 = nn.Parameter(torch.randn(num_experts, ffn, hidden) * init_std)
         self.w2 = nn.Parameter(torch.randn(num_experts, hidden, ffn) * init_std)
+        self.w3 = nn.Parameter(torch.randn(num_experts, ffn, hidden) * init_std) if gated else None
         self.shared = ElasticFFN(hidden, shared_ffn, activation, init_std) if shared_ffn > 0 else None
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        if self.router_fp32:  # float32 at least, as transformers' _keep_in_fp32_modules
+            for t in (self.router, self.correction_bias):
+                if t is not None and t.is_floating_point() and t.dtype not in (torch.float32, torch.float64):
+                    t.data = t.data.float()
+        return self
+
+    def _group_mask(self, logits: Tensor, cb: Tensor | None, e: int) -> Tensor | None:
+        """Selection mask (tokens, logits.shape[1]) bool of group-limited routing among the
+        first ``e`` experts (None without groups)."""
+        if self.n_group == 1:
+            return None
+        g = self.n_group
+        if e % g or e // g < 2:
+            raise ValueError(f"ElasticMoE: num_experts ({e}) must be a multiple of n_group ({g}) with at least "
+                             f"2 experts per group")
+        lg = logits[:, :e].detach()
+        probs = torch.softmax(lg, -1) if self.score == "softmax" else torch.sigmoid(lg)
+        sel = probs + cb[:e].to(probs.dtype) if cb is not None else probs
+        group_scores = sel.view(-1, e // g, g).topk(2, dim=1).values.sum(1)           # (tokens, g)
+        chosen = torch.topk(group_scores, self.topk_group, dim=-1).indices
+        gmask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, chosen, True)
+        member = torch.arange(logits.shape[1], device=logits.device) % g
+        return gmask[:, member] & (torch.arange(logits.shape[1], device=logits.device) < e)
 
     def route(self, xt: Tensor, num_experts=None, expert_mask: Tensor | None = None,
               per_token: int = 1) -> tuple[Tensor, Tensor, int]:
         """Routing of flat tokens ``xt: (tokens, k)`` (``per_token`` tokens per sample): router
-        logits of the first E' experts only. Returns (topk_weights, topk_ids, E' computed)."""
+        logits of the first E' experts only. Returns (topk_weights, topk_ids, E' computed);
+        the weights are float32 (float64 for a float64 model)."""
         values = None
         if isinstance(num_experts, Tensor):
             values = sorted(set(num_experts.tolist()))  # host read: per-sample budgets come from the host
@@ -557,26 +605,32 @@ class ElasticMoE(ElasticLayer):
             e = _hard_int(num_experts, self.num_experts, "ElasticMoE: num_experts")
         if e < self.top_k:
             raise ValueError(f"ElasticMoE: num_experts ({e}) must be >= top_k ({self.top_k})")
-        logits = F.linear(xt, self.router[:e, :xt.shape[-1]])
+        wr = self.router[:e, :xt.shape[-1]]
+        if self.router_fp32:
+            rd = torch.promote_types(torch.promote_types(xt.dtype, wr.dtype), torch.float32)
+            logits = F.linear(xt.to(rd), wr.to(rd))
+        else:
+            logits = F.linear(xt, wr)
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
         if expert_mask is not None:
             m = _unit_weights(None, expert_mask, e, xt[::per_token], "ElasticMoE: expert_mask")
             logm = torch.where(m > 0, torch.log(m.clamp_min(1e-30)), torch.full_like(m, float("-inf")))
             logits = logits + (logm.repeat_interleave(per_token, 0) if logm.dim() == 2 else logm)
         cb = self.correction_bias[:e] if self.correction_bias is not None else None
-        kw = dict(score=self.score, correction_bias=cb)
+        kw = dict(score=self.score, correction_bias=cb, renormalize=self.norm_topk)
         if values is None:
-            w, ids = moe_route(logits, self.top_k, **kw)
-            return w, ids, e
+            w, ids = moe_route(logits, self.top_k, selection_mask=self._group_mask(logits, cb, e), **kw)
+            return w * self.routed_scaling if self.routed_scaling != 1.0 else w, ids, e
         per_tok = num_experts.repeat_interleave(per_token, 0)
         w = logits.new_zeros(xt.shape[0], self.top_k)
         ids = torch.zeros(xt.shape[0], self.top_k, dtype=torch.int64, device=xt.device)
         for v in values:
             rows = (per_tok == v).nonzero().flatten()
-            wv, iv = moe_route(logits[rows], self.top_k, num_experts_active=v, **kw)
+            lv = logits[rows]
+            wv, iv = moe_route(lv, self.top_k, num_experts_active=v, selection_mask=self._group_mask(lv, cb, v), **kw)
             w = w.index_copy(0, rows, wv.to(w.dtype))
             ids = ids.index_copy(0, rows, iv)
-        return w, ids, e
+        return w * self.routed_scaling if self.routed_scaling != 1.0 else w, ids, e
 
     def forward(self, x: Tensor, num_experts=None, ffn_width=None, expert_mask: Tensor | None = None,
                 channel_mask: Tensor | None = None) -> Tensor:
@@ -593,8 +647,9 @@ class ElasticMoE(ElasticLayer):
             cs = _unit_weights(None, channel_mask, self.ffn, x, "ElasticMoE: channel_mask")
             cs = cs.repeat_interleave(per_token, 0) if cs.dim() == 2 else cs
             cs = cs.to(x.dtype)
-        y = moe_experts(xt, w.to(x.dtype), ids, self.w1[:, :, :k], self.w2[:, :k, :],
-                        activation=self.activation, num_experts_active=e, ffn_width=f, channel_scale=cs)
+        w3 = self.w3[:, :, :k] if self.w3 is not None else None
+        y = moe_experts(xt, w if self.router_fp32 else w.to(x.dtype), ids, self.w1[:, :, :k], self.w2[:, :k, :],
+                        w3=w3, activation=self.activation, num_experts_active=e, ffn_width=f, channel_scale=cs)
         if self.shared is not None:
             y = y + self.shared(xt)
         return y.reshape(shape)
@@ -608,6 +663,8 @@ class ElasticMoE(ElasticLayer):
         e, f = sizes.get("experts", self.num_experts), sizes.get("expert_ffn", self.ffn)
         used = self.top_k if active else e
         out = {"router": (e, k), "w1": (used, f, k), "w2": (used, k, f)}
+        if self.w3 is not None:
+            out["w3"] = (used, f, k)
         if self.correction_bias is not None:
             out["correction_bias"] = (e,)
         if self.shared is not None:
@@ -621,12 +678,19 @@ class ElasticMoE(ElasticLayer):
             permute_rows_(self.router, perm, 1)
             permute_rows_(self.w1, perm, 2)
             permute_rows_(self.w2, perm, 1)
+            if self.w3 is not None:
+                permute_rows_(self.w3, perm, 2)
             if self.shared is not None:
                 self.shared.permute_("hidden", perm)
             return
         _check_axis(self, axis)
         if axis == "experts":
-            for p in (self.router, self.w1, self.w2):
+            g = self.n_group
+            ar = torch.arange(self.num_experts, device=perm.device)
+            if g > 1 and not torch.equal(perm % g, ar % g):
+                raise ValueError("ElasticMoE.permute_: with n_group > 1, an experts perm must keep every expert in "
+                                 "its group (perm[e] % n_group == e % n_group)")
+            for p in (self.router, self.w1, self.w2) + ((self.w3,) if self.w3 is not None else ()):
                 permute_rows_(p, perm)
             if self.correction_bias is not None:
                 permute_rows_(self.correction_bias, perm)
@@ -634,6 +698,8 @@ class ElasticMoE(ElasticLayer):
         idx = perm.to(device=self.w1.device, dtype=torch.int64)
         self.w1.data = torch.gather(self.w1.data, 1, idx[:, :, None].expand_as(self.w1.data)).contiguous()
         self.w2.data = torch.gather(self.w2.data, 2, idx[:, None, :].expand_as(self.w2.data)).contiguous()
+        if self.w3 is not None:
+            self.w3.data = torch.gather(self.w3.data, 1, idx[:, :, None].expand_as(self.w3.data)).contiguous()
 
     def importance(self, x: Tensor) -> dict[str, Tensor]:
         """``experts``: ``sum ||w_t,e expert_e(x_t)||_2`` over the tokens routed to ``e`` (the
@@ -644,7 +710,7 @@ class ElasticMoE(ElasticLayer):
         f64 = dict(dtype=torch.float64, device=x.device)
         experts, channels = torch.zeros(self.num_experts, **f64), torch.zeros(self.num_experts, self.ffn, **f64)
         for j in range(self.top_k):
-            out = moe_experts(xt, w[:, j:j + 1].to(xt.dtype), ids[:, j:j + 1], self.w1, self.w2,
+            out = moe_experts(xt, w[:, j:j + 1].to(xt.dtype), ids[:, j:j + 1], self.w1, self.w2, w3=self.w3,
                               activation=self.activation)
             experts.index_add_(0, ids[:, j], out.double().norm(dim=-1))
         for e in range(self.num_experts):
@@ -662,12 +728,18 @@ class ElasticMoE(ElasticLayer):
             self.permute_("expert_ffn", perms["expert_ffn"])
         if "experts" in scores:
             s = check_score(f"scores['experts']{where}", scores["experts"], (self.num_experts,))
-            perms["experts"] = descending(s).to(self.w1.device)
+            perm = torch.empty(self.num_experts, dtype=torch.int64)
+            for g in range(self.n_group):  # group-limited routing: experts stay in their group (e % n_group)
+                members = torch.arange(g, self.num_experts, self.n_group)
+                perm[members] = members[descending(s[members].cpu())]
+            perms["experts"] = perm.to(self.w1.device)
             self.permute_("experts", perms["experts"])
         return perms
 
     def quantizable_weights(self) -> dict[str, str]:
         out = {"w1": "stacked", "w2": "stacked"}
+        if self.w3 is not None:
+            out["w3"] = "stacked"
         if self.shared is not None:
             out.update({f"shared.{n}": v for n, v in self.shared.quantizable_weights().items()})
         return out

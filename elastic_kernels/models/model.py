@@ -175,8 +175,9 @@ class ElasticHybridLM(nn.Module):
         if hw is not None:
             hw = (hw[:, None, :] if hw.dim() == 2 else hw).to(h.dtype)
             h = h * hw
+        wdtype = h.dtype
         for i, block in enumerate(self.layers):
-            y = block.norm(h, plan.hidden_t, hmask)
+            y = block.norm(h.to(wdtype), plan.hidden_t, hmask)
             kw = dict(plan.layer_kwargs[i])
             for a in block.mixer.axes:
                 m = self._mask_for(soft_masks, a.name, block.occurrence, b)
@@ -185,10 +186,12 @@ class ElasticHybridLM(nn.Module):
             if cache is not None and cache.layers[i] is not None:
                 kw["cache"] = cache.layers[i]
             y = block.mixer(y, **kw)
+            if self.config.residual_fp32:  # Mamba2's residual_in_fp32: the stream stays float32
+                h = h.to(torch.promote_types(h.dtype, torch.float32))
             h = h + (y * hw if hw is not None else y)
         if cache is not None:
             cache.seqlen += l
-        y = self.norm_f(h, plan.hidden_t, hmask)
+        y = self.norm_f(h, plan.hidden_t, hmask).to(wdtype)
         logits = self.lm_head(y) if self.lm_head is not None else \
             torch.nn.functional.linear(y, self.embed.weight[:, :k])
         return logits.to(torch.promote_types(logits.dtype, torch.float32))

@@ -38,7 +38,8 @@ KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 def moe_route(router_logits: Tensor, top_k: int, *, num_experts_active: int | None = None,
               score: str = "softmax", renormalize: bool = True,
-              correction_bias: Tensor | None = None) -> tuple[Tensor, Tensor]:
+              correction_bias: Tensor | None = None,
+              selection_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Top-k routing among the first ``num_experts_active`` experts (plain differentiable PyTorch).
 
     Args:
@@ -50,6 +51,9 @@ def moe_route(router_logits: Tensor, top_k: int, *, num_experts_active: int | No
         renormalize: divide the chosen weights by their sum.
         correction_bias: (E,) float added to the scores for the selection only
             (DeepSeek/Nemotron style); the weights are the unbiased scores.
+        selection_mask: (tokens, E) bool; experts where it is False are never chosen (their
+            logits still enter the softmax): group-limited routing masks whole groups with it.
+            Every row must allow at least ``top_k`` active experts.
     Returns:
         topk_weights: (tokens, top_k) float32 (float64 for float64 logits), differentiable in
         router_logits; topk_ids: (tokens, top_k) int64, all < E'.
@@ -69,7 +73,16 @@ def moe_route(router_logits: Tensor, top_k: int, *, num_experts_active: int | No
                  optional=True)
     if correction_bias is not None:
         dims.check("correction_bias", correction_bias, ("experts",))
-    return moe_route_reference(router_logits, top_k, n_act, score, renormalize, correction_bias)
+    check_tensor(op, "selection_mask", selection_mask, dtypes=(torch.bool,), device=router_logits.device,
+                 optional=True)
+    if selection_mask is not None:
+        dims.check("selection_mask", selection_mask, ("tokens", "experts"))
+        if selection_mask.numel() and _can_read_values(selection_mask):
+            fewest = int(selection_mask[:, :n_act].sum(-1).min())
+            if fewest < top_k:
+                raise ValueError(f"{op}: selection_mask must allow at least top_k ({top_k}) of the "
+                                 f"{n_act} active experts in every row, got a row allowing {fewest}")
+    return moe_route_reference(router_logits, top_k, n_act, score, renormalize, correction_bias, selection_mask)
 
 
 # ---------------------------------------------------------------------------------------------

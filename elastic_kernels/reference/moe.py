@@ -4,6 +4,7 @@ Routing (``router_logits: (tokens, E)``, the first ``E'`` experts active):
 
     softmax: p = softmax(logits masked to -inf for e >= E')      sigmoid: p = sigmoid(logits)
     selection score = p + correction_bias (bias used for selection only), -inf for e >= E'
+                      and where the optional selection_mask is False
     topk_ids = top-k of the selection score;  topk_weights = p[topk_ids] (/ their sum if renormalize)
 
 Experts (token t, slot j, expert e = topk_ids[t, j], width d'_t, first ``d'`` channels of F):
@@ -49,11 +50,13 @@ def expert_weight(w, e: int, rows: slice, cols: slice, dtype: torch.dtype) -> to
 
 def moe_route_reference(router_logits: torch.Tensor, top_k: int, num_experts_active: int,
                         score: str = "softmax", renormalize: bool = True,
-                        correction_bias: torch.Tensor | None = None):
+                        correction_bias: torch.Tensor | None = None,
+                        selection_mask: torch.Tensor | None = None):
     """Top-k routing among the first ``num_experts_active`` experts (differentiable in the logits).
 
     Args:
         router_logits: (tokens, E) float. correction_bias: (E,) float, selection only.
+        selection_mask: (tokens, E) bool, experts that may be chosen (None: all).
     Returns:
         topk_weights: (tokens, top_k) float32 (float64 for float64 logits); topk_ids: (tokens, top_k) int64.
     """
@@ -69,6 +72,8 @@ def moe_route_reference(router_logits: torch.Tensor, top_k: int, num_experts_act
     if correction_bias is not None:
         select = select + correction_bias.to(dtype)
     select = select.masked_fill(inactive, float("-inf"))
+    if selection_mask is not None:
+        select = select.masked_fill(~selection_mask, float("-inf"))
     topk_ids = torch.topk(select, top_k, dim=-1).indices
     weights = probs.gather(-1, topk_ids)
     if renormalize:
