@@ -9,7 +9,8 @@ import torch
 
 from elastic_kernels.train.checkpoint import (CheckpointError, load_checkpoint, optimizer_from_tensors,
                                               optimizer_to_tensors, save_checkpoint)
-from elastic_kernels.train.config import build_parser, config_from_args, make_config
+from elastic_kernels.train.cli import parse_args
+from elastic_kernels.train.config import make_config
 from elastic_kernels.tasks import ArithmeticTask, Problem
 from elastic_kernels.tasks.arithmetic import Tokenizer
 from elastic_kernels.train.losses import forward_kl, masked_ce
@@ -272,21 +273,23 @@ def test_checkpoint_round_trip_and_corruption(tmp_path):
 
 
 def test_config_cli_overrides():
-    cfg = config_from_args(["--preset", "smoke", "--parent-steps", "7", "--budgets", "1,0.5",
-                            "--baselines", "false", "--model", '{"vocab_size": 32}'])
+    cfg = parse_args(["--preset", "smoke", "--parent-steps", "7", "--budgets", "0.5", "1",
+                      "--no-baselines", "--model", '{"vocab_size": 32}'])
     assert cfg.preset == "smoke" and cfg.parent_steps == 7 and cfg.budgets == [1.0, 0.5]
     assert cfg.baselines is False and cfg.model["vocab_size"] == 32
     assert cfg.elastic_steps == make_config("smoke").elastic_steps
-    with pytest.raises(ValueError, match="budgets must include"):
+    assert parse_args(["--qad"]).qad is True and parse_args(["--no-progress"]).progress is False
+    with pytest.raises(ValueError, match="budgets: must include"):
         make_config("smoke", budgets=[0.5])
     with pytest.raises(ValueError, match="unknown config field"):
         make_config("smoke", nope=1)
-    text = build_parser().format_help()
-    for name in ("--kd-temperature", "--router-lr", "--stage-b-skew", "--resume", "--qad"):
-        assert name in text
 
 
 # --------------------------------------------------------------------------------- end to end
+def _load_prefixed(prefix, module, tensors):
+    module.load_state_dict({k[len(prefix) + 1:]: v for k, v in tensors.items() if k.startswith(prefix + ".")})
+
+
 def _strip_time(records):
     return [{k: v for k, v in r.items() if k != "time"} for r in records]
 
@@ -297,7 +300,7 @@ def _smoke(tmp_path, name, **kw):
 
 
 def test_smoke_end_to_end(tmp_path):
-    from elastic_kernels.train.loop import run
+    from elastic_kernels.train.pipeline import run
     from elastic_kernels.train.metrics import read_metrics
     from elastic_kernels.models import load_nested
 
@@ -322,9 +325,8 @@ def test_smoke_end_to_end(tmp_path):
     assert "| 0.50 |" in md and "baseline" in md
     # every budget of the nested checkpoint loads and gives the sliced model's logits
     from elastic_kernels.models import Budget, ElasticHybridConfig, ElasticHybridLM
-    from elastic_kernels.train.loop import _load_prefixed
     student = ElasticHybridLM(ElasticHybridConfig.from_json((d / "model_config.json").read_text()))
-    _load_prefixed("student", student, load_checkpoint(d / "elastic.safetensors")[0], "elastic")
+    _load_prefixed("student", student, load_checkpoint(d / "elastic.safetensors")[0])
     x = torch.randint(0, 20, (2, 9))
     for r in rep["budgets"]:
         sub = load_nested(d / "nested", budget=f"{r['target']:g}")
@@ -338,7 +340,8 @@ def test_smoke_end_to_end(tmp_path):
 
 
 def test_resume_matches_uninterrupted(tmp_path):
-    from elastic_kernels.train.loop import StopRun, run
+    from elastic_kernels.train.pipeline import run
+    from elastic_kernels.train.runner import StopRun
     from elastic_kernels.train.metrics import read_metrics
 
     kw = dict(baselines=False)
@@ -366,13 +369,13 @@ def test_torchrun_ddp_two_processes(tmp_path):
     import subprocess
     import sys
 
-    from elastic_kernels.train.loop import run
+    from elastic_kernels.train.pipeline import run
     from elastic_kernels.train.metrics import read_metrics
 
     run_dir = tmp_path / "ddp"
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
-           "-m", "elastic_kernels.train", "--preset", "smoke", "--run-dir", str(run_dir), "--baselines", "false"]
+           "-m", "elastic_kernels.train", "--preset", "smoke", "--run-dir", str(run_dir), "--no-baselines"]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     rep = json.loads((run_dir / "report.json").read_text())
@@ -394,7 +397,7 @@ def test_qad_smoke_nested_quantized_checkpoint(tmp_path, fmt):
     fake-quantized student at that budget."""
     from elastic_kernels.models import Budget, ElasticHybridConfig, ElasticHybridLM, load_nested
     from elastic_kernels.train.checkpoint import load_checkpoint
-    from elastic_kernels.train.loop import _load_prefixed, run
+    from elastic_kernels.train.pipeline import run
     from elastic_kernels.train.qad import QuantStudent, quantized_layouts
 
     rep = run(_smoke(tmp_path, "q", qad=True, qad_format=fmt, baselines=False))
@@ -408,7 +411,7 @@ def test_qad_smoke_nested_quantized_checkpoint(tmp_path, fmt):
     tensors, _ = load_checkpoint(d / "qad_student.safetensors")
     mc = ElasticHybridConfig.from_json((d / "model_config.json").read_text())
     student = ElasticHybridLM(mc)
-    _load_prefixed("model", student, tensors, "qad_student")
+    _load_prefixed("model", student, tensors)
     budgets = [Budget.from_dict(r["budget"]) for r in rep["budgets"]]
     layouts = quantized_layouts(student, budgets, fmt)
     assert set(layouts) == set(cfg["quantization"]["tensors"])
@@ -431,7 +434,7 @@ def test_ctrl_c_leaves_resumable_checkpoint(tmp_path):
 
     run_dir = tmp_path / "int"
     args = [sys.executable, "-m", "elastic_kernels.train", "--preset", "smoke", "--run-dir", str(run_dir),
-            "--parent-steps", "60", "--baselines", "false", "--log-every", "1"]
+            "--parent-steps", "60", "--no-baselines", "--log-every", "1"]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=dict(os.environ, OMP_NUM_THREADS="1"))
     metrics = run_dir / "metrics.jsonl"

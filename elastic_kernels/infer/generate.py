@@ -32,11 +32,10 @@ the model's caches have no per-sample length, and causal SSM layers cannot skip 
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 import numbers
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -219,61 +218,6 @@ def _pick(logits: Tensor, seqs: Sequence[_Seq], sampling: str, temperature: floa
     return out
 
 
-# ---- cache rows ------------------------------------------------------------------------------
-def _layer_map(layer_cache, fn):
-    """A copy of one layer cache (a dataclass of tensors) with ``fn`` applied to every tensor."""
-    if layer_cache is None:
-        return None
-    return dataclasses.replace(layer_cache, **{
-        f.name: fn(getattr(layer_cache, f.name)) for f in dataclasses.fields(layer_cache)
-        if isinstance(getattr(layer_cache, f.name), Tensor)})
-
-
-def _cache_rows(cache, rows: Tensor):
-    """A new cache holding the given rows (batch entries) of ``cache``."""
-    return dataclasses.replace(cache, layers=[_layer_map(lc, lambda t: t[rows]) for lc in cache.layers],
-                               batch=int(rows.numel()))
-
-
-def _cache_merge(parts: Sequence[tuple[Tensor, Any]], batch: int):
-    """One cache of ``batch`` rows from ``(rows, cache)`` parts (every part at the same length)."""
-    first = parts[0][1]
-    if any(c.seqlen != first.seqlen for _, c in parts):
-        raise RuntimeError(f"generate: cannot merge caches of lengths {[c.seqlen for _, c in parts]}")
-    layers = []
-    for i, lc in enumerate(first.layers):
-        if lc is None:
-            layers.append(None)
-            continue
-        merged = {}
-        for f in dataclasses.fields(lc):
-            t = getattr(lc, f.name)
-            if not isinstance(t, Tensor):
-                continue
-            out = t.new_empty((batch,) + tuple(t.shape[1:]))
-            for rows, c in parts:
-                out[rows] = getattr(c.layers[i], f.name).to(out.dtype)
-            merged[f.name] = out
-        layers.append(dataclasses.replace(lc, **merged))
-    return dataclasses.replace(first, layers=layers, batch=batch)
-
-
-def _clear_outside(model, cache, row: int, budget: Budget) -> None:
-    """Zero the Mamba state of row ``row`` beyond ``budget``'s heads (reuse mode, at the switch).
-
-    A row decoded in a batch with wider rows leaves values in its inactive heads' conv window;
-    zeroing them makes a reused cache what the think model alone leaves behind (batch-independent):
-    the heads the answer model adds start from an empty state.
-    """
-    heads = model.resolve_budget(budget)["mamba_heads"]
-    occ = 0
-    for letter, lc in zip(model.config.pattern, cache.layers):
-        if letter == "M":
-            lc.conv_x[row, heads[occ]:] = 0
-            lc.ssm[row, heads[occ]:] = 0
-            occ += 1
-
-
 def _budget_arg(budgets: Sequence[Budget]):
     """The model's budget argument: one Budget when all rows share it, else one per row."""
     return budgets[0] if all(b == budgets[0] for b in budgets) else list(budgets)
@@ -324,13 +268,14 @@ def _run_group(model, seqs: list[_Seq], *, max_answer: int, max_length: int, sam
             feed.append(r)
         if cache_mode == "reuse":
             for r in switch:
-                _clear_outside(model, cache, r, active[r].think)
+                # the heads the answer model adds start from an empty state (batch-independent)
+                cache.clear_outside(r, model.resolve_budget(active[r].think))
             feed, switch = sorted(feed + switch), []
         keep = sorted(feed + switch)
         if not keep:
             break
         if len(keep) < len(active):
-            cache = _cache_rows(cache, torch.tensor(keep, device=device))
+            cache = cache.select_rows(torch.tensor(keep, device=device))
         pos = {r: i for i, r in enumerate(keep)}
         active = [active[r] for r in keep]
         feed_rows = [pos[r] for r in feed]
@@ -338,7 +283,8 @@ def _run_group(model, seqs: list[_Seq], *, max_answer: int, max_length: int, sam
         logits = torch.empty(len(active), logits.shape[-1], device=device)
         parts = []
         if feed_rows:
-            sub = cache if len(feed_rows) == len(active) else _cache_rows(cache, torch.tensor(feed_rows, device=device))
+            sub = cache if len(feed_rows) == len(active) else cache.select_rows(torch.tensor(feed_rows,
+                                                                                             device=device))
             last = torch.tensor([[active[i].last] for i in feed_rows], dtype=torch.long, device=device)
             logits[feed_rows] = model(last, budget=_budget_arg([active[i].budget for i in feed_rows]),
                                       cache=sub)[:, -1]
@@ -355,7 +301,7 @@ def _run_group(model, seqs: list[_Seq], *, max_answer: int, max_length: int, sam
             for i in switch_rows:
                 active[i].count_prefill("answer", 0, full_ids.shape[1])
             parts.append((torch.tensor(switch_rows, device=device), fresh))
-        cache = parts[0][1] if len(parts) == 1 else _cache_merge(parts, len(active))
+        cache = parts[0][1] if len(parts) == 1 else type(cache).merge(parts, len(active))
 
 
 def generate(model, prompts: Sequence[Sequence[int]], *, think_budget=FULL, answer_budget=FULL,

@@ -1,23 +1,183 @@
-"""``elastic-train`` / ``python -m elastic_kernels.train``: run the Star Elastic reference loop."""
+"""``elastic-train`` / ``python -m elastic_kernels.train``: run (or resume) the Star Elastic
+reference loop.
+
+The command line is built from :class:`~.config.TrainConfig` by tyro (options, types, choices
+and help come from the dataclass; booleans are bare flags with a ``--no-`` form) and checked with
+:meth:`TrainConfig.validate` before torch is imported: every bad value is a usage error (exit
+status 2, the option named, no traceback). ``--resume --run-dir X`` alone continues the run in
+``X`` with its saved configuration; options given with it must agree with that configuration
+(except ``--threads``, ``--device``, ``--stop-after`` and ``--progress``).
+"""
 from __future__ import annotations
 
+import argparse
+import dataclasses
+import json
 import logging
+import os
 import sys
+from pathlib import Path
+from typing import NoReturn, Sequence
 
-from .config import config_from_args
+from .config import PRESETS, RESUME_FREE, ConfigError, TrainConfig, preset_config
 
-__all__ = ["main"]
+__all__ = ["main", "parse_args", "UsageError"]
+
+PROG = "elastic-train"
 
 
-def main(argv: list[str] | None = None) -> int:
-    cfg = config_from_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from .loop import StopRun, run
+class UsageError(Exception):
+    """A bad command line: ``option`` (e.g. ``--lr``) and what is wrong with it."""
+
+    def __init__(self, option: str, message: str) -> None:
+        super().__init__(f"{option}: {message}")
+        self.option = option
+
+
+def option_name(field_name: str) -> str:
+    return "--" + field_name.replace("_", "-")
+
+
+def json_dict_registry():
+    """A tyro registry that reads ``dict`` fields as one JSON object argument."""
+    import tyro
+
+    registry = tyro.constructors.ConstructorRegistry()
+
+    @registry.primitive_rule
+    def _json_object(info):
+        if info.type is not dict:
+            return None
+
+        def parse(args: list[str]) -> dict:
+            try:
+                value = json.loads(args[0])
+            except json.JSONDecodeError as e:
+                raise ValueError(f"expected a JSON object, got {args[0]!r} ({e})") from None
+            if not isinstance(value, dict):
+                raise ValueError(f"expected a JSON object, got {args[0]!r}")
+            return value
+
+        return tyro.constructors.PrimitiveConstructorSpec(
+            nargs=1, metavar="JSON", instance_from_str=parse, is_instance=lambda x: isinstance(x, dict),
+            str_from_instance=lambda d: [json.dumps(d)])
+
+    return registry
+
+
+def _description() -> str:
+    presets = "; ".join(f"{name}: " + (", ".join(f"{k}={json.dumps(v)}" for k, v in sorted(over.items())
+                                                  if k != "model") or "(the defaults)")
+                        for name, over in PRESETS.items())
+    return (f"{TrainConfig.__doc__.strip()}\n\nDefaults shown are those of the chosen --preset "
+            f"(presets: {presets}; each preset also sets a model). Explicit options override the preset. "
+            "--resume --run-dir X continues the run in X with its saved configuration.")
+
+
+def _saved_config(argv: Sequence[str]) -> tuple[TrainConfig | None, Path | None]:
+    """The preset named on the command line, or (``--resume``) the run's saved configuration."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--preset")
+    pre.add_argument("--run-dir")
+    pre.add_argument("--resume", action="store_true")
+    known, _ = pre.parse_known_args(list(argv))
+    if not known.resume:
+        return preset_config(known.preset if known.preset in PRESETS else "tiny"), None
+    run_dir = Path(known.run_dir or f"runs/{known.preset if known.preset in PRESETS else 'tiny'}")
+    path = run_dir / "progress.json"
+    if not path.is_file():
+        raise UsageError("--resume", f"{run_dir} holds no run to resume (no {path.name}); drop --resume to start "
+                                     "a new run there")
+    try:
+        saved = json.loads(path.read_text())["config"]
+        names = {f.name for f in dataclasses.fields(TrainConfig)}
+        unknown = sorted(set(saved) - names)
+        if unknown:
+            raise ValueError(f"unknown fields {unknown}")
+        cfg = TrainConfig(**saved)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise UsageError("--resume", f"{path} is unreadable or corrupt ({type(e).__name__}: {e}); restore it or "
+                                     "start a new run in another --run-dir") from None
+    cfg.resume = True
+    return cfg, path
+
+
+def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
+    """The validated :class:`TrainConfig` of a command line; :class:`UsageError` or SystemExit(2)
+    (tyro's own parse errors) for a bad one."""
+    import tyro
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        defaults, saved_path = _saved_config(argv)
+    except ConfigError as e:
+        raise UsageError(option_name(e.field), e.detail) from None
+    cfg = tyro.cli(TrainConfig, args=argv, default=defaults, prog=PROG, description=_description(),
+                   registry=json_dict_registry())
+    if saved_path is not None:
+        for f in dataclasses.fields(TrainConfig):
+            if f.name in RESUME_FREE:
+                continue
+            given, kept = getattr(cfg, f.name), getattr(defaults, f.name)
+            if given != kept:
+                raise UsageError(option_name(f.name), f"{given!r} conflicts with the saved configuration of the run "
+                                                      f"({saved_path}: {kept!r}); a resumed run keeps its "
+                                                      "configuration: drop the option")
+    try:
+        cfg.validate()
+    except ConfigError as e:
+        raise UsageError(option_name(e.field), e.detail) from None
+    return cfg
+
+
+def usage_exit(prog: str, err: UsageError) -> NoReturn:
+    print(f"usage: {prog} [-h] [OPTIONS]\n{prog}: error: {err}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def _check_environment(cfg: TrainConfig) -> None:
+    """Checks that need torch (after parsing): the task name and the device."""
+    import torch
+
+    from .. import tasks
+
+    if cfg.task not in tasks.names():
+        raise UsageError("--task", f"must be one of {list(tasks.names())}, got {cfg.task!r}")
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device", "cuda was requested but torch sees no CUDA device")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    rank = int(os.environ.get("RANK", "0"))
+    try:
+        cfg = parse_args(argv)
+        _check_environment(cfg)
+    except UsageError as e:
+        if rank == 0:
+            usage_exit(PROG, e)
+        raise SystemExit(2) from None
+    # under torchrun only rank 0 logs; the other ranks keep errors
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.ERROR,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log = logging.getLogger("elastic_kernels.train")
+    from .checkpoint import CheckpointError
+    from .lock import RunLockedError
+    from .pipeline import run
+    from .runner import RunError, StopRun
     try:
         rep = run(cfg)
     except StopRun as e:
-        logging.getLogger("elastic_kernels.train").warning("%s", e)
-        return 130 if e.interrupted else 0
+        log.warning("%s", e)
+        return e.exit_code
+    except (RunError, RunLockedError, CheckpointError, FileExistsError) as e:
+        if rank == 0:
+            print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        if rank == 0:
+            print(f"{PROG}: aborted without a checkpoint of the current step; --resume continues from the last "
+                  "one", file=sys.stderr)
+        return 130
     if rep:
         run_dir = cfg.resolved_run_dir()
         print(f"report: {run_dir}/report.md ({run_dir}/report.json, {run_dir}/report.png)")

@@ -1,92 +1,162 @@
-"""Run configuration: one dataclass, three presets, CLI overrides with help for every field."""
+"""Run configuration: one dataclass (each field documented where it is declared, which is what
+``elastic-train --help`` shows), three presets, and range checks of every field.
+
+This module imports neither torch nor the CLI library, so a command line is parsed and checked
+before anything slow is imported (:mod:`.cli`).
+"""
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import Any, Literal
 
-__all__ = ["TrainConfig", "PRESETS", "build_parser", "config_from_args"]
+__all__ = ["TrainConfig", "PRESETS", "ConfigError", "make_config", "preset_config", "RESUME_FREE"]
+
+# config fields that may differ between a run and its resumption
+RESUME_FREE = frozenset({"resume", "stop_after", "progress", "threads", "device", "run_dir"})
 
 
-def _f(default, help: str, **kw):
-    if isinstance(default, (dict, list)):
-        return field(default_factory=lambda d=default: json.loads(json.dumps(d)), metadata={"help": help, **kw})
-    return field(default=default, metadata={"help": help, **kw})
+class ConfigError(ValueError):
+    """A config field out of range; ``field`` names it (the CLI option is ``--field-name``)."""
+
+    def __init__(self, field_name: str, message: str) -> None:
+        super().__init__(f"{field_name}: {message}")
+        self.field = field_name
+        self.detail = message
+
+
+def _list(*values):
+    return field(default_factory=lambda: list(values))
 
 
 @dataclass
 class TrainConfig:
+    """The Star Elastic reference loop: stage 0 parent, stage 1 importance + permutation, stage 2
+    routers + curriculum distillation of all nested budgets, stage 3 (``--qad``)
+    quantization-aware distillation, independent baselines, and a report (report.md /
+    report.json / report.png) in the run directory."""
+
     # run
-    preset: str = _f("tiny", "preset the other fields start from: smoke (seconds), tiny (CPU minutes), small (GPU)")
-    run_dir: str = _f("", "output directory (default runs/<preset>); holds config, metrics.jsonl, checkpoints, report")
-    seed: int = _f(0, "seed of the model init, data splits, batches, budget sampling and Gumbel noise")
-    device: str = _f("auto", "auto | cpu | cuda (under torchrun, cuda:<local rank>)")
-    threads: int = _f(1, "torch CPU threads per process (0 = torch default); the tiny model runs fastest on one")
-    resume: bool = _f(False, "continue the run in run_dir from its last checkpoint")
-    stop_after: int = _f(0, "stop (with a resumable checkpoint) after this many optimizer steps in this "
-                            "invocation; 0 = run to the end. For tests of interruption")
+    preset: Literal["smoke", "tiny", "small"] = "tiny"
+    """preset the other defaults come from: smoke (seconds), tiny (CPU minutes), small (GPU)"""
+    run_dir: str = ""
+    """output directory (default runs/<preset>): config, metrics.jsonl, checkpoints, report"""
+    seed: int = 0
+    """seed of the model init, data splits, batches, budget sampling and Gumbel noise"""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """torch device (under torchrun, cuda:<local rank>)"""
+    threads: int = 1
+    """torch CPU threads per process (0 = torch default); the tiny model runs fastest on one"""
+    resume: bool = False
+    """continue the interrupted run in --run-dir from its last checkpoint, with its saved configuration"""
+    stop_after: int = 0
+    """stop (with a resumable checkpoint) after this many optimizer steps in this invocation (0 = run to the end)"""
+    on_nonfinite: Literal["stop", "skip"] = "stop"
+    """a step with a non-finite loss or gradient: stop the run (its last checkpoint kept) or skip the step"""
     # task
-    task: str = _f("fused", "generated task (elastic_kernels.tasks): fused (chain arithmetic whose answer is one hard "
-                            "fused step; thinking caps trained) | arithmetic (the answer copies the trace's last value)")
-    task_args: dict = _f({}, "extra task keyword arguments as JSON, e.g. {\"truncate_prob\": 0.25} for fused")
-    modulus: int = _f(10, "arithmetic modulus; numbers are in [0, modulus)")
-    difficulty: int = _f(2, "difficulty level 1-5 (number of chained operations per problem)")
-    stage_b_difficulty: int = _f(0, "difficulty in curriculum stage B (longer sequences); 0 = same as difficulty")
-    val_size: int = _f(256, "validation problems (loss and exact-match accuracy)")
-    test_size: int = _f(512, "test problems for the final exact-match accuracy")
+    task: str = "fused"
+    """generated task (elastic_kernels.tasks): fused (chain arithmetic whose answer is one hard fused step;
+    thinking caps trained) | arithmetic (the answer copies the trace's last value)"""
+    task_args: dict = field(default_factory=dict)
+    """extra task keyword arguments as a JSON object, e.g. {"truncate_prob": 0.25} for fused"""
+    modulus: int = 10
+    """arithmetic modulus; numbers are in [0, modulus)"""
+    difficulty: int = 2
+    """difficulty level 1-5 (number of chained operations per problem)"""
+    stage_b_difficulty: int = 0
+    """difficulty in curriculum stage B (longer sequences); 0 = same as --difficulty"""
+    val_size: int = 256
+    """validation problems (loss and exact-match accuracy)"""
+    test_size: int = 512
+    """test problems for the final exact-match accuracy"""
     # model
-    model: dict = _f({}, "ElasticHybridConfig fields as JSON, merged over the preset's model")
-    budgets: list = _f([1.0, 0.75, 0.5], "target budgets as fractions of the parent's parameters (comma list)")
-    budget_metric: str = _f("total", "which parameter count the budgets refer to: total (the paper's sizes) | "
-                                     "active (top-k experts; leaves the expert count free); both are reported")
+    model: dict = field(default_factory=dict)
+    """ElasticHybridConfig fields as a JSON object, merged over the preset's model"""
+    budgets: list[float] = _list(1.0, 0.75, 0.5)
+    """target budgets as fractions of the parent's parameters (must include 1.0)"""
+    budget_metric: Literal["active", "total"] = "total"
+    """which parameter count the budgets refer to: total (the paper's sizes) | active (top-k experts; leaves the
+    expert count free); both are reported"""
     # stage 0: parent
-    batch_size: int = _f(32, "global batch size (split across ranks)")
-    parent_steps: int = _f(1000, "stage 0 optimizer steps (parent trained from scratch)")
-    lr: float = _f(3e-3, "peak learning rate of parent and baseline training (AdamW, warmup + cosine)")
-    weight_decay: float = _f(0.01, "AdamW weight decay")
-    warmup_steps: int = _f(30, "linear warmup steps of every stage")
-    grad_clip: float = _f(1.0, "gradient norm clip (0 = off)")
+    batch_size: int = 32
+    """global batch size (split across ranks)"""
+    parent_steps: int = 1000
+    """stage 0 optimizer steps (parent trained from scratch)"""
+    lr: float = 3e-3
+    """peak learning rate of parent and baseline training (AdamW, warmup + cosine)"""
+    weight_decay: float = 0.01
+    """AdamW weight decay"""
+    warmup_steps: int = 30
+    """linear warmup steps of every stage"""
+    grad_clip: float = 1.0
+    """gradient norm clip (0 = off)"""
     # stage 1: importance
-    importance_batches: int = _f(8, "training batches of forward passes for activation importance")
+    importance_batches: int = 8
+    """training batches of forward passes for activation importance"""
     # stage 2: Star Elastic
-    elastic_steps: int = _f(400, "stage 2 optimizer steps (curriculum KD with routers)")
-    elastic_lr: float = _f(1e-3, "peak learning rate of the student in stage 2")
-    router_lr: float = _f(1e-2, "learning rate of the routers (higher than the student's)")
-    router_hidden: int = _f(64, "hidden width of each router MLP")
-    router_loss_weight: float = _f(1.0, "weight of the router size loss against the KD loss")
-    router_interp_targets: int = _f(4, "random in-between targets per step that train the routers' blended "
-                                        "budget inputs on the size loss alone (0 = only the trained budgets)")
-    router_tolerance: float = _f(0.02, "tolerance band of the router size loss |params/target - 1|")
-    kd_temperature: float = _f(1.0, "distillation temperature of the forward KL")
-    tau_start: float = _f(1.0, "Gumbel-softmax temperature at the start of stage 2 (reference tau_init)")
-    tau_decay: float = _f(0.9999, "per-step temperature decay: tau = tau_start * tau_decay**step (reference)")
-    tau_min: float = _f(0.05, "floor of the Gumbel-softmax temperature")
-    hard_sample_prob: float = _f(0.004, "probability per step of a hard (straight-through one-hot) Gumbel sample "
-                                        "(reference: 1 - hard_sample_th = 0.004)")
-    full_prob: float = _f(0.33, "curriculum stage A probability of drawing the full model (reference "
-                                "original_model_sample_prob); the other budgets share the rest")
-    full_pin_weight: float = _f(1.0, "weight of the loss pulling the routers' 1.0 choice to the full size (budget "
-                                     "1.0 itself always runs the unrouted parent)")
-    scale_start: float = _f(1.0, "router logit scale at the start of stage 2")
-    scale_end: float = _f(10.0, "router logit scale at the end of stage 2")
-    stage_a_fraction: float = _f(0.5, "fraction of stage 2 in curriculum stage A (uniform budgets)")
-    stage_b_skew: list = _f([0.5, 0.3, 0.2], "stage B budget probabilities: full, middle (shared), smallest")
+    elastic_steps: int = 400
+    """stage 2 optimizer steps (curriculum KD with routers)"""
+    elastic_lr: float = 1e-3
+    """peak learning rate of the student in stage 2"""
+    router_lr: float = 1e-2
+    """learning rate of the routers (higher than the student's)"""
+    router_hidden: int = 64
+    """hidden width of each router MLP"""
+    router_loss_weight: float = 1.0
+    """weight of the router size loss against the KD loss"""
+    router_interp_targets: int = 4
+    """random in-between targets per step that train the routers' blended inputs on the size loss alone"""
+    router_tolerance: float = 0.02
+    """tolerance band of the router size loss |params/target - 1|"""
+    kd_temperature: float = 1.0
+    """distillation temperature of the forward KL (> 0)"""
+    tau_start: float = 1.0
+    """Gumbel-softmax temperature at the start of stage 2 (reference tau_init)"""
+    tau_decay: float = 0.9999
+    """per-step temperature decay: tau = tau_start * tau_decay**step (reference)"""
+    tau_min: float = 0.05
+    """floor of the Gumbel-softmax temperature"""
+    hard_sample_prob: float = 0.004
+    """probability per step of a hard (straight-through one-hot) Gumbel sample (reference: 1 - hard_sample_th)"""
+    full_prob: float = 0.33
+    """curriculum stage A probability of drawing the full model (reference original_model_sample_prob); the
+    other budgets share the rest"""
+    full_pin_weight: float = 1.0
+    """weight of the loss pulling the routers' 1.0 choice to the full size (budget 1.0 itself always runs the
+    unrouted parent)"""
+    scale_start: float = 1.0
+    """router logit scale at the start of stage 2"""
+    scale_end: float = 10.0
+    """router logit scale at the end of stage 2"""
+    stage_a_fraction: float = 0.5
+    """fraction of stage 2 in curriculum stage A (uniform budgets)"""
+    stage_b_skew: list[float] = _list(0.5, 0.3, 0.2)
+    """stage B budget probabilities: full, middle (shared), smallest"""
     # stage 3: QAD
-    qad: bool = _f(False, "run stage 3: quantization-aware distillation and a nested quantized export")
-    qad_format: str = _f("nvfp4", "fake-quant format of QAD weights: nvfp4 | fp8")
-    qad_steps: int = _f(100, "stage 3 optimizer steps")
-    qad_lr: float = _f(3e-4, "stage 3 learning rate")
+    qad: bool = False
+    """run stage 3: quantization-aware distillation and a nested quantized export"""
+    qad_format: Literal["nvfp4", "fp8"] = "nvfp4"
+    """fake-quant format of QAD weights"""
+    qad_steps: int = 100
+    """stage 3 optimizer steps"""
+    qad_lr: float = 3e-4
+    """stage 3 learning rate"""
     # baselines
-    baselines: bool = _f(True, "train an independent model of each nested size from scratch")
-    baseline_steps: int = _f(-1, "baseline optimizer steps; -1 = parent_steps + elastic_steps (same tokens "
-                                 "as the nested family saw)")
+    baselines: bool = True
+    """train an independent model of each nested size from scratch"""
+    baseline_steps: int = -1
+    """baseline optimizer steps; -1 = parent_steps + elastic_steps (the tokens the nested family saw)"""
     # logging
-    log_every: int = _f(10, "steps between metric lines")
-    eval_every: int = _f(250, "steps between validation evaluations (0 = only at the end of a stage)")
-    ckpt_every: int = _f(100, "steps between resumable checkpoints")
-    progress: bool = _f(True, "show tqdm progress bars")
+    log_every: int = 10
+    """steps between metric lines"""
+    eval_every: int = 250
+    """steps between validation evaluations (0 = only at the end of a stage)"""
+    ckpt_every: int = 100
+    """steps between resumable checkpoints"""
+    progress: bool = True
+    """show progress bars"""
 
     def resolved_run_dir(self) -> str:
         return self.run_dir or f"runs/{self.preset}"
@@ -94,41 +164,84 @@ class TrainConfig:
     def resolved_baseline_steps(self) -> int:
         return self.parent_steps + self.elastic_steps if self.baseline_steps < 0 else self.baseline_steps
 
+    def task_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of ``elastic_kernels.tasks.get(self.task, ...)``."""
+        return {"modulus": self.modulus, "difficulty": self.difficulty, "seed": self.seed, **self.task_args}
+
     def validate(self) -> None:
-        if self.preset not in PRESETS:
-            raise ValueError(f"preset must be one of {tuple(PRESETS)}, got {self.preset!r}")
-        if self.budget_metric not in ("active", "total"):
-            raise ValueError(f"budget_metric must be 'active' or 'total', got {self.budget_metric!r}")
-        from ..tasks import names as task_names
-        if self.task not in task_names():
-            raise ValueError(f"task must be one of {task_names()}, got {self.task!r}")
-        if not 0 < self.tau_decay <= 1 or self.tau_min <= 0 or self.tau_start <= 0:
-            raise ValueError(f"tau_start and tau_min must be > 0 and tau_decay in (0, 1], got {self.tau_start}, "
-                             f"{self.tau_min}, {self.tau_decay}")
-        for name in ("hard_sample_prob", "full_prob"):
-            if not 0 <= getattr(self, name) <= 1:
-                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
-        if self.qad_format not in ("nvfp4", "fp8"):
-            raise ValueError(f"qad_format must be 'nvfp4' or 'fp8', got {self.qad_format!r}")
+        """Check the type and range of every field (:class:`ConfigError` naming the first bad one);
+        sorts ``budgets`` from the largest down."""
+        for f in fields(self):
+            _check_field(f.name, f.type, getattr(self, f.name))
         b = [float(x) for x in self.budgets]
         if not b or any(not 0 < x <= 1 for x in b) or len(set(b)) != len(b):
-            raise ValueError(f"budgets must be distinct fractions in (0, 1], got {self.budgets}")
+            raise ConfigError("budgets", f"must be distinct fractions in (0, 1], got {self.budgets}")
         if max(b) != 1.0:
-            raise ValueError(f"budgets must include the full model 1.0, got {self.budgets}")
+            raise ConfigError("budgets", f"must include the full model 1.0, got {self.budgets}")
         self.budgets = sorted(b, reverse=True)
-        if len(self.stage_b_skew) != 3:
-            raise ValueError(f"stage_b_skew must have three entries (full, middle, smallest), got {self.stage_b_skew}")
-        for name in ("batch_size", "parent_steps", "elastic_steps", "log_every", "ckpt_every", "val_size",
-                     "test_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not 0 <= self.stage_a_fraction <= 1:
-            raise ValueError(f"stage_a_fraction must be in [0, 1], got {self.stage_a_fraction}")
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise ValueError(f"device must be auto | cpu | cuda, got {self.device!r}")
+        if len(self.stage_b_skew) != 3 or any(not (math.isfinite(p) and p >= 0) for p in self.stage_b_skew) \
+                or sum(self.stage_b_skew) <= 0:
+            raise ConfigError("stage_b_skew", "must be three finite probabilities >= 0 (full, middle, smallest) "
+                                              f"with a positive sum, got {self.stage_b_skew}")
+        if self.difficulty not in range(1, 6):
+            raise ConfigError("difficulty", f"must be a level 1-5, got {self.difficulty}")
+        if self.stage_b_difficulty not in range(0, 6):
+            raise ConfigError("stage_b_difficulty", f"must be 0 (same as --difficulty) or a level 1-5, got "
+                                                    f"{self.stage_b_difficulty}")
+        if self.baseline_steps < -1:
+            raise ConfigError("baseline_steps", f"must be >= 0, or -1 for parent + elastic steps, got "
+                                                f"{self.baseline_steps}")
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
+
+
+# (min, max, min inclusive, max inclusive); floats must also be finite
+_RANGES: dict[str, tuple] = {
+    "seed": (0, None, True, True), "threads": (0, None, True, True), "stop_after": (0, None, True, True),
+    "modulus": (2, None, True, True), "val_size": (1, None, True, True), "test_size": (1, None, True, True),
+    "batch_size": (1, None, True, True), "parent_steps": (1, None, True, True), "lr": (0, None, False, True),
+    "weight_decay": (0, None, True, True), "warmup_steps": (0, None, True, True),
+    "grad_clip": (0, None, True, True), "importance_batches": (1, None, True, True),
+    "elastic_steps": (1, None, True, True), "elastic_lr": (0, None, False, True), "router_lr": (0, None, False, True),
+    "router_hidden": (1, None, True, True), "router_loss_weight": (0, None, True, True),
+    "router_interp_targets": (0, None, True, True), "router_tolerance": (0, 1, True, False),
+    "kd_temperature": (0, None, False, True), "tau_start": (0, None, False, True), "tau_decay": (0, 1, False, True),
+    "tau_min": (0, None, False, True), "hard_sample_prob": (0, 1, True, True), "full_prob": (0, 1, True, True),
+    "full_pin_weight": (0, None, True, True),
+    "scale_start": (0, None, False, True), "scale_end": (0, None, False, True),
+    "stage_a_fraction": (0, 1, True, True), "qad_steps": (1, None, True, True), "qad_lr": (0, None, False, True),
+    "log_every": (1, None, True, True), "eval_every": (0, None, True, True), "ckpt_every": (1, None, True, True),
+}
+
+
+def _check_field(name: str, annotation: str, value) -> None:
+    t = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", str(annotation))
+    if t.startswith("Literal["):
+        choices = tuple(json.loads("[" + t[len("Literal["):-1].replace("'", '"') + "]"))
+        if value not in choices:
+            raise ConfigError(name, f"must be one of {choices}, got {value!r}")
+        return
+    kinds = {"int": int, "float": (int, float), "bool": bool, "str": str, "dict": dict, "list[float]": list}
+    if t not in kinds:
+        raise TypeError(f"TrainConfig.{name}: no check for annotation {t!r}")
+    if (t in ("int", "float") and isinstance(value, bool)) or not isinstance(value, kinds[t]):
+        raise ConfigError(name, f"must be {t}, got {type(value).__name__} {value!r}")
+    if t == "list[float]":
+        for v in value:
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise ConfigError(name, f"must hold finite numbers, got {value!r}")
+    if t == "dict" and not all(isinstance(k, str) for k in value):
+        raise ConfigError(name, f"must have string keys, got {value!r}")
+    if name not in _RANGES:
+        return
+    if t == "float" and not math.isfinite(value):
+        raise ConfigError(name, f"must be finite, got {value}")
+    lo, hi, lo_in, hi_in = _RANGES[name]
+    if lo is not None and (value < lo or (value == lo and not lo_in)):
+        raise ConfigError(name, f"must be {'>=' if lo_in else '>'} {lo}, got {value}")
+    if hi is not None and (value > hi or (value == hi and not hi_in)):
+        raise ConfigError(name, f"must be {'<=' if hi_in else '<'} {hi}, got {value}")
 
 
 # Model dicts are ElasticHybridConfig keyword arguments (elastic_kernels.models).
@@ -153,82 +266,26 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def _parse_value(f: dataclasses.Field, text: str):
-    t = f.type if isinstance(f.type, str) else f.type.__name__
-    if t == "bool":
-        if text.lower() in ("1", "true", "yes", "on"):
-            return True
-        if text.lower() in ("0", "false", "no", "off"):
-            return False
-        raise argparse.ArgumentTypeError(f"--{f.name}: expected true/false, got {text!r}")
-    if t == "int":
-        return int(text)
-    if t == "float":
-        return float(text)
-    if t == "list":
-        return [float(x) for x in text.split(",") if x.strip()]
-    if t == "dict":
-        try:
-            v = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise argparse.ArgumentTypeError(f"--{f.name}: expected a JSON object: {e}") from e
-        if not isinstance(v, dict):
-            raise argparse.ArgumentTypeError(f"--{f.name}: expected a JSON object, got {text!r}")
-        return v
-    return text
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="elastic-train",
-        description="Star Elastic reference loop: stage 0 parent, stage 1 importance + permutation, "
-                    "stage 2 router + curriculum distillation of all nested budgets, stage 3 (--qad) "
-                    "quantization-aware distillation, independent baselines, and a report "
-                    "(report.md / report.json / report.png) in the run directory.",
-        epilog="Presets override the tiny defaults shown above: " + "; ".join(
-            f"{name}: " + (", ".join(f"{k}={json.dumps(v)}" for k, v in sorted(over.items())) or "(none)")
-            for name, over in PRESETS.items()) + ". Explicit options override the preset.",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    defaults = TrainConfig()
-    for f in fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        d = getattr(defaults, f.name)
-        shown = ",".join(str(x) for x in d) if isinstance(d, list) else (json.dumps(d) if isinstance(d, dict) else d)
-        kw: dict[str, Any] = dict(dest=f.name, default=argparse.SUPPRESS,
-                                  help=f.metadata["help"] + f" (tiny default: {shown})")
-        if f.name == "resume":
-            kw.update(action="store_true")
-        elif f.name == "preset":
-            kw.update(choices=list(PRESETS))
-        else:
-            kw.update(type=lambda s, f=f: _parse_value(f, s), metavar=(f.type if isinstance(f.type, str)
-                                                                          else f.type.__name__).upper())
-        p.add_argument(flag, **kw)
-    return p
-
-
-def config_from_args(argv: list[str] | None = None) -> TrainConfig:
-    """Preset defaults, then explicit command-line overrides; validated."""
-    ns = vars(build_parser().parse_args(argv))
-    return make_config(ns.pop("preset", "tiny"), **ns)
+def preset_config(preset: str = "tiny") -> TrainConfig:
+    """The preset's configuration (not validated)."""
+    if preset not in PRESETS:
+        raise ConfigError("preset", f"must be one of {tuple(PRESETS)}, got {preset!r}")
+    cfg = TrainConfig(preset=preset)
+    for k, v in PRESETS[preset].items():
+        setattr(cfg, k, json.loads(json.dumps(v)) if isinstance(v, (dict, list)) else v)
+    return cfg
 
 
 def make_config(preset: str = "tiny", **overrides) -> TrainConfig:
-    if preset not in PRESETS:
-        raise ValueError(f"preset must be one of {tuple(PRESETS)}, got {preset!r}")
-    cfg = TrainConfig(preset=preset)
-    base = dict(PRESETS[preset])
-    model = dict(base.pop("model", {}))
-    for k, v in base.items():
-        setattr(cfg, k, v)
+    """The preset's configuration with ``overrides`` (``model`` is merged over the preset's), validated."""
+    cfg = preset_config(preset)
     names = {f.name for f in fields(TrainConfig)}
     for k, v in overrides.items():
         if k not in names:
-            raise ValueError(f"unknown config field {k!r}")
+            raise ValueError(f"unknown config field {k!r}; known: {sorted(names)}")
         if k == "model":
-            model.update(v)
+            cfg.model = {**cfg.model, **v}
         else:
             setattr(cfg, k, v)
-    cfg.model = model
     cfg.validate()
     return cfg

@@ -25,9 +25,11 @@ import torch.nn as nn
 from torch.func import functional_call
 
 from .losses import forward_kl
+from .optim import AdamW, lr_at, set_lr
 from .router import curriculum_probs, sample_budget_indices
+from .runner import Runner
 
-__all__ = ["quantized_layouts", "fake_quantize_weight", "QuantStudent", "run_qad"]
+__all__ = ["quantized_layouts", "fake_quantize_weight", "QuantStudent", "run"]
 
 
 def quantized_layouts(model: nn.Module, budgets, fmt: str) -> dict[str, str]:
@@ -67,64 +69,57 @@ class QuantStudent(nn.Module):
         return functional_call(self.model, q, (input_ids,), {"budget": budget})
 
 
-def run_qad(pipe) -> tuple[dict, int]:
-    """Stage 3 of :class:`~elastic_kernels.train.loop.Pipeline`; returns (results, tokens)."""
-    from ..models import Budget
-    from .loop import _prefixed, lr_at
+def run(runner: Runner) -> None:
+    """Stage 3: distill the fake-quantized student, export, reload and evaluate every budget."""
+    from ..models import Budget, load_nested, save_nested
 
-    cfg = pipe.cfg
-    teacher = pipe.new_model()
-    meta = pipe._load_model("elastic", {"student": teacher})
+    cfg = runner.cfg
+    teacher = runner.new_model()
+    meta = runner.load_model("elastic", {"student": teacher})
     teacher.eval().requires_grad_(False)
     budgets = [Budget.from_dict(b) for b in meta["budgets"]]
     model = copy.deepcopy(teacher).train().requires_grad_(True)
     layouts = quantized_layouts(model, budgets, cfg.qad_format)
     student = QuantStudent(model, layouts, cfg.qad_format)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.qad_lr, weight_decay=0.0)
-    net = pipe._wrap(student)
+    opt = AdamW(model.parameters(), lr=cfg.qad_lr, weight_decay=0.0)
+    net = runner.wrap(student)
     steps = cfg.qad_steps
     probs = curriculum_probs(len(budgets), "B", cfg.stage_b_skew)
 
     def step_fn(step: int) -> dict:
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, steps, cfg.qad_lr, cfg.warmup_steps)
-        b, tokens, denom = pipe._train_batch(step, stream=1_000)
+        set_lr(opt, lr_at(step, steps, cfg.qad_lr, cfg.warmup_steps))
+        b, tokens, denom = runner.train_batch(step, stream=1_000)
         gen = torch.Generator().manual_seed(cfg.seed * 3_000_017 + step)
-        idx = sample_budget_indices(cfg.batch_size, probs, gen)[pipe.dist.rank::pipe.dist.world].tolist()
+        idx = sample_budget_indices(cfg.batch_size, probs, gen)[runner.dist.rank::runner.dist.world].tolist()
         per_sample = [budgets[i] for i in idx]
         with torch.no_grad():
             t_logits = teacher(b.input_ids, budget=per_sample)
         logits = net(b.input_ids, budget=per_sample)
         loss = forward_kl(logits, t_logits, b.loss_mask, temperature=cfg.kd_temperature, denom=denom)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
+        runner.optimizer_step(opt, loss)
         return {"loss": float(loss.detach()), "tokens": tokens}
 
-    tokens = pipe._train("qad", steps, {"model": model}, opt, step_fn)
-    pipe._save_model("qad_student", _prefixed("model", model), {"format": cfg.qad_format})
+    tokens = runner.train("qad", steps, {"model": model}, opt, step_fn)
+    runner.save_model("qad_student", {"model": model}, {"format": cfg.qad_format})
     table = {f"{t:g}": bud for t, bud in zip(cfg.budgets, budgets)}
-    out_dir = pipe.dir / "qad"
+    out_dir = runner.dir / "qad"
     rows = []
-    if pipe.dist.main:
-        from ..models import load_nested, save_nested
+    if runner.is_main:
         # post-training quantization of the unquantized stage-2 model, for comparison
-        ptq_dir = pipe.dir / "ptq"
+        ptq_dir = runner.dir / "ptq"
         save_nested(teacher, ptq_dir, table, quantization=cfg.qad_format)
         save_nested(model, out_dir, table, quantization=cfg.qad_format)
-        ref_rows = {r["target"]: r for r in pipe.progress["results"]["budgets"]}
+        ref_rows = {r["target"]: r for r in runner.results["budgets"]}
         for t in cfg.budgets:
-            sub = load_nested(out_dir, f"{t:g}", device=pipe.device)
-            res = pipe._eval(sub)
-            ptq = pipe._eval(load_nested(ptq_dir, f"{t:g}", device=pipe.device))
+            sub = load_nested(out_dir, f"{t:g}", device=runner.device)
+            res = runner.evaluate(sub)
+            ptq = runner.evaluate(load_nested(ptq_dir, f"{t:g}", device=runner.device))
             rows.append({"target": t, "ref_test_acc": ref_rows[t].get("test_acc"), "test_acc": res["test_acc"],
                          "val_loss": res["val_loss"], "val_acc": res["val_acc"],
                          "ptq_test_acc": ptq["test_acc"], "ptq_val_loss": ptq["val_loss"],
                          "params_total": sub.param_count(None)})
-    pipe._barrier()
-    res = {"format": cfg.qad_format, "checkpoint": str(out_dir), "budgets": rows,
-           "quantized_tensors": len(layouts),
-           "quantized_params": int(sum(math.prod(p.shape) for n, p in model.named_parameters() if n in layouts))}
-    return res, tokens
+    runner.barrier()
+    runner.results["qad"] = {
+        "format": cfg.qad_format, "checkpoint": str(out_dir), "budgets": rows, "quantized_tensors": len(layouts),
+        "quantized_params": int(sum(math.prod(p.shape) for n, p in model.named_parameters() if n in layouts))}
+    runner.finish_stage("qad", tokens)

@@ -1,0 +1,28 @@
+"""Stage 4 ``baseline-<b>``: an independent model of each nested size, trained from scratch on
+the same number of steps (and thus about the same tokens) as parent + elastic."""
+from __future__ import annotations
+
+from .parent import train_supervised
+from .runner import Runner
+
+__all__ = ["run"]
+
+
+def run(runner: Runner, i: int) -> None:
+    """Train the baseline of budget row ``i`` of the elastic stage's results."""
+    from ..models import Budget
+
+    cfg = runner.cfg
+    row = runner.results["budgets"][i]
+    stage = f"baseline-{row['target']:g}"
+    bcfg = runner.new_model().sliced_config(Budget.from_dict(row["budget"]))
+    model = runner.new_model(bcfg, seed=cfg.seed + 100 + i)
+    steps = cfg.resolved_baseline_steps()
+    tokens = train_supervised(runner, stage, model, steps, stream=2 + i)
+    res = {"params_total": model.param_count(None), "params_active": model.param_count(None, active=True),
+           "steps": steps, "tokens": tokens}
+    if runner.is_main:
+        res |= runner.evaluate(model)
+    row["baseline"] = res
+    runner.metrics.log({"stage": stage, "step": steps, "final": True, "eval": res})
+    runner.finish_stage(stage, tokens)

@@ -1,0 +1,74 @@
+"""The Star Elastic reference pipeline: which stages run, in which order, and the report.
+
+Stages (each resumable; a finished stage leaves an artifact in the run directory):
+
+0. ``parent``       (:mod:`.parent`) the full model trained from scratch (the frozen teacher).
+1. ``importance``   (:mod:`.importance`) activation importance and the permutation of the parent.
+2. ``elastic``      (:mod:`.elastic`) routers + curriculum distillation of every nested budget.
+3. ``qad``          (:mod:`.qad`, ``--qad``) quantization-aware distillation, nested NVFP4/FP8 export.
+4. ``baseline-<b>`` (:mod:`.baselines`) an independent model of each nested size.
+5. ``report``       report.md / report.json / report.png (:mod:`.report`).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+from . import baselines, elastic, importance, parent, qad
+from .config import TrainConfig
+from .report import write_report
+from .runner import Runner
+
+__all__ = ["stages", "assemble_report", "run"]
+
+
+def stages(runner: Runner) -> list[tuple[str, Callable[[], object]]]:
+    """``[(name, fn), ...]`` of the run, the report last."""
+    cfg = runner.cfg
+    out: list[tuple[str, Callable[[], object]]] = [
+        ("parent", lambda: parent.run(runner)), ("importance", lambda: importance.run(runner)),
+        ("elastic", lambda: elastic.run(runner))]
+    if cfg.qad:
+        out.append(("qad", lambda: qad.run(runner)))
+    if cfg.baselines:
+        for i, t in enumerate(cfg.budgets):
+            if t < 1.0:
+                out.append((f"baseline-{t:g}", lambda i=i: baselines.run(runner, i)))
+    out.append(("report", lambda: report_stage(runner)))
+    return out
+
+
+def assemble_report(runner: Runner) -> dict:
+    """The report dict of a finished run (every stage's results, tokens and times)."""
+    res, prog = runner.results, runner.progress
+    return {
+        "config": runner.cfg.to_json(),
+        "model_config": runner.model_config.to_dict(),
+        "task": {**runner.task.to_dict(), "description": runner.task.describe(),
+                 "val_size": len(runner.val), "test_size": len(runner.test)},
+        "parent": res["parent"],
+        "budgets": res["budgets"],
+        "interpolated": res.get("interpolated", []),
+        "stages": [name for name, _ in stages(runner) if name != "report"],
+        "tokens": prog["tokens"],
+        "time_s": prog["time_s"],
+        "cpu_s": prog.get("cpu_s", {}),
+        "skipped_steps": prog.get("skipped_steps", {}),
+        "qad": res.get("qad"),
+    }
+
+
+def report_stage(runner: Runner) -> dict:
+    rep = assemble_report(runner)
+    if runner.is_main:
+        write_report(rep, runner.dir)
+    runner.finish_stage("report")
+    return rep
+
+
+def run(cfg: TrainConfig) -> dict:
+    """Run (or resume) the whole pipeline; returns the report dict (rank 0; {} on other ranks)."""
+    runner = Runner(cfg)
+    try:
+        return runner.run(stages(runner))
+    finally:
+        runner.close()

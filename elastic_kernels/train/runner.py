@@ -1,0 +1,443 @@
+"""The training runner: distributed setup, the run directory (progress, lock, checkpoints), the
+resumable step loop, stop/resume, and the order of stages (docs/design.md §2).
+
+Stages (:mod:`.parent`, :mod:`.importance`, :mod:`.elastic`, :mod:`.qad`, :mod:`.baselines`,
+assembled by :mod:`.pipeline`) use only this module's public API: a :class:`Runner` gives them the
+config, the task and its splits, fresh models, DDP wrapping, sharded training batches,
+:meth:`Runner.optimizer_step` (non-finite guard), :meth:`Runner.train` (the resumable loop),
+model artifacts (:meth:`Runner.save_model` / :meth:`Runner.load_model`), evaluation and
+:meth:`Runner.finish_stage`.
+
+Determinism: every batch, budget draw and Gumbel sample is a pure function of (seed, stage, step),
+so a run stopped at any step and resumed with ``--resume`` logs exactly the metrics of an
+uninterrupted run. Under ``torchrun`` each rank takes its shard of the same global batch and
+``DistributedDataParallel`` averages gradients; rank 0 evaluates and writes files.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from .. import tasks
+from .._io import atomic_write_text
+from ..tasks import Batch
+from .checkpoint import (CheckpointError, load_checkpoint, optimizer_from_tensors, optimizer_to_tensors,
+                         save_checkpoint)
+from .config import RESUME_FREE, TrainConfig
+from .evaluate import evaluate_model
+from .lock import RunLock
+from .metrics import MetricsLog
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Runner", "StopRun", "RunError", "NonFiniteError", "DistInfo", "setup_distributed", "STATE_NAME"]
+
+STATE_NAME = "state.safetensors"
+_EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
+
+
+class StopRun(Exception):
+    """The run stopped early (``stop_after``, Ctrl-C or SIGTERM) after writing a resumable checkpoint.
+
+    ``signum`` is the signal that asked for the stop (None for ``stop_after``); ``exit_code`` the
+    process exit status a CLI should return (130 for SIGINT, 143 for SIGTERM, 0 otherwise).
+    """
+
+    def __init__(self, message: str, signum: int | None = None) -> None:
+        super().__init__(message)
+        self.signum = signum
+
+    @property
+    def interrupted(self) -> bool:
+        return self.signum is not None
+
+    @property
+    def exit_code(self) -> int:
+        return _EXIT_CODES.get(self.signum, 128 + int(self.signum)) if self.signum is not None else 0
+
+
+class RunError(RuntimeError):
+    """The run directory cannot be used as asked (corrupt progress, no run to resume, ...)."""
+
+
+class NonFiniteError(RunError):
+    """A training step produced a non-finite loss or gradient (``on_nonfinite="stop"``)."""
+
+
+@dataclass
+class DistInfo:
+    rank: int
+    world: int
+    device: torch.device
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(cfg: TrainConfig) -> DistInfo:
+    """Join the torchrun process group when ``WORLD_SIZE`` > 1 (nccl on CUDA, gloo on CPU)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    want_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise RunError("device=cuda was requested but torch sees no CUDA device")
+    if world > 1 and cfg.batch_size % world:
+        raise ValueError(f"batch_size ({cfg.batch_size}) must be divisible by the number of ranks ({world})")
+    device = torch.device(f"cuda:{local}") if want_cuda else torch.device("cpu")
+    if want_cuda:
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if want_cuda else "gloo")
+    return DistInfo(rank, world, device)
+
+
+def _state_tensors(modules: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
+    return {f"{prefix}.{k}": v for prefix, m in modules.items() for k, v in m.state_dict().items()}
+
+
+def _load_state_tensors(modules: dict[str, nn.Module], tensors: dict[str, torch.Tensor], path) -> None:
+    for prefix, module in modules.items():
+        head = prefix + "."
+        sd = {k[len(head):]: v for k, v in tensors.items() if k.startswith(head)}
+        try:
+            module.load_state_dict(sd)
+        except RuntimeError as e:
+            raise CheckpointError(f"checkpoint {path}: {prefix} tensors do not match the model: {e}") from e
+
+
+class Runner:
+    """One run of the reference loop in ``cfg.run_dir``.
+
+    Public attributes: ``cfg``, ``dist`` (:class:`DistInfo`), ``device``, ``dir`` (the run
+    directory), ``task`` (:class:`elastic_kernels.tasks.Task`), ``model_config``, ``metrics``
+    (:class:`~.metrics.MetricsLog`), ``val`` / ``test`` (evaluation problems), ``progress`` (the
+    ``progress.json`` dict; ``results`` is its per-stage results).
+    """
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        from ..models import ElasticHybridConfig
+
+        cfg.validate()
+        self.cfg = cfg
+        self.dir = Path(cfg.resolved_run_dir())
+        if cfg.resume and not (self.dir / "progress.json").is_file():
+            raise RunError(f"--resume: {self.dir} holds no run to resume (no progress.json); drop --resume to "
+                           "start a new run there")
+        self.dist = setup_distributed(cfg)
+        self.device = self.dist.device
+        if cfg.threads > 0:
+            torch.set_num_threads(cfg.threads)
+        self.task = tasks.get(cfg.task, **cfg.task_kwargs())
+        self.model_config = ElasticHybridConfig(**{"vocab_size": self.task.vocab_size, **cfg.model})
+        self.metrics = MetricsLog(self.dir / "metrics.jsonl", enabled=self.dist.main)
+        self.val = self.task.problems("val", cfg.val_size, seed=0)
+        self.test = self.task.problems("test", cfg.test_size, seed=0)
+        self.steps_done_here = 0
+        self._stop_signal: int | None = None
+        self._clock = (time.perf_counter(), 0.0, time.process_time(), 0.0)  # stage t0, prior, cpu0, cpu prior
+        self._lock = RunLock(self.dir) if self.dist.main else None
+        self._where = ("", 0, 0)  # stage, step being run, last saved step
+        try:
+            if self._lock is not None:
+                self._lock.acquire()
+            self.progress = self._init_progress()
+        except BaseException:
+            self.close()
+            raise
+
+    # ---- run directory ------------------------------------------------------------------------
+    @property
+    def results(self) -> dict:
+        return self.progress["results"]
+
+    @property
+    def is_main(self) -> bool:
+        return self.dist.main
+
+    def _init_progress(self) -> dict:
+        """Rank 0 opens (``--resume``) or creates ``progress.json``; the other ranks then read it."""
+        path = self.dir / "progress.json"
+        prog = self._open_or_create_progress(path) if self.dist.main else None
+        self.barrier()
+        return prog if prog is not None else self._read_progress(path)
+
+    def _read_progress(self, path: Path) -> dict:
+        try:
+            prog = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise RunError(f"{path} is unreadable or corrupt ({e}); the run in {self.dir} cannot be resumed: restore "
+                           "the file or start a new run in another --run-dir") from None
+        need = ("config", "done", "tokens", "time_s", "results")
+        if not isinstance(prog, dict) or any(k not in prog for k in need):
+            raise RunError(f"{path} is not a progress file of this loop (it needs the keys {list(need)}); start a "
+                           "new run in another --run-dir")
+        return prog
+
+    def _open_or_create_progress(self, path: Path) -> dict:
+        cfg_json = self.cfg.to_json()
+        if path.exists():
+            if not self.cfg.resume:
+                raise FileExistsError(f"run directory {self.dir} already holds a run; pass --resume to continue "
+                                      "it or choose another --run-dir")
+            prog = self._read_progress(path)
+            old = {k: v for k, v in prog["config"].items() if k not in RESUME_FREE}
+            new = {k: v for k, v in cfg_json.items() if k not in RESUME_FREE}
+            diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+            if diff:
+                raise ValueError(f"--resume: the configuration differs from the run in {self.dir} in {diff}")
+            return prog
+        prog = {"config": cfg_json, "task": self.task.to_dict(), "done": [], "tokens": {}, "time_s": {},
+                "results": {}}
+        self.dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.dir / "model_config.json", self.model_config.to_json())
+        self._write_progress(prog)
+        return prog
+
+    def _write_progress(self, prog: dict) -> None:
+        atomic_write_text(self.dir / "progress.json", json.dumps(prog, indent=2, sort_keys=True))
+
+    def close(self) -> None:
+        """Release the run directory and leave the process group (idempotent)."""
+        if self._lock is not None:
+            self._lock.release()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+    # ---- distributed helpers ------------------------------------------------------------------
+    def barrier(self) -> None:
+        if self.dist.world > 1:
+            dist.barrier()
+
+    def wrap(self, module: nn.Module) -> nn.Module:
+        """``module`` itself, or wrapped in ``DistributedDataParallel`` under torchrun."""
+        if self.dist.world == 1:
+            return module
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return DDP(module, device_ids=ids, find_unused_parameters=True)
+
+    def mean_over_ranks(self, values: dict[str, float]) -> dict[str, float]:
+        if self.dist.world == 1:
+            return values
+        keys = sorted(values)
+        t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return {k: float(v) / self.dist.world for k, v in zip(keys, t.tolist())}
+
+    def _any_rank(self, flag: bool) -> bool:
+        if self.dist.world == 1:
+            return flag
+        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item() > 0)
+
+    # ---- models and data ----------------------------------------------------------------------
+    def new_model(self, config=None, seed: int | None = None) -> nn.Module:
+        """A freshly initialized ``ElasticHybridLM`` (default: the run's model config and seed)."""
+        from ..models import ElasticHybridLM
+        torch.manual_seed(self.cfg.seed if seed is None else seed)
+        return ElasticHybridLM(config or self.model_config).to(self.device)
+
+    def train_batch(self, step: int, *, difficulty: int | None = None, stream: int = 0) -> tuple[Batch, int, float]:
+        """This rank's rows of global training batch ``step`` of ``stream``, the global count of
+        real (non-pad) tokens, and the loss denominator (global masked positions / ranks: DDP's
+        gradient average then equals the single-process gradient)."""
+        batch = self.task.batch("train", self.cfg.batch_size, index=stream * 10_000_000 + step, difficulty=difficulty)
+        tokens = int((batch.input_ids != self.task.pad_id).sum())
+        denom = max(float(batch.loss_mask.sum()), 1.0) / self.dist.world
+        r, w = self.dist.rank, self.dist.world
+        b = Batch(batch.input_ids[r::w].to(self.device), batch.targets[r::w].to(self.device),
+                  batch.loss_mask[r::w].to(self.device))
+        return b, tokens, denom
+
+    def evaluate(self, model, *, test: bool = True) -> dict:
+        """``{"val_loss", "val_acc", "test_acc"}`` of ``model`` (test_acc None unless ``test``)."""
+        return evaluate_model(model, self.task, self.val, self.test if test else None, device=self.device)
+
+    def save_model(self, name: str, modules: dict[str, nn.Module], meta: dict) -> None:
+        """Write ``<run_dir>/<name>.safetensors`` with each module's tensors under its prefix (rank 0)."""
+        if self.dist.main:
+            save_checkpoint(self.dir / f"{name}.safetensors", _state_tensors(modules), meta)
+        self.barrier()
+
+    def load_model(self, name: str, modules: dict[str, nn.Module]) -> dict:
+        """Load :meth:`save_model`'s artifact into ``modules``; returns its metadata."""
+        path = self.dir / f"{name}.safetensors"
+        tensors, meta = load_checkpoint(path)
+        _load_state_tensors(modules, tensors, path)
+        return meta
+
+    # ---- one optimizer step -------------------------------------------------------------------
+    def optimizer_step(self, opt: torch.optim.Optimizer, loss: torch.Tensor,
+                       clip: Iterable[torch.nn.Parameter] | None = None) -> float:
+        """Backward ``loss``, clip the gradient norm of ``clip`` (default: every parameter of
+        ``opt``) to ``cfg.grad_clip`` (0: no clipping), and step, unless the loss or a gradient is
+        non-finite: then ``cfg.on_nonfinite="stop"`` raises :class:`NonFiniteError` (nothing of
+        this step is saved; the last checkpoint stays), ``"skip"`` drops the step's update.
+        Returns the gradient norm of ``clip`` before clipping (NaN for a skipped step)."""
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        grads = [p.grad for g in opt.param_groups for p in g["params"] if p.grad is not None]
+        total = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+        bad = self._any_rank(not (math.isfinite(float(loss.detach())) and math.isfinite(float(total))))
+        if bad:
+            stage, step, saved = self._where
+            if self.cfg.on_nonfinite == "stop":
+                kept = (f"the last good checkpoint {self.dir / STATE_NAME} (step {saved}) is kept" if saved
+                        else "no checkpoint of this stage was written yet")
+                raise NonFiniteError(
+                    f"stage {stage} step {step + 1}: non-finite loss ({float(loss.detach())}) or gradient norm "
+                    f"({float(total)}); the run stopped and {kept}. Lower the learning rate, or pass "
+                    "--on-nonfinite skip to skip such steps")
+            log.warning("stage %s step %d: non-finite loss or gradient, step skipped", stage, step + 1)
+            opt.zero_grad(set_to_none=True)
+            self.progress.setdefault("skipped_steps", {})[stage] = self.progress.get(
+                "skipped_steps", {}).get(stage, 0) + 1
+            return math.nan
+        params = [p for g in opt.param_groups for p in g["params"]] if clip is None else list(clip)
+        if self.cfg.grad_clip > 0:
+            gn = float(torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip))
+        else:
+            gn = float(torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
+        opt.step()
+        return gn
+
+    # ---- the generic resumable training loop --------------------------------------------------
+    def train(self, stage: str, steps: int, modules: dict[str, nn.Module], opt: torch.optim.Optimizer,
+              step_fn: Callable[[int], dict], eval_fn: Callable[[int], dict] | None = None) -> int:
+        """Run ``step_fn(step)`` for ``step`` in ``[start, steps)``, resuming from this stage's
+        checkpoint; returns the tokens of the stage. ``step_fn`` returns the step's metrics and its
+        ``"tokens"``; ``eval_fn(step)`` (rank 0) runs every ``cfg.eval_every`` steps. ``modules``
+        and ``opt`` are what a checkpoint holds."""
+        cfg = self.cfg
+        ck = self.dir / STATE_NAME
+        start, tokens, elapsed = 0, 0, 0.0
+        if ck.exists():
+            tensors, meta = load_checkpoint(ck)
+            if meta.get("stage") == stage:
+                _load_state_tensors(modules, tensors, ck)
+                optimizer_from_tensors(opt, tensors, meta["opt"], "opt")
+                start, tokens, elapsed = meta["step"], meta["tokens"], meta["time_s"]
+                t0, _, cpu0, _ = self._clock
+                self._clock = (t0, meta.get("stage_time_s", elapsed), cpu0, meta.get("stage_cpu_s", 0.0))
+                log.info("resumed stage %s at step %d", stage, start)
+        self.metrics.truncate_after(lambda r: not (r.get("stage") == stage and r.get("step", 0) > start))
+        t0 = time.perf_counter() - elapsed
+        self._where = (stage, start, start)
+
+        def save(step: int) -> None:
+            if self.dist.main:
+                ot, om = optimizer_to_tensors(opt, "opt")
+                st0, prior, cpu0, cpu_prior = self._clock
+                save_checkpoint(ck, _state_tensors(modules) | ot, {
+                    "stage": stage, "step": step, "tokens": tokens, "opt": om, "time_s": time.perf_counter() - t0,
+                    "stage_time_s": prior + time.perf_counter() - st0,
+                    "stage_cpu_s": cpu_prior + time.process_time() - cpu0})
+            self._where = (stage, step, step)
+
+        bar = None
+        if cfg.progress and self.dist.main and start < steps:
+            from tqdm.auto import tqdm
+            bar = tqdm(total=steps, initial=start, desc=stage, leave=False, dynamic_ncols=True)
+        try:
+            for step in range(start, steps):
+                self._where = (stage, step, self._where[2])
+                rec = step_fn(step)
+                tokens += int(rec.pop("tokens"))
+                self.steps_done_here += 1
+                done = step + 1
+                if done % cfg.log_every == 0 or done == steps:
+                    vals = self.mean_over_ranks(rec)
+                    self.metrics.log({"stage": stage, "step": done, "tokens": tokens, **vals,
+                                      "time": round(time.perf_counter() - t0, 3)})
+                    if bar is not None:
+                        bar.set_postfix({k: f"{v:.3g}" for k, v in vals.items() if k in ("loss", "kd", "router")})
+                if eval_fn is not None and cfg.eval_every and done % cfg.eval_every == 0 and done < steps:
+                    if self.dist.main:
+                        self.metrics.log({"stage": stage, "step": done, "eval": eval_fn(done)})
+                    self.barrier()
+                if bar is not None:
+                    bar.update(1)
+                stop = self._should_stop()
+                if stop or done % cfg.ckpt_every == 0:
+                    save(done)
+                if stop and done < steps:
+                    raise StopRun(f"stopped in stage {stage} at step {done}/{steps}; continue with "
+                                  f"elastic-train --resume --run-dir {self.dir}", self._stop_signal)
+        finally:
+            if bar is not None:
+                bar.close()
+        return tokens
+
+    def _should_stop(self) -> bool:
+        cfg = self.cfg
+        return self._any_rank(self._stop_signal is not None
+                              or (cfg.stop_after > 0 and self.steps_done_here >= cfg.stop_after))
+
+    def finish_stage(self, stage: str, tokens: int | None = None) -> None:
+        """Record the stage as done (time, CPU time, tokens) and drop its training checkpoint."""
+        st0, prior, cpu0, cpu_prior = self._clock
+        self.progress["time_s"][stage] = round(prior + time.perf_counter() - st0, 2)
+        self.progress.setdefault("cpu_s", {})[stage] = round(cpu_prior + time.process_time() - cpu0, 2)
+        if tokens is not None:
+            self.progress["tokens"][stage] = tokens
+        self.progress["done"].append(stage)
+        if self.dist.main:
+            self._write_progress(self.progress)
+            ck = self.dir / STATE_NAME
+            if ck.exists():
+                ck.unlink()
+        self.barrier()
+        if self._should_stop() and stage != "report":
+            raise StopRun(f"stopped after stage {stage}; continue with elastic-train --resume --run-dir {self.dir}",
+                          self._stop_signal)
+
+    # ---- driver -------------------------------------------------------------------------------
+    def _on_signal(self, signum, frame) -> None:
+        if self._stop_signal is not None:
+            raise KeyboardInterrupt
+        self._stop_signal = signum
+        log.warning("%s: finishing the current step and writing a resumable checkpoint (send it again to abort "
+                    "without one)", signal.Signals(signum).name)
+
+    def run(self, stages: list[tuple[str, Callable[[], object]]]) -> dict:
+        """Run every stage not yet done, in order; returns ``report.json`` (rank 0; {} elsewhere).
+
+        SIGINT (when Python's default handler is installed) and SIGTERM (when at its default)
+        finish the current step, write a resumable checkpoint and raise :class:`StopRun`.
+        """
+        installed = {}
+        for sig, default in ((signal.SIGINT, signal.default_int_handler), (signal.SIGTERM, signal.SIG_DFL)):
+            try:
+                if signal.getsignal(sig) is default:
+                    installed[sig] = default
+                    signal.signal(sig, self._on_signal)
+            except ValueError:  # not the main thread
+                pass
+        try:
+            for name, fn in stages:
+                if name in self.progress["done"]:
+                    continue
+                log.info("stage %s", name)
+                # a stage that died after its training loop logged its final record: drop it
+                self.metrics.truncate_after(lambda r, n=name: not (r.get("stage") == n and r.get("final")))
+                self._clock = (time.perf_counter(), 0.0, time.process_time(), 0.0)
+                fn()
+            self.barrier()
+            return json.loads((self.dir / "report.json").read_text()) if self.dist.main else {}
+        finally:
+            for sig, default in installed.items():
+                signal.signal(sig, default)
