@@ -435,7 +435,7 @@ def test_eval_on_smoke_training_run(tmp_path):
     """elastic-eval on the run directory the training loop writes (smoke preset, with the QAD export)."""
     from elastic_kernels.infer import run_budget_control
     from elastic_kernels.train.config import make_config
-    from elastic_kernels.train.loop import run
+    from elastic_kernels.train.pipeline import run
     run_dir = tmp_path / "run"
     run(make_config("smoke", run_dir=str(run_dir), baselines=False, qad=True, threads=1))
     for ckpt in ("nested", "qad"):
