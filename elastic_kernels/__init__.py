@@ -8,7 +8,11 @@ Ops (torch.library custom ops with fake kernels and autograd; ``backend=`` selec
   grouped-GEMM experts (first d' channels, per-token widths).
 - :func:`nvfp4_linear`, :func:`fake_quant_nvfp4`, :func:`fake_quant_fp8`: NVFP4 W4A16 matmul
   (nested slices of one quantized weight) and straight-through fake quantization for QAD;
-  :mod:`elastic_kernels.nvfp4` holds the format (quantize, NVFP4Tensor, safetensors I/O).
+  :mod:`elastic_kernels.nvfp4` gathers NVFP4 for users (quantize, NVFP4Tensor, safetensors I/O).
+- :func:`elastic_kernels.ops.linear`: one linear for every weight type (dense or quantized).
+
+Layers (bottom up): ``_*.py`` base, :mod:`.formats` (quantized weight containers and their one
+serialization), :mod:`.reference` / :mod:`.triton` / :mod:`.cuda` (backends), :mod:`.ops`.
 """
 from . import nvfp4
 from .ops import fake_quant_fp8, fake_quant_nvfp4, moe_experts, moe_route, nvfp4_linear, ssd_scan, ssd_state_update

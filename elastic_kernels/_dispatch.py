@@ -1,15 +1,22 @@
-"""The one dispatch rule for every op (DESIGN §4).
+"""The one dispatch rule for every op (docs/design.md §4), and the backend table of each op.
 
 ``backend="auto"`` (or ``None``) takes ``ELASTIC_KERNELS_BACKEND`` when set and supported by the
 op; otherwise CUDA tensors go to Triton (or CUDA C++ where the op prefers it) and CPU tensors
 to the PyTorch reference. An explicitly requested backend that cannot run raises a RuntimeError
 naming what is missing and how to get it.
+
+Each op declares its implementations once, as a :class:`Backends` table::
+
+    _SCAN = Backends("ssd_scan", reference=ssd_scan_reference, triton=lazy("triton.ssd:ssd_scan_fwd"))
+    be = _SCAN.resolve(backend, x.device)      # validation time: "reference" | "triton"
+    y = _SCAN[be](x, dt, ...)                 # inside the custom op
 """
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import os
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -73,3 +80,39 @@ def resolve_backend(op: str, backend: str | None, device: torch.device,
     if why is not None:
         raise RuntimeError(f"{op}: backend {backend!r} is unavailable: {why}")
     return backend
+
+
+def lazy(target: str) -> Callable:
+    """The function ``"module:name"`` (a module of this package, e.g. ``"triton.ssd:ssd_scan_fwd"``),
+    imported on its first call: Triton is imported only when a Triton kernel runs."""
+    module, _, name = target.partition(":")
+    fn = None
+
+    def call(*args, **kwargs):
+        nonlocal fn
+        if fn is None:
+            fn = getattr(importlib.import_module(f"{__package__}.{module}"), name)
+        return fn(*args, **kwargs)
+    call.__name__ = call.__qualname__ = name
+    call.__doc__ = f"{module}.{name} (imported on first call)"
+    return call
+
+
+class Backends:
+    """The implementations of one op by backend (``reference=``, ``triton=``, ``cuda=``), all
+    with one signature. ``cuda_preference`` orders the GPU backends ``"auto"`` tries."""
+
+    def __init__(self, op: str, *, cuda_preference: Sequence[str] = ("triton", "cuda"), **impls: Callable) -> None:
+        unknown = set(impls) - set(BACKENDS[1:])
+        if unknown or "reference" not in impls:
+            raise ValueError(f"Backends({op!r}): implementations must be a subset of {BACKENDS[1:]} "
+                             f"including 'reference', got {tuple(impls)}")
+        self.op, self.impls, self.cuda_preference = op, impls, tuple(cuda_preference)
+
+    def resolve(self, backend: str | None, device: torch.device, op: str | None = None) -> str:
+        """The concrete backend for one call (see :func:`resolve_backend`); ``op`` names the
+        public entry point in error messages (default: the table's op)."""
+        return resolve_backend(op or self.op, backend, device, tuple(self.impls), self.cuda_preference)
+
+    def __getitem__(self, backend: str) -> Callable:
+        return self.impls[backend]

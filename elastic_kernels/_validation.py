@@ -83,7 +83,7 @@ def check_divisible(op: str, name: str, value: int, divisor: int, divisor_name: 
         raise ValueError(f"{op}: {name} ({value}) must be a multiple of {divisor_name} ({divisor})")
 
 
-def _can_read_values(t: torch.Tensor) -> bool:
+def can_read_values(t: torch.Tensor) -> bool:
     """Whether values may be read on the host: never during tracing, CUDA graph capture, or while
     ``torch.cuda.set_sync_debug_mode`` asks for no host synchronization."""
     if torch.compiler.is_compiling():
@@ -110,7 +110,7 @@ def check_width(op: str, name: str, width, *, full: int, batch: int, device: tor
         check_tensor(op, name, width, dtypes=INT_DTYPES, device=device)
         if tuple(width.shape) != (batch,):
             raise ValueError(f"{op}: {name} as a tensor must have shape (batch={batch},), got {tuple(width.shape)}")
-        if _can_read_values(width) and width.numel():
+        if can_read_values(width) and width.numel():
             lo, hi = int(width.min()), int(width.max())
             if lo < min_value or hi > full:
                 raise ValueError(f"{op}: {name} values must lie in [{min_value}, {full}], got [{lo}, {hi}]")

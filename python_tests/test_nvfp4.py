@@ -1,4 +1,4 @@
-"""NVFP4 (issue 4): the recipe bit-exact across backends, nested slicing, W4A16/W4A4 matmul,
+"""NVFP4: the recipe bit-exact across backends, nested slicing, W4A16/W4A4 matmul,
 fake quantization with straight-through gradients, serialization, bad input."""
 from __future__ import annotations
 
@@ -13,6 +13,8 @@ from hypothesis.extra import numpy as hnp
 
 import elastic_kernels as ek
 from elastic_kernels import nvfp4
+from elastic_kernels.formats import FP8Tensor, quantize_fp8
+from elastic_kernels.formats.nvfp4 import unpack
 from elastic_kernels.nvfp4 import NVFP4Tensor
 from helpers import assert_close_to_truth
 
@@ -124,7 +126,7 @@ def test_reference_matches_per_element_oracle(kind):
     q = nvfp4.quantize(w, backend="reference")
     g = float(q.global_scale)
     assert g == (f32(float(w.abs().max()) / 2688.0) if kind != "zeros" else 1.0)
-    codes = ek.reference.nvfp4.unpack(q.data)
+    codes = unpack(q.data)
     for r in range(w.shape[0]):
         want_codes, want_scales = oracle_quantize_row(w[r].tolist(), g)
         assert codes[r].tolist() == want_codes
@@ -177,7 +179,7 @@ def test_properties(w, scale):
     q = nvfp4.quantize(w, backend="reference")
     s = q.scales.float()
     assert ((s >= 2.0 ** -6) & (s <= 448)).all()
-    codes = ek.reference.nvfp4.unpack(q.data)
+    codes = unpack(q.data)
     assert (codes < 16).all() and not (codes == 8).any()
     # |dequant - x| <= half the local E2M1 spacing, in units of the block's s * g
     unit = (s.double() * q.global_scale.double()).repeat_interleave(16, dim=-1)
@@ -367,31 +369,40 @@ def test_torch_compile_fullgraph():
 def test_state_dict_roundtrip(tmp_path):
     q = nvfp4.quantize(torch.randn(20, 64))
     qe = nvfp4.quantize(torch.randn(2, 8, 32))
-    tensors = {"layers.0.proj.weight": q[:, :32], "layers.0.proj.bias": torch.randn(20), "experts.weight": qe}
+    f8 = quantize_fp8(torch.randn(6, 40))
+    tensors = {"layers.0.proj.weight": q[:, :32], "layers.0.proj.bias": torch.randn(20), "experts.weight": qe,
+               "fp8.weight": f8[:4], "norm_scale": torch.randn(3)}
     sd = nvfp4.pack_state_dict(tensors)
     assert sd["layers.0.proj.weight"].dtype == torch.uint8 and sd["layers.0.proj.weight_scale_2"].shape == ()
     assert sd["experts.weight_scale_2"].shape == (2,)
+    assert sd["fp8.weight"].dtype == torch.float8_e4m3fn and sd["fp8.weight_scale"].shape == ()
     path = tmp_path / "model.safetensors"
     nvfp4.save_file(tensors, path)
     back = nvfp4.load_file(path)
     assert set(back) == set(tensors)
     assert same_bits(back["layers.0.proj.weight"], q[:, :32]) and same_bits(back["experts.weight"], qe)
     assert torch.equal(back["layers.0.proj.bias"], tensors["layers.0.proj.bias"])
+    assert isinstance(back["fp8.weight"], FP8Tensor) and torch.equal(back["fp8.weight"].dequantize(torch.float32),
+                                                                     f8.dequantize(torch.float32)[:4])
+    assert torch.equal(back["norm_scale"], tensors["norm_scale"])
     assert [p.name for p in tmp_path.iterdir()] == ["model.safetensors"]
 
 
 def test_state_dict_errors(tmp_path):
     q = nvfp4.quantize(torch.randn(8, 32))
-    sd = nvfp4.to_state_dict(q, "p")
+    sd = nvfp4.to_state_dict(q, "p.weight")
     with pytest.raises(ValueError, match="lacks"):
-        nvfp4.from_state_dict({k: v for k, v in sd.items() if k != "p.weight_scale"}, "p")
+        nvfp4.from_state_dict({k: v for k, v in sd.items() if k != "p.weight_scale"}, "p.weight")
     with pytest.raises(ValueError, match="mismatched"):
-        nvfp4.from_state_dict({**sd, "p.weight_scale": sd["p.weight_scale"][:, :1]}, "p")
+        nvfp4.from_state_dict({**sd, "p.weight_scale": sd["p.weight_scale"][:, :1]}, "p.weight")
     with pytest.raises(TypeError, match="p.weight_scale must have dtype"):
-        nvfp4.from_state_dict({**sd, "p.weight_scale": sd["p.weight_scale"].float()}, "p")
+        nvfp4.from_state_dict({**sd, "p.weight_scale": sd["p.weight_scale"].float()}, "p.weight")
     with pytest.raises(ValueError, match="positive"):
-        nvfp4.from_state_dict({**sd, "p.weight_scale_2": torch.tensor(-1.0)}, "p")
-    with pytest.raises(ValueError, match="no matching weight_scale_2"):
+        nvfp4.from_state_dict({**sd, "p.weight_scale_2": torch.tensor(-1.0)}, "p.weight")
+    f8 = nvfp4.to_state_dict(quantize_fp8(torch.randn(3, 5)), "f")
+    with pytest.raises(ValueError, match="f_scale must be positive"):
+        nvfp4.from_state_dict({**f8, "f_scale": torch.tensor(float("nan"))}, "f")
+    with pytest.raises(ValueError, match="no matching 'p.weight_scale_2'"):
         nvfp4.unpack_state_dict({"p.weight": sd["p.weight"], "p.weight_scale": sd["p.weight_scale"]})
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all")
@@ -440,7 +451,7 @@ def test_bad_inputs():
 def test_bad_container_and_state_dict_inputs():
     q = nvfp4.quantize(torch.randn(8, 32))
     qe = nvfp4.quantize(torch.randn(2, 8, 32))
-    sd = nvfp4.to_state_dict(q, "p")
+    sd = nvfp4.to_state_dict(q, "p.weight")
     bad = [
         (ValueError, "data must have shape", lambda: NVFP4Tensor(q.data[0], q.scales[0], q.global_scale)),
         (ValueError, "global_scale has shape", lambda: NVFP4Tensor(q.data, q.scales, torch.ones(1))),
@@ -449,17 +460,17 @@ def test_bad_container_and_state_dict_inputs():
         (IndexError, "too many indices", lambda: q[0, 0, :]),
         (IndexError, "too many indices", lambda: q[:, :, :]),
         (TypeError, "expert indices", lambda: qe[0.5]),
-        (TypeError, "NVFP4Tensor", lambda: nvfp4.to_state_dict(torch.zeros(2))),
+        (TypeError, "NVFP4Tensor", lambda: nvfp4.to_state_dict(3, "p")),
         (ValueError, "negative block scales", lambda: nvfp4.from_state_dict(
-            {**sd, "p.weight_scale": (-sd["p.weight_scale"].float()).to(torch.float8_e4m3fn)}, "p")),
-        (ValueError, "<prefix>.weight", lambda: nvfp4.pack_state_dict({"p.w": q})),
-        (TypeError, "must be a Tensor or NVFP4Tensor", lambda: nvfp4.pack_state_dict({"p.w": 3})),
+            {**sd, "p.weight_scale": (-sd["p.weight_scale"].float()).to(torch.float8_e4m3fn)}, "p.weight")),
+        (ValueError, "collides", lambda: nvfp4.pack_state_dict({"p": q, "p_scale": torch.zeros(1)})),
+        (TypeError, "must be a Tensor or a QuantizedTensor", lambda: nvfp4.pack_state_dict({"p.w": 3})),
     ]
     for exc, match, call in bad:
         with pytest.raises(exc, match=match):
             call()
     # Model-Optimizer checkpoints may store the 2-d global scale as shape (1,)
-    assert same_bits(nvfp4.from_state_dict({**sd, "p.weight_scale_2": sd["p.weight_scale_2"].reshape(1)}, "p"), q)
+    assert same_bits(nvfp4.from_state_dict({**sd, "p.weight_scale_2": sd["p.weight_scale_2"].reshape(1)}, "p.weight"), q)
     assert "shape=(8, 32)" in repr(q)
 
 
@@ -512,3 +523,56 @@ def test_cuda_linear(cuda_device, m, n, k, dtype, act_quant):
     assert_close_to_truth(y, xs.cpu().double() @ sl_cpu.dequantize(torch.float64).T,
                           xs.cpu() @ sl_cpu.dequantize(dtype).T, dtype, name="cuda slice")
 
+
+
+# ---- the weight protocol: format-generic linear, shared-scale containers, FP8 -------------------
+
+def test_linear_dispatches_on_weight_type():
+    from elastic_kernels.ops import linear
+    x, w, b = torch.randn(3, 5, 32), torch.randn(7, 32), torch.randn(7)
+    assert torch.equal(linear(x, w, b), torch.nn.functional.linear(x, w, b))
+    q = nvfp4.quantize(w)
+    assert torch.equal(linear(x, q, b), ek.nvfp4_linear(x, q, b))
+    assert torch.equal(linear(x[..., :16], q[:4, :16]), ek.nvfp4_linear(x[..., :16], q[:4, :16]))
+    with pytest.raises(TypeError, match="weight must be one of"):
+        linear(x, quantize_fp8(w))
+
+
+def test_shared_scale_container_slices_and_reshapes_like_a_tensor():
+    """A 3-d weight with one global scale (the Mamba head projection) slices and regroups its
+    leading dimensions as a dense weight does, zero-copy, equal to slicing the flat 2-d weight."""
+    w = torch.randn(4, 3, 48)
+    flat = nvfp4.quantize(w.reshape(12, 48))
+    q = flat.reshape(4, 3, 48)
+    assert q.shape == (4, 3, 48) and q.global_scale.shape == () and q.data.data_ptr() == flat.data.data_ptr()
+    sub = q[:2, :, :32].reshape(6, 32)
+    assert same_bits(sub, flat[:6, :32]) and sub.data.data_ptr() == flat.data.data_ptr()
+    assert torch.equal(q.dequantize(torch.float32), flat.dequantize(torch.float32).reshape(4, 3, 48))
+    assert same_bits(q[1], flat[3:6])
+    qe = nvfp4.quantize(w)  # one scale per matrix: the leading dimension stays
+    with pytest.raises(ValueError, match="keeps its leading dimensions"):
+        qe.reshape(12, 48)
+    with pytest.raises(ValueError, match="input features stay whole"):
+        q.reshape(4, 144)
+
+
+def test_fp8_container():
+    w = torch.randn(6, 40) * 3
+    f = quantize_fp8(w)
+    assert torch.equal(f.dequantize(torch.float32), ek.fake_quant_fp8(w))
+    assert torch.equal(f[:2, :8].dequantize(torch.float32), ek.fake_quant_fp8(w)[:2, :8])
+    assert f.reshape(3, 2, 40).shape == (3, 2, 40) and f.nbytes == 6 * 40 + 4
+    with pytest.raises(ValueError, match=r"scale must have shape \(\)"):
+        FP8Tensor(f.codes, torch.ones(1))
+
+
+def test_op_args_name_gradients():
+    """Autograd of the ops addresses inputs by name; a gradient for a non-tensor or unknown
+    input is an error, not a silent shift."""
+    from elastic_kernels.ops import moe as moe_ops
+    args = moe_ops._ARGS
+    assert args.tensors[:6] == ("x", "topk_weights", "topk_ids", "w1", "w2", "w3")
+    g = args.grads(x=1, w2=2)
+    assert g[args.names.index("x")] == 1 and g[args.names.index("w2")] == 2 and sum(v is not None for v in g) == 2
+    with pytest.raises(ValueError, match="not tensor inputs"):
+        args.grads(backend=1)

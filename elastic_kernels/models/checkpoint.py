@@ -39,9 +39,10 @@ from typing import Mapping
 import torch
 from safetensors.torch import save as _st_save
 
-from .. import nvfp4
 from .._io import atomic_write_bytes
-from ..reference.nvfp4 import E4M3_MAX, fp8_scale_of
+from ..formats import FORMATS, QuantizedTensor, to_state_dict
+from ..formats.dtypes import SAFETENSORS_DTYPES, dtype_from_name, dtype_name
+from ..ops.weights import quantize_weight
 from .config import Budget, ElasticHybridConfig
 from .model import ElasticHybridLM
 
@@ -50,9 +51,6 @@ FORMAT = "elastic_kernels.nested"
 VERSION = 1
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
-_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-           "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 
 
 class CheckpointError(ValueError):
@@ -104,25 +102,20 @@ def save_nested(model: ElasticHybridLM, path: str | os.PathLike, budgets: Mappin
     qtable: dict[str, str] = {}
     for name, t in state.items():
         layout = quantizable_weights(model).get(name) if quantization else None
-        if layout is not None and quantization == "nvfp4":
+        if layout is not None:
             ks = [t.shape[-1]] + [sh[name][-1] for sh in shapes]
-            if any(k % nvfp4.BLOCK for k in ks):
+            if any(k % FORMATS[quantization].BLOCK for k in ks):
                 layout = None
         if layout is None:
             tensors[name] = t
-        elif quantization == "nvfp4":
-            q = nvfp4.quantize(t.reshape(_qshape(tuple(t.shape), layout)))
-            tensors.update({name: q.data, name + "_scale": q.scales, name + "_scale_2": q.global_scale})
         else:
-            scale = fp8_scale_of(t)
-            codes = torch.clamp(t.float() / scale, -E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
-            tensors.update({name: codes.reshape(_qshape(tuple(t.shape), layout)), name + "_scale": scale})
-        if layout is not None:
+            tensors.update(to_state_dict(quantize_weight(t.reshape(_qshape(tuple(t.shape), layout)), quantization),
+                                         name))
             qtable[name] = layout
     tensors = {n: t.contiguous() for n, t in tensors.items()}
     atomic_write_bytes(os.path.join(path, WEIGHTS), _st_save(tensors, metadata={"format": FORMAT, "config_sha256": sha}))
     meta = {"format": FORMAT, "version": VERSION, "weights": WEIGHTS, "config_sha256": sha,
-            "dtype": str(model.embed.weight.dtype).replace("torch.", ""),
+            "dtype": dtype_name(model.embed.weight.dtype),
             "quantization": {"format": quantization, "tensors": qtable} if quantization else None,
             "config": model.config.to_dict(), "budgets": {n: b.to_dict() for n, b in budgets.items()}}
     atomic_write_bytes(os.path.join(path, CONFIG), json.dumps(meta, indent=2, sort_keys=True).encode())
@@ -156,8 +149,8 @@ def _read_meta(path: str) -> dict:
         raise CheckpointError(f"load_nested: {cfg_path} has a bad config or budget table ({e})") from None
     if meta.get("config_sha256") != _config_sha(config):
         raise CheckpointError(f"load_nested: {cfg_path}: config_sha256 does not match its config")
-    dtype = getattr(torch, str(meta.get("dtype", "float32")), None)
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+    dtype = dtype_from_name(meta.get("dtype", "float32"))
+    if dtype is None or not dtype.is_floating_point:
         raise CheckpointError(f"load_nested: {cfg_path} has a bad dtype {meta.get('dtype')!r}")
     quant = meta.get("quantization")
     if quant is not None:
@@ -219,7 +212,7 @@ class _PrefixReader:
         info = self.header.get(name)
         if not isinstance(info, dict):
             raise CheckpointError(f"load_nested: {self.path} lacks tensor {name!r}")
-        dtype = _DTYPES.get(info.get("dtype"))
+        dtype = SAFETENSORS_DTYPES.get(info.get("dtype"))
         if dtype is None or (want is not None and dtype != want):
             raise CheckpointError(f"load_nested: {self.path}: tensor {name!r} has dtype {info.get('dtype')!r}"
                                   + (f", expected {want}" if want is not None else " (unsupported)"))
@@ -276,15 +269,16 @@ def _resolve_request(path: str, budget) -> tuple[dict, ElasticHybridLM, dict, di
 
 
 def _read_state(meta: dict, full_shapes: dict, prefixes: dict, stats: dict | None) -> dict:
-    """``{name: Tensor | NVFP4Tensor | (fp8 codes, scale)}`` of the requested prefixes."""
+    """``{name: Tensor | QuantizedTensor}`` of the requested prefixes."""
     quant = meta["quant"] or {"format": None, "tensors": {}}
     qtensors = quant["tensors"]
     unknown = sorted(set(qtensors) - set(full_shapes))
     if unknown:
         raise CheckpointError(f"load_nested: quantization table names unknown tensors {unknown[:5]}")
     expected = set(full_shapes)
+    cls = FORMATS.get(quant["format"])
     for n in qtensors:
-        expected |= {n + "_scale"} | ({n + "_scale_2"} if quant["format"] == "nvfp4" else set())
+        expected |= {n + sfx for sfx in cls.PARTS}
     reader = _PrefixReader(meta["weights"])
     try:
         if reader.metadata.get("config_sha256") != meta["sha"]:
@@ -300,22 +294,15 @@ def _read_state(meta: dict, full_shapes: dict, prefixes: dict, stats: dict | Non
                 state[n] = reader.read_prefix(n, full_shapes[n], pre)
                 continue
             fq, pq = _qshape(full_shapes[n], layout), _qshape(pre, layout)
-            if quant["format"] == "fp8":
-                state[n] = (reader.read_prefix(n, fq, pq, torch.float8_e4m3fn),
-                            reader.read_prefix(n + "_scale", (), (), torch.float32))
-                continue
-            if pq[-1] % nvfp4.BLOCK:
-                raise CheckpointError(f"load_nested: NVFP4 weight {n!r} can only be sliced at multiples of "
-                                      f"{nvfp4.BLOCK} input features, the budget asks for {pq[-1]}")
-            lead = fq[:-2]
-            data = reader.read_prefix(n, (*fq[:-1], fq[-1] // 2), (*pq[:-1], pq[-1] // 2), torch.uint8)
-            scales = reader.read_prefix(n + "_scale", (*fq[:-1], fq[-1] // nvfp4.BLOCK),
-                                        (*pq[:-1], pq[-1] // nvfp4.BLOCK), torch.float8_e4m3fn)
-            g = reader.read_prefix(n + "_scale_2", lead, pq[:-2], torch.float32)
+            if pq[-1] % cls.BLOCK:
+                raise CheckpointError(f"load_nested: {cls.format} weight {n!r} can only be sliced at multiples of "
+                                      f"{cls.BLOCK} input features, the budget asks for {pq[-1]}")
+            full, part = cls.part_shapes(fq), cls.part_shapes(pq)
+            parts = {sfx: reader.read_prefix(n + sfx, shape, part[sfx][0], dtype) for sfx, (shape, dtype) in full.items()}
             try:
-                state[n] = nvfp4.NVFP4Tensor(data, scales, g)
+                state[n] = cls.from_parts(parts)
             except ValueError as e:
-                raise CheckpointError(f"load_nested: NVFP4 weight {n!r} is inconsistent ({e})") from None
+                raise CheckpointError(f"load_nested: {cls.format} weight {n!r} is inconsistent ({e})") from None
     finally:
         reader.close()
     if stats is not None:
@@ -326,9 +313,10 @@ def _read_state(meta: dict, full_shapes: dict, prefixes: dict, stats: dict | Non
 def load_nested_state(path: str | os.PathLike, budget: str | Budget | None = None, *,
                       stats: dict | None = None) -> tuple[ElasticHybridConfig, dict]:
     """The submodel's config and raw tensors, reading only the prefix bytes: ``{name: Tensor}``,
-    with NVFP4 weights as :class:`~elastic_kernels.nvfp4.NVFP4Tensor` (shaped ``(..., N, K)``;
-    ``"flat"`` layouts as (H*(2P+1), K)) and FP8 weights as ``(codes float8_e4m3fn, scale)``
-    pairs, ready for :func:`elastic_kernels.nvfp4_linear` / serving without requantization."""
+    with quantized weights as containers of :mod:`elastic_kernels.formats` (shaped ``(..., N, K)``;
+    ``"flat"`` layouts as (H*(2P+1), K)): :class:`~elastic_kernels.formats.NVFP4Tensor` or
+    :class:`~elastic_kernels.formats.FP8Tensor`, ready for :func:`elastic_kernels.ops.linear` /
+    serving without requantization."""
     meta, parent, full_shapes, prefixes = _resolve_request(os.fspath(path), budget)
     state = _read_state(meta, full_shapes, prefixes, stats)
     return parent.sliced_config(meta["budget"]), state
@@ -356,13 +344,12 @@ def load_nested(path: str | os.PathLike, budget: str | Budget | None = None, *,
     dtype = meta["dtype"]
     state, packed = {}, {}
     for n, v in raw.items():
-        if isinstance(v, nvfp4.NVFP4Tensor):
-            if weights == "nvfp4":
+        v = v.reshape(prefixes[n])  # "flat" layouts back to the parameter's shape (a view)
+        if isinstance(v, QuantizedTensor):
+            if v.format == weights:  # kept packed: the layers run it through the ops as it is
                 packed[n] = v.to(device)
                 continue
-            v = v.dequantize(dtype).reshape(prefixes[n])
-        elif isinstance(v, tuple):
-            v = (v[0].float() * v[1]).to(dtype).reshape(prefixes[n])
+            v = v.dequantize(dtype)
         state[n] = v.to(device)
     with torch.device("meta"):
         sub = ElasticHybridLM(parent.sliced_config(meta["budget"]))

@@ -9,8 +9,9 @@ Conventions shared by every layer:
   maximum to skip work) and masks each sample's inactive units to exactly 0.
 - Soft masks are float tensors over the layer's full units, ``(units,)`` or ``(batch, units)``,
   multiplied in (differentiable), see :mod:`elastic_kernels.models`.
-- Linear weights may also be :class:`~elastic_kernels.nvfp4.NVFP4Tensor` (W4A16 serving; the
-  ``in_heads`` of the Mamba mixer then stored flat as ``(nheads * (2P+1), hidden)``).
+- Linear weights may also be quantized containers (:class:`~elastic_kernels.formats.NVFP4Tensor`,
+  W4A16 serving): layers use them exactly as dense weights, through
+  :func:`elastic_kernels.ops.linear` and :func:`elastic_kernels.moe_experts`.
 - Every layer implements the per-layer protocol of :mod:`elastic_kernels.models.protocol`
   (sizes, ``sliced_shapes(k, sizes, active)``, ``permute_(axis, perm)``, importance, quantizable
   weights, decode caches); every parameter slices as a prefix of every dimension. The model's
@@ -25,22 +26,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..nvfp4 import NVFP4Tensor
 from ..ops.moe import moe_experts, moe_route
-from ..ops.nvfp4 import nvfp4_linear
 from ..ops.ssd import ssd_scan, ssd_state_update
+from ..ops.weights import linear as _linear
 from .cache import AttentionLayerCache, MambaLayerCache
 from .protocol import ElasticLayer, LayerAxis, check_score, descending, permute_rows_
 
 def _compute_dtype(t: Tensor) -> torch.dtype:
     """Normalization statistics run in float32 at least (float64 stays float64)."""
     return torch.promote_types(t.dtype, torch.float32)
-
-
-def _linear(x: Tensor, w) -> Tensor:
-    """``x @ w.T`` for a weight prefix view, or W4A16 (:func:`elastic_kernels.nvfp4_linear`) for a
-    nested slice of an NVFP4 weight (models loaded with ``load_nested(..., weights="nvfp4")``)."""
-    return nvfp4_linear(x, w) if isinstance(w, NVFP4Tensor) else F.linear(x, w)
 
 
 def _activation(v: Tensor, name: str) -> Tensor:
@@ -230,10 +224,7 @@ class ElasticMamba2Mixer(ElasticLayer):
         2 * ngroups * d_state), before the convolution."""
         b, l, k = x.shape
         P = self.head_dim
-        if isinstance(self.in_heads, NVFP4Tensor):  # stored flat: (nheads * (2P+1), hidden)
-            w_heads = self.in_heads[:heads * (2 * P + 1), :k]
-        else:
-            w_heads = self.in_heads[:heads, :, :k].reshape(heads * (2 * P + 1), k)
+        w_heads = self.in_heads[:heads, :, :k].reshape(heads * (2 * P + 1), k)
         zxdt = _linear(x, w_heads).view(b, l, heads, 2 * P + 1)
         return zxdt[..., :P], zxdt[..., P:2 * P], zxdt[..., 2 * P], _linear(x, self.in_bc[:, :k])
 

@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from ..nvfp4 import NVFP4Tensor
+from ..formats import QuantizedTensor
 from .cache import HybridCache
 from .config import AXES, AXIS_LETTER, LAYER_AXES, Budget, ElasticHybridConfig
 from .layers import LAYER_KINDS, ElasticEmbedding, ElasticLMHead, ElasticRMSNorm, _unit_weights
@@ -223,12 +223,13 @@ class ElasticHybridLM(nn.Module):
             out.update({f"lm_head.{n}": v for n, v in self.lm_head.quantizable_weights().items()})
         return out
 
-    def nvfp4_weights(self) -> dict[str, NVFP4Tensor]:
-        """The weights held as NVFP4 (W4A16 serving; see ``load_nested(..., weights="nvfp4")``)."""
+    def nvfp4_weights(self) -> dict[str, QuantizedTensor]:
+        """The weights held packed, as quantized containers (NVFP4 for W4A16 serving; see
+        ``load_nested(..., weights="nvfp4")``)."""
         out = {}
         for mname, mod in self.named_modules():
             for attr, v in vars(mod).items():
-                if isinstance(v, NVFP4Tensor):
+                if isinstance(v, QuantizedTensor):
                     out[f"{mname}.{attr}" if mname else attr] = v
         return out
 

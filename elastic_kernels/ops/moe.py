@@ -6,14 +6,17 @@ Validation, dispatch, torch.library registration (fake kernels, autograd). The m
 
 Expert weights enter the kernels only as strided prefix views ``w[:E', :d']`` and are read in
 exactly two kinds of places: the weight-tile loads of the Triton kernels and the per-expert
-prefix matmuls of the reference. Quantized experts (:class:`elastic_kernels.nvfp4.NVFP4Tensor`
+prefix matmuls of the reference. Quantized experts (:class:`elastic_kernels.formats.NVFP4Tensor`
 stacked as ``(E, N, K)`` with a per-expert global scale, W4A16) decode at those places: w1/w3
 ``(E, F, hidden)`` slice their rows (d') freely; w2 ``(E, hidden, F)`` slices its input features,
 so an NVFP4 w2 needs d' (and every per-token width) to be a multiple of 16. The custom ops cannot
-take an NVFP4Tensor: each weight travels as one tensor (plain, or the uint8 codes) plus, when
-quantized, ``*_scale`` (the e4m3 block scales as uint8 bytes: opcheck cannot handle float8) and
-``*_scale_2`` (the float32 per-expert global scales), Model-Optimizer's names; ``_weight``
-reassembles them, and both backends take either kind of weight through one code path.
+take an NVFP4Tensor: each weight ``w`` travels as the arguments ``w`` (plain, or the uint8 codes),
+``w_scale`` (the e4m3 block scales as uint8 bytes: opcheck cannot handle float8) and ``w_scale_2``
+(the float32 per-expert global scales), the format's serialization names (None for a plain weight).
+:func:`_weight_args` / :func:`_weight_from_args` convert by name, the op is called by keyword,
+and autograd saves inputs and returns gradients by name (:class:`~elastic_kernels.ops._autograd.OpArgs`),
+so no argument position is written down twice. Both backends take either kind of weight through
+one code path.
 """
 from __future__ import annotations
 
@@ -22,12 +25,13 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .._dispatch import resolve_backend
-from .._validation import (FLOAT_DTYPES, INT_DTYPES, Dims, _can_read_values, check_choice, check_int,
+from .._dispatch import Backends, lazy
+from .._validation import (FLOAT_DTYPES, INT_DTYPES, Dims, can_read_values, check_choice, check_int,
                            check_tensor, check_width)
-from ..nvfp4 import BLOCK, NVFP4Tensor
+from ..formats import NVFP4Tensor, QuantizedTensor
+from ..formats.nvfp4 import BLOCK
 from ..reference.moe import ACTIVATIONS, SCORES, moe_experts_reference, moe_route_reference
-from ._autograd import fake_grads, reference_vjp, unpack_grads
+from ._autograd import OpArgs, fake_grads, reference_vjp, unpack_grads
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -89,95 +93,111 @@ def moe_route(router_logits: Tensor, top_k: int, *, num_experts_active: int | No
 # moe_experts
 # ---------------------------------------------------------------------------------------------
 
-def _weight(w: Tensor, scale: Optional[Tensor], scale_2: Optional[Tensor]):
-    """A weight as the custom ops carry it: the tensor itself, or (when ``scale`` is given) an
-    NVFP4 weight's uint8 codes, block scale bytes (uint8) and per-expert global scales (float32)."""
-    return w if scale is None else NVFP4Tensor(w, scale.view(torch.float8_e4m3fn), scale_2)
+WEIGHTS = ("w1", "w2", "w3")
+_GRAD_INPUTS = ("x", "topk_weights", "w1", "w2", "w3", "channel_scale")  # the backward op's outputs
 
 
-def _parts(w):
-    """Inverse of :func:`_weight`: ``(tensor, scale bytes, global scales)``, or ``(w, None, None)``."""
+def _weight_args(name: str, w) -> dict[str, Optional[Tensor]]:
+    """The op arguments of one expert weight, named by the format's serialization suffixes:
+    ``{name: w, name_scale: None, name_scale_2: None}`` for a plain (or absent) weight; for an
+    NVFP4 weight the uint8 codes, the block scales as their bytes (uint8: opcheck cannot handle
+    float8) and the per-expert global scales (float32)."""
     if isinstance(w, NVFP4Tensor):
-        return w.data, w.scales.view(torch.uint8), w.global_scale
-    return w, None, None
+        parts = {"": w.data, "_scale": w.scales.view(torch.uint8), "_scale_2": w.matrix_scales()}
+    else:
+        parts = dict.fromkeys(NVFP4Tensor.PARTS)
+        parts[""] = w
+    return {name + sfx: t for sfx, t in parts.items()}
 
 
-def _experts_impl(x, topk_weights, topk_ids, w1, w2, w3, channel_scale, width_t, activation,
-                  num_active, width_int, backend):
-    if backend == "triton":
-        from ..triton import moe as tmoe
-        return tmoe.moe_experts_fwd(x, topk_weights, topk_ids, w1, w2, w3, activation=activation,
-                                    num_active=num_active, width_int=width_int, width_t=width_t,
-                                    channel_scale=channel_scale)
+def _weight_from_args(args: dict, name: str):
+    """Inverse of :func:`_weight_args` on the op's named arguments: a tensor or an NVFP4Tensor."""
+    if args[name + "_scale"] is None:
+        return args[name]
+    return NVFP4Tensor.from_parts({"": args[name], "_scale": args[name + "_scale"].view(torch.float8_e4m3fn),
+                                   "_scale_2": args[name + "_scale_2"]})
+
+
+def _experts_reference(x, topk_weights, topk_ids, w1, w2, w3, *, activation, num_active, width_int, width_t,
+                       channel_scale):
     return moe_experts_reference(x, topk_weights, topk_ids, w1, w2, w3, activation=activation,
                                  num_experts_active=num_active, width_int=width_int, width_t=width_t,
                                  channel_scale=channel_scale)
 
 
-@torch.library.custom_op("elastic_kernels::moe_experts", mutates_args=())
-def _moe_experts_op(x: Tensor, topk_weights: Tensor, topk_ids: Tensor, w1: Tensor, w2: Tensor,
-                    w3: Optional[Tensor], w1_scale: Optional[Tensor], w2_scale: Optional[Tensor],
-                    w3_scale: Optional[Tensor], w1_scale_2: Optional[Tensor], w2_scale_2: Optional[Tensor],
-                    w3_scale_2: Optional[Tensor], channel_scale: Optional[Tensor], width_t: Optional[Tensor],
-                    activation: str, num_active: int, width_int: int, backend: str) -> Tensor:
-    """``w*_scale`` / ``w*_scale_2`` are None for plain weights (see :func:`_weight`)."""
-    return _experts_impl(x, topk_weights, topk_ids, _weight(w1, w1_scale, w1_scale_2),
-                         _weight(w2, w2_scale, w2_scale_2), _weight(w3, w3_scale, w3_scale_2) if w3 is not None
-                         else None, channel_scale, width_t, activation, num_active, width_int, backend)
-
-
-@_moe_experts_op.register_fake
-def _(x, *args):
-    return torch.empty_like(x, memory_format=torch.contiguous_format)
-
-
-@torch.library.custom_op("elastic_kernels::moe_experts_backward", mutates_args=())
-def _moe_experts_bwd_op(grad_y: Tensor, x: Tensor, topk_weights: Tensor, topk_ids: Tensor, w1: Tensor,
-                        w2: Tensor, w3: Optional[Tensor], w1_scale: Optional[Tensor], w2_scale: Optional[Tensor],
-                        w3_scale: Optional[Tensor], w1_scale_2: Optional[Tensor], w2_scale_2: Optional[Tensor],
-                        w3_scale_2: Optional[Tensor], channel_scale: Optional[Tensor], width_t: Optional[Tensor],
-                        activation: str, num_active: int, width_int: int, backend: str) -> list[Tensor]:
-    """Gradients of x, topk_weights, w1, w2, w3, channel_scale (empty for absent inputs and for
-    NVFP4 weights, which are frozen: their codes are uint8)."""
-    inputs = [x, topk_weights, w1, w2, w3, channel_scale]
-
-    def weights(w1, w2, w3):
-        return (_weight(w1, w1_scale, w1_scale_2), _weight(w2, w2_scale, w2_scale_2),
-                _weight(w3, w3_scale, w3_scale_2) if w3 is not None else None)
-    if backend == "triton":
-        from ..triton import moe as tmoe
-        grads = tmoe.moe_experts_bwd(grad_y, x, topk_weights, topk_ids, *weights(w1, w2, w3), activation=activation,
-                                     num_active=num_active, width_int=width_int, width_t=width_t,
-                                     channel_scale=channel_scale)
-        return [g if g is not None else torch.empty(0, device=x.device) for g in grads]
+def _experts_vjp_reference(grad_y, x, topk_weights, topk_ids, w1, w2, w3, *, channel_scale, **kw):
+    """Gradients by re-running the reference under autograd; quantized weights are constants."""
+    weights = {"w1": w1, "w2": w2, "w3": w3}
+    frozen = {n: w for n, w in weights.items() if isinstance(w, QuantizedTensor)}
 
     def fn(x, topk_weights, w1, w2, w3, channel_scale):
-        return moe_experts_reference(x, topk_weights, topk_ids, *weights(w1, w2, w3), activation=activation,
-                                     num_experts_active=num_active, width_int=width_int, width_t=width_t,
-                                     channel_scale=channel_scale)
+        w = {"w1": w1, "w2": w2, "w3": w3, **frozen}
+        return _experts_reference(x, topk_weights, topk_ids, w["w1"], w["w2"], w["w3"],
+                                  channel_scale=channel_scale, **kw)
+    inputs = [x, topk_weights, *(None if n in frozen else w for n, w in weights.items()), channel_scale]
     return reference_vjp(fn, inputs, [grad_y])
 
 
+_EXPERTS = Backends("moe_experts", reference=_experts_reference, triton=lazy("triton.moe:moe_experts_fwd"))
+_EXPERTS_VJP = Backends("moe_experts", reference=_experts_vjp_reference, triton=lazy("triton.moe:moe_experts_bwd"))
+
+
+def _run(table: Backends, args: dict, *lead: Tensor):
+    """Call ``table``'s backend ``args["backend"]`` on the op's named arguments."""
+    w = {n: _weight_from_args(args, n) for n in WEIGHTS}
+    return table[args["backend"]](*lead, args["x"], args["topk_weights"], args["topk_ids"], w["w1"], w["w2"],
+                                  w["w3"], activation=args["activation"], num_active=args["num_active"],
+                                  width_int=args["width_int"], width_t=args["width_t"],
+                                  channel_scale=args["channel_scale"])
+
+
+def _moe_experts(x: Tensor, topk_weights: Tensor, topk_ids: Tensor, w1: Tensor, w2: Tensor,
+                 w3: Optional[Tensor], w1_scale: Optional[Tensor], w2_scale: Optional[Tensor],
+                 w3_scale: Optional[Tensor], w1_scale_2: Optional[Tensor], w2_scale_2: Optional[Tensor],
+                 w3_scale_2: Optional[Tensor], channel_scale: Optional[Tensor], width_t: Optional[Tensor],
+                 activation: str, num_active: int, width_int: int, backend: str) -> Tensor:
+    """``w*_scale`` / ``w*_scale_2`` are None for plain weights (see :func:`_weight_args`)."""
+    return _run(_EXPERTS, dict(locals()))  # the op's inputs by name
+
+
+def _moe_experts_backward(grad_y: Tensor, x: Tensor, topk_weights: Tensor, topk_ids: Tensor, w1: Tensor,
+                          w2: Tensor, w3: Optional[Tensor], w1_scale: Optional[Tensor], w2_scale: Optional[Tensor],
+                          w3_scale: Optional[Tensor], w1_scale_2: Optional[Tensor], w2_scale_2: Optional[Tensor],
+                          w3_scale_2: Optional[Tensor], channel_scale: Optional[Tensor], width_t: Optional[Tensor],
+                          activation: str, num_active: int, width_int: int, backend: str) -> list[Tensor]:
+    """Gradients of :data:`_GRAD_INPUTS` (empty for absent inputs and for NVFP4 weights, which are
+    frozen: their codes are uint8)."""
+    args = dict(locals())  # the op's inputs by name
+    grads = _run(_EXPERTS_VJP, args, args.pop("grad_y"))
+    return [g if g is not None else torch.empty(0, device=x.device) for g in grads]
+
+
+_moe_experts_op = torch.library.custom_op("elastic_kernels::moe_experts", _moe_experts, mutates_args=())
+_moe_experts_bwd_op = torch.library.custom_op("elastic_kernels::moe_experts_backward", _moe_experts_backward,
+                                              mutates_args=())
+_ARGS, _BWD_ARGS = OpArgs(_moe_experts), OpArgs(_moe_experts_backward)
+
+
+@_moe_experts_op.register_fake
+def _(*args, **kwargs):
+    x = _ARGS.bind(*args, **kwargs)["x"]
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
 @_moe_experts_bwd_op.register_fake
-def _(grad_y, x, topk_weights, topk_ids, w1, w2, w3, w1_scale, w2_scale, w3_scale, w1_scale_2, w2_scale_2,
-      w3_scale_2, channel_scale, *args):
-    return fake_grads([x, topk_weights, w1, w2, w3, channel_scale], x.device)
-
-
-_N_TENSORS = 14  # tensor inputs of _moe_experts_op, x .. width_t; the scalars follow
+def _(*args, **kwargs):
+    a = _BWD_ARGS.bind(*args, **kwargs)
+    return fake_grads([a[n] for n in _GRAD_INPUTS], a["x"].device)
 
 
 def _setup_context(ctx, inputs, output):
-    ctx.save_for_backward(*inputs[:_N_TENSORS])
-    ctx.scalars = inputs[_N_TENSORS:]
+    _ARGS.save(ctx, inputs)
 
 
 def _backward(ctx, grad_y):
-    x, topk_weights, topk_ids, w1, w2, w3, *quant, channel_scale, width_t = ctx.saved_tensors
-    grads = _moe_experts_bwd_op(grad_y.contiguous(), x, topk_weights, topk_ids, w1, w2, w3, *quant, channel_scale,
-                                width_t, *ctx.scalars)
-    gx, gw, g1, g2, g3, gs = unpack_grads(grads, [x, topk_weights, w1, w2, w3, channel_scale])
-    return (gx, gw, None, g1, g2, g3, *(None,) * len(quant), gs, None) + (None,) * len(ctx.scalars)
+    args = _ARGS.saved(ctx)
+    grads = _moe_experts_bwd_op(grad_y.contiguous(), **args)
+    return _ARGS.grads(**dict(zip(_GRAD_INPUTS, unpack_grads(grads, [args[n] for n in _GRAD_INPUTS]))))
 
 
 _moe_experts_op.register_autograd(_backward, setup_context=_setup_context)
@@ -185,7 +205,7 @@ _moe_experts_op.register_autograd(_backward, setup_context=_setup_context)
 
 def _check_ids(op: str, topk_ids: Tensor, n_exp: int, n_act: int) -> None:
     """Range of the expert ids (skipped where the host may not read device values)."""
-    if not topk_ids.numel() or not _can_read_values(topk_ids):
+    if not topk_ids.numel() or not can_read_values(topk_ids):
         return
     lo, hi = int(topk_ids.min()), int(topk_ids.max())
     if lo < 0 or hi >= n_exp:
@@ -207,7 +227,7 @@ def moe_experts(x: Tensor, topk_weights: Tensor, topk_ids: Tensor, w1: Tensor | 
         w1: (E, F, hidden), x's dtype: the up projection (the gate projection when w3 is given).
         w2: (E, hidden, F), x's dtype: the down projection.
         w3: (E, F, hidden) optional up projection of gated experts: a = act(x w1^T) * (x w3^T).
-            Each weight may instead be a stacked :class:`~elastic_kernels.nvfp4.NVFP4Tensor` (the
+            Each weight may instead be a stacked :class:`~elastic_kernels.formats.NVFP4Tensor` (the
             same shape, per-expert global scales; w3 quantized exactly when w1 is), W4A16: x
             stays in its dtype, products accumulate in fp32, and the Triton kernels decode the
             weight tiles inside the K loop (the reference decodes the prefix views it uses).
@@ -218,7 +238,7 @@ def moe_experts(x: Tensor, topk_weights: Tensor, topk_ids: Tensor, w1: Tensor | 
             is NVFP4 (its input features slice at block boundaries).
         channel_scale: (F,) or (tokens, F) float soft scale multiplied into the intermediate
             activation; differentiable.
-        backend: "auto" | "triton" | "reference" (DESIGN §4).
+        backend: "auto" | "triton" | "reference" (docs/design.md §4).
     Returns:
         y: (tokens, hidden) in x's dtype.
 
@@ -266,10 +286,10 @@ def moe_experts(x: Tensor, topk_weights: Tensor, topk_ids: Tensor, w1: Tensor | 
                                      multiple_of=BLOCK if q2 else 1,
                                      multiple_name="the NVFP4 block size of w2")
     _check_ids(op, topk_ids, n_exp, n_act)
-    be = resolve_backend(op, backend, dev, ("reference", "triton"))
+    be = _EXPERTS.resolve(backend, dev)
     if be == "triton" and x.dtype not in KERNEL_DTYPES:
         raise TypeError(f"{op}: backend 'triton' supports fp32/fp16/bf16 x, got {x.dtype}")
-    (w1_, s1, g1), (w2_, s2, g2) = _parts(w1), _parts(w2)
-    w3_, s3, g3 = _parts(w3)
-    return _moe_experts_op(x, topk_weights, topk_ids, w1_, w2_, w3_, s1, s2, s3, g1, g2, g3, channel_scale,
-                           width_t, activation, n_act, width_int, be)
+    weights = {k: v for n, w in (("w1", w1), ("w2", w2), ("w3", w3)) for k, v in _weight_args(n, w).items()}
+    return _moe_experts_op(x=x, topk_weights=topk_weights, topk_ids=topk_ids, **weights, channel_scale=channel_scale,
+                           width_t=width_t, activation=activation, num_active=n_act, width_int=width_int,
+                           backend=be)

@@ -1,9 +1,11 @@
-"""NVFP4 ops: ``nvfp4_linear`` (W4A16 / emulated W4A4), ``fake_quant_nvfp4``, ``fake_quant_fp8``,
-and the quantize op behind :func:`elastic_kernels.nvfp4.quantize`.
+"""NVFP4 ops: ``quantize`` (behind :func:`elastic_kernels.nvfp4.quantize`), ``nvfp4_linear``
+(W4A16 / emulated W4A4), ``fake_quant_nvfp4``, ``fake_quant_fp8``.
 
-Validation, dispatch, torch.library registration (fake kernels, autograd). The math lives in
-:mod:`elastic_kernels.reference.nvfp4` (reference backend, the recipe), :mod:`elastic_kernels.triton.nvfp4`
-(Triton) and ``csrc/nvfp4.cu`` (CUDA quantize and tensor-core W4A16 GEMM).
+Validation, the backend tables, torch.library registration (fake kernels, autograd). The math
+lives in :mod:`elastic_kernels.reference.nvfp4` (reference backend, the recipe),
+:mod:`elastic_kernels.triton.nvfp4` (Triton) and ``csrc/nvfp4.cu`` (CUDA quantize and tensor-core
+W4A16 GEMM, launched by :mod:`elastic_kernels.cuda.nvfp4`); the format by
+:mod:`elastic_kernels.formats.nvfp4`.
 
 Stacked expert weights ``(E, N, K)`` quantize with a per-expert global scale; the grouped MoE op
 :func:`elastic_kernels.moe_experts` (:mod:`elastic_kernels.ops.moe`) takes them directly (W4A16),
@@ -11,19 +13,19 @@ and ``q[e]`` gives one expert's 2-d weight for :func:`nvfp4_linear`.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
 
-from .. import _ext
-from .._dispatch import resolve_backend
-from .._validation import check_tensor
-from ..nvfp4 import BLOCK, NVFP4Tensor, resolve_global_scale
+from .._dispatch import Backends, lazy
+from .._validation import can_read_values, check_tensor
+from ..cuda import nvfp4 as cuda_nvfp4
+from ..formats.fp8 import fp8_scale_of
+from ..formats.nvfp4 import BLOCK, WEIGHT_DTYPES, NVFP4Tensor, global_scale_of, resolve_global_scale, scaled_values
 from ..reference import nvfp4 as ref
 
 X_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_BACKENDS = ("reference", "triton", "cuda")
 
 
 def _check_x(op: str, name: str, x, device=None) -> None:
@@ -32,64 +34,47 @@ def _check_x(op: str, name: str, x, device=None) -> None:
         raise ValueError(f"{op}: {name}'s last dimension must be a multiple of 16, got shape {tuple(x.shape)}")
 
 
-def _resolve(op: str, backend, x: Tensor) -> str:
-    be = resolve_backend(op, backend, x.device, _BACKENDS)
-    if be == "cuda":
-        _ext.require_cuda_ext(op)
-    return be
-
-
 # ---------------------------------------------------------------------------------------------
-# CUDA launch helpers (raw pointers, strides, stream)
+# backend tables (one signature per op; the Triton and CUDA kernels work on rows)
 # ---------------------------------------------------------------------------------------------
 
-def _cuda_quantize(x: Tensor, g: Tensor, rows_per_g: int, mode: int):
-    """mode 0: (data, scales); 1: fake-quantized values; 2: exact e2m1*s (see csrc/nvfp4.cu)."""
-    C = _ext.require_cuda_ext("nvfp4")
-    x = x if x.stride(-1) == 1 else x.contiguous()
-    r, k = x.shape
-    g = g.float().contiguous()
-    a = C.Nvfp4QuantizeArgs()
-    a.x, a.g = x.data_ptr(), g.data_ptr()
-    a.rows, a.cols, a.rows_per_g, a.s_x = r, k, max(rows_per_g, 1), x.stride(0)
-    a.dtype, a.mode, a.stream = _ext.DTYPE_CODES[x.dtype], mode, _ext.stream_handle(x.device)
-    if mode == 0:
-        data = torch.empty((r, k // 2), dtype=torch.uint8, device=x.device)
-        scales = torch.empty((r, k // BLOCK), dtype=torch.float8_e4m3fn, device=x.device)
-        a.data, a.scales, a.s_data, a.s_scales = data.data_ptr(), scales.data_ptr(), data.stride(0), scales.stride(0)
-        C.nvfp4_quantize(a)
-        return data, scales
-    out = torch.empty_like(x)
-    a.out, a.s_out = out.data_ptr(), out.stride(0)
-    C.nvfp4_quantize(a)
-    return out
+def _weights_by_rows(quantize_rows: Callable) -> Callable:
+    """Quantize ``w: (..., N, K)`` with decode scales ``g: (...)`` through a row kernel
+    ``(rows (R, K), g (R / rows_per_g,), rows_per_g) -> (data, scales)``."""
+    def run(w: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
+        *lead, n, k = w.shape
+        data, scales = quantize_rows(w.reshape(w.shape[:-1].numel(), k), g.reshape(-1), n)
+        return data.reshape(*lead, n, k // 2), scales.reshape(*lead, n, k // BLOCK)
+    return run
 
 
-def _cuda_linear(x: Tensor, data: Tensor, scales: Tensor, g: Tensor, bias: Optional[Tensor],
-                 gx: Optional[Tensor]) -> Tensor:
-    C = _ext.require_cuda_ext("nvfp4_linear")
-    if x.stride(-1) != 1 or x.data_ptr() % 16 or x.stride(0) % 8:  # 16-byte row loads
-        x = x.clone(memory_format=torch.contiguous_format)
-    if data.data_ptr() % 8 or data.stride(0) % 8:  # 8-byte loads of 16 codes
-        data = data.contiguous()
-    m, k = x.shape
-    n = data.shape[0]
-    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    g = g.float().reshape(1)
-    bias = bias.float().contiguous() if bias is not None else None
-    gx = gx.float().reshape(1) if gx is not None else None
-    a = C.Nvfp4LinearArgs()
-    a.x, a.data, a.scales, a.g, a.y = x.data_ptr(), data.data_ptr(), scales.data_ptr(), g.data_ptr(), y.data_ptr()
-    a.gx = gx.data_ptr() if gx is not None else 0
-    a.bias = bias.data_ptr() if bias is not None else 0
-    a.M, a.N, a.K = m, n, k
-    a.s_x, a.s_data, a.s_scales, a.s_y = x.stride(0), data.stride(0), scales.stride(0), y.stride(0)
-    if m <= 16:  # split-K scratch for decode shapes (at most 16 partial sums per output)
-        ws = torch.empty(16 * m * n, dtype=torch.float32, device=x.device)
-        a.workspace, a.workspace_floats = ws.data_ptr(), ws.numel()
-    a.dtype, a.stream = _ext.DTYPE_CODES[x.dtype], _ext.stream_handle(x.device)
-    C.nvfp4_linear(a)
-    return y
+def _tensor_by_rows(fake_quant_rows: Callable) -> Callable:
+    """Fake-quantize ``x: (..., K)`` with one decode scale ``g: ()`` through a row kernel."""
+    def run(x: Tensor, g: Tensor) -> Tensor:
+        return fake_quant_rows(x.reshape(x.shape[:-1].numel(), x.shape[-1]), g.reshape(1)).reshape(x.shape)
+    return run
+
+
+def _w4a16(scaled_activation: Callable, gemm: Callable) -> Callable:
+    """``nvfp4_linear`` from a backend's GEMM (and, for W4A4, its activation quantizer)."""
+    def run(x: Tensor, data: Tensor, scales: Tensor, g: Tensor, bias: Optional[Tensor], act_quant: bool) -> Tensor:
+        gx = None
+        if act_quant:
+            gx = global_scale_of(x, (0, 1)).reshape(1)
+            x = scaled_activation(x, gx)
+        return gemm(x, data, scales, g, bias, gx)
+    return run
+
+
+_QUANTIZE = Backends("nvfp4.quantize", reference=ref.quantize_reference,
+                     triton=_weights_by_rows(lazy("triton.nvfp4:quantize")),
+                     cuda=_weights_by_rows(cuda_nvfp4.quantize))
+_FAKE_QUANT = Backends("fake_quant_nvfp4", reference=ref.fake_quant_nvfp4_reference,
+                       triton=_tensor_by_rows(lazy("triton.nvfp4:fake_quant")),
+                       cuda=_tensor_by_rows(cuda_nvfp4.fake_quant))
+_LINEAR = Backends("nvfp4_linear", reference=ref.nvfp4_linear_reference,
+                   triton=_w4a16(lazy("triton.nvfp4:scaled_activation"), lazy("triton.nvfp4:linear")),
+                   cuda=_w4a16(cuda_nvfp4.scaled_activation, cuda_nvfp4.linear))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -99,17 +84,8 @@ def _cuda_linear(x: Tensor, data: Tensor, scales: Tensor, g: Tensor, bias: Optio
 @torch.library.custom_op("elastic_kernels::nvfp4_quantize", mutates_args=())
 def _quantize_op(w: Tensor, g: Tensor, backend: str) -> tuple[Tensor, Tensor]:
     """-> (data uint8, scale bytes uint8); custom ops carry e4m3 scales as their bytes."""
-    *lead, n, k = w.shape
-    if backend == "reference":
-        data, scales = ref.quantize_reference(w, g)
-        return data, scales.view(torch.uint8)
-    rows = w.reshape(w.shape[:-1].numel(), k)
-    if backend == "triton":
-        from ..triton import nvfp4 as tnv
-        data, scales = tnv.quantize(rows, g.reshape(-1), n)
-    else:
-        data, scales = _cuda_quantize(rows, g.reshape(-1), n, 0)
-    return data.reshape(*lead, n, k // 2), scales.view(torch.uint8).reshape(*lead, n, k // BLOCK)
+    data, scales = _QUANTIZE[backend](w, g)
+    return data, scales.view(torch.uint8)
 
 
 @_quantize_op.register_fake
@@ -121,9 +97,35 @@ def _(w, g, backend):
 
 def quantize_raw(w: Tensor, g: Tensor, *, backend: str = "auto") -> tuple[Tensor, Tensor]:
     """Packed codes and block scales of validated ``w: (..., N, K)`` with decode scales ``g: (...)``."""
-    be = _resolve("nvfp4.quantize", backend, w)
-    data, scale_bytes = _quantize_op(w, g, be)
+    data, scale_bytes = _quantize_op(w, g, _QUANTIZE.resolve(backend, w.device))
     return data, scale_bytes.view(torch.float8_e4m3fn)
+
+
+def quantize(w: Tensor, *, global_scale: Tensor | float | None = None, backend: str = "auto") -> NVFP4Tensor:
+    """Quantize ``w: (N, K)`` or stacked experts ``(E, N, K)`` (fp32/fp16/bf16, K % 16 == 0).
+
+    Args:
+        global_scale: the decode scale ``g`` (float32 ``()`` or ``(E,)``, or a float), positive and
+            finite; default ``amax / 2688`` per matrix (per expert), ``1`` for an all-zero matrix.
+        backend: "auto" | "reference" | "triton" | "cuda".
+    Returns:
+        an :class:`~elastic_kernels.formats.NVFP4Tensor` (no gradient).
+    Raises:
+        ValueError if ``w`` holds NaN/Inf (checked outside tracing/graph capture).
+    """
+    op = "nvfp4.quantize"
+    check_tensor(op, "w", w, dtypes=WEIGHT_DTYPES)
+    if w.dim() not in (2, 3):
+        raise ValueError(f"{op}: w must have shape (N, K) or (E, N, K), got {tuple(w.shape)}")
+    if w.shape[-1] % BLOCK:
+        raise ValueError(f"{op}: w's last dimension K ({w.shape[-1]}) must be a multiple of 16")
+    if can_read_values(w) and w.numel() and not bool(torch.isfinite(w).all()):
+        raise ValueError(f"{op}: w contains NaN or Inf; NVFP4 quantization needs finite values")
+    g = resolve_global_scale(op, global_scale, tuple(w.shape[:-2]), w.device)
+    if g is None:
+        g = global_scale_of(w.detach(), (-2, -1))
+    data, scales = _quantize_op(w.detach(), g, _QUANTIZE.resolve(backend, w.device, op))
+    return NVFP4Tensor(data, scales.view(torch.float8_e4m3fn), g)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -132,16 +134,7 @@ def quantize_raw(w: Tensor, g: Tensor, *, backend: str = "auto") -> tuple[Tensor
 
 @torch.library.custom_op("elastic_kernels::fake_quant_nvfp4", mutates_args=())
 def _fake_nvfp4_op(x: Tensor, g: Tensor, backend: str) -> Tensor:
-    if backend == "reference":
-        return ref.fake_quant_nvfp4_reference(x, g)
-    k = x.shape[-1]
-    rows = x.reshape(x.shape[:-1].numel(), k)
-    if backend == "triton":
-        from ..triton import nvfp4 as tnv
-        y = tnv.fake_quant(rows, g.reshape(1))
-    else:
-        y = _cuda_quantize(rows, g.reshape(1), rows.shape[0], 1)
-    return y.reshape(x.shape)
+    return _FAKE_QUANT[backend](x, g)
 
 
 @_fake_nvfp4_op.register_fake
@@ -177,8 +170,8 @@ def fake_quant_nvfp4(x: Tensor, *, global_scale: Tensor | float | None = None,
     _check_x(op, "x", x)
     g = resolve_global_scale(op, global_scale, (), x.device)
     if g is None:
-        g = ref.global_scale_of(x.detach(), tuple(range(x.dim())))
-    return _fake_nvfp4_op(x, g, _resolve(op, backend, x))
+        g = global_scale_of(x.detach(), tuple(range(x.dim())))
+    return _fake_nvfp4_op(x, g, _FAKE_QUANT.resolve(backend, x.device))
 
 
 @torch.library.custom_op("elastic_kernels::fake_quant_fp8", mutates_args=())
@@ -211,7 +204,7 @@ def fake_quant_fp8(x: Tensor, *, scale: Tensor | float | None = None) -> Tensor:
     check_tensor(op, "x", x, dtypes=X_DTYPES)
     s = resolve_global_scale(op, scale, (), x.device)
     if s is None:
-        s = ref.fp8_scale_of(x.detach())
+        s = fp8_scale_of(x.detach())
     return _fake_fp8_op(x, s)
 
 
@@ -223,19 +216,7 @@ def fake_quant_fp8(x: Tensor, *, scale: Tensor | float | None = None) -> Tensor:
 def _linear_op(x: Tensor, data: Tensor, scales: Tensor, g: Tensor, bias: Optional[Tensor],
                act_quant: bool, backend: str) -> Tensor:
     """``scales`` are the e4m3 block scales' bytes (uint8)."""
-    scales = scales.view(torch.float8_e4m3fn)
-    if backend == "reference":
-        return ref.nvfp4_linear_reference(x, data, scales, g, bias, act_quant)
-    if backend == "triton":
-        from ..triton import nvfp4 as tnv
-        prequant, gemm = tnv.scaled_activation, tnv.linear
-    else:
-        prequant, gemm = (lambda t, gg: _cuda_quantize(t, gg, t.shape[0], 2)), _cuda_linear
-    gx = None
-    if act_quant:
-        gx = ref.global_scale_of(x, (0, 1)).reshape(1)
-        x = prequant(x, gx)
-    return gemm(x, data, scales, g, bias, gx)
+    return _LINEAR[backend](x, data, scales.view(torch.float8_e4m3fn), g, bias, act_quant)
 
 
 @_linear_op.register_fake
@@ -254,7 +235,7 @@ def _linear_backward(ctx, grad_y):
     data, scales, g = ctx.saved_tensors
     grad_x = grad_bias = None
     if ctx.needs_input_grad[0]:
-        w = ref.scaled_values(data, scales.view(torch.float8_e4m3fn))
+        w = scaled_values(data, scales.view(torch.float8_e4m3fn))
         grad_x = ((grad_y.float() @ w) * g.float()).to(ctx.x_dtype)
     if ctx.bias_dtype is not None and ctx.needs_input_grad[4]:
         grad_bias = grad_y.float().sum(0).to(ctx.bias_dtype)
@@ -270,7 +251,7 @@ def nvfp4_linear(x: Tensor, q: NVFP4Tensor, bias: Tensor | None = None, *, act_q
 
     Args:
         x: (..., K) bf16/fp16 (fp32 on "reference"/"triton"), K == q.in_features.
-        q: 2-d :class:`~elastic_kernels.nvfp4.NVFP4Tensor` (N, K), possibly a nested slice
+        q: 2-d :class:`~elastic_kernels.formats.NVFP4Tensor` (N, K), possibly a nested slice
             ``q[:n, :k]``; for stacked experts pass ``q[e]``.
         bias: (N,) float or None.
         act_quant: emulate W4A4: x is quantized per 16-block with the same recipe (global scale
@@ -297,9 +278,10 @@ def nvfp4_linear(x: Tensor, q: NVFP4Tensor, bias: Tensor | None = None, *, act_q
         raise ValueError(f"{op}: bias must have shape (N={q.out_features},), got {tuple(bias.shape)}")
     if not isinstance(act_quant, bool):
         raise TypeError(f"{op}: act_quant must be a bool, got {type(act_quant).__name__}")
-    be = _resolve(op, backend, x)
+    be = _LINEAR.resolve(backend, x.device)
     if be == "cuda" and x.dtype == torch.float32:
         raise TypeError(f"{op}: backend 'cuda' needs bf16/fp16 x (tensor-core GEMM), got float32")
     k = x.shape[-1]
-    y = _linear_op(x.reshape(x.shape[:-1].numel(), k), q.data, q.scales.view(torch.uint8), q.global_scale, bias, act_quant, be)
+    y = _linear_op(x.reshape(x.shape[:-1].numel(), k), q.data, q.scales.view(torch.uint8), q.global_scale,
+                   bias, act_quant, be)
     return y.reshape(*x.shape[:-1], q.out_features)

@@ -2,7 +2,8 @@
 
 Validation, dispatch, torch.library registration (fake kernels, autograd). The math lives in
 :mod:`elastic_kernels.reference.ssd` (reference backend), :mod:`elastic_kernels.triton.ssd`
-(Triton) and ``csrc/ssd_state_update.cu`` (CUDA decode step).
+(Triton) and ``csrc/ssd_state_update.cu`` (CUDA decode step, launched by
+:mod:`elastic_kernels.cuda.ssd`).
 """
 from __future__ import annotations
 
@@ -11,11 +12,11 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .. import _ext
-from .._dispatch import resolve_backend
+from .._dispatch import Backends, lazy
 from .._validation import FLOAT_DTYPES, Dims, check_choice, check_int, check_scale, check_tensor, check_width
+from ..cuda import ssd as cuda_ssd
 from ..reference.ssd import ssd_scan_reference, ssd_state_update_reference
-from ._autograd import fake_grads, reference_vjp, unpack_grads
+from ._autograd import OpArgs, fake_grads, reference_vjp, unpack_grads
 
 HEAD_LAYOUTS = ("blocked", "interleaved")
 
@@ -50,26 +51,52 @@ def _validate_common(op, x, dt, A, B, C, D, z, dt_bias, head_layout, active_head
 # ssd_scan
 # ---------------------------------------------------------------------------------------------
 
-def _fwd_impl(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, head_scale, active_t,
-              chunk_size, dt_softplus, dt_lo, dt_hi, interleaved, active_int, backend):
-    kw = dict(chunk_size=chunk_size, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus, dt_lo=dt_lo,
-              dt_hi=dt_hi, initial_states=initial_states, seq_idx=seq_idx, interleaved=interleaved,
-              active_int=active_int, active_t=active_t, head_scale=head_scale)
-    if backend == "triton":
-        from ..triton import ssd as tssd
-        return tssd.ssd_scan_fwd(x, dt, A, B, C, **kw)
-    return ssd_scan_reference(x, dt, A, B, C, **kw)
+_GRAD_INPUTS = ("x", "dt", "A", "B", "C", "D", "z", "dt_bias", "initial_states", "head_scale")  # backward's outputs
 
 
-@torch.library.custom_op("elastic_kernels::ssd_scan", mutates_args=())
-def _ssd_scan_op(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
-                 z: Optional[Tensor], dt_bias: Optional[Tensor], initial_states: Optional[Tensor],
-                 seq_idx: Optional[Tensor], head_scale: Optional[Tensor], active_t: Optional[Tensor],
-                 chunk_size: int, dt_softplus: bool, dt_lo: float, dt_hi: float, interleaved: bool,
-                 active_int: int, backend: str) -> tuple[Tensor, Tensor]:
-    y, fs = _fwd_impl(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, head_scale, active_t,
-                      chunk_size, dt_softplus, dt_lo, dt_hi, interleaved, active_int, backend)
+def _scan_vjp_reference(grad_y, grad_states, x, dt, A, B, C, *, D, z, dt_bias, initial_states, head_scale, **kw):
+    """Gradients of :data:`_GRAD_INPUTS` by re-running the reference under autograd."""
+    def fn(x, dt, A, B, C, D, z, dt_bias, initial_states, head_scale):
+        return ssd_scan_reference(x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, initial_states=initial_states,
+                                  head_scale=head_scale, **kw)
+    return reference_vjp(fn, [x, dt, A, B, C, D, z, dt_bias, initial_states, head_scale], [grad_y, grad_states])
+
+
+_SCAN = Backends("ssd_scan", reference=ssd_scan_reference, triton=lazy("triton.ssd:ssd_scan_fwd"))
+_SCAN_VJP = Backends("ssd_scan", reference=_scan_vjp_reference, triton=lazy("triton.ssd:ssd_scan_bwd"))
+
+
+def _run(table: Backends, args: dict, *lead: Tensor):
+    """Call ``table``'s backend ``args["backend"]`` on the op's named arguments."""
+    kw = {n: v for n, v in args.items() if n not in ("x", "dt", "A", "B", "C", "backend")}
+    return table[args["backend"]](*lead, args["x"], args["dt"], args["A"], args["B"], args["C"], **kw)
+
+
+def _ssd_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
+              z: Optional[Tensor], dt_bias: Optional[Tensor], initial_states: Optional[Tensor],
+              seq_idx: Optional[Tensor], head_scale: Optional[Tensor], active_t: Optional[Tensor],
+              chunk_size: int, dt_softplus: bool, dt_lo: float, dt_hi: float, interleaved: bool,
+              active_int: int, backend: str) -> tuple[Tensor, Tensor]:
+    y, fs = _run(_SCAN, dict(locals()))  # the op's inputs by name
     return y, fs
+
+
+def _ssd_scan_backward(grad_y: Tensor, grad_states: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor,
+                       C: Tensor, D: Optional[Tensor], z: Optional[Tensor], dt_bias: Optional[Tensor],
+                       initial_states: Optional[Tensor], seq_idx: Optional[Tensor],
+                       head_scale: Optional[Tensor], active_t: Optional[Tensor], chunk_size: int,
+                       dt_softplus: bool, dt_lo: float, dt_hi: float, interleaved: bool, active_int: int,
+                       backend: str) -> list[Tensor]:
+    """Gradients of :data:`_GRAD_INPUTS` (empty for absent inputs)."""
+    args = dict(locals())  # the op's inputs by name
+    grads = _run(_SCAN_VJP, args, args.pop("grad_y"), args.pop("grad_states"))
+    return [g.contiguous() if g is not None else torch.empty(0, device=x.device) for g in grads]
+
+
+_ssd_scan_op = torch.library.custom_op("elastic_kernels::ssd_scan", _ssd_scan, mutates_args=())
+_ssd_scan_bwd_op = torch.library.custom_op("elastic_kernels::ssd_scan_backward", _ssd_scan_backward,
+                                           mutates_args=())
+_ARGS, _BWD_ARGS = OpArgs(_ssd_scan), OpArgs(_ssd_scan_backward)
 
 
 def _state_dtype(x: Tensor) -> torch.dtype:
@@ -77,54 +104,27 @@ def _state_dtype(x: Tensor) -> torch.dtype:
 
 
 @_ssd_scan_op.register_fake
-def _(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, head_scale, active_t, chunk_size,
-      dt_softplus, dt_lo, dt_hi, interleaved, active_int, backend):
+def _(*args, **kwargs):
+    a = _ARGS.bind(*args, **kwargs)
+    x, B = a["x"], a["B"]
     b, _, h, p = x.shape
     return x.new_empty(x.shape), x.new_empty((b, h, p, B.shape[-1]), dtype=_state_dtype(x))
 
 
-_GRAD_INPUTS = ("x", "dt", "A", "B", "C", "D", "z", "dt_bias", "initial_states", "head_scale")
-
-
-@torch.library.custom_op("elastic_kernels::ssd_scan_backward", mutates_args=())
-def _ssd_scan_bwd_op(grad_y: Tensor, grad_states: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor,
-                     C: Tensor, D: Optional[Tensor], z: Optional[Tensor], dt_bias: Optional[Tensor],
-                     initial_states: Optional[Tensor], seq_idx: Optional[Tensor],
-                     head_scale: Optional[Tensor], active_t: Optional[Tensor], chunk_size: int,
-                     dt_softplus: bool, dt_lo: float, dt_hi: float, interleaved: bool, active_int: int,
-                     backend: str) -> list[Tensor]:
-    inputs = [x, dt, A, B, C, D, z, dt_bias, initial_states, head_scale]
-    kw = dict(chunk_size=chunk_size, dt_softplus=dt_softplus, dt_lo=dt_lo, dt_hi=dt_hi,
-              seq_idx=seq_idx, interleaved=interleaved, active_int=active_int, active_t=active_t)
-    if backend == "triton":
-        from ..triton import ssd as tssd
-        grads = tssd.ssd_scan_bwd(grad_y, grad_states, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias,
-                                  initial_states=initial_states, head_scale=head_scale, **kw)
-        return [g.contiguous() if g is not None else torch.empty(0, device=x.device) for g in grads]
-
-    def fn(x, dt, A, B, C, D, z, dt_bias, initial_states, head_scale):
-        return ssd_scan_reference(x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias,
-                                  initial_states=initial_states, head_scale=head_scale, **kw)
-    return reference_vjp(fn, inputs, [grad_y, grad_states])
-
-
 @_ssd_scan_bwd_op.register_fake
-def _(grad_y, grad_states, x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, head_scale,
-      active_t, *args):
-    return fake_grads([x, dt, A, B, C, D, z, dt_bias, initial_states, head_scale], x.device)
+def _(*args, **kwargs):
+    a = _BWD_ARGS.bind(*args, **kwargs)
+    return fake_grads([a[n] for n in _GRAD_INPUTS], a["x"].device)
 
 
 def _setup_context(ctx, inputs, output):
-    ctx.save_for_backward(*inputs[:12])
-    ctx.scalars = inputs[12:]
+    _ARGS.save(ctx, inputs)
 
 
 def _backward(ctx, grad_y, grad_states):
-    saved = ctx.saved_tensors
-    x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, head_scale, active_t = saved
-    grads = _ssd_scan_bwd_op(grad_y, grad_states, *saved, *ctx.scalars)
-    g = unpack_grads(grads, [x, dt, A, B, C, D, z, dt_bias, initial_states, head_scale])
-    return (*g[:9], None, g[9], None) + (None,) * len(ctx.scalars)
+    args = _ARGS.saved(ctx)
+    grads = _ssd_scan_bwd_op(grad_y, grad_states, **args)
+    return _ARGS.grads(**dict(zip(_GRAD_INPUTS, unpack_grads(grads, [args[n] for n in _GRAD_INPUTS]))))
 
 
 _ssd_scan_op.register_autograd(_backward, setup_context=_setup_context)
@@ -158,7 +158,7 @@ def ssd_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, *, chunk_si
         head_scale: (batch, nheads) float soft scale multiplied into each head's output after
             the gate; differentiable.
         return_final_states: also return the final states.
-        backend: "auto" | "triton" | "reference" (see DESIGN §4).
+        backend: "auto" | "triton" | "reference" (see docs/design.md §4).
 
     Returns:
         y: like x; and final_states (batch, nheads, headdim, dstate) fp32 when asked.
@@ -184,7 +184,7 @@ def ssd_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, *, chunk_si
     dt_lo, dt_hi = float(dt_limit[0]), float(dt_limit[1])
     if not dt_lo <= dt_hi:
         raise ValueError(f"{op}: dt_limit must satisfy lo <= hi, got {dt_limit!r}")
-    be = resolve_backend(op, backend, dev, ("reference", "triton"))
+    be = _SCAN.resolve(backend, dev)
     if be == "triton" and x.dtype == torch.float64:
         raise TypeError(f"{op}: backend 'triton' supports fp32/fp16/bf16 x, got float64")
     y, fs = _ssd_scan_op(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, head_scale, active_t,
@@ -197,46 +197,22 @@ def ssd_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, *, chunk_si
 # ssd_state_update (decode step)
 # ---------------------------------------------------------------------------------------------
 
+_STATE_UPDATE = Backends("ssd_state_update", cuda_preference=("cuda",), reference=ssd_state_update_reference,
+                         cuda=cuda_ssd.ssd_state_update)
+
+
 @torch.library.custom_op("elastic_kernels::ssd_state_update", mutates_args=("state",))
 def _ssd_state_update_op(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor,
                          D: Optional[Tensor], z: Optional[Tensor], dt_bias: Optional[Tensor],
                          active_t: Optional[Tensor], dt_softplus: bool, interleaved: bool,
                          active_int: int, backend: str) -> Tensor:
-    if backend == "cuda":
-        return _state_update_cuda(state, x, dt, A, B, C, D, z, dt_bias, active_t, dt_softplus,
-                                  interleaved, active_int)
-    return ssd_state_update_reference(state, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias,
-                                      dt_softplus=dt_softplus, interleaved=interleaved,
-                                      active_int=active_int, active_t=active_t)
+    return _STATE_UPDATE[backend](state, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus,
+                                  interleaved=interleaved, active_int=active_int, active_t=active_t)
 
 
 @_ssd_state_update_op.register_fake
 def _(state, x, *args):
     return x.new_empty(x.shape)
-
-
-def _state_update_cuda(state, x, dt, A, B, C, D, z, dt_bias, active_t, dt_softplus, interleaved, active_int):
-    C_ext = _ext.require_cuda_ext("ssd_state_update")
-    f32 = [t.float() if t is not None else None for t in (dt, A, D, dt_bias)]
-    dt, A, D, dt_bias = f32
-    B, C = B.to(x.dtype), C.to(x.dtype)
-    z = z.to(x.dtype) if z is not None else None
-    y = torch.empty_like(x)
-    a = C_ext.SsdStateUpdateArgs()
-    b, h, p = x.shape
-    a.batch, a.nheads, a.headdim, a.dstate, a.ngroups = b, h, p, B.shape[-1], B.shape[1]
-    ptr = lambda t: 0 if t is None else t.data_ptr()  # noqa: E731
-    a.state, a.x, a.dt, a.A, a.B, a.C, a.y = map(ptr, (state, x, dt, A, B, C, y))
-    a.D, a.z, a.dt_bias, a.active_heads = map(ptr, (D, z, dt_bias, active_t))
-    a.s_state, a.s_x, a.s_dt = list(state.stride()), list(x.stride()), list(dt.stride())
-    a.s_B, a.s_C, a.s_y = list(B.stride()), list(C.stride()), list(y.stride())
-    a.s_z = list(z.stride()) if z is not None else [0, 0, 0]
-    a.s_D = ([D.stride(0), 0] if D.dim() == 1 else list(D.stride())) if D is not None else [0, 0]
-    a.dtype = _ext.DTYPE_CODES[x.dtype]
-    a.interleaved, a.dt_softplus, a.active_heads_int = int(interleaved), int(dt_softplus), active_int
-    a.stream = _ext.stream_handle(x.device)
-    C_ext.ssd_state_update(a)
-    return y
 
 
 def ssd_state_update(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, *,
@@ -260,7 +236,7 @@ def ssd_state_update(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor,
                                             active_heads, dims, ("batch",))
     check_tensor(op, "state", state, dtypes=(torch.float32, torch.float64), device=x.device)
     dims.check("state", state, ("batch", "nheads", "headdim", "dstate"))
-    be = resolve_backend(op, backend, x.device, ("reference", "cuda"), cuda_preference=("cuda",))
+    be = _STATE_UPDATE.resolve(backend, x.device)
     if be == "cuda" and (state.dtype != torch.float32 or x.dtype == torch.float64):
         raise TypeError(f"{op}: backend 'cuda' needs a float32 state and fp32/fp16/bf16 x, "
                         f"got state {state.dtype} and x {x.dtype}")

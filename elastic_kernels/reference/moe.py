@@ -20,14 +20,14 @@ Gradients come from autograd. Experts >= E' and channels >= d' take no part (zer
 The reference sorts the (token, slot) pairs by expert and loops over the experts below E' that
 received tokens, multiplying by prefix views ``w1[e, :d']`` (no weight copies). Per-token widths
 compute at the largest width present and mask the intermediate. NVFP4 weights
-(:class:`elastic_kernels.nvfp4.NVFP4Tensor`, W4A16) decode only those prefix views, to x's dtype.
+(:class:`elastic_kernels.formats.NVFP4Tensor`, W4A16) decode only those prefix views, to x's dtype.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from ..nvfp4 import NVFP4Tensor
+from ..formats import QuantizedTensor
 
 ACTIVATIONS = ("relu2", "silu", "gelu")
 SCORES = ("softmax", "sigmoid")
@@ -43,9 +43,9 @@ def activation_fn(v: torch.Tensor, activation: str) -> torch.Tensor:
 
 
 def expert_weight(w, e: int, rows: slice, cols: slice, dtype: torch.dtype) -> torch.Tensor:
-    """Expert e's prefix view ``w[e, rows, cols]``; an NVFP4 weight decodes only that view (to ``dtype``)."""
+    """Expert e's prefix view ``w[e, rows, cols]``; a quantized weight decodes only that view (to ``dtype``)."""
     v = w[e, rows, cols]
-    return v.dequantize(dtype) if isinstance(v, NVFP4Tensor) else v
+    return v.dequantize(dtype) if isinstance(v, QuantizedTensor) else v
 
 
 def moe_route_reference(router_logits: torch.Tensor, top_k: int, num_experts_active: int,
@@ -92,7 +92,7 @@ def moe_experts_reference(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids:
         x: (tokens, hidden); topk_weights: (tokens, top_k) float; topk_ids: (tokens, top_k) int,
             every id below ``num_experts_active``.
         w1: (E, F, hidden); w3: (E, F, hidden) or None; w2: (E, hidden, F); each a tensor of x's
-            dtype or an :class:`~elastic_kernels.nvfp4.NVFP4Tensor` (then d' % 16 == 0 for w2).
+            dtype or an :class:`~elastic_kernels.formats.NVFP4Tensor` (then d' % 16 == 0 for w2).
         width_int: d' (-1 for F); width_t: (tokens,) int64 per-token widths (then width_int is -1).
         channel_scale: (F,) or (tokens, F) float.
     Returns:

@@ -1,4 +1,4 @@
-r"""Pure-PyTorch reference of the NVFP4 recipe (DESIGN §5): the ground truth every backend matches
+r"""Pure-PyTorch reference of the NVFP4 recipe (docs/design.md §5): the ground truth every backend matches
 bit for bit, and the CPU path.
 
 The recipe, with every step an IEEE float32 operation in exactly this order:
@@ -28,31 +28,9 @@ from __future__ import annotations
 
 import torch
 
-BLOCK = 16                 # elements per block scale (along the last dimension)
-E2M1_MAX = 6.0
-E4M3_MAX = 448.0
-SCALE_MIN = 2.0 ** -6      # smallest normal e4m3: block scales are never subnormal
-G_DIVISOR = E2M1_MAX * E4M3_MAX   # 2688
-G_MIN = 2.0 ** -126
-# E2M1 magnitudes of codes 0..7 (times 4 they are the integers 0, 2, 4, 6, 8, 12, 16, 24).
-E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
-
-
-def global_scale_from_amax(amax: torch.Tensor) -> torch.Tensor:
-    """``g = amax / 2688`` in float32, with ``g = 1`` for ``amax == 0`` and ``g >= 2**-126``."""
-    amax = amax.float()
-    g = torch.clamp(amax / G_DIVISOR, min=G_MIN)
-    return torch.where(amax > 0, g, torch.ones_like(g))
-
-
-def global_scale_of(w: torch.Tensor, dims) -> torch.Tensor:
-    """The recipe's global scale of ``w`` reduced over ``dims`` (float32)."""
-    dims = tuple(d % w.dim() for d in dims)
-    if w.numel():
-        amax = w.abs().amax(dim=dims)
-    else:
-        amax = w.new_zeros([size for i, size in enumerate(w.shape) if i not in dims])
-    return global_scale_from_amax(amax)
+from ..formats import fp8
+from ..formats.nvfp4 import (BLOCK, E2M1_MAX, E4M3_MAX, SCALE_MIN, e2m1_decode, global_scale_of, pack,
+                             scaled_values)
 
 
 def e2m1_round(v: torch.Tensor) -> torch.Tensor:
@@ -62,14 +40,6 @@ def e2m1_round(v: torch.Tensor) -> torch.Tensor:
            + (a > 2.5) + (a >= 3.5) + (a > 5.0))
     neg = (v < 0) & (mag > 0)
     return mag | (neg.to(torch.uint8) << 3)
-
-
-def e2m1_decode(codes: torch.Tensor) -> torch.Tensor:
-    """float32 values of E2M1 codes (any integer tensor, low 4 bits used)."""
-    lut = torch.tensor(E2M1_VALUES, dtype=torch.float32, device=codes.device)
-    c = codes.to(torch.int64)
-    mag = lut[c & 7]
-    return torch.where((c & 8) != 0, -mag, mag)
 
 
 def quantize_rows(x: torch.Tensor, g_rows: torch.Tensor):
@@ -91,17 +61,6 @@ def quantize_rows(x: torch.Tensor, g_rows: torch.Tensor):
     return e2m1_round(v).reshape(rows, k), s
 
 
-def pack(codes: torch.Tensor) -> torch.Tensor:
-    """(..., K) uint8 codes -> (..., K/2) bytes: element 2i low nibble, 2i+1 high nibble."""
-    c = codes.reshape(*codes.shape[:-1], codes.shape[-1] // 2, 2)
-    return c[..., 0] | (c[..., 1] << 4)
-
-
-def unpack(data: torch.Tensor) -> torch.Tensor:
-    """(..., K/2) bytes -> (..., K) uint8 codes."""
-    return torch.stack((data & 0xF, data >> 4), dim=-1).reshape(*data.shape[:-1], data.shape[-1] * 2)
-
-
 def quantize_reference(w: torch.Tensor, g: torch.Tensor):
     """Quantize ``w: (..., N, K)`` with decode scale ``g: w.shape[:-2]`` (float32).
 
@@ -111,24 +70,6 @@ def quantize_reference(w: torch.Tensor, g: torch.Tensor):
     g_rows = g.float().reshape(*lead, 1).expand(*lead, n).reshape(-1)
     codes, s = quantize_rows(w.reshape(w.shape[:-1].numel(), k), g_rows)
     return pack(codes).reshape(*lead, n, k // 2), s.reshape(*lead, n, k // BLOCK)
-
-
-def scaled_values(data: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """``e2m1(code) * float(s)`` as float32, (..., K): exact, and exact in bf16/fp16 too."""
-    vals = e2m1_decode(unpack(data))
-    *lead, k = vals.shape
-    vals = vals.reshape(*lead, k // BLOCK, BLOCK) * scales.float()[..., None]
-    return vals.reshape(*lead, k)
-
-
-def dequantize_reference(data: torch.Tensor, scales: torch.Tensor, g: torch.Tensor,
-                         dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
-    """Decode ``e2m1(code) * s * g``: computed in float32 (float64 when ``dtype`` is float64,
-    where it is exact), then cast to ``dtype``. ``g`` has shape ``data.shape[:-2]``."""
-    work = torch.float64 if dtype == torch.float64 else torch.float32
-    sv = scaled_values(data, scales).to(work)
-    gg = g.to(work).reshape(*g.shape, 1, 1) if data.dim() >= 2 else g.to(work)
-    return (sv * gg).to(dtype)
 
 
 def fake_quant_nvfp4_reference(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
@@ -171,13 +112,4 @@ def nvfp4_linear_reference(x: torch.Tensor, data: torch.Tensor, scales: torch.Te
 
 def fake_quant_fp8_reference(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """Per-tensor E4M3 fake quantization: ``e4m3(clamp(x / scale, ±448)) * scale`` in x.dtype."""
-    sc = scale.float()
-    q = torch.clamp(x.float() / sc, min=-E4M3_MAX, max=E4M3_MAX).to(torch.float8_e4m3fn)
-    return (q.float() * sc).to(x.dtype)
-
-
-def fp8_scale_of(x: torch.Tensor) -> torch.Tensor:
-    """``amax / 448`` in float32 (1 for an all-zero tensor, >= 2**-126)."""
-    amax = x.abs().amax().float() if x.numel() else x.new_zeros((), dtype=torch.float32)
-    s = torch.clamp(amax / E4M3_MAX, min=G_MIN)
-    return torch.where(amax > 0, s, torch.ones_like(s))
+    return fp8.decode(fp8.encode(x, scale), scale.float(), x.dtype)

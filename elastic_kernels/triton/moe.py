@@ -41,7 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..nvfp4 import NVFP4Tensor
+from ..formats.nvfp4 import NVFP4Tensor
 from .nvfp4 import _nvfp4_tile
 
 ACT_CODES = {"relu2": 0, "silu": 1, "gelu": 2}
@@ -419,7 +419,7 @@ def _weight_operand(w, k_dim: int):
     n_dim = 3 - k_dim
     if isinstance(w, NVFP4Tensor):
         d, sc = w.data, w.scales.view(torch.uint8)
-        return ((d, sc, w.global_scale.contiguous(), d.stride(0), d.stride(k_dim), d.stride(n_dim),
+        return ((d, sc, w.matrix_scales(), d.stride(0), d.stride(k_dim), d.stride(n_dim),
                  sc.stride(0), sc.stride(k_dim), sc.stride(n_dim)), 1 if k_dim == 2 else 2)
     return (w, w, w, w.stride(0), w.stride(k_dim), w.stride(n_dim), 0, 0, 0), 0
 
@@ -444,7 +444,7 @@ def _unpermute(o, plan, topk_weights, tokens, top_k, hidden, num_active, out_dty
 def moe_experts_fwd(x, topk_weights, topk_ids, w1, w2, w3=None, *, activation: str, num_active: int,
                     width_int: int, width_t=None, channel_scale=None) -> torch.Tensor:
     """Forward launcher; arguments as :func:`elastic_kernels.reference.moe.moe_experts_reference`
-    (w1, w2, w3 plain tensors or :class:`~elastic_kernels.nvfp4.NVFP4Tensor`; w1 and w3 alike)."""
+    (w1, w2, w3 plain tensors or :class:`~elastic_kernels.formats.NVFP4Tensor`; w1 and w3 alike)."""
     tokens, hidden = x.shape
     top_k = topk_ids.shape[1]
     f_act = w1.shape[1] if width_int < 0 else width_int
