@@ -32,8 +32,9 @@ from typing import Any, Mapping
 import torch
 
 from .. import __version__ as _version
-from ..nvfp4 import NVFP4Tensor, quantize
-from ..reference.nvfp4 import E4M3_MAX, G_MIN
+from ..formats import NVFP4Tensor, to_state_dict
+from ..formats.nvfp4 import E4M3_MAX, G_MIN
+from ..nvfp4 import quantize
 
 ALGOS = {"nvfp4": "W4A16_NVFP4", "fp8": "FP8_PER_CHANNEL_PER_TOKEN"}
 GROUP_SIZE = 16
@@ -87,8 +88,7 @@ def quantize_hf_state(tensors: Mapping[str, torch.Tensor], hf_config: Mapping[st
     for m in quant:
         w = out.pop(m + ".weight")
         if fmt == "nvfp4":
-            q = quantize(w.float())
-            out.update({m + ".weight": q.data, m + ".weight_scale": q.scales, m + ".weight_scale_2": q.global_scale})
+            out.update(to_state_dict(quantize(w.float()), m + ".weight"))
         else:
             codes, scale = _fp8_per_channel(w)
             out.update({m + ".weight": codes, m + ".weight_scale": scale})

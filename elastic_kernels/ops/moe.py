@@ -81,7 +81,7 @@ def moe_route(router_logits: Tensor, top_k: int, *, num_experts_active: int | No
                  optional=True)
     if selection_mask is not None:
         dims.check("selection_mask", selection_mask, ("tokens", "experts"))
-        if selection_mask.numel() and _can_read_values(selection_mask):
+        if selection_mask.numel() and can_read_values(selection_mask):
             fewest = int(selection_mask[:, :n_act].sum(-1).min())
             if fewest < top_k:
                 raise ValueError(f"{op}: selection_mask must allow at least top_k ({top_k}) of the "
