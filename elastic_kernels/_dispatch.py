@@ -100,19 +100,31 @@ def lazy(target: str) -> Callable:
 
 class Backends:
     """The implementations of one op by backend (``reference=``, ``triton=``, ``cuda=``), all
-    with one signature. ``cuda_preference`` orders the GPU backends ``"auto"`` tries."""
+    with one signature. ``cuda_preference`` orders the GPU backends ``"auto"`` tries;
+    ``dtypes`` limits the input dtypes of a backend (``{"triton": (torch.float32, ...)}``)."""
 
-    def __init__(self, op: str, *, cuda_preference: Sequence[str] = ("triton", "cuda"), **impls: Callable) -> None:
+    def __init__(self, op: str, *, cuda_preference: Sequence[str] = ("triton", "cuda"),
+                 dtypes: dict[str, Sequence[torch.dtype]] | None = None, **impls: Callable) -> None:
         unknown = set(impls) - set(BACKENDS[1:])
-        if unknown or "reference" not in impls:
+        if unknown or "reference" not in impls or not set(dtypes or {}) <= set(impls):
             raise ValueError(f"Backends({op!r}): implementations must be a subset of {BACKENDS[1:]} "
-                             f"including 'reference', got {tuple(impls)}")
+                             f"including 'reference' (and dtypes name only those), got {tuple(impls)}")
         self.op, self.impls, self.cuda_preference = op, impls, tuple(cuda_preference)
+        self.dtypes = {be: tuple(d) for be, d in (dtypes or {}).items()}
 
-    def resolve(self, backend: str | None, device: torch.device, op: str | None = None) -> str:
+    def resolve(self, backend: str | None, device: torch.device, op: str | None = None,
+                dtype: torch.dtype | None = None) -> str:
         """The concrete backend for one call (see :func:`resolve_backend`); ``op`` names the
-        public entry point in error messages (default: the table's op)."""
-        return resolve_backend(op or self.op, backend, device, tuple(self.impls), self.cuda_preference)
+        public entry point in error messages (default: the table's op). A ``dtype`` (of the
+        op's main input) the chosen backend does not support raises a TypeError."""
+        op = op or self.op
+        be = resolve_backend(op, backend, device, tuple(self.impls), self.cuda_preference)
+        allowed = self.dtypes.get(be)
+        if dtype is not None and allowed is not None and dtype not in allowed:
+            names = ", ".join(str(d).removeprefix("torch.") for d in allowed)
+            raise TypeError(f"{op}: backend {be!r} supports x of dtype ({names}), got "
+                            f"{str(dtype).removeprefix('torch.')}")
+        return be
 
     def __getitem__(self, backend: str) -> Callable:
         return self.impls[backend]

@@ -119,6 +119,19 @@ def test_reference_float64_nvfp4_is_exact(gated):
         torch.testing.assert_close(g[k], g64[k], rtol=1e-10, atol=1e-12, msg=k)
 
 
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_shared_global_scale_experts(backend, request):
+    """Stacked weights quantized as one tensor (a single global scale, e.g. ``quantize(w.reshape(E*N, K))
+    .reshape(E, N, K)``) run like per-expert ones: the scale is broadcast to every expert."""
+    device = request.getfixturevalue("triton_device") if backend == "triton" else torch.device("cpu")
+    inp, w = nvfp4_case(9, 32, 48, 5, 4, 2, gated=True, width="tensor", cs=None, quant=())
+    for k in WEIGHTS:
+        e, n, kk = inp[k].shape
+        inp[k] = quantize(inp[k].reshape(e * n, kk)).reshape(e, n, kk)
+        assert inp[k].global_scale.shape == ()
+    check_nvfp4_against_truth(inp, w, "silu", 4, FP32, backend, device)
+
+
 def test_reference_decodes_only_the_prefix_views(monkeypatch):
     """The reference dequantizes w1[e, :d'], w3[e, :d'], w2[e, :, :d'] of experts e < E' only."""
     inp, _ = nvfp4_case(12, 32, 64, 8, 5, 2, gated=True, width=None, cs=None)

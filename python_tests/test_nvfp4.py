@@ -50,7 +50,7 @@ def e4m3_parity(v: float) -> int:
 
 
 def oracle_quantize_row(row: list[float], g: float):
-    """DESIGN §5 per element in float32 (Python floats rounded with f32 after every operation)."""
+    """docs/design.md §5 per element in float32 (Python floats rounded with f32 after every operation)."""
     codes, scales = [], []
     for b in range(0, len(row), 16):
         block = [f32(v) for v in row[b:b + 16]]

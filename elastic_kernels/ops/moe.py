@@ -138,7 +138,8 @@ def _experts_vjp_reference(grad_y, x, topk_weights, topk_ids, w1, w2, w3, *, cha
     return reference_vjp(fn, inputs, [grad_y])
 
 
-_EXPERTS = Backends("moe_experts", reference=_experts_reference, triton=lazy("triton.moe:moe_experts_fwd"))
+_EXPERTS = Backends("moe_experts", dtypes={"triton": KERNEL_DTYPES}, reference=_experts_reference,
+                    triton=lazy("triton.moe:moe_experts_fwd"))
 _EXPERTS_VJP = Backends("moe_experts", reference=_experts_vjp_reference, triton=lazy("triton.moe:moe_experts_bwd"))
 
 
@@ -286,9 +287,7 @@ def moe_experts(x: Tensor, topk_weights: Tensor, topk_ids: Tensor, w1: Tensor | 
                                      multiple_of=BLOCK if q2 else 1,
                                      multiple_name="the NVFP4 block size of w2")
     _check_ids(op, topk_ids, n_exp, n_act)
-    be = _EXPERTS.resolve(backend, dev)
-    if be == "triton" and x.dtype not in KERNEL_DTYPES:
-        raise TypeError(f"{op}: backend 'triton' supports fp32/fp16/bf16 x, got {x.dtype}")
+    be = _EXPERTS.resolve(backend, dev, dtype=x.dtype)
     weights = {k: v for n, w in (("w1", w1), ("w2", w2), ("w3", w3)) for k, v in _weight_args(n, w).items()}
     return _moe_experts_op(x=x, topk_weights=topk_weights, topk_ids=topk_ids, **weights, channel_scale=channel_scale,
                            width_t=width_t, activation=activation, num_active=n_act, width_int=width_int,

@@ -72,7 +72,8 @@ _QUANTIZE = Backends("nvfp4.quantize", reference=ref.quantize_reference,
 _FAKE_QUANT = Backends("fake_quant_nvfp4", reference=ref.fake_quant_nvfp4_reference,
                        triton=_tensor_by_rows(lazy("triton.nvfp4:fake_quant")),
                        cuda=_tensor_by_rows(cuda_nvfp4.fake_quant))
-_LINEAR = Backends("nvfp4_linear", reference=ref.nvfp4_linear_reference,
+_LINEAR = Backends("nvfp4_linear", dtypes={"cuda": (torch.bfloat16, torch.float16)},  # tensor-core GEMM
+                   reference=ref.nvfp4_linear_reference,
                    triton=_w4a16(lazy("triton.nvfp4:scaled_activation"), lazy("triton.nvfp4:linear")),
                    cuda=_w4a16(cuda_nvfp4.scaled_activation, cuda_nvfp4.linear))
 
@@ -278,9 +279,7 @@ def nvfp4_linear(x: Tensor, q: NVFP4Tensor, bias: Tensor | None = None, *, act_q
         raise ValueError(f"{op}: bias must have shape (N={q.out_features},), got {tuple(bias.shape)}")
     if not isinstance(act_quant, bool):
         raise TypeError(f"{op}: act_quant must be a bool, got {type(act_quant).__name__}")
-    be = _LINEAR.resolve(backend, x.device)
-    if be == "cuda" and x.dtype == torch.float32:
-        raise TypeError(f"{op}: backend 'cuda' needs bf16/fp16 x (tensor-core GEMM), got float32")
+    be = _LINEAR.resolve(backend, x.device, dtype=x.dtype)
     k = x.shape[-1]
     y = _linear_op(x.reshape(x.shape[:-1].numel(), k), q.data, q.scales.view(torch.uint8), q.global_scale,
                    bias, act_quant, be)

@@ -62,7 +62,9 @@ def _scan_vjp_reference(grad_y, grad_states, x, dt, A, B, C, *, D, z, dt_bias, i
     return reference_vjp(fn, [x, dt, A, B, C, D, z, dt_bias, initial_states, head_scale], [grad_y, grad_states])
 
 
-_SCAN = Backends("ssd_scan", reference=ssd_scan_reference, triton=lazy("triton.ssd:ssd_scan_fwd"))
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_SCAN = Backends("ssd_scan", dtypes={"triton": KERNEL_DTYPES}, reference=ssd_scan_reference,
+                 triton=lazy("triton.ssd:ssd_scan_fwd"))
 _SCAN_VJP = Backends("ssd_scan", reference=_scan_vjp_reference, triton=lazy("triton.ssd:ssd_scan_bwd"))
 
 
@@ -184,9 +186,7 @@ def ssd_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, *, chunk_si
     dt_lo, dt_hi = float(dt_limit[0]), float(dt_limit[1])
     if not dt_lo <= dt_hi:
         raise ValueError(f"{op}: dt_limit must satisfy lo <= hi, got {dt_limit!r}")
-    be = _SCAN.resolve(backend, dev)
-    if be == "triton" and x.dtype == torch.float64:
-        raise TypeError(f"{op}: backend 'triton' supports fp32/fp16/bf16 x, got float64")
+    be = _SCAN.resolve(backend, dev, dtype=x.dtype)
     y, fs = _ssd_scan_op(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, head_scale, active_t,
                          chunk_size, bool(dt_softplus), dt_lo, dt_hi, head_layout == "interleaved",
                          active_int, be)
@@ -197,8 +197,8 @@ def ssd_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, *, chunk_si
 # ssd_state_update (decode step)
 # ---------------------------------------------------------------------------------------------
 
-_STATE_UPDATE = Backends("ssd_state_update", cuda_preference=("cuda",), reference=ssd_state_update_reference,
-                         cuda=cuda_ssd.ssd_state_update)
+_STATE_UPDATE = Backends("ssd_state_update", cuda_preference=("cuda",), dtypes={"cuda": KERNEL_DTYPES},
+                         reference=ssd_state_update_reference, cuda=cuda_ssd.ssd_state_update)
 
 
 @torch.library.custom_op("elastic_kernels::ssd_state_update", mutates_args=("state",))
@@ -236,9 +236,8 @@ def ssd_state_update(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor,
                                             active_heads, dims, ("batch",))
     check_tensor(op, "state", state, dtypes=(torch.float32, torch.float64), device=x.device)
     dims.check("state", state, ("batch", "nheads", "headdim", "dstate"))
-    be = _STATE_UPDATE.resolve(backend, x.device)
-    if be == "cuda" and (state.dtype != torch.float32 or x.dtype == torch.float64):
-        raise TypeError(f"{op}: backend 'cuda' needs a float32 state and fp32/fp16/bf16 x, "
-                        f"got state {state.dtype} and x {x.dtype}")
+    be = _STATE_UPDATE.resolve(backend, x.device, dtype=x.dtype)
+    if be == "cuda" and state.dtype != torch.float32:
+        raise TypeError(f"{op}: backend 'cuda' needs a float32 state, got {state.dtype}")
     return _ssd_state_update_op(state, x, dt, A, B, C, D, z, dt_bias, active_t, bool(dt_softplus),
                                 head_layout == "interleaved", active_int, be)
