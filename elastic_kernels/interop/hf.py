@@ -22,7 +22,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ..models import Budget, ElasticHybridConfig, ElasticHybridLM
+from ..models import Budget, ElasticHybridConfig, ElasticHybridLM, load_nested
+from ..models.checkpoint import FORMAT as NESTED_FORMAT
 from .hf_config import choose_architecture, config_from_hf, config_to_hf
 from .hf_weights import state_from_hf, state_to_hf
 from .modelopt import dequantize_hf_state, quantize_hf_state, read_quant_config
@@ -93,6 +94,22 @@ def from_hf(path: str | os.PathLike, *, dtype: torch.dtype | None = None, nested
     model.load_state_dict(state, strict=True)
     log.info("imported %s from %s: pattern %s, %d parameters", arch, path, config.pattern, model.param_count())
     return model, config
+
+
+def load_parent(path: str | os.PathLike, *, nested_choices=None) -> tuple[ElasticHybridLM, ElasticHybridConfig]:
+    """A parent to train from: a Hugging Face NemotronH / Mamba2 directory (:func:`from_hf`) or a
+    nested checkpoint directory of ours (:func:`elastic_kernels.models.load_nested`, full budget;
+    ``nested_choices`` then replaces the saved ones)."""
+    hf = read_hf_config(path)
+    if hf.get("format") == NESTED_FORMAT:
+        model = load_nested(path)
+        if nested_choices is not None:
+            config = ElasticHybridConfig.from_dict({**model.config.to_dict(), "nested_choices": nested_choices})
+            fresh = ElasticHybridLM(config).to(model.embed.weight.dtype)
+            fresh.load_state_dict(model.state_dict(), strict=True)
+            model = fresh
+        return model, model.config
+    return from_hf(path, nested_choices=nested_choices)
 
 
 def hf_state_of(model: ElasticHybridLM, budget: Budget | None, architecture: str | None = None,

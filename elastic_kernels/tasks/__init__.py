@@ -3,7 +3,8 @@
 ``get(name, **kwargs)`` builds a registered task; ``from_dict(task.to_dict())`` rebuilds the one a
 run saved. Registered: ``"arithmetic"`` (:class:`ArithmeticTask`, modular arithmetic with a
 thinking trace), ``"fused"`` (:class:`FusedAnswerTask`, the same chain with a hard fused answer
-step and training traces cut at random thinking caps). A new task subclasses :class:`Task` and calls :func:`register`.
+step and training traces cut at random thinking caps), ``"jsonl"`` (:class:`JsonlTask`, prompt /
+thinking / answer text records tokenized with a Hugging Face tokenizer). A new task subclasses :class:`Task` and calls :func:`register`.
 """
 from __future__ import annotations
 
@@ -12,8 +13,9 @@ from typing import Any
 from .arithmetic import DIFFICULTY_OPS, ArithmeticTask, Problem
 from .base import SPLITS, Batch, Task, Tokenizer
 from .fused import FUSED_OPS, FusedAnswerTask, FusedProblem
+from .jsonl import JsonlTask, TextRecord
 
-__all__ = ["Task", "Tokenizer", "Batch", "SPLITS", "ArithmeticTask", "Problem", "DIFFICULTY_OPS", "FusedAnswerTask", "FusedProblem", "FUSED_OPS", "get",
+__all__ = ["Task", "Tokenizer", "Batch", "SPLITS", "ArithmeticTask", "Problem", "DIFFICULTY_OPS", "FusedAnswerTask", "FusedProblem", "FUSED_OPS", "JsonlTask", "TextRecord", "get",
            "from_dict", "register", "names"]
 
 _REGISTRY: dict[str, type[Task]] = {}
@@ -54,3 +56,4 @@ def from_dict(spec: dict[str, Any]) -> Task:
 
 register(ArithmeticTask)
 register(FusedAnswerTask)
+register(JsonlTask)

@@ -10,6 +10,7 @@ import dataclasses
 import json
 import math
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Any, Literal
 
 __all__ = ["TrainConfig", "PRESETS", "ConfigError", "make_config", "preset_config", "RESUME_FREE"]
@@ -73,7 +74,14 @@ class TrainConfig:
     """test problems for the final exact-match accuracy"""
     # model
     model: dict = field(default_factory=dict)
-    """ElasticHybridConfig fields as a JSON object, merged over the preset's model"""
+    """ElasticHybridConfig fields as a JSON object, merged over the preset's model (with --parent only its
+    nested_choices are used)"""
+    parent: str = ""
+    """start from this parent instead of training stage 0: a Hugging Face NemotronH / Mamba2 save_pretrained
+    directory or one of our nested checkpoint directories ("" = train the preset's model from scratch)"""
+    data: str = ""
+    """train on this JSONL of {prompt, thinking, answer} records (task jsonl) tokenized with the tokenizer.json of
+    --parent (or of task_args.tokenizer) instead of the generated --task"""
     budgets: list[float] = _list(1.0, 0.75, 0.5)
     """target budgets as fractions of the parent's parameters (must include 1.0)"""
     budget_metric: Literal["active", "total"] = "total"
@@ -164,8 +172,14 @@ class TrainConfig:
     def resolved_baseline_steps(self) -> int:
         return self.parent_steps + self.elastic_steps if self.baseline_steps < 0 else self.baseline_steps
 
+    def resolved_task(self) -> str:
+        """The task name: ``"jsonl"`` with ``--data``, else ``task``."""
+        return "jsonl" if self.data else self.task
+
     def task_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments of ``elastic_kernels.tasks.get(self.task, ...)``."""
+        """Keyword arguments of ``elastic_kernels.tasks.get(self.resolved_task(), ...)``."""
+        if self.data:
+            return {"path": self.data, "tokenizer": self.parent, "seed": self.seed, **self.task_args}
         return {"modulus": self.modulus, "difficulty": self.difficulty, "seed": self.seed, **self.task_args}
 
     def validate(self) -> None:
@@ -191,6 +205,14 @@ class TrainConfig:
         if self.baseline_steps < -1:
             raise ConfigError("baseline_steps", f"must be >= 0, or -1 for parent + elastic steps, got "
                                                 f"{self.baseline_steps}")
+        if self.parent and not (Path(self.parent) / "config.json").is_file():
+            raise ConfigError("parent", f"must be a directory holding config.json, got {self.parent!r}")
+        if self.data:
+            if not Path(self.data).is_file():
+                raise ConfigError("data", f"must be a JSONL file, got {self.data!r}")
+            tok = self.task_args.get("tokenizer", self.parent)
+            if not tok or not (Path(tok) / "tokenizer.json").is_file():
+                raise ConfigError("data", f"needs a tokenizer.json in --parent or task_args.tokenizer, got {tok!r}")
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)

@@ -1,5 +1,5 @@
-"""Stage 0 ``parent``: the full model trained from scratch on the task (it becomes the frozen
-teacher), and :func:`train_supervised`, the supervised loop the baselines share."""
+"""Stage 0 ``parent``: the full model trained from scratch on the task, or the ``--parent`` given
+(it becomes the frozen teacher), and :func:`train_supervised`, the supervised loop the baselines share."""
 from __future__ import annotations
 
 import torch.nn as nn
@@ -33,7 +33,11 @@ def train_supervised(runner: Runner, stage: str, model: nn.Module, steps: int, s
 
 def run(runner: Runner) -> None:
     model = runner.new_model()
-    tokens = train_supervised(runner, "parent", model, runner.cfg.parent_steps, stream=0)
+    if runner.parent_state is not None:  # --parent: the imported model is stage 0 (no training)
+        model.load_state_dict(runner.parent_state, strict=True)
+        tokens = 0
+    else:
+        tokens = train_supervised(runner, "parent", model, runner.cfg.parent_steps, stream=0)
     res = runner.evaluate(model) if runner.is_main else {}
     res |= {"params_total": model.param_count(None), "params_active": model.param_count(None, active=True)}
     runner.results["parent"] = res

@@ -140,8 +140,17 @@ class Runner:
         self.device = self.dist.device
         if cfg.threads > 0:
             torch.set_num_threads(cfg.threads)
-        self.task = tasks.get(cfg.task, **cfg.task_kwargs())
-        self.model_config = ElasticHybridConfig(**{"vocab_size": self.task.vocab_size, **cfg.model})
+        self.task = tasks.get(cfg.resolved_task(), **cfg.task_kwargs())
+        self.parent_state = None  # --parent: the imported weights, stage 0 of the run
+        if cfg.parent:
+            from ..interop import load_parent
+            parent, self.model_config = load_parent(cfg.parent, nested_choices=cfg.model.get("nested_choices"))
+            if self.task.vocab_size > self.model_config.vocab_size:
+                raise RunError(f"--parent: the task's tokenizer has {self.task.vocab_size} tokens, more than the "
+                               f"parent's vocab_size {self.model_config.vocab_size}")
+            self.parent_state = {k: v.float() for k, v in parent.state_dict().items()}
+        else:
+            self.model_config = ElasticHybridConfig(**{"vocab_size": self.task.vocab_size, **cfg.model})
         self.metrics = MetricsLog(self.dir / "metrics.jsonl", enabled=self.dist.main)
         self.val = self.task.problems("val", cfg.val_size, seed=0)
         self.test = self.task.problems("test", cfg.test_size, seed=0)
