@@ -76,6 +76,11 @@ def budgets_for(cfg):
     return out
 
 
+def weights_file(folder):
+    """The weights file a nested checkpoint's manifest names."""
+    return folder / json.loads((folder / "config.json").read_text())["weights"]
+
+
 def numel(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
@@ -554,8 +559,9 @@ def test_nested_checkpoint_round_trip(tmp_path, name):
     cfg = model.config
     table = budgets_for(cfg)
     save_nested(model, tmp_path, table)
-    assert sorted(os.listdir(tmp_path)) == ["config.json", "model.safetensors"]  # no temp files left
-    plain = safetensors.torch.load_file(tmp_path / "model.safetensors")  # a standard safetensors file
+    weights = weights_file(tmp_path)
+    assert sorted(os.listdir(tmp_path)) == sorted(["config.json", weights.name])  # no temp files left
+    plain = safetensors.torch.load_file(weights)  # a standard safetensors file
     assert all(torch.equal(plain[k], v) for k, v in model.state_dict().items())
     cfg2, table2 = read_nested_config(tmp_path)
     assert cfg2 == cfg and table2 == table
@@ -658,7 +664,7 @@ def test_nested_checkpoint_errors(tmp_path):
     model = make_model()
     cfg = model.config
     save_nested(model, tmp_path, {"half": Budget.from_fractions(cfg, 0.5)})
-    weights, config = tmp_path / "model.safetensors", tmp_path / "config.json"
+    weights, config = weights_file(tmp_path), tmp_path / "config.json"
     with pytest.raises(CheckpointError, match="not in the checkpoint's table"):
         load_nested(tmp_path, "quarter")
     with pytest.raises(CheckpointError, match="does not exist"):
@@ -683,13 +689,14 @@ def test_nested_checkpoint_errors(tmp_path):
     meta["config"]["hidden_size"] = 48
     meta["config"]["nested_choices"]["hidden"] = [1.0]
     config.write_text(json.dumps(meta))
-    with pytest.raises(CheckpointError, match="config_sha256"):
+    with pytest.raises(CheckpointError, match="fails its checksum"):
         load_nested(tmp_path, "half")
+    with pytest.raises(CheckpointError, match="config_sha256"):
+        load_nested(tmp_path, "half", verify=False)
+    save_nested(model, tmp_path, {"half": Budget.from_fractions(cfg, 0.5)})
     other = small_config(ffn_size=64)
     save_nested(ElasticHybridLM(other), tmp_path / "other", {})
-    (tmp_path / "other" / "model.safetensors").replace(weights)
-    save_nested(model, tmp_path / "again", {})
-    (tmp_path / "again" / "config.json").replace(config)
+    weights_file(tmp_path / "other").replace(weights)  # another model's weights under this manifest's name
     with pytest.raises(CheckpointError, match="does not belong"):
         load_nested(tmp_path, None)
     config.write_text("{not json")
