@@ -15,8 +15,8 @@ from torch import Tensor
 from .._dispatch import Backends, lazy
 from .._validation import FLOAT_DTYPES, Dims, check_choice, check_int, check_scale, check_tensor, check_width
 from ..cuda import ssd as cuda_ssd
-from ..reference.ssd import ssd_scan_reference, ssd_state_update_reference
-from ._autograd import OpArgs, fake_grads, reference_vjp, unpack_grads
+from ..reference.ssd import ssd_scan_reference_bwd, ssd_scan_reference_fwd, ssd_state_update_reference
+from ._autograd import OpArgs, fake_grads, unpack_grads
 
 HEAD_LAYOUTS = ("blocked", "interleaved")
 
@@ -52,20 +52,24 @@ def _validate_common(op, x, dt, A, B, C, D, z, dt_bias, head_layout, active_head
 # ---------------------------------------------------------------------------------------------
 
 _GRAD_INPUTS = ("x", "dt", "A", "B", "C", "D", "z", "dt_bias", "initial_states", "head_scale")  # backward's outputs
+_triton_fwd, _triton_bwd = lazy("triton.ssd:ssd_scan_fwd"), lazy("triton.ssd:ssd_scan_bwd")
 
 
-def _scan_vjp_reference(grad_y, grad_states, x, dt, A, B, C, *, D, z, dt_bias, initial_states, head_scale, **kw):
-    """Gradients of :data:`_GRAD_INPUTS` by re-running the reference under autograd."""
-    def fn(x, dt, A, B, C, D, z, dt_bias, initial_states, head_scale):
-        return ssd_scan_reference(x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, initial_states=initial_states,
-                                  head_scale=head_scale, **kw)
-    return reference_vjp(fn, [x, dt, A, B, C, D, z, dt_bias, initial_states, head_scale], [grad_y, grad_states])
+def _scan_fwd_triton(x, dt, A, B, C, **kw):
+    """Triton forward with the reference's outputs: (y, final_states, u, chunk_states); the
+    Triton backward recomputes what it needs, so the last two are empty."""
+    y, fs = _triton_fwd(x, dt, A, B, C, **kw)
+    return y, fs, fs.new_empty(0), fs.new_empty(0)
+
+
+def _scan_bwd_triton(grad_y, grad_states, x, dt, A, B, C, *, u, chunk_states, **kw):
+    return _triton_bwd(grad_y, grad_states, x, dt, A, B, C, **kw)
 
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_SCAN = Backends("ssd_scan", dtypes={"triton": KERNEL_DTYPES}, reference=ssd_scan_reference,
-                 triton=lazy("triton.ssd:ssd_scan_fwd"))
-_SCAN_VJP = Backends("ssd_scan", reference=_scan_vjp_reference, triton=lazy("triton.ssd:ssd_scan_bwd"))
+_SCAN = Backends("ssd_scan", dtypes={"triton": KERNEL_DTYPES}, reference=ssd_scan_reference_fwd,
+                 triton=_scan_fwd_triton)
+_SCAN_VJP = Backends("ssd_scan", reference=ssd_scan_reference_bwd, triton=_scan_bwd_triton)
 
 
 def _run(table: Backends, args: dict, *lead: Tensor):
@@ -78,18 +82,21 @@ def _ssd_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optiona
               z: Optional[Tensor], dt_bias: Optional[Tensor], initial_states: Optional[Tensor],
               seq_idx: Optional[Tensor], head_scale: Optional[Tensor], active_t: Optional[Tensor],
               chunk_size: int, dt_softplus: bool, dt_lo: float, dt_hi: float, interleaved: bool,
-              active_int: int, backend: str) -> tuple[Tensor, Tensor]:
-    y, fs = _run(_SCAN, dict(locals()))  # the op's inputs by name
-    return y, fs
+              active_int: int, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(y, final_states, u, chunk_states): the last two are what the reference backward needs
+    (see :func:`~elastic_kernels.reference.ssd.ssd_scan_reference_fwd`), empty for Triton."""
+    y, fs, u, cs = _run(_SCAN, dict(locals()))  # the op's inputs by name
+    return y, fs, u, cs
 
 
 def _ssd_scan_backward(grad_y: Tensor, grad_states: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor,
                        C: Tensor, D: Optional[Tensor], z: Optional[Tensor], dt_bias: Optional[Tensor],
                        initial_states: Optional[Tensor], seq_idx: Optional[Tensor],
-                       head_scale: Optional[Tensor], active_t: Optional[Tensor], chunk_size: int,
-                       dt_softplus: bool, dt_lo: float, dt_hi: float, interleaved: bool, active_int: int,
-                       backend: str) -> list[Tensor]:
-    """Gradients of :data:`_GRAD_INPUTS` (empty for absent inputs)."""
+                       head_scale: Optional[Tensor], active_t: Optional[Tensor], u: Tensor,
+                       chunk_states: Tensor, chunk_size: int, dt_softplus: bool, dt_lo: float, dt_hi: float,
+                       interleaved: bool, active_int: int, backend: str) -> list[Tensor]:
+    """Gradients of :data:`_GRAD_INPUTS` (empty for absent inputs); ``u`` and ``chunk_states``
+    are the forward's saved outputs."""
     args = dict(locals())  # the op's inputs by name
     grads = _run(_SCAN_VJP, args, args.pop("grad_y"), args.pop("grad_states"))
     return [g.contiguous() if g is not None else torch.empty(0, device=x.device) for g in grads]
@@ -109,8 +116,15 @@ def _state_dtype(x: Tensor) -> torch.dtype:
 def _(*args, **kwargs):
     a = _ARGS.bind(*args, **kwargs)
     x, B = a["x"], a["B"]
-    b, _, h, p = x.shape
-    return x.new_empty(x.shape), x.new_empty((b, h, p, B.shape[-1]), dtype=_state_dtype(x))
+    b, l, h, p = x.shape
+    n, sd = B.shape[-1], _state_dtype(x)
+    fs = x.new_empty((b, h, p, n), dtype=sd)
+    if a["backend"] == "triton":
+        return x.new_empty(x.shape), fs, x.new_empty(0, dtype=sd), x.new_empty(0, dtype=sd)
+    keep_u = a["z"] is not None or a["head_scale"] is not None
+    nc = max(1, -(-l // a["chunk_size"]))
+    return (x.new_empty(x.shape), fs, x.new_empty(x.shape if keep_u else (0,), dtype=sd),
+            x.new_empty((b, nc, h, p, n), dtype=sd))
 
 
 @_ssd_scan_bwd_op.register_fake
@@ -120,12 +134,17 @@ def _(*args, **kwargs):
 
 
 def _setup_context(ctx, inputs, output):
-    _ARGS.save(ctx, inputs)
+    ctx.mark_non_differentiable(output[2], output[3])
+    named = _ARGS.bind(*inputs)
+    ctx.save_for_backward(*(named[n] for n in _ARGS.tensors), output[2], output[3])
+    ctx.op_scalars = {n: v for n, v in named.items() if n not in _ARGS.tensors}
 
 
-def _backward(ctx, grad_y, grad_states):
-    args = _ARGS.saved(ctx)
-    grads = _ssd_scan_bwd_op(grad_y, grad_states, **args)
+def _backward(ctx, grad_y, grad_states, _grad_u, _grad_chunk_states):
+    *inputs, u, chunk_states = ctx.saved_tensors
+    named = {**dict(zip(_ARGS.tensors, inputs)), **ctx.op_scalars}
+    args = {n: named[n] for n in _ARGS.names}
+    grads = _ssd_scan_bwd_op(grad_y, grad_states, u=u, chunk_states=chunk_states, **args)
     return _ARGS.grads(**dict(zip(_GRAD_INPUTS, unpack_grads(grads, [args[n] for n in _GRAD_INPUTS]))))
 
 
@@ -187,9 +206,9 @@ def ssd_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, *, chunk_si
     if not dt_lo <= dt_hi:
         raise ValueError(f"{op}: dt_limit must satisfy lo <= hi, got {dt_limit!r}")
     be = _SCAN.resolve(backend, dev, dtype=x.dtype)
-    y, fs = _ssd_scan_op(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, head_scale, active_t,
-                         chunk_size, bool(dt_softplus), dt_lo, dt_hi, head_layout == "interleaved",
-                         active_int, be)
+    y, fs, _, _ = _ssd_scan_op(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, head_scale,
+                               active_t, chunk_size, bool(dt_softplus), dt_lo, dt_hi,
+                               head_layout == "interleaved", active_int, be)
     return (y, fs) if return_final_states else y
 
 

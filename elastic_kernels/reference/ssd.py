@@ -6,15 +6,37 @@ Math (per batch b, head h in group g, step t; dt already biased/softplused/clamp
     y_t = C_t \cdot h_t + D_h x_t,    then  y_t <- y_t * silu(z_t) * head_scale_{b,h}
 
 with ``h_{-1} = initial_states`` and ``seq_{-1} = 0`` (as mamba_ssm: the initial state belongs
-to sequence index 0). The chunked algorithm below splits the sequence into chunks of
-``chunk_size``: an intra-chunk quadratic (attention-like) term, per-chunk states, a sequential
-state passing over chunks, and an inter-chunk term. Gradients come from autograd.
+to sequence index 0).
 
-Elastic heads (DESIGN §3.5): with ``k`` active heads (a multiple of ``ngroups``) the active set
-is the first ``k / ngroups`` heads of every group. Inactive heads do no work: an int width computes
-only the active heads, per-sample widths run one int-width pass per distinct width over its
-samples (a host read of the widths, fine on the CPU path), so outputs, final states and
-gradients of inactive heads are exactly 0 and cost falls with the mean width.
+Chunked algorithm (chunks of ``L = chunk_size`` steps; within a chunk ``a_t = cumsum(dt A)``):
+
+    intra-chunk:  y_t  = sum_{s<=t} (C_t . B_s) exp(a_t - a_s) dt_s x_s            (L x L per head)
+    chunk states: S_c  = sum_s exp(a_L - a_s) dt_s x_s \otimes B_s
+    state passing: P_{c+1} = exp(a_L) P_c + S_c,  P_0 = initial_states,  final = P_nc
+    inter-chunk:  y_t += exp(a_t) C_t . P_c
+
+(seq_idx resets zero the terms that cross a sequence boundary). The backward is written by hand,
+in the same chunks, from the saved chunk-entry states ``P_c`` and the pre-gate output
+``u = y + D x``: with ``G = dL/dy`` (after the gate and the head scale),
+
+    dP_c    = sum_t exp(a_t) G_t \otimes C_t + exp(a_L) dP_{c+1}       (reverse pass over chunks,
+              dP_nc = dL/dfinal, dS_c = dP_{c+1}, d initial_states = dP_0)
+    dx_s    = sum_t M_ts G_t + exp(a_L - a_s) dt_s dS_c B_s + D dU_s,   M_ts = (C_t.B_s) e^{a_t-a_s} dt_s
+    dC_t    = sum_s (G_t . x_s) e^{a_t-a_s} dt_s B_s + exp(a_t) P_c G_t
+    dB_s    = sum_t (G_t . x_s) e^{a_t-a_s} dt_s C_t + exp(a_L - a_s) dt_s dS_c^T x_s
+    da_t    (from every exponent), dt_s and A by the chain rule through a = cumsum(dt A),
+
+so it costs one forward's worth of matmuls twice and is linear in seqlen (the pass over chunks
+writes each chunk's gradient once). B and C are shared by the heads of a group: ``C . B`` is
+computed once per group, not per head.
+
+Elastic heads (docs/design.md §3): with ``k`` active heads (a multiple of ``ngroups``) the active
+set is the first ``k / ngroups`` heads of every group. Heads are viewed as (group, rank in group)
+-- a free view for both layouts -- so the active heads are a prefix of the rank axis. Inactive
+heads do no work: an int width computes only the active heads, per-sample widths run one
+int-width pass per distinct width over its samples (a host read of the widths, fine on the CPU
+path), so outputs, final states and gradients of inactive heads are exactly 0 and cost falls with
+the mean width.
 """
 from __future__ import annotations
 
@@ -59,58 +81,371 @@ def process_dt(dt: torch.Tensor, dt_bias, dt_softplus: bool, dt_lo: float, dt_hi
     return dt
 
 
-def _ssd_core(x, dt, A, B, C, group, chunk_size, initial_states, seq_idx):
-    """Chunked SSD without D/z. x: (b, l, h, p) dt: (b, l, h) A: (h,) B, C: (b, l, g, n),
-    group: (h,) group of each head. Returns y (b, l, h, p) and final states (b, h, p, n)."""
-    b, l, h, p = x.shape
-    g, n = B.shape[-2:]
-    L = chunk_size
-    nc = max(1, -(-l // L))
-    pad = nc * L - l
-    if pad:  # dt = 0 on padding: no decay, no input, so states are unchanged
-        x = F.pad(x, (0, 0, 0, 0, 0, pad))
-        dt = F.pad(dt, (0, 0, 0, pad))
-        B = F.pad(B, (0, 0, 0, 0, 0, pad))
-        C = F.pad(C, (0, 0, 0, 0, 0, pad))
-        if seq_idx is not None:
-            seq_idx = torch.cat([seq_idx, seq_idx[:, -1:].expand(b, pad)], dim=1) if l else \
-                seq_idx.new_zeros(b, pad)
-    x = x.reshape(b, nc, L, h, p)
-    dt = dt.reshape(b, nc, L, h)
-    Bh = B.reshape(b, nc, L, g, n)[:, :, :, group]
-    Ch = C.reshape(b, nc, L, g, n)[:, :, :, group]
-    acs = torch.cumsum(dt * A, dim=2)  # (b, nc, L, h)
-    causal = torch.ones(L, L, dtype=torch.bool, device=x.device).tril()
-    same = causal[None, None]
-    if seq_idx is not None:
-        s = seq_idx.reshape(b, nc, L)
-        same = same & (s[:, :, :, None] == s[:, :, None, :])
-        seq_end = s[:, :, -1]  # (b, nc)
-        seq_prev_end = torch.cat([torch.zeros_like(seq_end[:, :1]), seq_end[:, :-1]], dim=1)
-    seg = acs[:, :, :, None, :] - acs[:, :, None, :, :]  # (b, nc, L_t, L_s, h)
-    decay = torch.exp(seg.masked_fill(~same[..., None], float("-inf")))
-    cb = torch.einsum("bclhn,bcshn->bclsh", Ch, Bh)
-    y = torch.einsum("bclsh,bcsh,bcshp->bclhp", cb * decay, dt, x)
-    # per-chunk states (contributions of each chunk to its end)
-    w_state = torch.exp(acs[:, :, -1:, :] - acs) * dt
-    if seq_idx is not None:
-        w_state = w_state * (s == seq_end[:, :, None])[..., None]
-    states = torch.einsum("bclhn,bclh,bclhp->bchpn", Bh, w_state, x)
-    # sequential state passing over chunks
-    chunk_decay = torch.exp(acs[:, :, -1, :])  # (b, nc, h)
-    if seq_idx is not None:
-        chunk_decay = chunk_decay * (seq_end == seq_prev_end)[..., None]
-    carried = initial_states if initial_states is not None else x.new_zeros(b, h, p, n)
-    prev = []
+def _process_dt_backward(grad: torch.Tensor, v: torch.Tensor, dt_softplus: bool, dt_lo: float,
+                         dt_hi: float) -> torch.Tensor:
+    """Gradient of :func:`process_dt` w.r.t. the biased dt ``v`` (torch's own softplus/clamp rules)."""
+    if not (dt_lo == 0.0 and dt_hi == float("inf")):
+        sp = F.softplus(v) if dt_softplus else v
+        grad = torch.where((sp >= dt_lo) & (sp <= dt_hi), grad, 0.0)
+    if dt_softplus:
+        grad = torch.ops.aten.softplus_backward(grad, v, 1.0, 20.0)
+    return grad
+
+
+def _by_group(t, ngroups: int, interleaved: bool, dim: int):
+    """View the head axis ``dim`` of ``t`` as (group, rank within group); free for both layouts."""
+    if t is None:
+        return None
+    h = t.shape[dim]
+    if interleaved:
+        return t.unflatten(dim, (h // ngroups, ngroups)).transpose(dim, dim + 1)
+    return t.unflatten(dim, (ngroups, h // ngroups))
+
+
+class _Chunks:
+    """The chunked layout of one scan: (batch, chunk, group, rank, L, ...) views and the seq masks.
+
+    x: (b, l, G, R, p); dt: (b, l, G, R) processed; B, C: (b, l, G, n); seq_idx: (b, l) or None.
+    """
+
+    def __init__(self, x, dt, A, B, C, chunk_size, seq_idx):
+        b, l, G, R, p = x.shape
+        L = chunk_size
+        self.l, self.L = l, L
+        self.nc = nc = max(1, -(-l // L))
+        pad = nc * L - l
+        self.pad = pad
+
+        def chunked(t):  # (b, l, ...) -> (b, nc, L, ...), zero padded (dt = 0: states unchanged)
+            if pad:
+                t = torch.cat([t, t.new_zeros(b, pad, *t.shape[2:])], dim=1)
+            return t.reshape(b, nc, L, *t.shape[2:])
+        self.xt = chunked(x).permute(0, 1, 3, 4, 2, 5)     # (b, nc, G, R, L, p)
+        self.dt = chunked(dt).permute(0, 1, 3, 4, 2)       # (b, nc, G, R, L)
+        self.Bt = chunked(B).permute(0, 1, 3, 2, 4)        # (b, nc, G, L, n)
+        self.Ct = chunked(C).permute(0, 1, 3, 2, 4)
+        self.acs = torch.cumsum(self.dt * A[:, :, None], dim=-1)   # (b, nc, G, R, L)
+        causal = torch.ones(L, L, dtype=torch.bool, device=x.device).tril()
+        if seq_idx is None:
+            self.same, self.end_mask, self.prev_mask, self.chunk_mask = causal, None, None, None
+        else:
+            if pad:
+                tail = seq_idx[:, -1:].expand(b, pad) if l else seq_idx.new_zeros(b, pad)
+                seq_idx = torch.cat([seq_idx, tail], dim=1)
+            s = seq_idx.reshape(b, nc, L)
+            seq_end = s[:, :, -1]
+            seq_prev_end = torch.cat([torch.zeros_like(seq_end[:, :1]), seq_end[:, :-1]], dim=1)
+            self.same = (causal & (s[:, :, :, None] == s[:, :, None, :]))[:, :, None, None]
+            self.end_mask = (s == seq_end[:, :, None])[:, :, None, None]       # (b, nc, 1, 1, L)
+            self.prev_mask = (s == seq_prev_end[:, :, None])[:, :, None, None]
+            self.chunk_mask = (seq_end == seq_prev_end)[:, :, None, None]       # (b, nc, 1, 1)
+
+    def _masked(self, v, mask):
+        return v if mask is None else v * mask
+
+    def decay(self):
+        """exp(a_t - a_s) on the causal same-sequence triangle, 0 elsewhere: (b, nc, G, R, L, L)."""
+        seg = self.acs[..., :, None] - self.acs[..., None, :]
+        return torch.exp(seg.masked_fill(~self.same, float("-inf")))
+
+    def cb(self):
+        """C_t . B_s per group: (b, nc, G, L, L)."""
+        return self.Ct @ self.Bt.transpose(-1, -2)
+
+    def e_state(self):
+        """exp(a_L - a_s), 0 for steps of an earlier sequence than the chunk's end: (b, nc, G, R, L)."""
+        return self._masked(torch.exp(self.acs[..., -1:] - self.acs), self.end_mask)
+
+    def e_off(self):
+        """exp(a_t), 0 for steps of a later sequence than the one entering the chunk."""
+        return self._masked(torch.exp(self.acs), self.prev_mask)
+
+    def chunk_decay(self):
+        """exp(a_L) of every chunk, 0 where a sequence starts inside it: (b, nc, G, R)."""
+        return self._masked(torch.exp(self.acs[..., -1]), self.chunk_mask)
+
+    def unchunk(self, t, perm):
+        """(b, nc, ..., L, ...) -> (b, l, ...) after moving L next to nc with ``perm``."""
+        t = t.permute(perm)
+        return t.reshape(t.shape[0], self.nc * self.L, *t.shape[3:])[:, :self.l]
+
+
+def _core_fwd(x, dt, A, B, C, chunk_size, initial_states, seq_idx):
+    """Chunked SSD without D/z on grouped heads. x: (b, l, G, R, p); dt: (b, l, G, R) processed;
+    A: (G, R); B, C: (b, l, G, n); initial_states: (b, G, R, p, n) or None.
+    Returns y: (b, l, G, R, p) and P: (b, nc + 1, G, R, p, n), the state entering every chunk
+    (P[:, nc] is the final state)."""
+    ch = _Chunks(x, dt, A, B, C, chunk_size, seq_idx)
+    b, nc, G, R, L, p = ch.xt.shape
+    n = B.shape[-1]
+    m = ch.decay() * ch.cb()[:, :, :, None] * ch.dt[..., None, :]
+    y = m @ ch.xt                                                         # (b, nc, G, R, L, p)
+    del m
+    xw = ch.xt * (ch.e_state() * ch.dt)[..., None]
+    states = torch.einsum("bcgrlp,bcgln->bcgrpn", xw, ch.Bt)
+    del xw
+    cd = ch.chunk_decay()[..., None, None]
+    P = x.new_empty(b, nc + 1, G, R, p, n)
+    if initial_states is None:
+        P[:, 0].zero_()
+    else:
+        P[:, 0].copy_(initial_states)
     for c in range(nc):
-        prev.append(carried)
-        carried = carried * chunk_decay[:, c, :, None, None] + states[:, c]
-    prev = torch.stack(prev, dim=1)  # (b, nc, h, p, n): state entering each chunk
-    w_off = torch.exp(acs)
-    if seq_idx is not None:
-        w_off = w_off * (s == seq_prev_end[:, :, None])[..., None]
-    y = y + torch.einsum("bclhn,bchpn,bclh->bclhp", Ch, prev, w_off)
-    return y.reshape(b, nc * L, h, p)[:, :l], carried
+        torch.addcmul(states[:, c], P[:, c], cd[:, c], out=P[:, c + 1])
+    y += torch.einsum("bcgln,bcgrpn->bcgrlp", ch.Ct, P[:, :nc]) * ch.e_off()[..., None]
+    return ch.unchunk(y, (0, 1, 4, 2, 3, 5)), P
+
+
+def _core_bwd(gy, g_final, x, dt, A, B, C, chunk_size, P, seq_idx):
+    """Backward of :func:`_core_fwd` from its saved chunk-entry states ``P: (b, nc, G, R, p, n)``.
+
+    gy: like x; g_final: (b, G, R, p, n). Returns the gradients of x, dt (processed), A, B, C and
+    initial_states, shaped as the inputs of :func:`_core_fwd`.
+    """
+    ch = _Chunks(x, dt, A, B, C, chunk_size, seq_idx)
+    b, nc, G, R, L, p = ch.xt.shape
+    pad = ch.pad
+    gyc = torch.cat([gy, gy.new_zeros(b, pad, *gy.shape[2:])], 1) if pad else gy
+    gt = gyc.reshape(b, nc, L, G, R, p).permute(0, 1, 3, 4, 2, 5)        # (b, nc, G, R, L, p)
+    # inter-chunk term y_t += exp(a_t) C_t . P_c
+    e_off = ch.e_off()
+    g_acs = (gt * torch.einsum("bcgln,bcgrpn->bcgrlp", ch.Ct, P)).sum(-1) * e_off
+    gtw = gt * e_off[..., None]
+    gC = torch.einsum("bcgrlp,bcgrpn->bcgln", gtw, P)
+    gP = torch.einsum("bcgrlp,bcgln->bcgrpn", gtw, ch.Ct)
+    del gtw
+    # state passing, in reverse: gS[c] = dL/dP_{c+1}
+    cd = ch.chunk_decay()
+    gS = torch.empty_like(gP)
+    run = g_final if g_final is not None else gP.new_zeros(gP[:, 0].shape)
+    cdx = cd[..., None, None]
+    for c in range(nc - 1, -1, -1):
+        gS[:, c] = run
+        run = torch.addcmul(gP[:, c], run, cdx[:, c])
+    g_init = run
+    del gP
+    g_acs[..., -1] += (gS * P).sum((-1, -2)) * cd
+    # chunk states S_c = sum_s exp(a_L - a_s) dt_s x_s (x) B_s
+    e_state = ch.e_state()
+    w_state = e_state * ch.dt
+    Bg = torch.einsum("bcgln,bcgrpn->bcgrlp", ch.Bt, gS)
+    gx = Bg * w_state[..., None]
+    g_ws = (Bg * ch.xt).sum(-1)
+    del Bg
+    gB = torch.einsum("bcgrlp,bcgrpn->bcgln", ch.xt * w_state[..., None], gS)
+    del gS
+    g_dt = g_ws * e_state
+    ge = g_ws * w_state
+    g_acs -= ge
+    g_acs[..., -1] += ge.sum(-1)
+    # intra-chunk term y_t = sum_s M_ts x_s,  M = exp(a_t - a_s) (C_t . B_s) dt_s
+    decay = ch.decay()
+    cb = ch.cb()
+    dts = ch.dt[..., None, :]
+    gx += (decay * cb[:, :, :, None] * dts).transpose(-1, -2) @ gt
+    pm = (gt @ ch.xt.transpose(-1, -2)).mul_(decay)                      # dL/dM * exp(a_t - a_s)
+    del decay
+    g_cb = (pm * dts).sum(3)                                              # (b, nc, G, L, L)
+    pm.mul_(cb[:, :, :, None])
+    g_dt += pm.sum(-2)
+    pm.mul_(dts)                                                          # dL/d(a_t - a_s)
+    g_acs += pm.sum(-1) - pm.sum(-2)
+    del pm
+    gC += g_cb @ ch.Bt
+    gB += g_cb.transpose(-1, -2) @ ch.Ct
+    # a = cumsum(dt A) over the chunk
+    g_a = g_acs.flip(-1).cumsum(-1).flip(-1)
+    g_dt += g_a * A[:, :, None]
+    gA = (g_a * ch.dt).sum((0, 1, 4))
+    return (ch.unchunk(gx, (0, 1, 4, 2, 3, 5)), ch.unchunk(g_dt, (0, 1, 4, 2, 3)), gA,
+            ch.unchunk(gB, (0, 1, 3, 2, 4)), ch.unchunk(gC, (0, 1, 3, 2, 4)), g_init)
+
+
+def _compute_dtype(x):
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _fwd_int(x, dt, A, B, C, *, chunk_size, D, z, dt_bias, dt_softplus, dt_lo, dt_hi,
+             initial_states, seq_idx, interleaved, active_int, head_scale):
+    """One int width over the whole batch. Returns y (x.dtype) and, in the compute dtype, the
+    final states, the pre-gate output u = y_core + D x (full heads, or an empty tensor when no
+    gate and no head scale need it) and the chunk-entry states (b, nc, nheads, headdim, dstate)."""
+    b, l, h, p = x.shape
+    G, n = B.shape[2], B.shape[3]
+    R = h // G
+    ra = R if active_int < 0 else active_int // G
+    cdt = _compute_dtype(x)
+    nc = max(1, -(-l // chunk_size))
+    full = ra == R
+    alloc = torch.empty if full else torch.zeros
+    y = alloc(b, l, h, p, dtype=x.dtype, device=x.device)
+    fs = alloc(b, h, p, n, dtype=cdt, device=x.device)
+    keep_u = z is not None or head_scale is not None
+    u_res = alloc(b, l, h, p, dtype=cdt, device=x.device) if keep_u else x.new_empty(0, dtype=cdt)
+    p_res = alloc(b, nc, h, p, n, dtype=cdt, device=x.device)
+    if ra == 0:
+        return y, fs, u_res, p_res
+
+    def grp(t, dim):
+        v = _by_group(t, G, interleaved, dim)
+        return None if v is None else v.narrow(dim + 1, 0, ra)
+
+    xg = grp(x, 2).to(cdt)
+    dtp = process_dt(grp(dt, 2), grp(dt_bias, 0), dt_softplus, dt_lo, dt_hi, cdt)
+    init = grp(initial_states, 1)
+    yg, P = _core_fwd(xg, dtp, grp(A, 0).to(cdt), B.to(cdt), C.to(cdt), chunk_size,
+                      None if init is None else init.to(cdt), seq_idx)
+    if D is not None:
+        Dg = grp(D, 0).to(cdt)
+        yg = yg + (Dg[..., None] if Dg.dim() == 2 else Dg) * xg
+    if keep_u:
+        grp(u_res, 2).copy_(yg)
+    if z is not None:
+        yg = yg * F.silu(grp(z, 2).to(cdt))
+    if head_scale is not None:
+        yg = yg * grp(head_scale, 1).to(cdt)[:, None, :, :, None]
+    grp(y, 2).copy_(yg)
+    grp(fs, 1).copy_(P[:, nc])
+    grp(p_res, 2).copy_(P[:, :nc])
+    return y, fs, u_res, p_res
+
+
+def _bwd_int(gy, g_fs, x, dt, A, B, C, *, chunk_size, D, z, dt_bias, dt_softplus, dt_lo, dt_hi,
+             initial_states, seq_idx, interleaved, active_int, head_scale, u_res, p_res):
+    """Gradients (compute dtype, full shapes, exact zeros for inactive heads) of one int width:
+    x, dt, A, B, C, D, z, dt_bias, initial_states, head_scale (None for absent inputs)."""
+    b, l, h, p = x.shape
+    G = B.shape[2]
+    R = h // G
+    ra = R if active_int < 0 else active_int // G
+    cdt = _compute_dtype(x)
+    zeros = lambda t: None if t is None else torch.zeros(t.shape, dtype=cdt, device=x.device)  # noqa: E731
+    grads = [zeros(t) for t in (x, dt, A, B, C, D, z, dt_bias, initial_states, head_scale)]
+    gx, gdt, gA, gB, gC, gD, gz, gbias, ginit, ghs = grads
+    if ra == 0:
+        return grads
+
+    def grp(t, dim):
+        v = _by_group(t, G, interleaved, dim)
+        return None if v is None else v.narrow(dim + 1, 0, ra)
+
+    xg = grp(x, 2).to(cdt)
+    g = grp(gy, 2).to(cdt)
+    if head_scale is not None or z is not None:
+        ug = grp(u_res, 2)
+        gate = None if z is None else F.silu(grp(z, 2).to(cdt))
+        if head_scale is not None:
+            gu_hs = ug if gate is None else ug * gate
+            grp(ghs, 1).copy_((g * gu_hs).sum((1, 4)))
+            g = g * grp(head_scale, 1).to(cdt)[:, None, :, :, None]
+        if z is not None:
+            grp(gz, 2).copy_(torch.ops.aten.silu_backward(g * ug, grp(z, 2).to(cdt)))
+            g = g * gate
+    v = grp(dt, 2).to(cdt)
+    if dt_bias is not None:
+        v = v + grp(dt_bias, 0).to(cdt)
+    dtp = process_dt(v, None, dt_softplus, dt_lo, dt_hi, cdt)
+    init = grp(initial_states, 1)
+    gfs = None if g_fs is None else grp(g_fs, 1).to(cdt)
+    cx, cdtp, cA, cB, cC, cinit = _core_bwd(g, gfs, xg, dtp, grp(A, 0).to(cdt), B.to(cdt), C.to(cdt),
+                                            chunk_size, grp(p_res, 2), seq_idx)
+    if D is not None:
+        Dg = grp(D, 0).to(cdt)
+        gDg = g * xg
+        grp(gD, 0).copy_(gDg.sum((0, 1, 4)) if Dg.dim() == 2 else gDg.sum((0, 1)))
+        cx += g * (Dg[..., None] if Dg.dim() == 2 else Dg)
+    grp(gx, 2).copy_(cx)
+    graw = _process_dt_backward(cdtp, v, dt_softplus, dt_lo, dt_hi)
+    grp(gdt, 2).copy_(graw)
+    if dt_bias is not None:
+        grp(gbias, 0).copy_(graw.sum((0, 1)))
+    grp(gA, 0).copy_(cA)
+    gB.copy_(cB)
+    gC.copy_(cC)
+    if ginit is not None:
+        grp(ginit, 1).copy_(cinit)
+    return grads
+
+
+def _pick(t, rows):
+    return None if t is None else t.index_select(0, rows)
+
+
+_PER_SAMPLE = ("x", "dt", "B", "C", "z", "initial_states", "seq_idx", "head_scale")
+
+
+def ssd_scan_reference_fwd(x, dt, A, B, C, *, chunk_size=64, D=None, z=None, dt_bias=None,
+                           dt_softplus=False, dt_lo=0.0, dt_hi=float("inf"), initial_states=None,
+                           seq_idx=None, interleaved=False, active_int=-1, active_t=None,
+                           head_scale=None):
+    """Reference forward that also returns what :func:`ssd_scan_reference_bwd` needs.
+
+    Arguments as :func:`ssd_scan_reference`. Returns ``(y, final_states, u, chunk_states)``:
+    y like x; final_states (batch, nheads, headdim, dstate); u (batch, seqlen, nheads, headdim),
+    the output before gate and head scale (empty when neither is given); chunk_states
+    (batch, nchunks, nheads, headdim, dstate), the state entering every chunk. All but y are in
+    fp32 (fp64 for fp64 x); inactive heads hold zeros.
+    """
+    kw = dict(chunk_size=chunk_size, D=D, dt_bias=dt_bias, dt_softplus=dt_softplus, dt_lo=dt_lo,
+              dt_hi=dt_hi, interleaved=interleaved)
+    per = dict(x=x, dt=dt, B=B, C=C, z=z, initial_states=initial_states, seq_idx=seq_idx,
+               head_scale=head_scale)
+    if active_t is None:
+        return _fwd_int(A=A, active_int=active_int, **per, **kw)
+    b, l, h, p = x.shape
+    n, cdt = B.shape[3], _compute_dtype(x)
+    nc = max(1, -(-l // chunk_size))
+    y = x.new_zeros(b, l, h, p)
+    fs = x.new_zeros(b, h, p, n, dtype=cdt)
+    keep_u = z is not None or head_scale is not None
+    u = x.new_zeros(b, l, h, p, dtype=cdt) if keep_u else x.new_empty(0, dtype=cdt)
+    cs = x.new_zeros(b, nc, h, p, n, dtype=cdt)
+    for k in torch.unique(active_t).tolist():
+        if k == 0:
+            continue
+        rows = (active_t == k).nonzero().flatten()
+        outs = _fwd_int(A=A, active_int=k, **{name: _pick(t, rows) for name, t in per.items()}, **kw)
+        for full, part in zip((y, fs, u, cs), outs):
+            if part.numel():
+                full.index_copy_(0, rows, part)
+    return y, fs, u, cs
+
+
+def ssd_scan_reference_bwd(grad_y, grad_states, x, dt, A, B, C, *, u, chunk_states, chunk_size=64,
+                           D=None, z=None, dt_bias=None, dt_softplus=False, dt_lo=0.0,
+                           dt_hi=float("inf"), initial_states=None, seq_idx=None, interleaved=False,
+                           active_int=-1, active_t=None, head_scale=None):
+    """Hand-written backward of :func:`ssd_scan_reference_fwd` from its saved ``u`` and
+    ``chunk_states``; ``grad_y`` like x, ``grad_states`` (batch, nheads, headdim, dstate) or None.
+
+    Returns the gradients of x, dt, A, B, C, D, z, dt_bias, initial_states, head_scale, each in
+    its input's dtype (None for absent inputs); those of inactive heads are exactly 0.
+    """
+    inputs = (x, dt, A, B, C, D, z, dt_bias, initial_states, head_scale)
+    kw = dict(chunk_size=chunk_size, D=D, dt_bias=dt_bias, dt_softplus=dt_softplus, dt_lo=dt_lo,
+              dt_hi=dt_hi, interleaved=interleaved)
+    per = dict(gy=grad_y, g_fs=grad_states, x=x, dt=dt, B=B, C=C, z=z, initial_states=initial_states,
+               seq_idx=seq_idx, head_scale=head_scale, u_res=u if u.numel() else None,
+               p_res=chunk_states)
+    if active_t is None:
+        grads = _bwd_int(A=A, active_int=active_int, **per, **kw)
+    else:
+        cdt = _compute_dtype(x)
+        grads = [None if t is None else torch.zeros(t.shape, dtype=cdt, device=x.device) for t in inputs]
+        shared = {2, 5, 7}  # A, D, dt_bias: summed over the width groups; the rest are per sample
+        for k in torch.unique(active_t).tolist():
+            if k == 0:
+                continue
+            rows = (active_t == k).nonzero().flatten()
+            part = _bwd_int(A=A, active_int=k, **{name: _pick(t, rows) for name, t in per.items()}, **kw)
+            for i, gp in enumerate(part):
+                if gp is None:
+                    continue
+                if i in shared:
+                    grads[i] += gp
+                else:
+                    grads[i].index_copy_(0, rows, gp)
+    return [None if gr is None else gr.to(t.dtype) for gr, t in zip(grads, inputs)]
 
 
 def ssd_scan_reference(x, dt, A, B, C, *, chunk_size=64, D=None, z=None, dt_bias=None,
@@ -126,47 +461,10 @@ def ssd_scan_reference(x, dt, A, B, C, *, chunk_size=64, D=None, z=None, dt_bias
     Returns ``y`` like x (x.dtype) and final states (batch, nheads, headdim, dstate) in fp32
     (fp64 for fp64 inputs).
     """
-    b, l, h, p = x.shape
-    g, n = B.shape[2], B.shape[3]
-    cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
-    if active_t is not None:  # per-sample widths: one int-width call per distinct width
-        y = x.new_zeros(b, l, h, p)
-        fs = x.new_zeros(b, h, p, n, dtype=cdt)
-        for k in torch.unique(active_t).tolist():
-            rows = (active_t == k).nonzero().flatten()
-            pick = lambda t: None if t is None else t.index_select(0, rows)  # noqa: E731
-            yk, fsk = ssd_scan_reference(
-                pick(x), pick(dt), A, pick(B), pick(C), chunk_size=chunk_size, D=D, z=pick(z),
-                dt_bias=dt_bias, dt_softplus=dt_softplus, dt_lo=dt_lo, dt_hi=dt_hi,
-                initial_states=pick(initial_states), seq_idx=pick(seq_idx), interleaved=interleaved,
-                active_int=k, head_scale=pick(head_scale))
-            y, fs = y.index_copy(0, rows, yk), fs.index_copy(0, rows, fsk)
-        return y, fs
-    k = h if active_int < 0 else active_int
-    idx = None if k == h else active_heads_index(h, g, interleaved, k, x.device)
-
-    def sel(t, dim):
-        return t if (t is None or idx is None) else t.index_select(dim, idx)
-
-    xa = sel(x, 2).to(cdt)
-    dta = process_dt(sel(dt, 2), sel(dt_bias, 0), dt_softplus, dt_lo, dt_hi, cdt)
-    group = head_group(h, g, interleaved, x.device)
-    init = sel(initial_states, 1)
-    ya, fsa = _ssd_core(xa, dta, sel(A, 0).to(cdt), B.to(cdt), C.to(cdt), sel(group, 0),
-                        chunk_size, None if init is None else init.to(cdt), seq_idx)
-    if D is not None:
-        Da = sel(D, 0).to(cdt)
-        ya = ya + (Da[:, None] if Da.dim() == 1 else Da) * xa
-    if z is not None:
-        ya = ya * F.silu(sel(z, 2).to(cdt))
-    if head_scale is not None:
-        ya = ya * sel(head_scale, 1).to(cdt)[:, None, :, None]
-    if idx is None:
-        return ya.to(x.dtype).contiguous(), fsa
-    y = x.new_zeros(b, l, h, p)  # inactive heads are written as zeros, once
-    y.index_copy_(2, idx, ya.to(x.dtype))
-    fs = fsa.new_zeros(b, h, p, n)
-    fs.index_copy_(1, idx, fsa)
+    y, fs, _, _ = ssd_scan_reference_fwd(
+        x, dt, A, B, C, chunk_size=chunk_size, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus,
+        dt_lo=dt_lo, dt_hi=dt_hi, initial_states=initial_states, seq_idx=seq_idx,
+        interleaved=interleaved, active_int=active_int, active_t=active_t, head_scale=head_scale)
     return y, fs
 
 
