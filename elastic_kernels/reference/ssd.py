@@ -102,58 +102,89 @@ def _by_group(t, ngroups: int, interleaved: bool, dim: int):
     return t.unflatten(dim, (ngroups, h // ngroups))
 
 
-class _Chunks:
-    """The chunked layout of one scan: (batch, chunk, group, rank, L, ...) views and the seq masks.
+# Chunks are processed in blocks of about this many bytes per x-sized tensor, so that every
+# intermediate of a block stays in cache and the cost per token does not grow with seqlen.
+_BLOCK_BYTES = 1 << 20
 
-    x: (b, l, G, R, p); dt: (b, l, G, R) processed; B, C: (b, l, G, n); seq_idx: (b, l) or None.
+
+class _Seq:
+    """A scan's inputs split into chunks: (b, nc, L, ...) views, zero padded (dt = 0 on padding:
+    no decay, no input, states unchanged), and the seq_idx masks of every chunk.
+
+    x: (b, l, G, R, p); dt: (b, l, G, R) processed; B, C: (b, l, G, n); seq_idx: (b, l) or None;
+    extra: more (b, l, ...) tensors to chunk the same way (the output gradient).
     """
 
-    def __init__(self, x, dt, A, B, C, chunk_size, seq_idx):
-        b, l, G, R, p = x.shape
+    def __init__(self, x, dt, B, C, chunk_size, seq_idx, *extra):
+        b, l = x.shape[:2]
         L = chunk_size
         self.l, self.L = l, L
         self.nc = nc = max(1, -(-l // L))
         pad = nc * L - l
-        self.pad = pad
 
-        def chunked(t):  # (b, l, ...) -> (b, nc, L, ...), zero padded (dt = 0: states unchanged)
+        def chunked(t):
             if pad:
                 t = torch.cat([t, t.new_zeros(b, pad, *t.shape[2:])], dim=1)
             return t.reshape(b, nc, L, *t.shape[2:])
-        self.xt = chunked(x).permute(0, 1, 3, 4, 2, 5)     # (b, nc, G, R, L, p)
-        self.dt = chunked(dt).permute(0, 1, 3, 4, 2)       # (b, nc, G, R, L)
-        self.Bt = chunked(B).permute(0, 1, 3, 2, 4)        # (b, nc, G, L, n)
-        self.Ct = chunked(C).permute(0, 1, 3, 2, 4)
-        self.acs = torch.cumsum(self.dt * A[:, :, None], dim=-1)   # (b, nc, G, R, L)
-        causal = torch.ones(L, L, dtype=torch.bool, device=x.device).tril()
-        if seq_idx is None:
-            self.same, self.end_mask, self.prev_mask, self.chunk_mask = causal, None, None, None
-        else:
+        self.x, self.dt, self.B, self.C = map(chunked, (x, dt, B, C))
+        self.extra = [chunked(t) for t in extra]
+        self.masks = None
+        if seq_idx is not None:
             if pad:
                 tail = seq_idx[:, -1:].expand(b, pad) if l else seq_idx.new_zeros(b, pad)
                 seq_idx = torch.cat([seq_idx, tail], dim=1)
             s = seq_idx.reshape(b, nc, L)
             seq_end = s[:, :, -1]
             seq_prev_end = torch.cat([torch.zeros_like(seq_end[:, :1]), seq_end[:, :-1]], dim=1)
-            self.same = (causal & (s[:, :, :, None] == s[:, :, None, :]))[:, :, None, None]
-            self.end_mask = (s == seq_end[:, :, None])[:, :, None, None]       # (b, nc, 1, 1, L)
-            self.prev_mask = (s == seq_prev_end[:, :, None])[:, :, None, None]
-            self.chunk_mask = (seq_end == seq_prev_end)[:, :, None, None]       # (b, nc, 1, 1)
+            causal = torch.ones(L, L, dtype=torch.bool, device=x.device).tril()
+            self.masks = ((causal & (s[:, :, :, None] == s[:, :, None, :]))[:, :, None, None],
+                          (s == seq_end[:, :, None])[:, :, None, None],      # (b, nc, 1, 1, L)
+                          (s == seq_prev_end[:, :, None])[:, :, None, None],
+                          (seq_end == seq_prev_end)[:, :, None, None])       # (b, nc, 1, 1)
 
-    def _masked(self, v, mask):
+    def blocks(self):
+        """Chunk ranges [c0, c1) of about _BLOCK_BYTES per x-sized tensor."""
+        per_chunk = self.x[:, :1].numel() * self.x.element_size()
+        k = max(1, _BLOCK_BYTES // max(per_chunk, 1))
+        return [(c0, min(c0 + k, self.nc)) for c0 in range(0, self.nc, k)]
+
+    def unchunk(self, t):
+        """(b, nc, L, ...) -> (b, l, ...)."""
+        return t.reshape(t.shape[0], self.nc * self.L, *t.shape[3:])[:, :self.l]
+
+
+class _Block:
+    """Chunks [c0, c1) of a :class:`_Seq` in the compute layout: xt (b, k, G, R, L, p),
+    dt (b, k, G, R, L), Bt/Ct (b, k, G, L, n), a = cumsum(dt A) within each chunk, masks."""
+
+    def __init__(self, seq: _Seq, A, c0, c1):
+        self.xt = seq.x[:, c0:c1].permute(0, 1, 3, 4, 2, 5)
+        self.dt = seq.dt[:, c0:c1].permute(0, 1, 3, 4, 2)
+        self.Bt = seq.B[:, c0:c1].permute(0, 1, 3, 2, 4).contiguous()
+        self.Ct = seq.C[:, c0:c1].permute(0, 1, 3, 2, 4).contiguous()
+        self.acs = torch.cumsum(self.dt * A[:, :, None], dim=-1)            # (b, k, G, R, L)
+        L = seq.L
+        if seq.masks is None:
+            self.same = torch.ones(L, L, dtype=torch.bool, device=A.device).tril()
+            self.end_mask = self.prev_mask = self.chunk_mask = None
+        else:
+            self.same, self.end_mask, self.prev_mask, self.chunk_mask = (m[:, c0:c1] for m in seq.masks)
+
+    @staticmethod
+    def _masked(v, mask):
         return v if mask is None else v * mask
 
     def decay(self):
-        """exp(a_t - a_s) on the causal same-sequence triangle, 0 elsewhere: (b, nc, G, R, L, L)."""
+        """exp(a_t - a_s) on the causal same-sequence triangle, 0 elsewhere: (b, k, G, R, L, L)."""
         seg = self.acs[..., :, None] - self.acs[..., None, :]
-        return torch.exp(seg.masked_fill(~self.same, float("-inf")))
+        return seg.masked_fill_(~self.same, float("-inf")).exp_()
 
     def cb(self):
-        """C_t . B_s per group: (b, nc, G, L, L)."""
+        """C_t . B_s per group: (b, k, G, L, L)."""
         return self.Ct @ self.Bt.transpose(-1, -2)
 
     def e_state(self):
-        """exp(a_L - a_s), 0 for steps of an earlier sequence than the chunk's end: (b, nc, G, R, L)."""
+        """exp(a_L - a_s), 0 for steps of an earlier sequence than the chunk's end: (b, k, G, R, L)."""
         return self._masked(torch.exp(self.acs[..., -1:] - self.acs), self.end_mask)
 
     def e_off(self):
@@ -161,13 +192,8 @@ class _Chunks:
         return self._masked(torch.exp(self.acs), self.prev_mask)
 
     def chunk_decay(self):
-        """exp(a_L) of every chunk, 0 where a sequence starts inside it: (b, nc, G, R)."""
+        """exp(a_L) of every chunk, 0 where a sequence starts inside it: (b, k, G, R)."""
         return self._masked(torch.exp(self.acs[..., -1]), self.chunk_mask)
-
-    def unchunk(self, t, perm):
-        """(b, nc, ..., L, ...) -> (b, l, ...) after moving L next to nc with ``perm``."""
-        t = t.permute(perm)
-        return t.reshape(t.shape[0], self.nc * self.L, *t.shape[3:])[:, :self.l]
 
 
 def _core_fwd(x, dt, A, B, C, chunk_size, initial_states, seq_idx):
@@ -175,90 +201,105 @@ def _core_fwd(x, dt, A, B, C, chunk_size, initial_states, seq_idx):
     A: (G, R); B, C: (b, l, G, n); initial_states: (b, G, R, p, n) or None.
     Returns y: (b, l, G, R, p) and P: (b, nc + 1, G, R, p, n), the state entering every chunk
     (P[:, nc] is the final state)."""
-    ch = _Chunks(x, dt, A, B, C, chunk_size, seq_idx)
-    b, nc, G, R, L, p = ch.xt.shape
+    seq = _Seq(x, dt, B, C, chunk_size, seq_idx)
+    b, nc, L, G, R, p = seq.x.shape
     n = B.shape[-1]
-    m = ch.decay() * ch.cb()[:, :, :, None] * ch.dt[..., None, :]
-    y = m @ ch.xt                                                         # (b, nc, G, R, L, p)
-    del m
-    xw = ch.xt * (ch.e_state() * ch.dt)[..., None]
-    states = torch.einsum("bcgrlp,bcgln->bcgrpn", xw, ch.Bt)
-    del xw
-    cd = ch.chunk_decay()[..., None, None]
+    y = x.new_empty(b, nc, L, G, R, p)
     P = x.new_empty(b, nc + 1, G, R, p, n)
     if initial_states is None:
         P[:, 0].zero_()
     else:
         P[:, 0].copy_(initial_states)
-    for c in range(nc):
-        torch.addcmul(states[:, c], P[:, c], cd[:, c], out=P[:, c + 1])
-    y += torch.einsum("bcgln,bcgrpn->bcgrlp", ch.Ct, P[:, :nc]) * ch.e_off()[..., None]
-    return ch.unchunk(y, (0, 1, 4, 2, 3, 5)), P
+    for c0, c1 in seq.blocks():
+        blk = _Block(seq, A, c0, c1)
+        xd = blk.xt * blk.dt[..., None]                                   # dt_s x_s
+        yb = blk.decay().mul_(blk.cb()[:, :, :, None]) @ xd               # (b, k, G, R, L, p)
+        xd.mul_(blk.e_state()[..., None])                                 # exp(a_L - a_s) dt_s x_s
+        states = torch.einsum("bcgrlp,bcgln->bcgrpn", xd, blk.Bt)
+        del xd
+        cd = blk.chunk_decay()[..., None, None]
+        for c in range(c1 - c0):
+            torch.addcmul(states[:, c], P[:, c0 + c], cd[:, c], out=P[:, c0 + c + 1])
+        yb += torch.einsum("bcgln,bcgrpn->bcgrlp", blk.Ct, P[:, c0:c1]) * blk.e_off()[..., None]
+        y[:, c0:c1] = yb.permute(0, 1, 4, 2, 3, 5)
+    return seq.unchunk(y), P
 
 
 def _core_bwd(gy, g_final, x, dt, A, B, C, chunk_size, P, seq_idx):
     """Backward of :func:`_core_fwd` from its saved chunk-entry states ``P: (b, nc, G, R, p, n)``.
 
     gy: like x; g_final: (b, G, R, p, n). Returns the gradients of x, dt (processed), A, B, C and
-    initial_states, shaped as the inputs of :func:`_core_fwd`.
+    initial_states, shaped as the inputs of :func:`_core_fwd`. Blocks of chunks run last to
+    first, carrying dL/dP across block boundaries.
     """
-    ch = _Chunks(x, dt, A, B, C, chunk_size, seq_idx)
-    b, nc, G, R, L, p = ch.xt.shape
-    pad = ch.pad
-    gyc = torch.cat([gy, gy.new_zeros(b, pad, *gy.shape[2:])], 1) if pad else gy
-    gt = gyc.reshape(b, nc, L, G, R, p).permute(0, 1, 3, 4, 2, 5)        # (b, nc, G, R, L, p)
-    # inter-chunk term y_t += exp(a_t) C_t . P_c
-    e_off = ch.e_off()
-    g_acs = (gt * torch.einsum("bcgln,bcgrpn->bcgrlp", ch.Ct, P)).sum(-1) * e_off
-    gtw = gt * e_off[..., None]
-    gC = torch.einsum("bcgrlp,bcgrpn->bcgln", gtw, P)
-    gP = torch.einsum("bcgrlp,bcgln->bcgrpn", gtw, ch.Ct)
-    del gtw
-    # state passing, in reverse: gS[c] = dL/dP_{c+1}
-    cd = ch.chunk_decay()
-    gS = torch.empty_like(gP)
-    run = g_final if g_final is not None else gP.new_zeros(gP[:, 0].shape)
-    cdx = cd[..., None, None]
-    for c in range(nc - 1, -1, -1):
-        gS[:, c] = run
-        run = torch.addcmul(gP[:, c], run, cdx[:, c])
-    g_init = run
-    del gP
-    g_acs[..., -1] += (gS * P).sum((-1, -2)) * cd
-    # chunk states S_c = sum_s exp(a_L - a_s) dt_s x_s (x) B_s
-    e_state = ch.e_state()
-    w_state = e_state * ch.dt
-    Bg = torch.einsum("bcgln,bcgrpn->bcgrlp", ch.Bt, gS)
-    gx = Bg * w_state[..., None]
-    g_ws = (Bg * ch.xt).sum(-1)
-    del Bg
-    gB = torch.einsum("bcgrlp,bcgrpn->bcgln", ch.xt * w_state[..., None], gS)
-    del gS
-    g_dt = g_ws * e_state
-    ge = g_ws * w_state
-    g_acs -= ge
-    g_acs[..., -1] += ge.sum(-1)
-    # intra-chunk term y_t = sum_s M_ts x_s,  M = exp(a_t - a_s) (C_t . B_s) dt_s
-    decay = ch.decay()
-    cb = ch.cb()
-    dts = ch.dt[..., None, :]
-    gx += (decay * cb[:, :, :, None] * dts).transpose(-1, -2) @ gt
-    pm = (gt @ ch.xt.transpose(-1, -2)).mul_(decay)                      # dL/dM * exp(a_t - a_s)
-    del decay
-    g_cb = (pm * dts).sum(3)                                              # (b, nc, G, L, L)
-    pm.mul_(cb[:, :, :, None])
-    g_dt += pm.sum(-2)
-    pm.mul_(dts)                                                          # dL/d(a_t - a_s)
-    g_acs += pm.sum(-1) - pm.sum(-2)
-    del pm
-    gC += g_cb @ ch.Bt
-    gB += g_cb.transpose(-1, -2) @ ch.Ct
-    # a = cumsum(dt A) over the chunk
-    g_a = g_acs.flip(-1).cumsum(-1).flip(-1)
-    g_dt += g_a * A[:, :, None]
-    gA = (g_a * ch.dt).sum((0, 1, 4))
-    return (ch.unchunk(gx, (0, 1, 4, 2, 3, 5)), ch.unchunk(g_dt, (0, 1, 4, 2, 3)), gA,
-            ch.unchunk(gB, (0, 1, 3, 2, 4)), ch.unchunk(gC, (0, 1, 3, 2, 4)), g_init)
+    seq = _Seq(x, dt, B, C, chunk_size, seq_idx, gy)
+    b, nc, L, G, R, p = seq.x.shape
+    gx_all = torch.empty_like(seq.x)
+    gdt_all = torch.empty_like(seq.dt)
+    gB_all = torch.empty_like(seq.B)
+    gC_all = torch.empty_like(seq.C)
+    gA = A.new_zeros(A.shape)
+    run = g_final if g_final is not None else P.new_zeros(P[:, 0].shape)
+    for c0, c1 in reversed(seq.blocks()):
+        blk = _Block(seq, A, c0, c1)
+        gt = seq.extra[0][:, c0:c1].permute(0, 1, 3, 4, 2, 5).contiguous()   # (b, k, G, R, L, p)
+        Pb = P[:, c0:c1]
+        # inter-chunk term y_t += exp(a_t) C_t . P_c
+        e_off = blk.e_off()
+        g_acs = (gt * torch.einsum("bcgln,bcgrpn->bcgrlp", blk.Ct, Pb)).sum(-1) * e_off
+        gtw = gt * e_off[..., None]
+        gC = torch.einsum("bcgrlp,bcgrpn->bcgln", gtw, Pb)
+        gP = torch.einsum("bcgrlp,bcgln->bcgrpn", gtw, blk.Ct)
+        del gtw
+        # state passing, in reverse: gS[c] = dL/dP_{c+1}
+        cd = blk.chunk_decay()
+        cdx = cd[..., None, None]
+        gS = torch.empty_like(gP)
+        for c in range(c1 - c0 - 1, -1, -1):
+            gS[:, c] = run
+            run = torch.addcmul(gP[:, c], run, cdx[:, c])
+        del gP
+        g_acs[..., -1] += (gS * Pb).sum((-1, -2)) * cd
+        # chunk states S_c = sum_s exp(a_L - a_s) dt_s x_s (x) B_s
+        e_state = blk.e_state()
+        w_state = e_state * blk.dt
+        Bg = torch.einsum("bcgln,bcgrpn->bcgrlp", blk.Bt, gS)
+        gx = Bg * w_state[..., None]
+        g_ws = (Bg * blk.xt).sum(-1)
+        del Bg
+        gB = torch.einsum("bcgrlp,bcgrpn->bcgln", blk.xt * w_state[..., None], gS)
+        del gS
+        g_dt = g_ws * e_state
+        ge = g_ws * w_state
+        g_acs -= ge
+        g_acs[..., -1] += ge.sum(-1)
+        # intra-chunk term y_t = sum_s W_ts (dt_s x_s),  W = exp(a_t - a_s) (C_t . B_s)
+        xd = blk.xt * blk.dt[..., None]
+        q = gt @ xd.transpose(-1, -2)                                     # dL/dW
+        del xd
+        decay = blk.decay()
+        cb = blk.cb()[:, :, :, None]
+        q.mul_(decay)
+        g_cb = q.sum(3)                                                   # (b, k, G, L, L)
+        q.mul_(cb)                                                        # dL/d(a_t - a_s)
+        g_acs += q.sum(-1) - q.sum(-2)
+        del q
+        gxd = decay.mul_(cb).transpose(-1, -2) @ gt                       # dL/d(dt_s x_s)
+        del decay
+        gx += gxd * blk.dt[..., None]
+        g_dt += (gxd * blk.xt).sum(-1)
+        del gxd
+        gC += g_cb @ blk.Bt
+        gB += g_cb.transpose(-1, -2) @ blk.Ct
+        # a = cumsum(dt A) over the chunk
+        g_a = g_acs.flip(-1).cumsum(-1).flip(-1)
+        g_dt += g_a * A[:, :, None]
+        gA += (g_a * blk.dt).sum((0, 1, 4))
+        gx_all[:, c0:c1] = gx.permute(0, 1, 4, 2, 3, 5)
+        gdt_all[:, c0:c1] = g_dt.permute(0, 1, 4, 2, 3)
+        gB_all[:, c0:c1] = gB.permute(0, 1, 3, 2, 4)
+        gC_all[:, c0:c1] = gC.permute(0, 1, 3, 2, 4)
+    return seq.unchunk(gx_all), seq.unchunk(gdt_all), gA, seq.unchunk(gB_all), seq.unchunk(gC_all), run
 
 
 def _compute_dtype(x):
@@ -295,15 +336,15 @@ def _fwd_int(x, dt, A, B, C, *, chunk_size, D, z, dt_bias, dt_softplus, dt_lo, d
     init = grp(initial_states, 1)
     yg, P = _core_fwd(xg, dtp, grp(A, 0).to(cdt), B.to(cdt), C.to(cdt), chunk_size,
                       None if init is None else init.to(cdt), seq_idx)
-    if D is not None:
+    if D is not None:  # yg is a fresh tensor: the epilogue works in place
         Dg = grp(D, 0).to(cdt)
-        yg = yg + (Dg[..., None] if Dg.dim() == 2 else Dg) * xg
+        yg.addcmul_(Dg[..., None] if Dg.dim() == 2 else Dg, xg)
     if keep_u:
         grp(u_res, 2).copy_(yg)
     if z is not None:
-        yg = yg * F.silu(grp(z, 2).to(cdt))
+        yg.mul_(F.silu(grp(z, 2).to(cdt)))
     if head_scale is not None:
-        yg = yg * grp(head_scale, 1).to(cdt)[:, None, :, :, None]
+        yg.mul_(grp(head_scale, 1).to(cdt)[:, None, :, :, None])
     grp(y, 2).copy_(yg)
     grp(fs, 1).copy_(P[:, nc])
     grp(p_res, 2).copy_(P[:, :nc])
