@@ -24,6 +24,7 @@ Example::
 """
 from __future__ import annotations
 
+import functools
 from typing import Mapping
 
 import torch
@@ -103,12 +104,44 @@ def e2m1_decode(codes: torch.Tensor) -> torch.Tensor:
     return torch.where((c & 8) != 0, -mag, mag)
 
 
-def scaled_values(data: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """``e2m1(code) * float(s)`` as float32, (..., K): exact, and exact in bf16/fp16 too."""
-    vals = e2m1_decode(unpack(data))
-    *lead, k = vals.shape
-    vals = vals.reshape(*lead, k // BLOCK, BLOCK) * scales.float()[..., None]
-    return vals.reshape(*lead, k)
+def _make_tables(dtype: torch.dtype, device: torch.device):
+    """The decode tables in ``dtype`` (exact in every float dtype):
+
+    - ``pairs``: (256,) the two E2M1 values of byte ``b`` (low nibble first) as one 4- or 8-byte
+      integer, so that gathering it and viewing the result as ``dtype`` decodes both nibbles
+      (None for float64, whose pair does not fit an integer: it gathers the (256, 2) rows);
+    - ``byte``: (256, 2) the same values as floats;
+    - ``scale``: (256,) the value of every e4m3 byte.
+    """
+    b = torch.arange(256, device=device)
+    byte = torch.stack((e2m1_decode(b & 15), e2m1_decode(b >> 4)), dim=-1).to(dtype)
+    as_int = {4: torch.int32, 8: torch.int64}.get(2 * byte.element_size())
+    pairs = None if as_int is None else byte.view(as_int).reshape(256)
+    scale = b.to(torch.uint8).view(torch.float8_e4m3fn).to(dtype)
+    return pairs, byte, scale
+
+
+_cached_tables = functools.lru_cache(maxsize=None)(_make_tables)
+
+
+def _tables(dtype: torch.dtype, t: torch.Tensor):
+    """Cached tables for ``t``'s device; tensor subclasses (fake and functional tensors while
+    tracing) build them afresh instead."""
+    return (_cached_tables if type(t) is torch.Tensor else _make_tables)(dtype, t.device)
+
+
+def scaled_values(data: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``e2m1(code) * float(s)`` in ``dtype`` (float32 by default), (..., K): exact in fp32 and
+    exact in bf16/fp16 too. One table lookup per byte (both nibbles at once) and one per block
+    scale, over exactly the (possibly sliced) view given."""
+    *lead, half = data.shape
+    rows, nb = data.shape[:-1].numel(), half * 2 // BLOCK
+    pairs, byte, scale = _tables(dtype, data)
+    idx = data.reshape(-1).to(torch.int32)
+    vals = byte.index_select(0, idx) if pairs is None else pairs.index_select(0, idx).view(dtype)
+    vals = vals.reshape(rows, nb, BLOCK)
+    vals.mul_(scale.index_select(0, scales.reshape(-1).view(torch.uint8).to(torch.int32)).reshape(rows, nb, 1))
+    return vals.reshape(*lead, half * 2)
 
 
 def dequantize(data: torch.Tensor, scales: torch.Tensor, g: torch.Tensor,
@@ -116,7 +149,7 @@ def dequantize(data: torch.Tensor, scales: torch.Tensor, g: torch.Tensor,
     """Decode ``e2m1(code) * s * g``: computed in float32 (float64 when ``dtype`` is float64,
     where it is exact), then cast to ``dtype``. ``g`` has shape ``data.shape[:-2]`` or ``()``."""
     work = torch.float64 if dtype == torch.float64 else torch.float32
-    sv = scaled_values(data, scales).to(work)
+    sv = scaled_values(data, scales, work)
     gg = g.to(work).reshape(*g.shape, 1, 1) if data.dim() >= 2 else g.to(work)
     return (sv * gg).to(dtype)
 

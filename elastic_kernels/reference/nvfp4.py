@@ -91,20 +91,33 @@ def activation_scaled_reference(x: torch.Tensor):
     return sv.reshape(m, k), g
 
 
+# Rows of the weight decoded at a time by the reference linear: about this many bytes of fp32.
+_TILE_BYTES = 1 << 20
+
+
 def nvfp4_linear_reference(x: torch.Tensor, data: torch.Tensor, scales: torch.Tensor, g: torch.Tensor,
                            bias: torch.Tensor | None, act_quant: bool) -> torch.Tensor:
     """``y = x @ dequantize(W).T + bias`` with float32 accumulation.
 
     x: (M, K); data: (N, K/2); scales: (N, K/16); g: (); bias: (N,) or None -> y: (M, N) x.dtype.
     Computed as ``((x @ (e2m1 * s).T) * g) + bias`` (W4A4: ``((xs @ ws.T) * g) * g_x``), which is
-    how the kernels do it: the tensor-core operand ``e2m1 * s`` is exact in bf16/fp16.
+    how the kernels do it: the tensor-core operand ``e2m1 * s`` is exact in bf16/fp16. The weight
+    is decoded a tile of rows at a time (about 1 MiB of fp32), never as a whole dense matrix.
     """
-    w = scaled_values(data, scales)
     if act_quant:
         xs, gx = activation_scaled_reference(x)
-        y = ((xs @ w.T) * g.float()) * gx
     else:
-        y = (x.float() @ w.T) * g.float()
+        xs, gx = x.float(), None
+    m, k = xs.shape
+    n = data.shape[0]
+    y = xs.new_empty(m, n)
+    tile = max(1, _TILE_BYTES // max(4 * k, 1))
+    for r0 in range(0, n, tile):
+        w = scaled_values(data[r0:r0 + tile], scales[r0:r0 + tile])
+        y[:, r0:r0 + tile] = torch.mv(w, xs[0]) if m == 1 else xs @ w.T
+    y = y * g.float()
+    if gx is not None:
+        y = y * gx
     if bias is not None:
         y = y + bias.float()
     return y.to(x.dtype)
