@@ -386,7 +386,6 @@ def _bwd_int(gy, g_fs, x, dt, A, B, C, *, chunk_size, D, z, dt_bias, dt_softplus
     if dt_bias is not None:
         v = v + grp(dt_bias, 0).to(cdt)
     dtp = process_dt(v, None, dt_softplus, dt_lo, dt_hi, cdt)
-    init = grp(initial_states, 1)
     gfs = None if g_fs is None else grp(g_fs, 1).to(cdt)
     cx, cdtp, cA, cB, cC, cinit = _core_bwd(g, gfs, xg, dtp, grp(A, 0).to(cdt), B.to(cdt), C.to(cdt),
                                             chunk_size, grp(p_res, 2), seq_idx)
