@@ -2,8 +2,8 @@
 
 ``python checkpoint_crash.py nested|training FOLDER TRIALS SEED`` commits version "A" of a
 checkpoint, then per trial forks a child that saves the other version and SIGKILLs it after a
-random delay (uniform over 2x the measured save time, so kills land everywhere in the save and
-sometimes after it). After each kill it loads the checkpoint and prints one JSON line per trial:
+random delay (stratified over twice the measured save time, so kills land everywhere in the save
+and about half after it). After each kill it loads the checkpoint and prints one JSON line per trial:
 ``{"trial", "delay_s", "killed": the child was still running, "outcome": "A" | "B" | "neither" |
 "wrong", "leftover": files beyond a committed checkpoint}``.
 """
@@ -95,26 +95,41 @@ def main(kind: str, folder: str, trials: int, seed: int) -> None:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     save, check, leftover = (nested_ops if kind == "nested" else training_ops)(folder)
-    t0 = time.perf_counter()
-    for v in "BABA":
+    for v in "BA":
         save(v)
-    took = (time.perf_counter() - t0) / 4
-    current = "A"
-    rng = random.Random(seed)
-    for trial in range(trials):
-        target = "B" if current == "A" else "A"
-        delay = rng.uniform(0.0, 2.0 * took)
+
+    def forked_save(v: str, delay: float | None) -> bool:
+        """Save version ``v`` in a forked child; SIGKILL it after ``delay`` s (None: let it
+        finish). True when the kill landed while the child was still running."""
         pid = os.fork()
         if pid == 0:  # the child: save, then leave without any cleanup
             try:
-                save(target)
+                save(v)
             finally:
                 os._exit(0)
-        time.sleep(delay)
-        os.kill(pid, signal.SIGKILL)
+        if delay is not None:
+            time.sleep(delay)
+            os.kill(pid, signal.SIGKILL)
         _, status = os.waitpid(pid, 0)
+        return os.WIFSIGNALED(status)
+
+    times = []
+    for v in "BA":  # the save time as the trials see it (fork included, under the current load)
+        t0 = time.perf_counter()
+        forked_save(v, None)
+        times.append(time.perf_counter() - t0)
+    took = sorted(times)[-1]
+    current = "A"
+    rng = random.Random(seed)
+    # stratified over [0, 2 * took): kills at every point of the save, and about half after it
+    fractions = [(i + rng.random()) / trials for i in range(trials)]
+    rng.shuffle(fractions)
+    for trial in range(trials):
+        target = "B" if current == "A" else "A"
+        delay = 2.0 * took * fractions[trial]
+        killed = forked_save(target, delay)
         outcome = check()
-        print(json.dumps({"trial": trial, "delay_s": round(delay, 5), "killed": os.WIFSIGNALED(status),
+        print(json.dumps({"trial": trial, "delay_s": round(delay, 5), "killed": killed,
                           "outcome": outcome, "leftover": leftover() if outcome in ("A", "B") else None}), flush=True)
         if outcome in ("A", "B"):
             current = outcome
