@@ -11,14 +11,14 @@ import math
 
 import pytest
 import torch
-
 from helpers import assert_close_to_truth, max_err
 
 transformers = pytest.importorskip("transformers", reason="the [hf] extra (transformers) is not installed")
 
+from hf_models import CONFIGS, hf_logits, lifted_fp32_casts, load_hf, our_logits, save_random  # noqa: E402
+
 from elastic_kernels.interop import blocked_index, config_from_hf, from_hf, to_hf  # noqa: E402
 from elastic_kernels.models import Budget  # noqa: E402
-from hf_models import CONFIGS, hf_logits, lifted_fp32_casts, load_hf, our_logits, save_random  # noqa: E402
 
 VOCAB = 96
 

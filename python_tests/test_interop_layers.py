@@ -9,8 +9,13 @@ import pytest
 import torch
 
 from elastic_kernels import moe_route
-from elastic_kernels.models import Budget, ElasticHybridConfig, ElasticHybridLM, estimate_importance, \
-    permute_by_importance
+from elastic_kernels.models import (
+    Budget,
+    ElasticHybridConfig,
+    ElasticHybridLM,
+    estimate_importance,
+    permute_by_importance,
+)
 from elastic_kernels.models.layers import ElasticMamba2Mixer, ElasticMoE
 
 

@@ -11,11 +11,12 @@ import torch
 transformers = pytest.importorskip("transformers", reason="the [hf] extra (transformers) is not installed")
 tokenizers = pytest.importorskip("tokenizers", reason="the [hf] extra (tokenizers) is not installed")
 
+from hf_models import NEMOTRON, L, hf_logits, our_logits  # noqa: E402
+
 from elastic_kernels.interop import cli as export_cli  # noqa: E402
 from elastic_kernels.models import load_nested, read_nested_config  # noqa: E402
 from elastic_kernels.tasks import JsonlTask  # noqa: E402
 from elastic_kernels.train import cli as train_cli  # noqa: E402
-from hf_models import NEMOTRON, L, hf_logits, our_logits  # noqa: E402
 
 SPECIALS = ["<pad>", "<bos>", "<eos>", "<think>", "</think>"]
 
@@ -38,7 +39,8 @@ def _tokenizer(directory, texts):
     tok.train_from_iterator(texts, trainers.WordLevelTrainer(special_tokens=SPECIALS))
     tok.save(str(directory / "tokenizer.json"))
     (directory / "tokenizer_config.json").write_text(json.dumps(
-        {"bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>", "tokenizer_class": "PreTrainedTokenizerFast"}))
+        {"bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>",
+         "tokenizer_class": "PreTrainedTokenizerFast"}))
     return tok.get_vocab_size()
 
 
@@ -68,7 +70,8 @@ def test_jsonl_task_uses_the_parent_tokenizer(parent_and_data):
     assert ids[0] == task.bos_id and ids[-1] == task.eos_id and task.think_id in ids and task.end_think_id in ids
     assert task.score(p[0], task.completion_ids(p[0]))
     assert not task.score(p[0], task.completion_ids(p[0])[:-3])
-    seen = {s: {json.dumps([r.prompt, r.thinking]) for r in task.problems(s, 400, seed=1)} for s in ("train", "val", "test")}
+    seen = {s: {json.dumps([r.prompt, r.thinking]) for r in task.problems(s, 400, seed=1)}
+            for s in ("train", "val", "test")}
     assert not (seen["train"] & seen["val"]) and not (seen["train"] & seen["test"]) and not (seen["val"] & seen["test"])
     with pytest.raises(ValueError, match="end_think_token"):
         JsonlTask(str(data), str(hf_dir), end_think_token="<nothink>")

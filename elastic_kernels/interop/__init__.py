@@ -16,5 +16,6 @@ from .hf_config import config_from_hf, config_to_hf
 from .hf_weights import blocked_index, state_from_hf, state_to_hf
 from .modelopt import dequantize_hf_state, quantize_hf_state
 
-__all__ = ["blocked_index", "config_from_hf", "config_to_hf", "dequantize_hf_state", "from_hf", "load_parent", "quantize_hf_state",
+__all__ = ["blocked_index", "config_from_hf", "config_to_hf", "dequantize_hf_state", "from_hf", "load_parent",
+           "quantize_hf_state",
            "read_hf_config", "read_hf_tensors", "state_from_hf", "state_to_hf", "to_hf"]

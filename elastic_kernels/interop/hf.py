@@ -124,7 +124,8 @@ def hf_state_of(model: ElasticHybridLM, budget: Budget | None, architecture: str
 
 
 def write_hf_dir(out_dir: str | os.PathLike, hf_config: Mapping[str, Any], tensors: Mapping[str, torch.Tensor],
-                 *, extra_json: Mapping[str, Any] | None = None, tokenizer_dir: str | os.PathLike | None = None) -> Path:
+                 *, extra_json: Mapping[str, Any] | None = None,
+                 tokenizer_dir: str | os.PathLike | None = None) -> Path:
     """Write a Hugging Face directory atomically: ``config.json``, ``model.safetensors``, the
     ``extra_json`` files ``{name: dict}`` and the tokenizer files of ``tokenizer_dir``. ``out_dir``
     must not exist or be empty."""

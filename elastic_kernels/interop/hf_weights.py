@@ -67,7 +67,8 @@ def state_from_hf(tensors: Mapping[str, Tensor], config: ElasticHybridConfig) ->
     Raises ``ValueError`` naming a missing, unexpected or misshapen tensor."""
     c = config
     hf = _canonical(tensors)
-    sd: dict[str, Tensor] = {"embed.weight": _take(hf, "embeddings.weight"), "norm_f.weight": _take(hf, "norm_f.weight")}
+    sd: dict[str, Tensor] = {"embed.weight": _take(hf, "embeddings.weight"),
+                             "norm_f.weight": _take(hf, "norm_f.weight")}
     if c.tie_embeddings:
         hf.pop("lm_head.weight", None)
     else:
@@ -132,7 +133,8 @@ def state_to_hf(state: Mapping[str, Tensor], config: ElasticHybridConfig, archit
     chosen)."""
     c, sizes = config, export_sizes(config)
     pre = "backbone."
-    out: dict[str, Tensor] = {pre + "embeddings.weight": state["embed.weight"], pre + "norm_f.weight": state["norm_f.weight"]}
+    out: dict[str, Tensor] = {pre + "embeddings.weight": state["embed.weight"],
+                              pre + "norm_f.weight": state["norm_f.weight"]}
     if not c.tie_embeddings:
         out["lm_head.weight"] = state["lm_head.weight"]
     elif architecture == "nemotron_h":  # NemotronHForCausalLM does not tie: it reads its own copy
@@ -146,7 +148,8 @@ def state_to_hf(state: Mapping[str, Tensor], config: ElasticHybridConfig, archit
             inv = torch.argsort(blocked_index(H, G))
             heads = state[src + "in_heads"][inv]
             d = heads.shape[-1]
-            out[dst + "in_proj.weight"] = torch.cat([heads[:, :P].reshape(H * P, d), heads[:, P:2 * P].reshape(H * P, d),
+            out[dst + "in_proj.weight"] = torch.cat([heads[:, :P].reshape(H * P, d),
+                                                     heads[:, P:2 * P].reshape(H * P, d),
                                                      state[src + "in_bc"], heads[:, 2 * P]], 0)
             K = state[src + "conv_bc_weight"].shape[-1]
             out[dst + "conv1d.weight"] = torch.cat([state[src + "conv_x_weight"][inv].reshape(H * P, K),

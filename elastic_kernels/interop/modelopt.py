@@ -104,7 +104,8 @@ def read_quant_config(path: str | os.PathLike) -> dict[str, Any] | None:
         return None
     q = json.loads(p.read_text()).get("quantization", {})
     if q.get("quant_algo") not in ALGOS.values():
-        raise ValueError(f"{p}: quant_algo {q.get('quant_algo')!r} is not supported (readable: {tuple(ALGOS.values())})")
+        raise ValueError(f"{p}: quant_algo {q.get('quant_algo')!r} is not supported "
+                         f"(readable: {tuple(ALGOS.values())})")
     if q.get("kv_cache_quant_algo") is not None:
         raise ValueError(f"{p}: kv_cache_quant_algo {q['kv_cache_quant_algo']!r} is not supported")
     return q

@@ -112,10 +112,11 @@ class JsonlTask(Task):
         ids = _special_ids(self.tokenizer, Path(tokenizer))
         ids["think"] = self.tokenizer.token_id(think_token)
         ids["end_think"] = self.tokenizer.token_id(end_think_token)
+        fields = {"think": "think_token", "end_think": "end_think_token"}
         for role, tid in ids.items():
             if tid is None:
                 raise ValueError(f"JsonlTask: the tokenizer in {tokenizer} has no {role} token "
-                                 f"({'think_token' if role == 'think' else 'end_think_token' if role == 'end_think' else role + '_token'})")
+                                 f"({fields.get(role, role + '_token')})")
         self.bos_id, self.eos_id, self.pad_id = ids["bos"], ids["eos"], ids["pad"]
         self.think_id, self.end_think_id = ids["think"], ids["end_think"]
         self._splits: dict[str, list[TextRecord]] = {s: [] for s in SPLITS}
