@@ -93,8 +93,8 @@ def moe_route(router_logits: Tensor, top_k: int, *, num_experts_active: int | No
 # moe_experts
 # ---------------------------------------------------------------------------------------------
 
-WEIGHTS = ("w1", "w2", "w3")
-_GRAD_INPUTS = ("x", "topk_weights", "w1", "w2", "w3", "channel_scale")  # the backward op's outputs
+_WEIGHTS = ("w1", "w2", "w3")
+_GRAD_INPUTS = ("x", "topk_weights", "w1", "w2", "w3", "channel_scale")  # the backward op's outputs, in order
 
 
 def _weight_args(name: str, w) -> dict[str, Optional[Tensor]]:
@@ -127,15 +127,14 @@ def _experts_reference(x, topk_weights, topk_ids, w1, w2, w3, *, activation, num
 
 def _experts_vjp_reference(grad_y, x, topk_weights, topk_ids, w1, w2, w3, *, channel_scale, **kw):
     """Gradients by re-running the reference under autograd; quantized weights are constants."""
-    weights = {"w1": w1, "w2": w2, "w3": w3}
-    frozen = {n: w for n, w in weights.items() if isinstance(w, QuantizedTensor)}
+    named = {"x": x, "topk_weights": topk_weights, "w1": w1, "w2": w2, "w3": w3, "channel_scale": channel_scale}
+    frozen = {n: w for n, w in named.items() if isinstance(w, QuantizedTensor)}
 
-    def fn(x, topk_weights, w1, w2, w3, channel_scale):
-        w = {"w1": w1, "w2": w2, "w3": w3, **frozen}
-        return _experts_reference(x, topk_weights, topk_ids, w["w1"], w["w2"], w["w3"],
-                                  channel_scale=channel_scale, **kw)
-    inputs = [x, topk_weights, *(None if n in frozen else w for n, w in weights.items()), channel_scale]
-    return reference_vjp(fn, inputs, [grad_y])
+    def fn(*leaves):
+        a = {**dict(zip(_GRAD_INPUTS, leaves)), **frozen}
+        return _experts_reference(a["x"], a["topk_weights"], topk_ids, a["w1"], a["w2"], a["w3"],
+                                  channel_scale=a["channel_scale"], **kw)
+    return reference_vjp(fn, [None if n in frozen else named[n] for n in _GRAD_INPUTS], [grad_y])
 
 
 _EXPERTS = Backends("moe_experts", dtypes={"triton": KERNEL_DTYPES}, reference=_experts_reference,
@@ -145,7 +144,7 @@ _EXPERTS_VJP = Backends("moe_experts", reference=_experts_vjp_reference, triton=
 
 def _run(table: Backends, args: dict, *lead: Tensor):
     """Call ``table``'s backend ``args["backend"]`` on the op's named arguments."""
-    w = {n: _weight_from_args(args, n) for n in WEIGHTS}
+    w = {n: _weight_from_args(args, n) for n in _WEIGHTS}
     return table[args["backend"]](*lead, args["x"], args["topk_weights"], args["topk_ids"], w["w1"], w["w2"],
                                   w["w3"], activation=args["activation"], num_active=args["num_active"],
                                   width_int=args["width_int"], width_t=args["width_t"],
