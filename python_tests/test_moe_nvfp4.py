@@ -265,3 +265,15 @@ def test_bad_nvfp4_calls_name_the_argument(needle, mutate):
     with pytest.raises((ValueError, TypeError)) as info:
         ek.moe_experts(kw.pop("x"), kw.pop("topk_weights"), kw.pop("topk_ids"), kw.pop("w1"), kw.pop("w2"), **kw)
     assert needle in str(info.value)
+
+
+def test_backend_table_rejects_unsupported_dtypes(triton_device):
+    """The per-op backend table names what a backend supports (float64 runs on the reference only)."""
+    inp, _ = nvfp4_case(4, 16, 32, 3, 3, 2, gated=False, width=None, cs=None)
+    x = inp["x"].double().to(triton_device)
+    args = (x, inp["topk_weights"].to(triton_device), inp["topk_ids"].to(triton_device),
+            inp["w1"].to(triton_device), inp["w2"].to(triton_device))
+    with pytest.raises(TypeError, match=r"backend 'triton' supports x of dtype \(float32, float16, bfloat16\), "
+                                        r"got float64"):
+        ek.moe_experts(*args, backend="triton")
+    assert ek.moe_experts(*args, backend="reference").dtype == FP64
