@@ -129,3 +129,27 @@ def test_matches_modelopt_export_code(parent, tmp_path, fmt):
         else:
             s = q[m + ".weight_scale"]
             assert torch.equal(_bytes((w / s[:, None]).to(torch.float8_e4m3fn)), _bytes(q[m + ".weight"]))
+
+
+@pytest.mark.parametrize("fmt", ["nvfp4", "fp8"])
+def test_nested_quantized_checkpoint_exports_without_requantizing(parent, tmp_path, fmt):
+    """A budget of a nested quantized checkpoint exports its own codes and scales: the export
+    decodes to exactly the nested slice (padding for per-layer expert counts included)."""
+    from elastic_kernels.interop import export_nested
+    from elastic_kernels.models import load_nested, save_nested
+    model, _ = parent
+    budgets = {"half": BUDGETS[1], "mixed": Budget(experts=(8, 4), expert_ffn=(24, 12))}
+    save_nested(model, tmp_path / "nested", budgets, quantization=fmt)
+    for name in budgets:
+        out = export_nested(tmp_path / "nested", name, tmp_path / f"hf-{name}", quantization=fmt)
+        q = read_hf_tensors(out)
+        assert any(k.endswith(".weight_scale") for k in q)
+        want = load_nested(tmp_path / "nested", name)
+        back, config = from_hf(out)
+        got = state_from_hf(dequantize_hf_state(q, {"quant_algo": ALGOS[fmt]}), config)
+        for k, v in want.state_dict().items():
+            if k in got:  # the padded export has more experts; the real ones come first in our order
+                sl = tuple(slice(0, s) for s in v.shape)
+                assert torch.equal(got[k][sl].to(v.dtype), v), k
+        ids = torch.randint(3, 96, (2, 13))
+        assert torch.equal(our_logits(back, ids)[0], our_logits(want, ids)[0])

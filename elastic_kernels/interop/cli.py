@@ -19,7 +19,7 @@ from typing import Literal, NoReturn, Optional, Sequence
 import tyro
 
 from ..models import Budget, CheckpointError, load_nested, read_nested_config, save_nested
-from .hf import read_hf_config, to_hf
+from .hf import export_nested, read_hf_config
 
 __all__ = ["main", "ExportArgs"]
 PROG = "elastic-export"
@@ -100,8 +100,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         save_nested(load_nested(ckpt, budget), out, {a.budget: Budget()}, quantization=a.quantization)
     else:
         try:
-            to_hf(load_nested(ckpt), budget, out, architecture=a.architecture, tokenizer_dir=tok,
-                  quantization=a.quantization, extra=extra)
+            export_nested(ckpt, budget, out, architecture=a.architecture, tokenizer_dir=tok,
+                          quantization=a.quantization, extra=extra)
         except ValueError as e:  # the budget or the model has no exact form in that architecture
             print(f"{PROG}: {e}", file=sys.stderr)
             return 1

@@ -5,7 +5,8 @@ budget as a standalone Hugging Face directory (docs/interop.md).
 ``model.safetensors.index.json`` shard set) directly; ``transformers`` is not needed to import.
 ``to_hf(model, budget, out_dir)`` writes ``config.json`` (the slice's sizes), ``model.safetensors``
 in the spelling ``save_pretrained`` writes, the parent's tokenizer files and, with
-``quantization=``, Model-Optimizer's NVFP4 / FP8 layout (:mod:`.modelopt`). The directory is
+``quantization=``, Model-Optimizer's NVFP4 / FP8 layout (:mod:`.modelopt`); ``export_nested`` does
+the same for a budget of a nested checkpoint, keeping a quantized checkpoint's codes. The directory is
 written under a temporary name and renamed into place (one atomic commit).
 """
 from __future__ import annotations
@@ -22,11 +23,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ..models import Budget, ElasticHybridConfig, ElasticHybridLM, load_nested
+from ..formats.dtypes import dtype_from_name
+from ..models import (Budget, ElasticHybridConfig, ElasticHybridLM, load_nested, load_nested_state,
+                      read_nested_config)
 from ..models.checkpoint import FORMAT as NESTED_FORMAT
 from .hf_config import choose_architecture, config_from_hf, config_to_hf
 from .hf_weights import state_from_hf, state_to_hf
-from .modelopt import dequantize_hf_state, quantize_hf_state, read_quant_config
+from .modelopt import dequantize_hf_state, hf_state_from_nested_quantized, quantize_hf_state, read_quant_config
 
 log = logging.getLogger(__name__)
 
@@ -179,3 +182,29 @@ def to_hf(model: ElasticHybridLM, budget: Budget | None, out_dir: str | os.PathL
         hf_config["quantization_config"] = qcfg
         extra_json = files
     return write_hf_dir(out_dir, hf_config, tensors, extra_json=extra_json, tokenizer_dir=tokenizer_dir)
+
+
+def export_nested(path: str | os.PathLike, budget: str | Budget | None, out_dir: str | os.PathLike, *,
+                  architecture: str | None = None, tokenizer_dir: str | os.PathLike | None = None,
+                  quantization: str | None = None, extra: Mapping[str, Any] | None = None) -> Path:
+    """:func:`to_hf` of budget ``budget`` (a table name, a Budget or None) of the nested checkpoint
+    ``path``. When the checkpoint is quantized in the requested ``quantization``, its codes and
+    scales are carried over without requantizing (the nested property: a budget's export holds
+    exactly its slice of the parent's quantized weights); weights whose Hugging Face layout splits
+    a block or fuses tensors of different scales are written decoded
+    (:func:`.modelopt.hf_state_from_nested_quantized`)."""
+    meta = json.loads((Path(path) / "config.json").read_text())
+    saved = (meta.get("quantization") or {}).get("format")
+    if quantization is None or saved != quantization:
+        if isinstance(budget, str):
+            budget = read_nested_config(path)[1][budget]
+        return to_hf(load_nested(path), budget, out_dir, architecture=architecture, tokenizer_dir=tokenizer_dir,
+                     quantization=quantization, extra=extra)
+    config, state = load_nested_state(path, budget)
+    arch = choose_architecture(config, architecture)
+    dtype = dtype_from_name(meta.get("dtype", "float32")) or torch.float32
+    hf_config = config_to_hf(config, arch, extra, dtype)
+    hf_config["dtype"] = str(dtype).removeprefix("torch.")
+    tensors, qcfg, files = hf_state_from_nested_quantized(state, config, arch, quantization, dtype)
+    hf_config["quantization_config"] = qcfg
+    return write_hf_dir(out_dir, hf_config, tensors, extra_json=files, tokenizer_dir=tokenizer_dir)

@@ -32,8 +32,8 @@ from typing import Any, Mapping
 import torch
 
 from .. import __version__ as _version
-from ..formats import NVFP4Tensor, to_state_dict
-from ..formats.nvfp4 import E4M3_MAX, G_MIN
+from ..formats import FP8Tensor, NVFP4Tensor, to_state_dict
+from ..formats.nvfp4 import E4M3_MAX, G_MIN, pack, unpack
 from ..nvfp4 import quantize
 
 ALGOS = {"nvfp4": "W4A16_NVFP4", "fp8": "FP8_PER_CHANNEL_PER_TOKEN"}
@@ -127,3 +127,82 @@ def dequantize_hf_state(tensors: Mapping[str, torch.Tensor], quant: Mapping[str,
         else:
             out[name] = t.double() * scale.double()[:, None]
     return out
+
+
+# ---- exports that keep a nested quantized checkpoint's codes ---------------------------------
+
+def _planes(state: Mapping[str, Any], shapes: Mapping[str, torch.Size]) -> tuple[dict, dict, dict, dict, dict]:
+    """Per tensor of a nested quantized state: float planes of the codes, the per-element decode
+    scale, the per-element global scale, a 0/1 "from a float tensor" mark, and the values (decoded
+    to float64 for quantized tensors),
+    each in the parameter's shape (a ``"flat"`` Mamba head projection back to (H, 2P+1, K))."""
+    codes, scale, glob, plain, value = {}, {}, {}, {}, {}
+    for name, t in state.items():
+        shape = shapes[name]
+        if isinstance(t, NVFP4Tensor):
+            c = unpack(t.data).float()
+            s = t.scales.float().repeat_interleave(GROUP_SIZE, -1)
+            g = t.global_scale.float().reshape(*t.global_scale.shape, 1, 1).expand_as(c)
+            v = t.dequantize(torch.float64)
+        elif isinstance(t, FP8Tensor):
+            c = t.codes.float()
+            s = t.scale.float().expand_as(c)
+            g = torch.ones_like(c)
+            v = t.dequantize(torch.float64)
+        else:
+            codes[name] = scale[name] = glob[name] = value[name] = t
+            plain[name] = torch.ones(t.shape)
+            continue
+        codes[name], scale[name], glob[name], value[name] = (x.reshape(shape) for x in (c, s, g, v))
+        plain[name] = torch.zeros(shape)
+    return codes, scale, glob, plain, value
+
+
+def hf_state_from_nested_quantized(state: Mapping[str, Any], config, architecture: str, fmt: str,
+                                   dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict]:
+    """Model-Optimizer tensors of a nested quantized slice (:func:`elastic_kernels.models.load_nested_state`)
+    without requantizing: every Hugging Face linear weight that is a re-arrangement of whole blocks of
+    one quantized tensor (rows, whole 16-column blocks, one per-tensor scale) keeps its codes and
+    scales; the others (the fused Mamba ``in_proj``, whose parts carry different scales; head
+    permutations that split blocks; ``lm_head``) are written decoded, in ``dtype``, and listed in
+    ``exclude_modules``. Returns like :func:`quantize_hf_state`."""
+    from ..models import ElasticHybridLM
+    from .hf_weights import state_to_hf
+    if fmt not in ALGOS:
+        raise ValueError(f"quantization must be one of {tuple(ALGOS)}, got {fmt!r}")
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in ElasticHybridLM(config).state_dict().items()}
+    # padding (experts, FFN channels) enters every plane as 0: code 0, scale 0, "quantized"
+    codes, scale, glob, plain, value = (state_to_hf(p, config, architecture) for p in _planes(state, shapes))
+    out: dict[str, torch.Tensor] = {}
+    quantized, excluded = [], ["lm_head"]
+    for name, v in value.items():
+        m = name[:-len(".weight")]
+        linear = _LINEAR.fullmatch(name) is not None
+        ok = linear and not bool(plain[name].any())
+        if ok:
+            g = glob[name].flatten()
+            nz = g[g > 0]  # padded elements carry 0
+            n, k = v.shape
+            if fmt == "nvfp4":  # one per-tensor scale, block scales constant over whole 16-blocks
+                ok = bool((nz == nz[0]).all()) if nz.numel() else True
+                blocks = scale[name].reshape(n, k // GROUP_SIZE, GROUP_SIZE) if k % GROUP_SIZE == 0 else None
+                ok = ok and blocks is not None and bool((blocks == blocks[..., :1]).all())
+            else:  # one scale per output row
+                ok = bool((scale[name] == scale[name][:, :1]).all())
+        if not ok:
+            if linear:
+                excluded.append(m)
+            out[name] = v.to(dtype) if v.is_floating_point() and v.dtype == torch.float64 else v
+            continue
+        quantized.append(m)
+        g0 = nz[0] if nz.numel() else torch.tensor(1.0)
+        if fmt == "nvfp4":
+            out[name] = pack(codes[name].to(torch.uint8))
+            out[m + ".weight_scale"] = blocks[..., 0].to(torch.float8_e4m3fn)
+            out[m + ".weight_scale_2"] = g0.reshape(()).float()
+        else:
+            out[name] = codes[name].to(torch.float8_e4m3fn)
+            out[m + ".weight_scale"] = scale[name][:, 0].float().clone()
+    hf_quant, cfg = quant_configs(fmt, sorted(excluded))
+    return out, cfg, {QUANT_CONFIG: hf_quant}
