@@ -28,10 +28,11 @@ from torch import Tensor
 from .._dispatch import Backends, lazy
 from .._validation import (FLOAT_DTYPES, INT_DTYPES, Dims, can_read_values, check_choice, check_int,
                            check_tensor, check_width)
-from ..formats import NVFP4Tensor, QuantizedTensor
+from ..formats import NVFP4Tensor
 from ..formats.nvfp4 import BLOCK
-from ..reference.moe import ACTIVATIONS, SCORES, moe_experts_reference, moe_route_reference
-from ._autograd import OpArgs, fake_grads, reference_vjp, unpack_grads
+from ..reference.moe import (ACTIVATIONS, SCORES, moe_experts_reference, moe_experts_reference_bwd,
+                             moe_route_reference)
+from ._autograd import OpArgs, fake_grads, unpack_grads
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -125,16 +126,13 @@ def _experts_reference(x, topk_weights, topk_ids, w1, w2, w3, *, activation, num
                                  channel_scale=channel_scale)
 
 
-def _experts_vjp_reference(grad_y, x, topk_weights, topk_ids, w1, w2, w3, *, channel_scale, **kw):
-    """Gradients by re-running the reference under autograd; quantized weights are constants."""
-    named = {"x": x, "topk_weights": topk_weights, "w1": w1, "w2": w2, "w3": w3, "channel_scale": channel_scale}
-    frozen = {n: w for n, w in named.items() if isinstance(w, QuantizedTensor)}
-
-    def fn(*leaves):
-        a = {**dict(zip(_GRAD_INPUTS, leaves)), **frozen}
-        return _experts_reference(a["x"], a["topk_weights"], topk_ids, a["w1"], a["w2"], a["w3"],
-                                  channel_scale=a["channel_scale"], **kw)
-    return reference_vjp(fn, [None if n in frozen else named[n] for n in _GRAD_INPUTS], [grad_y])
+def _experts_vjp_reference(grad_y, x, topk_weights, topk_ids, w1, w2, w3, *, activation, num_active, width_int,
+                           width_t, channel_scale):
+    """The reference's hand-written backward, gradients in :data:`_GRAD_INPUTS` order; quantized
+    weights are constants (no gradient)."""
+    return moe_experts_reference_bwd(grad_y, x, topk_weights, topk_ids, w1, w2, w3, activation=activation,
+                                     num_experts_active=num_active, width_int=width_int, width_t=width_t,
+                                     channel_scale=channel_scale)
 
 
 _EXPERTS = Backends("moe_experts", dtypes={"triton": KERNEL_DTYPES}, reference=_experts_reference,

@@ -15,12 +15,16 @@ Experts (token t, slot j, expert e = topk_ids[t, j], width d'_t, first ``d'`` ch
     y_t = sum_j topk_weights[t, j] * (a . w2[e, :, :d']^T)
 
 act: relu2 = relu(v)^2, silu = v sigmoid(v), gelu = 0.5 v (1 + erf(v / sqrt 2)).
-Gradients come from autograd. Experts >= E' and channels >= d' take no part (zero gradients).
+Experts >= E' and channels >= d' take no part (zero gradients).
 
-The reference sorts the (token, slot) pairs by expert and loops over the experts below E' that
-received tokens, multiplying by prefix views ``w1[e, :d']`` (no weight copies). Per-token widths
-compute at the largest width present and mask the intermediate. NVFP4 weights
-(:class:`elastic_kernels.formats.NVFP4Tensor`, W4A16) decode only those prefix views, to x's dtype.
+The reference sorts the (token, slot) pairs into width buckets (one per distinct per-token width,
+widest first) and, within a bucket, by expert, and runs one grouped GEMM (``torch._grouped_mm``)
+per projection and bucket on the prefix views ``w1[:E', :d]`` / ``w2[:E', :, :d]`` (no weight
+copies), so per-token widths cost what their mean width costs. The backward is written by hand on
+the same grouped GEMMs (no forward re-run under autograd) and writes each weight gradient's
+prefix once per bucket. Float64 (which ``torch._grouped_mm`` does not take) and NVFP4 weights
+(:class:`elastic_kernels.formats.NVFP4Tensor`, W4A16, frozen) use one matmul per expert; NVFP4
+weights decode only their experts' prefix views, to x's dtype.
 """
 from __future__ import annotations
 
@@ -81,6 +85,94 @@ def moe_route_reference(router_logits: torch.Tensor, top_k: int, num_experts_act
     return weights, topk_ids
 
 
+_GROUPED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what torch._grouped_mm takes
+
+
+def _grouped_ok(*ts) -> bool:
+    """Whether ``torch._grouped_mm`` takes these operands: one of its dtypes, 16-byte aligned
+    pointers, one of the last two strides 1 and every other stride a 16-byte multiple."""
+    def ok(t):
+        if not isinstance(t, torch.Tensor) or t.dtype not in _GROUPED_DTYPES or t.dtype != ts[0].dtype:
+            return False
+        es, st = t.element_size(), t.stride()
+        inner = (st[-1] == 1 and st[-2] * es % 16 == 0) or (st[-2] == 1 and st[-1] * es % 16 == 0)
+        return inner and t.data_ptr() % 16 == 0 and all(s * es % 16 == 0 for s in st[:-2])
+    return all(ok(t) for t in ts)
+
+
+def _prefix(w, n_act: int, rows: int | None, cols: int | None):
+    """``w[:n_act, :rows, :cols]`` (a view; a quantized weight stays quantized)."""
+    return w[:n_act, slice(None) if rows is None else slice(0, rows), slice(None) if cols is None else slice(0, cols)]
+
+
+def _gmm(a: torch.Tensor, w, counts: list, offs: torch.Tensor, transpose: bool) -> torch.Tensor:
+    """Grouped GEMM over experts: rows ``[offs[e-1], offs[e])`` of ``a: (R, K)`` times ``w[e].T``
+    (``transpose``, w: (E', N, K)) or ``w[e]`` (w: (E', K, N)). ``torch._grouped_mm`` for plain
+    fp32/bf16/fp16 weights; otherwise one matmul per expert, decoding a quantized weight's
+    expert slice to a's dtype."""
+    wt = w.transpose(-2, -1) if transpose and not isinstance(w, QuantizedTensor) else w
+    if _grouped_ok(a, wt):
+        return torch._grouped_mm(a, wt, offs=offs)
+    outs, start = [], 0
+    for e, n in enumerate(counts):
+        we = expert_weight(w, e, slice(None), slice(None), a.dtype)
+        outs.append(a[start:start + n] @ (we.T if transpose else we))
+        start += n
+    return torch.cat(outs) if outs else a.new_zeros(0, w.shape[-2 if transpose else -1])
+
+
+def _gmm_weight_grad(g: torch.Tensor, a: torch.Tensor, counts: list, offs: torch.Tensor) -> torch.Tensor:
+    """Per-expert ``g[rows_e].T @ a[rows_e]``: (E', N, K) from g: (R, N), a: (R, K)."""
+    if _grouped_ok(g.t(), a):
+        return torch._grouped_mm(g.t(), a, offs=offs)
+    out, start = a.new_zeros(len(counts), g.shape[1], a.shape[1]), 0
+    for e, n in enumerate(counts):
+        if n:
+            out[e] = g[start:start + n].T @ a[start:start + n]
+        start += n
+    return out
+
+
+class _Plan:
+    """The (token, slot) pairs sorted into width buckets and, within a bucket, by expert.
+
+    ``buckets``: one ``(d, pairs, tokens, counts, offs)`` per distinct width d > 0: the flat
+    (token * top_k + slot) indices of the bucket's pairs, their tokens, the number of pairs per
+    expert below E' and its int32 cumulative sum (the group ends ``torch._grouped_mm`` takes).
+    Per-token widths cost what their mean width costs: a bucket runs at its own width.
+    """
+
+    def __init__(self, topk_ids, n_act: int, ffn: int, width_int: int, width_t):
+        top_k = topk_ids.shape[1]
+        flat = topk_ids.reshape(-1).long()
+        d_full = ffn if width_int < 0 else width_int
+        if width_t is None:
+            widths, key = [d_full], flat
+        else:
+            wt = width_t.long().clamp(max=d_full)
+            widths = torch.unique(wt).tolist()[::-1]          # widest first
+            rank = torch.searchsorted(-torch.tensor(widths, device=flat.device), -wt)
+            key = rank.repeat_interleave(top_k) * n_act + flat
+        order = torch.argsort(key, stable=True)
+        counts_all = torch.bincount(key, minlength=len(widths) * n_act).reshape(len(widths), n_act)
+        self.buckets, start = [], 0
+        for d, counts in zip(widths, counts_all):
+            n = int(counts.sum())
+            pairs = order[start:start + n]
+            start += n
+            if d == 0 or n == 0:
+                continue
+            offs = torch.cumsum(counts, 0).to(torch.int32)
+            self.buckets.append((d, pairs, pairs // top_k, counts.tolist(), offs))
+
+
+def _channel_scale(channel_scale, tokens, d, dtype):
+    if channel_scale is None:
+        return None
+    cs = channel_scale[:d] if channel_scale.dim() == 1 else channel_scale[tokens, :d]
+    return cs.to(dtype)
+
+
 def moe_experts_reference(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
                           w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor | None = None, *,
                           activation: str = "relu2", num_experts_active: int | None = None,
@@ -100,42 +192,92 @@ def moe_experts_reference(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids:
         x and topk_weights.
     """
     tokens, hidden = x.shape
-    top_k = topk_ids.shape[1]
     n_exp, ffn = w1.shape[0], w1.shape[1]
     n_act = n_exp if num_experts_active is None else num_experts_active
     acc_dtype = torch.promote_types(x.dtype, topk_weights.dtype)
     y = torch.zeros(tokens, hidden, dtype=acc_dtype, device=x.device)
     if tokens == 0:
         return y.to(x.dtype)
-    d = ffn if width_int < 0 else width_int
-    if width_t is not None and width_t.numel():
-        d = min(d, int(width_t.max()))
-    flat = topk_ids.reshape(-1).long()
-    order = torch.argsort(flat, stable=True)
-    tok = order // top_k
-    counts = torch.bincount(flat, minlength=n_exp)[:n_act].tolist()
-    toks, rows, outs, start = [], [], [], 0
-    for e, n in enumerate(counts):
-        if n == 0:
-            continue
-        r = order[start:start + n]
-        t = tok[start:start + n]
-        start += n
-        xe = x[t]
-        a = activation_fn(xe @ expert_weight(w1, e, slice(0, d), slice(None), x.dtype).T, activation)
+    tw = topk_weights.reshape(-1)
+    for d, pairs, tok, counts, offs in _Plan(topk_ids, n_act, ffn, width_int, width_t).buckets:
+        xs = x[tok]
+        a = activation_fn(_gmm(xs, _prefix(w1, n_act, d, None), counts, offs, True), activation)
         if w3 is not None:
-            a = a * (xe @ expert_weight(w3, e, slice(0, d), slice(None), x.dtype).T)
-        if channel_scale is not None:
-            cs = channel_scale[:d] if channel_scale.dim() == 1 else channel_scale[t, :d]
-            a = a * cs.to(a.dtype)
-        if width_t is not None:
-            keep = torch.arange(d, device=x.device)[None, :] < width_t[t, None]
-            a = a.masked_fill(~keep, 0)
-        toks.append(t)
-        rows.append(r)
-        outs.append(a @ expert_weight(w2, e, slice(None), slice(0, d), x.dtype).T)
-    if outs:
-        rows_all = torch.cat(rows)
-        w = topk_weights.reshape(-1)[rows_all].to(acc_dtype)
-        y = y.index_add(0, torch.cat(toks), torch.cat(outs).to(acc_dtype) * w[:, None])
+            a = a * _gmm(xs, _prefix(w3, n_act, d, None), counts, offs, True)
+        cs = _channel_scale(channel_scale, tok, d, a.dtype)
+        if cs is not None:
+            a = a * cs
+        out = _gmm(a, _prefix(w2, n_act, None, d), counts, offs, True)
+        y.index_add_(0, tok, out.to(acc_dtype) * tw[pairs].to(acc_dtype)[:, None])
     return y.to(x.dtype)
+
+
+def _activation_grad(g: torch.Tensor, v: torch.Tensor, activation: str) -> torch.Tensor:
+    """``g * act'(v)``."""
+    if activation == "relu2":
+        return g * 2 * torch.relu(v)
+    if activation == "silu":
+        return torch.ops.aten.silu_backward(g, v)
+    return torch.ops.aten.gelu_backward(g, v)
+
+
+def moe_experts_reference_bwd(grad_y: torch.Tensor, x: torch.Tensor, topk_weights: torch.Tensor,
+                              topk_ids: torch.Tensor, w1, w2, w3=None, *, activation: str = "relu2",
+                              num_experts_active: int | None = None, width_int: int = -1,
+                              width_t: torch.Tensor | None = None, channel_scale: torch.Tensor | None = None):
+    """Hand-written backward of :func:`moe_experts_reference` on the same grouped GEMMs
+    (``grad_y: (tokens, hidden)``). With ``a = act(h) [* u] * cs`` per pair and its output
+    ``o = a w2^T`` weighted by ``p``: ``dp = a . (g w2)``, ``da = p g w2``, ``dW2 = (p g)^T a``,
+    ``dh = da cs [u] act'(h)``, ``dW1 = dh^T x``, ``dx = dh w1 [+ du w3]``.
+
+    Returns the gradients of x, topk_weights, w1, w2, w3, channel_scale (None for absent inputs
+    and for quantized weights, which are frozen). Experts >= E' and channels >= d' (or >= a
+    token's width) get exact zeros; the weight gradients are written once per width bucket.
+    """
+    tokens, hidden = x.shape
+    n_exp, ffn = w1.shape[0], w1.shape[1]
+    n_act = n_exp if num_experts_active is None else num_experts_active
+    trainable = lambda w: w is not None and not isinstance(w, QuantizedTensor)  # noqa: E731
+    gx = torch.zeros_like(x, memory_format=torch.contiguous_format)
+    gtw = torch.zeros(topk_weights.numel(), dtype=topk_weights.dtype, device=x.device)
+    gw = [torch.zeros(w.shape, dtype=w.dtype, device=x.device) if trainable(w) else None for w in (w1, w2, w3)]
+    gcs = None if channel_scale is None else torch.zeros_like(channel_scale, memory_format=torch.contiguous_format)
+    tw = topk_weights.reshape(-1)
+    plan = _Plan(topk_ids, n_act, ffn, width_int, width_t) if tokens else None
+    for d, pairs, tok, counts, offs in (plan.buckets if plan else []):
+        xs = x[tok]
+        h = _gmm(xs, _prefix(w1, n_act, d, None), counts, offs, True)
+        act = activation_fn(h, activation)
+        u = None if w3 is None else _gmm(xs, _prefix(w3, n_act, d, None), counts, offs, True)
+        a_pre = act if u is None else act * u
+        cs = _channel_scale(channel_scale, tok, d, a_pre.dtype)
+        a = a_pre if cs is None else a_pre * cs
+        g = grad_y[tok].to(x.dtype)
+        p = tw[pairs]
+        g_w2 = _gmm(g, _prefix(w2, n_act, None, d), counts, offs, False)      # g w2: (R, d)
+        gtw.index_add_(0, pairs, (a.to(g_w2.dtype) * g_w2).sum(-1).to(gtw.dtype))
+        ga = g_w2 * p.to(g_w2.dtype)[:, None]
+        if gw[1] is not None:
+            gp = g * p.to(g.dtype)[:, None]
+            gw[1][:n_act, :, :d] += _gmm_weight_grad(gp, a, counts, offs)
+        if gcs is not None:
+            gc = (ga * a_pre).to(gcs.dtype)
+            if gcs.dim() == 1:
+                gcs[:d] += gc.sum(0)
+            else:
+                gcs[:, :d].index_add_(0, tok, gc)
+        if cs is not None:
+            ga = ga * cs
+        if u is not None:
+            gu = ga * act
+            ga = ga * u
+        gh = _activation_grad(ga, h, activation)
+        gxs = _gmm(gh, _prefix(w1, n_act, d, None), counts, offs, False)
+        if gw[0] is not None:
+            gw[0][:n_act, :d] += _gmm_weight_grad(gh, xs, counts, offs)
+        if u is not None:
+            gxs = gxs + _gmm(gu, _prefix(w3, n_act, d, None), counts, offs, False)
+            if gw[2] is not None:
+                gw[2][:n_act, :d] += _gmm_weight_grad(gu, xs, counts, offs)
+        gx.index_add_(0, tok, gxs.to(gx.dtype))
+    return [gx, gtw.reshape(topk_weights.shape), *gw, gcs]
