@@ -1,78 +1,99 @@
-"""``elastic-eval RUN_DIR`` / ``python -m elastic_kernels.infer RUN_DIR``: the budget-control report
-(every think/answer budget pair and single-model thinking caps, accuracy vs latency, Pareto
-frontier) of a training run directory; writes ``budget_control.{json,md,png}`` into it."""
+"""``elastic-eval --run-dir X`` / ``python -m elastic_kernels.infer --run-dir X``: the
+budget-control report (every think/answer budget pair and single-model thinking caps, accuracy vs
+latency, Pareto frontier) of a training run directory; writes ``budget_control.{json,md,png}``.
+
+Options come from :class:`EvalConfig` through tyro, named as ``elastic-train``'s (``--run-dir``,
+``--device``, ``--threads``, bare booleans with a ``--no-`` form); every bad value is a usage error
+(exit 2) before torch is imported. Ctrl-C or SIGTERM stops cleanly (exit 130 / 143).
+"""
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
+from dataclasses import dataclass, field
+from typing import Literal, Sequence
 
-import torch
+from .._cli import UsageError, option_name, terminate_as_interrupt, usage_exit
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "parse_args", "EvalConfig"]
+
+PROG = "elastic-eval"
 
 
-def _caps(text: str) -> list[int]:
+@dataclass
+class EvalConfig:
+    """Elastic budget control on a training run: evaluates every (think budget, answer budget) pair
+    and every single model with thinking-token caps on the run's test split (accuracy, wall time,
+    FLOPs/bytes cost model), finds the Pareto frontier and writes budget_control.json / .md / .png."""
+
+    run_dir: str
+    """run directory written by elastic-train (holds nested/)"""
+    report_dir: str = ""
+    """directory of the report files (default: --run-dir)"""
+    checkpoint: Literal["nested", "qad"] = "nested"
+    """nested checkpoint inside --run-dir: nested (elastic stage) or qad (quantized export)"""
+    limit: int = 0
+    """evaluate only the first N test problems (0 = all)"""
+    caps: list[int] = field(default_factory=list)
+    """thinking-token caps of the single-model baseline (default: 25/50/75% of the task's longest trace)"""
+    batch_size: int = 64
+    """requests decoded together"""
+    reuse: bool = True
+    """also run the pairs in the experimental cache-reuse mode"""
+    repeats: int = 1
+    """timing passes over all settings; wall time is the minimum (robust to other load)"""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """torch device of the model"""
+    threads: int = 1
+    """torch CPU threads (0 = torch default, all cores); the tiny models decode fastest on one"""
+
+    def validate(self) -> None:
+        for name, lo in (("limit", 0), ("batch_size", 1), ("repeats", 1), ("threads", 0)):
+            v = getattr(self, name)
+            if v < lo:
+                raise UsageError(option_name(name), f"must be >= {lo}, got {v}")
+        bad = [c for c in self.caps if c < 0]
+        if bad:
+            raise UsageError("--caps", f"caps must be >= 0, got {bad[0]}")
+        if not self.run_dir:
+            raise UsageError("--run-dir", "must name a run directory")
+
+
+def parse_args(argv: Sequence[str] | None = None) -> EvalConfig:
+    """The validated :class:`EvalConfig` of a command line (UsageError or SystemExit(2))."""
+    import tyro
+
+    cfg = tyro.cli(EvalConfig, args=list(sys.argv[1:] if argv is None else argv), prog=PROG)
+    cfg.validate()
+    return cfg
+
+
+def main(argv: Sequence[str] | None = None) -> int:
     try:
-        caps = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--caps: expected comma-separated ints, got {text!r}") from None
-    if any(c < 0 for c in caps):
-        raise argparse.ArgumentTypeError(f"--caps: caps must be >= 0, got {text!r}")
-    return caps
+        cfg = parse_args(argv)
+    except UsageError as e:
+        usage_exit(PROG, e)
+    import torch
 
-
-def _positive(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive int, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive int, got {v}")
-    return v
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="elastic-eval",
-        description="Elastic budget control on a training run: evaluates every (think budget, answer budget) "
-                    "pair and every single model with thinking-token caps on the run's test split (accuracy, "
-                    "wall time, FLOPs/bytes cost model), finds the Pareto frontier and writes "
-                    "budget_control.json / .md / .png into RUN_DIR.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("run_dir", metavar="RUN_DIR", help="run directory written by elastic-train (holds nested/)")
-    p.add_argument("--limit", type=_positive, default=None, help="evaluate only the first N test problems")
-    p.add_argument("--caps", type=_caps, default=None,
-                   help="thinking-token caps of the single-model baseline, comma list (default: 25/50/75%% of "
-                        "the task's longest thinking trace)")
-    p.add_argument("--batch-size", type=_positive, default=64, help="requests decoded together")
-    p.add_argument("--no-reuse", dest="reuse", action="store_false",
-                   help="skip the experimental cache-reuse runs of the pairs")
-    p.add_argument("--repeats", type=_positive, default=1,
-                   help="timing passes over all settings; wall time is the minimum (robust to other load)")
-    p.add_argument("--checkpoint", default="nested",
-                   help="nested checkpoint directory inside RUN_DIR: nested (elastic stage) or qad (quantized export)")
-    p.add_argument("--out", default=None, help="directory of the report files (default: RUN_DIR)")
-    p.add_argument("--device", default="cpu", help="torch device of the model")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        usage_exit(PROG, UsageError("--device", "cuda was requested but torch sees no CUDA device"))
+    device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
     from .report import REPORT_NAME, RunDirError, budget_control_markdown, run_budget_control
-    try:
-        rep = run_budget_control(args.run_dir, limit=args.limit, caps=args.caps, batch_size=args.batch_size,
-                                 reuse=args.reuse, device=args.device, repeats=args.repeats,
-                                 out_dir=args.out, checkpoint=args.checkpoint)
-    except RunDirError as e:
-        print(f"elastic-eval: {e}", file=sys.stderr)
-        return 2
+    with terminate_as_interrupt() as term:
+        try:
+            rep = run_budget_control(cfg.run_dir, limit=cfg.limit or None, caps=cfg.caps or None,
+                                     batch_size=cfg.batch_size, reuse=cfg.reuse, device=device,
+                                     repeats=cfg.repeats, out_dir=cfg.report_dir or None, checkpoint=cfg.checkpoint)
+        except RunDirError as e:
+            usage_exit(PROG, UsageError("--run-dir", str(e)))
+        except KeyboardInterrupt:
+            print(f"{PROG}: interrupted; no report written", file=sys.stderr)
+            return 143 if term.signum is not None else 130
     print(budget_control_markdown(rep))
-    out = args.out or args.run_dir
+    out = cfg.report_dir or cfg.run_dir
     print(f"report: {out}/{REPORT_NAME}.md ({REPORT_NAME}.json, {REPORT_NAME}.png)")
     return 0
 

@@ -17,52 +17,14 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import NoReturn, Sequence
+from typing import Sequence
 
+from .._cli import UsageError, json_dict_registry, option_name, usage_exit
 from .config import PRESETS, RESUME_FREE, ConfigError, TrainConfig, preset_config
 
-__all__ = ["main", "parse_args", "UsageError"]
+__all__ = ["main", "parse_args"]
 
 PROG = "elastic-train"
-
-
-class UsageError(Exception):
-    """A bad command line: ``option`` (e.g. ``--lr``) and what is wrong with it."""
-
-    def __init__(self, option: str, message: str) -> None:
-        super().__init__(f"{option}: {message}")
-        self.option = option
-
-
-def option_name(field_name: str) -> str:
-    return "--" + field_name.replace("_", "-")
-
-
-def json_dict_registry():
-    """A tyro registry that reads ``dict`` fields as one JSON object argument."""
-    import tyro
-
-    registry = tyro.constructors.ConstructorRegistry()
-
-    @registry.primitive_rule
-    def _json_object(info):
-        if info.type is not dict:
-            return None
-
-        def parse(args: list[str]) -> dict:
-            try:
-                value = json.loads(args[0])
-            except json.JSONDecodeError as e:
-                raise ValueError(f"expected a JSON object, got {args[0]!r} ({e})") from None
-            if not isinstance(value, dict):
-                raise ValueError(f"expected a JSON object, got {args[0]!r}")
-            return value
-
-        return tyro.constructors.PrimitiveConstructorSpec(
-            nargs=1, metavar="JSON", instance_from_str=parse, is_instance=lambda x: isinstance(x, dict),
-            str_from_instance=lambda d: [json.dumps(d)])
-
-    return registry
 
 
 def _description() -> str:
@@ -128,11 +90,6 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
     except ConfigError as e:
         raise UsageError(option_name(e.field), e.detail) from None
     return cfg
-
-
-def usage_exit(prog: str, err: UsageError) -> NoReturn:
-    print(f"usage: {prog} [-h] [OPTIONS]\n{prog}: error: {err}", file=sys.stderr)
-    raise SystemExit(2)
 
 
 def _check_environment(cfg: TrainConfig) -> None:
