@@ -14,8 +14,26 @@ Ops (torch.library custom ops with fake kernels and autograd; ``backend=`` selec
 Layers (bottom up): ``_*.py`` base, :mod:`.formats` (quantized weight containers and their one
 serialization), :mod:`.reference` / :mod:`.triton` / :mod:`.cuda` (backends), :mod:`.ops`.
 """
-from . import nvfp4
-from .ops import fake_quant_fp8, fake_quant_nvfp4, moe_experts, moe_route, nvfp4_linear, ssd_scan, ssd_state_update
+import importlib
 
 __version__ = "0.1.0"
 __all__ = ["nvfp4", "nvfp4_linear", "fake_quant_nvfp4", "fake_quant_fp8", "moe_experts", "moe_route", "ssd_scan", "ssd_state_update", "__version__"]
+
+_OPS = frozenset(__all__) - {"nvfp4", "__version__"}
+
+
+def __getattr__(name: str):
+    # The ops (and torch) load on first use, not at `import elastic_kernels`: the command lines
+    # under this package parse and check their arguments before torch is imported.
+    if name in _OPS:
+        value = getattr(importlib.import_module(".ops", __name__), name)
+    elif name == "nvfp4":
+        value = importlib.import_module(".nvfp4", __name__)
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

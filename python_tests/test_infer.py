@@ -392,7 +392,8 @@ def test_evaluate_run_and_cli(model, budgets, tmp_path, capsys):
     from elastic_kernels.infer.cli import main
     run = _fake_run(tmp_path, model, budgets)
     assert budget_control_markdown(run) == ""  # nothing evaluated yet: the training report adds nothing
-    assert main([str(run), "--limit", "5", "--caps", "1,3", "--batch-size", "4", "--repeats", "2"]) == 0
+    assert main(["--run-dir", str(run), "--limit", "5", "--caps", "1", "3", "--batch-size", "4", "--repeats", "2",
+                 "--device", "cpu"]) == 0
     rep = json.loads((run / "budget_control.json").read_text())
     assert (run / "budget_control.png").stat().st_size > 0
     labels = [r["label"] for r in rep["rows"]]
@@ -410,17 +411,61 @@ def test_evaluate_run_and_cli(model, budgets, tmp_path, capsys):
     assert "frontier" in capsys.readouterr().out
 
 
+def _usage_error(main, argv, capsys) -> str:
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "Traceback" not in err, err
+    return err
+
+
 def test_cli_bad_run_dir(tmp_path, capsys):
     from elastic_kernels.infer.cli import main
-    assert main([str(tmp_path)]) == 2
-    assert "no progress.json" in capsys.readouterr().err
+    assert "no progress.json" in _usage_error(main, ["--run-dir", str(tmp_path)], capsys)
     (tmp_path / "progress.json").write_text(json.dumps({"config": {}, "task": TASK.to_dict()}))
-    assert main([str(tmp_path)]) == 2
-    assert "has not finished its elastic stage" in capsys.readouterr().err
-    assert main([str(tmp_path), "--checkpoint", "qad"]) == 2
-    assert "no nested checkpoint 'qad'" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        main([str(tmp_path), "--caps", "a,b"])
+    assert "has not finished its elastic stage" in _usage_error(main, ["--run-dir", str(tmp_path)], capsys)
+    err = _usage_error(main, ["--run-dir", str(tmp_path), "--checkpoint", "qad"], capsys)
+    assert "no nested checkpoint 'qad'" in err
+
+
+EVAL_BAD_VALUES = [
+    ([], "--run-dir"), (["--limit", "-1"], "--limit"), (["--limit", "x"], "--limit"), (["--caps", "a", "b"], "--caps"),
+    (["--caps", "-1"], "--caps"), (["--batch-size", "0"], "--batch-size"), (["--repeats", "0"], "--repeats"),
+    (["--checkpoint", "foo"], "--checkpoint"), (["--threads", "-2"], "--threads"), (["--device", "tpu"], "--device"),
+    (["--reuse", "false"], "false"), (["--out", "x"], "--out"),
+]
+
+
+@pytest.mark.parametrize("argv,option", EVAL_BAD_VALUES, ids=[" ".join(a) or "no-run-dir" for a, _ in EVAL_BAD_VALUES])
+def test_eval_cli_bad_value_is_usage_error(argv, option, tmp_path, capsys):
+    from elastic_kernels.infer.cli import main
+    run_dir = ["--run-dir", str(tmp_path)] if option != "--run-dir" else []
+    assert option in _usage_error(main, run_dir + argv, capsys)
+
+
+def test_eval_cli_device_and_interrupt(model, budgets, tmp_path, capsys):
+    """--device cuda without CUDA is a usage error; SIGTERM (or Ctrl-C) mid-run exits cleanly."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    from elastic_kernels.infer.cli import main
+    if not torch.cuda.is_available():
+        assert "--device: cuda was requested" in _usage_error(main, ["--run-dir", str(tmp_path), "--device", "cuda"],
+                                                             capsys)
+    run = _fake_run(tmp_path, model, budgets, test_size=400)
+    proc = subprocess.Popen([sys.executable, "-m", "elastic_kernels.infer", "--run-dir", str(run), "--repeats", "50"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    seen = []
+    for line in proc.stdout:  # the first finished setting: evaluation is under way
+        seen.append(line)
+        if "budget control 1/" in line:
+            break
+    proc.send_signal(signal.SIGTERM)
+    out = "".join(seen) + proc.communicate(timeout=120)[0]
+    assert proc.returncode == 143, out[-2000:]
+    assert "interrupted; no report written" in out and "Traceback" not in out
 
 
 def test_module_entry_point():
@@ -428,7 +473,7 @@ def test_module_entry_point():
     import sys
     out = subprocess.run([sys.executable, "-m", "elastic_kernels.infer", "--help"], capture_output=True, text=True,
                          timeout=120)
-    assert out.returncode == 0 and "RUN_DIR" in out.stdout and "--caps" in out.stdout
+    assert out.returncode == 0 and "--run-dir" in out.stdout and "--caps" in out.stdout and "--no-reuse" in out.stdout
 
 
 def test_eval_on_smoke_training_run(tmp_path):

@@ -14,6 +14,7 @@ from elastic_kernels.train.config import make_config
 from elastic_kernels.tasks import ArithmeticTask, Problem
 from elastic_kernels.tasks.arithmetic import Tokenizer
 from elastic_kernels.train.losses import forward_kl, masked_ce
+from elastic_kernels.train.pipeline import run
 from elastic_kernels.train.router import (AxisSpec, BudgetRouters, budget_weights, decay_temperature,
                                           curriculum_probs, full_choice_loss, gumbel_softmax, pin_full,
                                           prefix_mask, ramp_scale,
@@ -475,3 +476,141 @@ def test_presets_build_valid_models(preset):
     assert all(h * mc.mamba_head_dim % 16 == 0 for h in mc.choice_sizes("mamba_heads"))
     assert cfg.resolved_baseline_steps() == (cfg.baseline_steps if cfg.baseline_steps >= 0
                                              else cfg.parent_steps + cfg.elastic_steps)
+
+
+# ------------------------------------------------------------------------------ CLI and safety
+TRAIN_BAD_VALUES = [
+    (["--lr", "inf"], "--lr"), (["--lr", "abc"], "--lr"), (["--lr", "-1"], "--lr"), (["--lr", "nan"], "--lr"),
+    (["--threads", "-1"], "--threads"), (["--eval-every", "-1"], "--eval-every"),
+    (["--kd-temperature", "0"], "--kd-temperature"), (["--preset", "huge"], "--preset"),
+    (["--device", "gpu"], "--device"), (["--budgets", "0.5"], "--budgets"), (["--budgets", "1", "1.5"], "--budgets"),
+    (["--model", "[1]"], "--model"), (["--model", "{bad"], "--model"), (["--parent-steps", "0"], "--parent-steps"),
+    (["--batch-size", "x"], "--batch-size"), (["--stage-b-skew", "0.5", "0.5"], "--stage-b-skew"),
+    (["--qad-format", "int4"], "--qad-format"), (["--stage-a-fraction", "1.5"], "--stage-a-fraction"),
+    (["--on-nonfinite", "ignore"], "--on-nonfinite"), (["--task", "nope"], "--task"),
+    (["--tau-decay", "0"], "--tau-decay"), (["--difficulty", "9"], "--difficulty"),
+    (["--router-tolerance", "1"], "--router-tolerance"), (["--qad", "yes"], "yes"),
+    (["--parent-step", "3"], "--parent-step"), (["--task-args", "3"], "--task-args"),
+    (["--full-prob", "2"], "--full-prob"), (["--seed", "-3"], "--seed"),
+]
+
+
+@pytest.mark.parametrize("argv,option", TRAIN_BAD_VALUES, ids=[" ".join(a) for a, _ in TRAIN_BAD_VALUES])
+def test_train_cli_bad_value_is_usage_error(argv, option, capsys, tmp_path):
+    from elastic_kernels.train.cli import main
+    with pytest.raises(SystemExit) as e:
+        main(["--preset", "smoke", "--run-dir", str(tmp_path / "r"), *argv])
+    err = capsys.readouterr().err
+    assert e.value.code == 2, err
+    assert option in err and "Traceback" not in err, err
+    assert not (tmp_path / "r").exists()  # no work started
+
+
+def test_train_cli_resume_reads_the_saved_config(tmp_path, capsys):
+    from elastic_kernels.train.cli import main, parse_args
+    run_dir = tmp_path / "r"
+    with pytest.raises(SystemExit) as e:  # nothing to resume: a clear error, not a fresh start
+        main(["--resume", "--run-dir", str(run_dir)])
+    assert e.value.code == 2 and "holds no run to resume" in capsys.readouterr().err and not run_dir.exists()
+    from elastic_kernels.train.runner import StopRun
+    with pytest.raises(StopRun):
+        run(_smoke(tmp_path, "r", baselines=False, stop_after=2, parent_steps=9, lr=2e-3))
+    cfg = parse_args(["--resume", "--run-dir", str(run_dir), "--threads", "2"])
+    assert (cfg.preset, cfg.parent_steps, cfg.lr, cfg.baselines, cfg.threads) == ("smoke", 9, 2e-3, False, 2)
+    assert cfg.resume and cfg.stop_after == 2  # stop_after may change on resume; it keeps the saved value here
+    assert parse_args(["--resume", "--run-dir", str(run_dir), "--lr", "0.002"]).lr == 2e-3  # agrees: fine
+    for argv, option in ((["--lr", "0.1"], "--lr"), (["--preset", "tiny"], "--preset"),
+                         (["--qad"], "--qad")):
+        with pytest.raises(SystemExit) as e:
+            main(["--resume", "--run-dir", str(run_dir), *argv])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and option in err and "conflicts with the saved configuration" in err, err
+    (run_dir / "progress.json").write_text("{not json")
+    with pytest.raises(SystemExit) as e:
+        main(["--resume", "--run-dir", str(run_dir)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "progress.json is unreadable or corrupt" in err and "Traceback" not in err
+
+
+def test_cli_parses_before_importing_torch():
+    import subprocess
+    import sys
+    code = ("import sys\nfrom elastic_kernels.train.cli import parse_args\n"
+            "from elastic_kernels.infer.cli import parse_args as eval_args\n"
+            "parse_args(['--preset', 'smoke', '--lr', '0.1'])\neval_args(['--run-dir', 'x'])\n"
+            "assert 'torch' not in sys.modules, 'torch imported'\n"
+            "from elastic_kernels.train.cli import main\nmain(['--lr', 'inf'])\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and "--lr: must be finite" in res.stderr and "Traceback" not in res.stderr, res.stderr
+    help_text = subprocess.run([sys.executable, "-m", "elastic_kernels.train", "--preset", "smoke", "--help"],
+                               capture_output=True, text=True, timeout=120).stdout
+    assert "--kd-temperature" in help_text and "--no-baselines" in help_text and "tiny default" not in help_text
+    assert "distillation temperature" in help_text  # field docstrings are the help
+
+
+def test_startup_imports_no_compiler_or_plotting(tmp_path):
+    """The optimizer does not pull in torch._dynamo (no compile asked for), and matplotlib and
+    tqdm's progress bars are imported only when a plot or a bar is made: a run stopped before its
+    report, without progress bars, imports neither. (torch itself imports the top-level ``tqdm``
+    module from torch.hub when it is installed, so the check is on ``tqdm.auto``.)"""
+    import subprocess
+    import sys
+    code = ("import sys\nimport torch\nfrom elastic_kernels.train.optim import AdamW\n"
+            "m = torch.nn.Linear(3, 2)\nopt = AdamW(m.parameters(), lr=0.1)\nm(torch.ones(1, 3)).sum().backward()\n"
+            "opt.step()\nopt.zero_grad()\nopt.load_state_dict(opt.state_dict())\n"
+            "assert 'torch._dynamo' not in sys.modules, 'the optimizer imported torch._dynamo'\n"
+            "from elastic_kernels.train import make_config, run\nfrom elastic_kernels.train.runner import StopRun\n"
+            f"cfg = make_config('smoke', run_dir={str(tmp_path / 'r')!r}, baselines=False, threads=1, stop_after=2)\n"
+            "try:\n    run(cfg)\nexcept StopRun:\n    pass\n"
+            "print(sorted(m for m in sys.modules if m.startswith(('matplotlib', 'tqdm.auto'))))\n")
+    env = dict(__import__("os").environ, OMP_NUM_THREADS="1")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_nonfinite_loss_stops_with_last_good_checkpoint(tmp_path):
+    from elastic_kernels.train.runner import NonFiniteError
+    cfg = _smoke(tmp_path, "nf", baselines=False, lr=1e30, warmup_steps=0, ckpt_every=1, grad_clip=0.0)
+    with pytest.raises(NonFiniteError, match=r"stage parent step \d+: non-finite .* last good checkpoint"):
+        run(cfg)
+    tensors, meta = load_checkpoint(tmp_path / "nf" / "state.safetensors")
+    assert meta["stage"] == "parent" and meta["step"] >= 1
+    assert all(torch.isfinite(v).all() for k, v in tensors.items() if k.startswith("model."))
+    # the documented alternative: skip such steps (the update is dropped, the run finishes)
+    rep = run(_smoke(tmp_path, "skip", baselines=False, lr=1e30, warmup_steps=0, grad_clip=0.0,
+                     on_nonfinite="skip"))
+    assert rep["skipped_steps"].get("parent", 0) >= 1
+
+
+def test_run_directory_lock(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from elastic_kernels.train.lock import RunLock, RunLockedError
+    d = tmp_path / "locked"
+    with RunLock(d):
+        with pytest.raises(RunLockedError, match=rf"in use by another process \(PID {os.getpid()}"):
+            run(_smoke(tmp_path, "locked", baselines=False))
+        assert not (d / "progress.json").exists()
+    # a lock file left by a dead process is taken over
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    (d / RunLock.NAME).write_text(dead + "\n")
+    rep = run(_smoke(tmp_path, "locked", baselines=False))
+    assert rep["parent"]["params_total"] > 0
+
+
+def test_corrupt_progress_is_a_clear_error(tmp_path):
+    from elastic_kernels.train.runner import RunError, StopRun
+    with pytest.raises(StopRun):
+        run(_smoke(tmp_path, "c", baselines=False, stop_after=2))
+    (tmp_path / "c" / "progress.json").write_text('{"config": ')
+    with pytest.raises(RunError, match="progress.json is unreadable or corrupt"):
+        run(_smoke(tmp_path, "c", baselines=False, resume=True))
+    (tmp_path / "c" / "progress.json").write_text("[]")
+    with pytest.raises(RunError, match="not a progress file"):
+        run(_smoke(tmp_path, "c", baselines=False, resume=True))
+    with pytest.raises(RunError, match="holds no run to resume"):
+        run(_smoke(tmp_path, "nothing", baselines=False, resume=True))

@@ -1,23 +1,40 @@
-"""Elastic budget control at inference (issue 7; DESIGN §1).
+"""Elastic budget control at inference (docs/design.md §1).
 
-- :func:`generate`: phase-switched generation (think budget until the end-of-thinking token, then
-  the answer budget), batched with per-request budgets, phases and thinking caps.
+- :func:`generate`: the one decode loop — phase-switched generation (think budget until the
+  end-of-thinking token, then the answer budget), batched with per-request budgets, phases and
+  thinking caps.
 - :mod:`.evaluate`: accuracy and latency (wall time and a FLOPs/bytes cost model) of every
   (think, answer) budget pair and of single-model thinking-token caps; the Pareto frontier.
 - :mod:`.report`: the JSON/PNG/Markdown report and :func:`budget_control_markdown`, the table the
   training report includes.
-- CLI: ``elastic-eval RUN_DIR`` / ``python -m elastic_kernels.infer RUN_DIR``.
-"""
-from .evaluate import (COST_AXES, CostModel, Setting, analyze, build_settings, default_caps, evaluate_settings,
-                       pareto_frontier)
-from .generate import (CACHE_MODES, FULL, SAMPLING, EmptyPromptError, Generation, GenerationError,
-                       PromptTooLongError, UnknownBudgetError, generate, resolve_budget)
-from .report import (RunDirError, budget_control_markdown, plot_budget_control, run_budget_control,
-                     write_budget_control)
+- CLI: ``elastic-eval --run-dir X`` / ``python -m elastic_kernels.infer --run-dir X``.
 
-__all__ = ["generate", "Generation", "GenerationError", "UnknownBudgetError", "EmptyPromptError",
-           "PromptTooLongError", "resolve_budget", "FULL", "SAMPLING", "CACHE_MODES",
-           "Setting", "CostModel", "build_settings", "evaluate_settings", "pareto_frontier", "analyze",
-           "default_caps", "COST_AXES",
-           "run_budget_control", "write_budget_control", "budget_control_markdown", "plot_budget_control",
-           "RunDirError"]
+Names load on first use (so the CLI parses its arguments before torch is imported).
+"""
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    ".evaluate": ("COST_AXES", "CostModel", "Setting", "analyze", "build_settings", "default_caps",
+                  "evaluate_settings", "pareto_frontier"),
+    ".generate": ("CACHE_MODES", "FULL", "SAMPLING", "EmptyPromptError", "Generation", "GenerationError",
+                  "PromptTooLongError", "UnknownBudgetError", "generate", "resolve_budget"),
+    ".report": ("RunDirError", "budget_control_markdown", "plot_budget_control", "run_budget_control",
+                "write_budget_control"),
+}
+_WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
+
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str):
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_WHERE[name], __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
