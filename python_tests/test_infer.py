@@ -227,7 +227,8 @@ def test_reuse_mode_with_one_budget_is_exact(model, budgets):
 
 # ---- sampling and limits -----------------------------------------------------------------------
 def test_sampling_seeded_per_request(model, budgets):
-    kw = dict(think_budget="half", answer_budget="full", budgets=budgets, max_think_tokens=6, max_answer_tokens=4, **IDS,
+    kw = dict(think_budget="half", answer_budget="full", budgets=budgets, max_think_tokens=6, max_answer_tokens=4,
+              **IDS,
               sampling="sample", temperature=1.5, top_p=0.9)
     batch = generate(model, PROMPTS[:3], seed=11, **kw)
     again = generate(model, PROMPTS[:3], seed=11, **kw)

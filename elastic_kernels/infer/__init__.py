@@ -14,6 +14,8 @@ Names load on first use (so the CLI parses its arguments before torch is importe
 from __future__ import annotations
 
 import importlib
+import sys
+import types
 
 _EXPORTS = {
     ".evaluate": ("COST_AXES", "CostModel", "Setting", "analyze", "build_settings", "default_caps",
@@ -38,3 +40,17 @@ def __getattr__(name: str):
 
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(__all__))
+
+
+class _Face(types.ModuleType):
+    """Keeps ``infer.generate`` the function: importing the submodule ``infer/generate.py`` would
+    otherwise bind the package attribute to the module (as an eager ``from .generate import
+    generate`` here used to overwrite it)."""
+
+    def __setattr__(self, name: str, value) -> None:
+        if name in _WHERE and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Face

@@ -15,7 +15,8 @@ from .base import SPLITS, Batch, Task, Tokenizer
 from .fused import FUSED_OPS, FusedAnswerTask, FusedProblem
 from .jsonl import JsonlTask, TextRecord
 
-__all__ = ["Task", "Tokenizer", "Batch", "SPLITS", "ArithmeticTask", "Problem", "DIFFICULTY_OPS", "FusedAnswerTask", "FusedProblem", "FUSED_OPS", "JsonlTask", "TextRecord", "get",
+__all__ = ["Task", "Tokenizer", "Batch", "SPLITS", "ArithmeticTask", "Problem", "DIFFICULTY_OPS", "FusedAnswerTask",
+           "FusedProblem", "FUSED_OPS", "JsonlTask", "TextRecord", "get",
            "from_dict", "register", "names"]
 
 _REGISTRY: dict[str, type[Task]] = {}

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 import json
 import logging
 import os
@@ -31,7 +32,7 @@ def _description() -> str:
     presets = "; ".join(f"{name}: " + (", ".join(f"{k}={json.dumps(v)}" for k, v in sorted(over.items())
                                                   if k != "model") or "(the defaults)")
                         for name, over in PRESETS.items())
-    return (f"{TrainConfig.__doc__.strip()}\n\nDefaults shown are those of the chosen --preset "
+    return (f"{inspect.cleandoc(TrainConfig.__doc__)}\n\nDefaults shown are those of the chosen --preset "
             f"(presets: {presets}; each preset also sets a model). Explicit options override the preset. "
             "--resume --run-dir X continues the run in X with its saved configuration.")
 

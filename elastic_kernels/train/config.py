@@ -35,7 +35,7 @@ def _list(*values):
 @dataclass
 class TrainConfig:
     """The Star Elastic reference loop: stage 0 parent, stage 1 importance + permutation, stage 2
-    routers + curriculum distillation of all nested budgets, stage 3 (``--qad``)
+    routers + curriculum distillation of all nested budgets, stage 3 (--qad)
     quantization-aware distillation, independent baselines, and a report (report.md /
     report.json / report.png) in the run directory."""
 
@@ -58,8 +58,7 @@ class TrainConfig:
     """a step with a non-finite loss or gradient: stop the run (its last checkpoint kept) or skip the step"""
     # task
     task: str = "fused"
-    """generated task (elastic_kernels.tasks): fused (chain arithmetic whose answer is one hard fused step;
-    thinking caps trained) | arithmetic (the answer copies the trace's last value)"""
+    """task (elastic_kernels.tasks): fused (hard fused answer step) | arithmetic (answer = last trace value)"""
     task_args: dict = field(default_factory=dict)
     """extra task keyword arguments as a JSON object, e.g. {"truncate_prob": 0.25} for fused"""
     modulus: int = 10
@@ -85,8 +84,7 @@ class TrainConfig:
     budgets: list[float] = _list(1.0, 0.75, 0.5)
     """target budgets as fractions of the parent's parameters (must include 1.0)"""
     budget_metric: Literal["active", "total"] = "total"
-    """which parameter count the budgets refer to: total (the paper's sizes) | active (top-k experts; leaves the
-    expert count free); both are reported"""
+    """parameter count the budgets refer to: total (the paper's sizes) | active (top-k experts); both reported"""
     # stage 0: parent
     batch_size: int = 32
     """global batch size (split across ranks)"""
@@ -129,11 +127,9 @@ class TrainConfig:
     hard_sample_prob: float = 0.004
     """probability per step of a hard (straight-through one-hot) Gumbel sample (reference: 1 - hard_sample_th)"""
     full_prob: float = 0.33
-    """curriculum stage A probability of drawing the full model (reference original_model_sample_prob); the
-    other budgets share the rest"""
+    """stage A probability of drawing the full model (reference original_model_sample_prob); others share the rest"""
     full_pin_weight: float = 1.0
-    """weight of the loss pulling the routers' 1.0 choice to the full size (budget 1.0 itself always runs the
-    unrouted parent)"""
+    """weight of the loss pulling the routers' 1.0 choice to full size (budget 1.0 runs the unrouted parent)"""
     scale_start: float = 1.0
     """router logit scale at the start of stage 2"""
     scale_end: float = 10.0

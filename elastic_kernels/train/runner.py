@@ -80,6 +80,7 @@ class DistInfo:
     rank: int
     world: int
     device: torch.device
+    owns_group: bool = False  # the process group was created here (and is destroyed by Runner.close)
 
     @property
     def main(self) -> bool:
@@ -99,9 +100,10 @@ def setup_distributed(cfg: TrainConfig) -> DistInfo:
     device = torch.device(f"cuda:{local}") if want_cuda else torch.device("cpu")
     if want_cuda:
         torch.cuda.set_device(device)
-    if world > 1 and not dist.is_initialized():
+    owns = world > 1 and not dist.is_initialized()
+    if owns:
         dist.init_process_group("nccl" if want_cuda else "gloo")
-    return DistInfo(rank, world, device)
+    return DistInfo(rank, world, device, owns)
 
 
 def _state_tensors(modules: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
@@ -136,32 +138,32 @@ class Runner:
         if cfg.resume and not (self.dir / "progress.json").is_file():
             raise RunError(f"--resume: {self.dir} holds no run to resume (no progress.json); drop --resume to "
                            "start a new run there")
+        self._lock: RunLock | None = None
         self.dist = setup_distributed(cfg)
-        self.device = self.dist.device
-        if cfg.threads > 0:
-            torch.set_num_threads(cfg.threads)
-        self.task = tasks.get(cfg.resolved_task(), **cfg.task_kwargs())
-        self.parent_state = None  # --parent: the imported weights, stage 0 of the run
-        if cfg.parent:
-            from ..interop import load_parent
-            parent, self.model_config = load_parent(cfg.parent, nested_choices=cfg.model.get("nested_choices"))
-            if self.task.vocab_size > self.model_config.vocab_size:
-                raise RunError(f"--parent: the task's tokenizer has {self.task.vocab_size} tokens, more than the "
-                               f"parent's vocab_size {self.model_config.vocab_size}")
-            self.parent_state = {k: v.float() for k, v in parent.state_dict().items()}
-        else:
-            self.model_config = ElasticHybridConfig(**{"vocab_size": self.task.vocab_size, **cfg.model})
-        self.metrics = MetricsLog(self.dir / "metrics.jsonl", enabled=self.dist.main)
-        self.val = self.task.problems("val", cfg.val_size, seed=0)
-        self.test = self.task.problems("test", cfg.test_size, seed=0)
-        self.steps_done_here = 0
-        self._stop_signal: int | None = None
-        self._clock = (time.perf_counter(), 0.0, time.process_time(), 0.0)  # stage t0, prior, cpu0, cpu prior
-        self._lock = RunLock(self.dir) if self.dist.main else None
-        self._where = ("", 0, 0)  # stage, step being run, last saved step
         try:
-            if self._lock is not None:
-                self._lock.acquire()
+            self.device = self.dist.device
+            if cfg.threads > 0:
+                torch.set_num_threads(cfg.threads)
+            self.task = tasks.get(cfg.resolved_task(), **cfg.task_kwargs())
+            self.parent_state = None  # --parent: the imported weights, stage 0 of the run
+            if cfg.parent:
+                from ..interop import load_parent
+                parent, self.model_config = load_parent(cfg.parent, nested_choices=cfg.model.get("nested_choices"))
+                if self.task.vocab_size > self.model_config.vocab_size:
+                    raise RunError(f"--parent: the task's tokenizer has {self.task.vocab_size} tokens, more than the "
+                                   f"parent's vocab_size {self.model_config.vocab_size}")
+                self.parent_state = {k: v.float() for k, v in parent.state_dict().items()}
+            else:
+                self.model_config = ElasticHybridConfig(**{"vocab_size": self.task.vocab_size, **cfg.model})
+            self.metrics = MetricsLog(self.dir / "metrics.jsonl", enabled=self.dist.main)
+            self.val = self.task.problems("val", cfg.val_size, seed=0)
+            self.test = self.task.problems("test", cfg.test_size, seed=0)
+            self.steps_done_here = 0
+            self._stop_signal: int | None = None
+            self._clock = (time.perf_counter(), 0.0, time.process_time(), 0.0)  # stage t0, prior, cpu0, cpu prior
+            self._where = ("", 0, 0)  # stage, step being run, last saved step
+            if self.dist.main:
+                self._lock = RunLock(self.dir).acquire()
             self.progress = self._init_progress()
         except BaseException:
             self.close()
@@ -219,10 +221,14 @@ class Runner:
         atomic_write_text(self.dir / "progress.json", json.dumps(prog, indent=2, sort_keys=True))
 
     def close(self) -> None:
-        """Release the run directory and leave the process group (idempotent)."""
+        """Release the run directory and destroy the process group this runner created (idempotent).
+
+        Destroying it before the interpreter exits matters: a gloo group left to the interpreter's
+        teardown is torn down while its worker threads are still joinable, and the process then
+        dies with "terminate called without an active exception"."""
         if self._lock is not None:
             self._lock.release()
-        if dist.is_initialized():
+        if getattr(self, "dist", None) is not None and self.dist.owns_group and dist.is_initialized():
             dist.destroy_process_group()
 
     # ---- distributed helpers ------------------------------------------------------------------
