@@ -614,3 +614,34 @@ def test_corrupt_progress_is_a_clear_error(tmp_path):
         run(_smoke(tmp_path, "c", baselines=False, resume=True))
     with pytest.raises(RunError, match="holds no run to resume"):
         run(_smoke(tmp_path, "nothing", baselines=False, resume=True))
+
+
+def test_resume_falls_back_to_the_previous_good_checkpoint(tmp_path, caplog):
+    """A corrupt newest training checkpoint: the resume warns, continues from the one before (the
+    metrics then equal an uninterrupted run's); both corrupt: a clear CheckpointError."""
+    import logging
+
+    from elastic_kernels.train.checkpoint import previous_path
+    from elastic_kernels.train.metrics import read_metrics
+    from elastic_kernels.train.runner import StopRun
+    kw = dict(baselines=False, ckpt_every=1)
+    run(_smoke(tmp_path, "a", **kw))
+    with pytest.raises(StopRun):
+        run(_smoke(tmp_path, "b", stop_after=4, **kw))
+    state = tmp_path / "b" / "state.safetensors"
+    assert load_checkpoint(previous_path(state))[1]["step"] == 3
+    data = bytearray(state.read_bytes())
+    data[-5] ^= 0xFF  # a flipped byte in the tensor data
+    state.write_bytes(bytes(data))
+    with caplog.at_level(logging.WARNING):
+        run(_smoke(tmp_path, "b", resume=True, **kw))
+    assert "falling back to the previous checkpoint" in caplog.text
+    a = _strip_time(read_metrics(tmp_path / "a" / "metrics.jsonl"))
+    b = _strip_time(read_metrics(tmp_path / "b" / "metrics.jsonl"))
+    assert a == b
+    with pytest.raises(StopRun):
+        run(_smoke(tmp_path, "c", stop_after=4, **kw))
+    for p in (tmp_path / "c" / "state.safetensors", previous_path(tmp_path / "c" / "state.safetensors")):
+        p.write_bytes(p.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match="no good checkpoint"):
+        run(_smoke(tmp_path, "c", resume=True, **kw))

@@ -32,8 +32,8 @@ import torch.nn as nn
 from .. import tasks
 from .._io import atomic_write_text
 from ..tasks import Batch
-from .checkpoint import (CheckpointError, load_checkpoint, optimizer_from_tensors, optimizer_to_tensors,
-                         save_checkpoint)
+from .checkpoint import (CheckpointError, load_checkpoint, load_latest_good, optimizer_from_tensors,
+                         optimizer_to_tensors, remove_checkpoint, save_checkpoint)
 from .config import RESUME_FREE, TrainConfig
 from .evaluate import evaluate_model
 from .lock import RunLock
@@ -336,19 +336,22 @@ class Runner:
         """Run ``step_fn(step)`` for ``step`` in ``[start, steps)``, resuming from this stage's
         checkpoint; returns the tokens of the stage. ``step_fn`` returns the step's metrics and its
         ``"tokens"``; ``eval_fn(step)`` (rank 0) runs every ``cfg.eval_every`` steps. ``modules``
-        and ``opt`` are what a checkpoint holds."""
+        and ``opt`` are what a checkpoint holds. Each save keeps the one it replaces; a resume
+        whose newest checkpoint is corrupt falls back to that previous one (a warning), and
+        refuses with a :class:`CheckpointError` naming both when neither is good."""
         cfg = self.cfg
         ck = self.dir / STATE_NAME
         start, tokens, elapsed = 0, 0, 0.0
-        if ck.exists():
-            tensors, meta = load_checkpoint(ck)
+        found = load_latest_good(ck)
+        if found is not None:
+            tensors, meta, ck_read = found
             if meta.get("stage") == stage:
-                _load_state_tensors(modules, tensors, ck)
+                _load_state_tensors(modules, tensors, ck_read)
                 optimizer_from_tensors(opt, tensors, meta["opt"], "opt")
                 start, tokens, elapsed = meta["step"], meta["tokens"], meta["time_s"]
                 t0, _, cpu0, _ = self._clock
                 self._clock = (t0, meta.get("stage_time_s", elapsed), cpu0, meta.get("stage_cpu_s", 0.0))
-                log.info("resumed stage %s at step %d", stage, start)
+                log.info("resumed stage %s at step %d from %s", stage, start, ck_read.name)
         self.metrics.truncate_after(lambda r: not (r.get("stage") == stage and r.get("step", 0) > start))
         t0 = time.perf_counter() - elapsed
         self._where = (stage, start, start)
@@ -360,7 +363,7 @@ class Runner:
                 save_checkpoint(ck, _state_tensors(modules) | ot, {
                     "stage": stage, "step": step, "tokens": tokens, "opt": om, "time_s": time.perf_counter() - t0,
                     "stage_time_s": prior + time.perf_counter() - st0,
-                    "stage_cpu_s": cpu_prior + time.process_time() - cpu0})
+                    "stage_cpu_s": cpu_prior + time.process_time() - cpu0}, keep_previous=True)
             self._where = (stage, step, step)
 
         bar = None
@@ -412,9 +415,7 @@ class Runner:
         self.progress["done"].append(stage)
         if self.dist.main:
             self._write_progress(self.progress)
-            ck = self.dir / STATE_NAME
-            if ck.exists():
-                ck.unlink()
+            remove_checkpoint(self.dir / STATE_NAME)
         self.barrier()
         if self._should_stop() and stage != "report":
             raise StopRun(f"stopped after stage {stage}; continue with elastic-train --resume --run-dir {self.dir}",
