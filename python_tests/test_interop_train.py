@@ -14,6 +14,7 @@ tokenizers = pytest.importorskip("tokenizers", reason="the [hf] extra (tokenizer
 from hf_models import NEMOTRON, L, hf_logits, our_logits  # noqa: E402
 
 from elastic_kernels.interop import cli as export_cli  # noqa: E402
+from elastic_kernels.interop import from_hf  # noqa: E402
 from elastic_kernels.models import load_nested, read_nested_config  # noqa: E402
 from elastic_kernels.tasks import JsonlTask  # noqa: E402
 from elastic_kernels.train import cli as train_cli  # noqa: E402
@@ -98,6 +99,12 @@ def test_train_from_hf_parent_then_export_every_budget(parent_and_data, tmp_path
         want = our_logits(parent, ids, budget=budget)[0]
         got = hf_logits(loaded.eval(), ids)[0]
         assert (got - want).abs().max() <= 1e-5 * want.abs().max(), name
+        q = tmp_path / f"nvfp4-{name}"
+        assert export_cli.main([str(run), str(q), "--budget", name, "--format", "hf", "--quantization", "nvfp4"]) == 0
+        assert json.loads((q / "config.json").read_text())["quantization_config"]["quant_method"] == "modelopt"
+        back, _ = from_hf(q)  # NVFP4 weights of the slice: close to, not equal to, the float slice
+        err = (our_logits(back, ids)[0] - want).abs().max()
+        assert 0 < err <= 0.25 * want.abs().max(), (name, float(err))
         nested = tmp_path / f"nested-{name}"
         assert export_cli.main([str(run), str(nested), "--budget", name, "--format", "nested"]) == 0
         assert torch.equal(our_logits(load_nested(nested), ids)[0], our_logits(parent.slice(budget), ids)[0])

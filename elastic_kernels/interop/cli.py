@@ -14,7 +14,7 @@ import logging
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, NoReturn, Optional, Sequence
+from typing import Annotated, Literal, NoReturn, Optional, Sequence
 
 import tyro
 
@@ -31,9 +31,9 @@ class ExportArgs:
     """Export one nested budget of an elastic-train run as a standalone checkpoint: a Hugging Face
     directory that transformers loads (--format hf) or a nested checkpoint (--format nested)."""
 
-    run_dir: tyro.conf.Positional[str]
+    run_dir: Annotated[str, tyro.conf.Positional, tyro.conf.arg(metavar="RUN_DIR")]
     """run directory written by elastic-train"""
-    out: tyro.conf.Positional[str]
+    out: Annotated[str, tyro.conf.Positional, tyro.conf.arg(metavar="OUT")]
     """output directory (must not exist or be empty)"""
     budget: str
     """budget name of the run's budget table (e.g. 0.5), or full"""
