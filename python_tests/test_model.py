@@ -1,4 +1,4 @@
-"""The elastic hybrid reference model (issue 5): budgets, slicing, soft masks, importance and
+"""The elastic hybrid reference model: budgets, slicing, soft masks, importance and
 permutation, per-sample budgets, decode caches, nested checkpoints, bad input."""
 from __future__ import annotations
 
@@ -206,7 +206,7 @@ def test_gated_rmsnorm_per_group_interleaved():
 
 
 # ---------------------------------------------------------------------------------------------
-# acceptance 1: masked forward == sliced forward, param_count == numel(slice)
+# masked forward == sliced forward, param_count == numel(slice)
 # ---------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", list(CONFIGS))
@@ -357,7 +357,7 @@ def test_soft_masks_are_differentiable_and_combine_with_hard_widths():
 
 
 # ---------------------------------------------------------------------------------------------
-# acceptance 2: importance and permutation
+# importance and permutation
 # ---------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", list(CONFIGS))
@@ -431,7 +431,7 @@ def test_importance_ranks_planted_expert_channel_first():
 
 
 # ---------------------------------------------------------------------------------------------
-# acceptance 3-4: per-sample budgets, decode caches
+# per-sample budgets, decode caches
 # ---------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", list(CONFIGS))
@@ -542,7 +542,7 @@ def test_cache_clear_outside_leaves_what_a_narrow_decode_alone_leaves():
 
 
 # ---------------------------------------------------------------------------------------------
-# acceptance 5: nested checkpoints
+# nested checkpoints
 # ---------------------------------------------------------------------------------------------
 
 def _rchar() -> int | None:
@@ -705,7 +705,7 @@ def test_nested_checkpoint_errors(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# acceptance 6: bad input
+# bad input
 # ---------------------------------------------------------------------------------------------
 
 def test_bad_budgets_and_inputs_named_errors():

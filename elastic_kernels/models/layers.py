@@ -30,7 +30,7 @@ from ..ops.moe import moe_experts, moe_route
 from ..ops.ssd import ssd_scan, ssd_state_update
 from ..ops.weights import linear as _linear
 from .cache import AttentionLayerCache, MambaLayerCache
-from .protocol import ElasticLayer, LayerAxis, check_score, descending, permute_rows_
+from .protocol import ElasticLayer, LayerAxis, check_score, descending, permute_rows_, unit_weights
 
 def _compute_dtype(t: Tensor) -> torch.dtype:
     """Normalization statistics run in float32 at least (float64 stays float64)."""
@@ -48,26 +48,6 @@ def _activation(v: Tensor, name: str) -> Tensor:
 def _per_sample(m: Tensor, batch_dims: int) -> Tensor:
     """View a ``(batch, n)`` tensor as ``(batch, 1, ..., n)`` with ``batch_dims`` leading dims."""
     return m.reshape(m.shape[0], *([1] * (batch_dims - 1)), m.shape[-1])
-
-
-def _unit_weights(width, mask, n: int, x: Tensor, name: str) -> Tensor | None:
-    """Combined 0/1 per-sample prefix mask and soft mask over the first ``n`` units: None,
-    ``(n,)`` or ``(batch, n)`` float (x's dtype promoted to float32 at least)."""
-    w = None
-    if isinstance(width, Tensor):
-        if width.dim() != 1 or width.shape[0] != x.shape[0]:
-            raise ValueError(f"{name}: per-sample width must have shape (batch={x.shape[0]},), "
-                             f"got {tuple(width.shape)}")
-        w = (torch.arange(n, device=x.device)[None, :] < width[:, None]).to(torch.float32)
-    if mask is not None:
-        if not isinstance(mask, Tensor) or not mask.is_floating_point():
-            raise TypeError(f"{name}: soft mask must be a float tensor, got {type(mask).__name__}")
-        if mask.dim() not in (1, 2) or mask.shape[-1] < n or (mask.dim() == 2 and mask.shape[0] != x.shape[0]):
-            raise ValueError(f"{name}: soft mask must have shape (units,) or (batch={x.shape[0]}, units) "
-                             f"with units >= {n}, got {tuple(mask.shape)}")
-        m = mask[..., :n].to(torch.promote_types(mask.dtype, torch.float32))
-        w = m if w is None else w * m
-    return w
 
 
 def _hard_int(width, full: int, name: str) -> int:
@@ -99,7 +79,7 @@ class ElasticRMSNorm(ElasticLayer):
         k = x.shape[-1]
         if k > self.dim:
             raise ValueError(f"ElasticRMSNorm: x has {k} channels, more than dim={self.dim}")
-        c = _unit_weights(width, mask, k, x, "ElasticRMSNorm")
+        c = unit_weights(width, mask, k, x, "ElasticRMSNorm")
         cd = _compute_dtype(x)
         xf = x.to(cd)
         if c is None:
@@ -269,7 +249,7 @@ class ElasticMamba2Mixer(ElasticLayer):
         A = -torch.exp(self.A_log[:hh].to(_compute_dtype(x)))
         scale = None
         if head_mask is not None:
-            scale = _unit_weights(None, head_mask, hh, x, "ElasticMamba2Mixer: head_mask")
+            scale = unit_weights(None, head_mask, hh, x, "ElasticMamba2Mixer: head_mask")
             scale = scale.expand(b, hh) if scale.dim() == 1 else scale
         common = dict(D=self.D[:hh], dt_bias=self.dt_bias[:hh], dt_softplus=True,
                       head_layout="interleaved", active_heads=per_sample)
@@ -286,7 +266,7 @@ class ElasticMamba2Mixer(ElasticLayer):
                 cache.ssm[:, :hh] = final.to(cache.ssm.dtype)
         if cache is not None:
             cache.has_state = True
-        hw = _unit_weights(per_sample, head_mask, hh, x, "ElasticMamba2Mixer: head_mask")
+        hw = unit_weights(per_sample, head_mask, hh, x, "ElasticMamba2Mixer: head_mask")
         y = self.norm(y, z, hw)
         return _linear(y.reshape(b, l, hh * P), self.out_proj[:k, :hh * P])
 
@@ -435,7 +415,7 @@ class ElasticFFN(ElasticLayer):
         if isinstance(width, Tensor) and max_width is not None:
             f = _hard_int(max_width, self.ffn, "ElasticFFN: max_width")
         a = _activation(_linear(x, self.up[:f, :k]), self.activation)
-        c = _unit_weights(width if isinstance(width, Tensor) else None, mask, f, x, "ElasticFFN: mask")
+        c = unit_weights(width if isinstance(width, Tensor) else None, mask, f, x, "ElasticFFN: mask")
         if c is not None:
             a = a * (_per_sample(c, x.dim() - 1) if c.dim() == 2 else c).to(a.dtype)
         return _linear(a, self.down[:k, :f])
@@ -604,7 +584,7 @@ class ElasticMoE(ElasticLayer):
             logits = F.linear(xt, wr)
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
         if expert_mask is not None:
-            m = _unit_weights(None, expert_mask, e, xt[::per_token], "ElasticMoE: expert_mask")
+            m = unit_weights(None, expert_mask, e, xt[::per_token], "ElasticMoE: expert_mask")
             logm = torch.where(m > 0, torch.log(m.clamp_min(1e-30)), torch.full_like(m, float("-inf")))
             logits = logits + (logm.repeat_interleave(per_token, 0) if logm.dim() == 2 else logm)
         cb = self.correction_bias[:e] if self.correction_bias is not None else None
@@ -635,7 +615,7 @@ class ElasticMoE(ElasticLayer):
             f = ffn_width.repeat_interleave(per_token, 0)
         cs = None
         if channel_mask is not None:
-            cs = _unit_weights(None, channel_mask, self.ffn, x, "ElasticMoE: channel_mask")
+            cs = unit_weights(None, channel_mask, self.ffn, x, "ElasticMoE: channel_mask")
             cs = cs.repeat_interleave(per_token, 0) if cs.dim() == 2 else cs
             cs = cs.to(x.dtype)
         w3 = self.w3[:, :, :k] if self.w3 is not None else None

@@ -27,7 +27,8 @@ from torch import Tensor
 from ..formats import QuantizedTensor
 from .cache import HybridCache
 from .config import AXES, AXIS_LETTER, LAYER_AXES, Budget, ElasticHybridConfig
-from .layers import LAYER_KINDS, ElasticEmbedding, ElasticLMHead, ElasticRMSNorm, _unit_weights
+from .layers import LAYER_KINDS, ElasticEmbedding, ElasticLMHead, ElasticRMSNorm
+from .protocol import unit_weights
 
 
 class HybridBlock(nn.Module):
@@ -171,7 +172,7 @@ class ElasticHybridLM(nn.Module):
         k = plan.hidden
         hmask = self._mask_for(soft_masks, "hidden", 0, b)
         h = self.embed(input_ids, k)
-        hw = _unit_weights(plan.hidden_t, hmask, k, h, "soft_masks['hidden']")
+        hw = unit_weights(plan.hidden_t, hmask, k, h, "soft_masks['hidden']")
         if hw is not None:
             hw = (hw[:, None, :] if hw.dim() == 2 else hw).to(h.dtype)
             h = h * hw

@@ -72,6 +72,28 @@ def permute_rows_(p: nn.Parameter | Tensor, perm: Tensor, dim: int = 0) -> None:
     p.data = p.data.index_select(dim, perm.to(p.device)).contiguous()
 
 
+def unit_weights(width, mask, n: int, x: Tensor, name: str) -> Tensor | None:
+    """Combined 0/1 per-sample prefix mask (``width``: LongTensor ``(batch,)``, else ignored) and
+    soft mask (``(units,)`` or ``(batch, units)``) over the first ``n`` units, as every layer applies
+    them (docs/design.md §3): None, ``(n,)`` or ``(batch, n)`` float (float32 at least); errors
+    name ``name``."""
+    w = None
+    if isinstance(width, Tensor):
+        if width.dim() != 1 or width.shape[0] != x.shape[0]:
+            raise ValueError(f"{name}: per-sample width must have shape (batch={x.shape[0]},), "
+                             f"got {tuple(width.shape)}")
+        w = (torch.arange(n, device=x.device)[None, :] < width[:, None]).to(torch.float32)
+    if mask is not None:
+        if not isinstance(mask, Tensor) or not mask.is_floating_point():
+            raise TypeError(f"{name}: soft mask must be a float tensor, got {type(mask).__name__}")
+        if mask.dim() not in (1, 2) or mask.shape[-1] < n or (mask.dim() == 2 and mask.shape[0] != x.shape[0]):
+            raise ValueError(f"{name}: soft mask must have shape (units,) or (batch={x.shape[0]}, units) "
+                             f"with units >= {n}, got {tuple(mask.shape)}")
+        m = mask[..., :n].to(torch.promote_types(mask.dtype, torch.float32))
+        w = m if w is None else w * m
+    return w
+
+
 class ElasticLayer(nn.Module):
     """Base of the elastic layers: the protocol's defaults (no elastic axis beside ``hidden``, no
     importance scores, no quantizable weights, no decode state)."""
