@@ -3,7 +3,9 @@
 // Quantize, one thread per block of 16 elements along K, every step an IEEE fp32 operation in
 // the recipe's order (bit-identical to elastic_kernels/reference/nvfp4.py):
 //   s = e4m3_rne(clamp((block_amax / 6) / g, 2^-6, 448));  r = (1 / g) / s
-//   code = e2m1_rne(clamp(x * r, -6, 6))          (bit 3 = sign; a value rounding to 0 is +0)
+//   code = e2m1_rne(clamp(x * r, -6, 6))          (bit 3 = sign, kept when rounding to 0: -0 = 8)
+// A block holding a NaN or Inf (or a NaN g) gets a NaN scale (byte 0x7F: e4m3 has no Inf) and
+// codes 0, so it decodes to NaN, as the reference does (docs/design.md §5).
 // mode 0 writes packed codes (element 2i in the low nibble) and the scale byte; mode 1 writes the
 // fake-quantized value e2m1 * s * g; mode 2 writes the exact e2m1 * s (W4A4 activations).
 //
@@ -42,7 +44,7 @@ __device__ __forceinline__ uint32_t e2m1_code(float u) {
   const float a = fabsf(u);
   const uint32_t mag = (a > 0.25f) + (a >= 0.75f) + (a > 1.25f) + (a >= 1.75f) + (a > 2.5f) +
                        (a >= 3.5f) + (a > 5.0f);
-  return mag | ((u < 0.f && mag) ? 8u : 0u);
+  return mag | ((signbit(u) && !isnan(u)) ? 8u : 0u);  // -0 keeps its sign, as cvt.rn.satfinite.e2m1x2
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -93,18 +95,23 @@ __global__ void nvfp4_quantize_kernel(Nvfp4QuantizeArgs a) {
   float v[16];
   load16<T, VEC>(reinterpret_cast<const T*>(a.x) + row * a.s_x + blk * 16, v);
   float amax = 0.f;
+  bool bad = false;  // a NaN/Inf element: fmaxf would drop a NaN
 #pragma unroll
-  for (int i = 0; i < 16; ++i) amax = fmaxf(amax, fabsf(v[i]));
+  for (int i = 0; i < 16; ++i) {
+    amax = fmaxf(amax, fabsf(v[i]));
+    bad = bad || !isfinite(v[i]);
+  }
   const float g = reinterpret_cast<const float*>(a.g)[row / a.rows_per_g];
   float sf = __fdiv_rn(__fdiv_rn(amax, 6.0f), g);
+  bad = bad || isnan(sf);
   sf = fminf(fmaxf(sf, 0.015625f), 448.0f);
   uint32_t bits = __float_as_uint(sf);
   bits = (bits + 0x7FFFFu + ((bits >> 20) & 1u)) & 0xFFF00000u;  // e4m3: 3 mantissa bits, RNE
-  const float sq = __uint_as_float(bits);
+  const float sq = bad ? __uint_as_float(0x7FC00000u) : __uint_as_float(bits);
   const float r = __fdiv_rn(__fdiv_rn(1.0f, g), sq);
   uint32_t code[16];
 #pragma unroll
-  for (int i = 0; i < 16; ++i) code[i] = e2m1_code(fminf(fmaxf(__fmul_rn(v[i], r), -6.0f), 6.0f));
+  for (int i = 0; i < 16; ++i) code[i] = bad ? 0u : e2m1_code(fminf(fmaxf(__fmul_rn(v[i], r), -6.0f), 6.0f));
   if (a.mode == 0) {
     uint2 packed;
     uint32_t* w = reinterpret_cast<uint32_t*>(&packed);
@@ -116,7 +123,7 @@ __global__ void nvfp4_quantize_kernel(Nvfp4QuantizeArgs a) {
       w[h] = word;
     }
     *reinterpret_cast<uint2*>(reinterpret_cast<uint8_t*>(a.data) + row * a.s_data + blk * 8) = packed;
-    const uint32_t sbyte = ((((bits >> 23) & 255u) - 120u) << 3) | ((bits >> 20) & 7u);
+    const uint32_t sbyte = bad ? 0x7Fu : ((((bits >> 23) & 255u) - 120u) << 3) | ((bits >> 20) & 7u);
     reinterpret_cast<uint8_t*>(a.scales)[row * a.s_scales + blk] = static_cast<uint8_t>(sbyte);
   } else {
 #pragma unroll

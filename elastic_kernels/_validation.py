@@ -93,6 +93,22 @@ def can_read_values(t: torch.Tensor) -> bool:
     return t.device.type != "meta"
 
 
+def check_nondecreasing(op: str, name: str, t: torch.Tensor, dim_name: str) -> None:
+    """Values of ``t`` must not decrease along its last dimension (named ``dim_name``).
+
+    Needs a host read, so like the value checks of :func:`check_width` it is skipped while
+    tracing, during CUDA graph capture and under ``torch.cuda.set_sync_debug_mode``.
+    """
+    if t.dim() == 0 or t.shape[-1] < 2 or not can_read_values(t):
+        return
+    down = t.diff(dim=-1) < 0
+    if bool(down.any()):
+        *lead, pos = down.nonzero()[0].tolist()
+        at = ", ".join(str(i) for i in (*lead, pos + 1))
+        raise ValueError(f"{op}: {name} must be non-decreasing along {dim_name}, got "
+                         f"{int(t[(*lead, pos)])} then {int(t[(*lead, pos + 1)])} at index ({at})")
+
+
 def check_width(op: str, name: str, width, *, full: int, batch: int, device: torch.device,
                 multiple_of: int = 1, multiple_name: str = "1", min_value: int = 0):
     """Normalize an elastic width argument (DESIGN §3).

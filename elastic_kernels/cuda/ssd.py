@@ -18,9 +18,9 @@ def ssd_state_update(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor,
     """One decode step, ``state`` (batch, nheads, headdim, dstate) float32 updated in place;
     x: (batch, nheads, headdim) fp32/fp16/bf16 -> y like x. Arguments as the reference's."""
     ext = _ext.require_cuda_ext("ssd_state_update")
-    dt, A = dt.float(), A.float()
+    dt, A = dt.float(), A.float().contiguous()  # the kernel reads A and dt_bias unit-strided
     D = D.float() if D is not None else None
-    dt_bias = dt_bias.float() if dt_bias is not None else None
+    dt_bias = dt_bias.float().contiguous() if dt_bias is not None else None
     B, C = B.to(x.dtype), C.to(x.dtype)
     z = z.to(x.dtype) if z is not None else None
     y = torch.empty_like(x)

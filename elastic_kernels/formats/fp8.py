@@ -17,10 +17,10 @@ from .nvfp4 import E4M3_MAX, G_MIN
 
 
 def fp8_scale_of(x: torch.Tensor) -> torch.Tensor:
-    """``amax / 448`` in float32 (1 for an all-zero tensor, >= 2**-126)."""
+    """``amax / 448`` in float32 (1 for an all-zero tensor, >= 2**-126; NaN/Inf for a NaN/Inf amax)."""
     amax = x.abs().amax().float() if x.numel() else x.new_zeros((), dtype=torch.float32)
     s = torch.clamp(amax / E4M3_MAX, min=G_MIN)
-    return torch.where(amax > 0, s, torch.ones_like(s))
+    return torch.where(amax == 0, torch.ones_like(s), s)
 
 
 def encode(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

@@ -48,10 +48,11 @@ WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # ---------------------------------------------------------------------------------------------
 
 def global_scale_from_amax(amax: torch.Tensor) -> torch.Tensor:
-    """``g = amax / 2688`` in float32, with ``g = 1`` for ``amax == 0`` and ``g >= 2**-126``."""
+    """``g = amax / 2688`` in float32, with ``g = 1`` for ``amax == 0`` and ``g >= 2**-126``; a NaN
+    or Inf amax gives a NaN or Inf ``g`` (every output of a fake quantization then is NaN)."""
     amax = amax.float()
     g = torch.clamp(amax / G_DIVISOR, min=G_MIN)
-    return torch.where(amax > 0, g, torch.ones_like(g))
+    return torch.where(amax == 0, torch.ones_like(g), g)
 
 
 def global_scale_of(w: torch.Tensor, dims) -> torch.Tensor:

@@ -165,7 +165,10 @@ def fake_quant_nvfp4(x: Tensor, *, global_scale: Tensor | float | None = None,
         backend: "auto" | "reference" | "triton" | "cuda".
     Returns:
         like x. Gradient: straight-through (identity) for x.
-    Non-finite inputs are not checked (hot path): they make the whole output NaN.
+    Non-finite inputs are not checked (hot path); every backend propagates them the same way
+    (docs/design.md §5): a NaN/Inf element makes the 16 outputs of its block NaN (the block scale
+    is NaN: e4m3 has no Inf), and with the default global scale (``amax(x) / 2688``, then NaN or
+    Inf) every output is NaN. Negative values that round to zero give -0.0.
     """
     op = "fake_quant_nvfp4"
     _check_x(op, "x", x)
@@ -200,6 +203,7 @@ def fake_quant_fp8(x: Tensor, *, scale: Tensor | float | None = None) -> Tensor:
             ``amax(x) / 448`` (1 for an all-zero tensor), computed without gradient.
     Returns:
         like x. Gradient: straight-through (identity). Runs as PyTorch ops on any device.
+    A NaN element gives NaN; with the default scale (then NaN or Inf) every output is NaN.
     """
     op = "fake_quant_fp8"
     check_tensor(op, "x", x, dtypes=X_DTYPES)

@@ -13,7 +13,8 @@ import torch
 from torch import Tensor
 
 from .._dispatch import Backends, lazy
-from .._validation import FLOAT_DTYPES, Dims, check_choice, check_int, check_scale, check_tensor, check_width
+from .._validation import (FLOAT_DTYPES, Dims, check_choice, check_int, check_nondecreasing, check_scale,
+                           check_tensor, check_width)
 from ..cuda import ssd as cuda_ssd
 from ..reference.ssd import ssd_scan_reference_bwd, ssd_scan_reference_fwd, ssd_state_update_reference
 from ._autograd import OpArgs, fake_grads, unpack_grads
@@ -170,7 +171,8 @@ def ssd_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, *, chunk_si
         dt_limit: (lo, hi) clamp of the processed dt (skipped for the default (0, inf)).
         initial_states: (batch, nheads, headdim, dstate), the state before step 0 (it belongs to
             sequence index 0 when ``seq_idx`` is given).
-        seq_idx: (batch, seqlen) int32, non-decreasing; the state resets where it changes.
+        seq_idx: (batch, seqlen) int32, non-decreasing (checked: ValueError, skipped while
+            tracing or capturing a CUDA graph); the state resets where it changes.
         head_layout: "blocked" (head h in group h // (nheads/ngroups), as mamba_ssm) or
             "interleaved" (head h in group h % ngroups; active heads are the prefix [0, k)).
         active_heads: None (all), an int, or an int64 tensor (batch,): total active heads, a
@@ -185,6 +187,11 @@ def ssd_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, *, chunk_si
         y: like x; and final_states (batch, nheads, headdim, dstate) fp32 when asked.
 
     Math: h_t = exp(dt_t A) h_{t-1} + dt_t B_t x_t^T;  y_t = C_t h_t + D x_t;  y *= silu(z).
+
+    NaN/Inf inputs are not checked; every backend propagates them identically (docs/design.md §5)
+    at chunk granularity: a non-finite value at step t reaches the outputs it feeds from the first
+    step of t's chunk on (the chunked products multiply the masked future by 0), never earlier
+    chunks, other samples, or heads that do not read it.
     """
     op = "ssd_scan"
     dims = Dims(op)
@@ -198,6 +205,7 @@ def ssd_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, *, chunk_si
     check_tensor(op, "seq_idx", seq_idx, dtypes=(torch.int32,), device=dev, optional=True)
     if seq_idx is not None:
         dims.check("seq_idx", seq_idx, ("batch", "seqlen"))
+        check_nondecreasing(op, "seq_idx", seq_idx, "seqlen")
     check_scale(op, "head_scale", head_scale, (dims["batch"], dims["nheads"]), dev)
     if (not isinstance(dt_limit, (tuple, list)) or len(dt_limit) != 2
             or not all(isinstance(v, (int, float)) for v in dt_limit)):

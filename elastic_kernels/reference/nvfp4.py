@@ -17,12 +17,15 @@ Conventions that make the recipe total (no inf/NaN for any finite input):
 - **Tiny tensors**: ``g`` is clamped below at ``2**-126`` (the smallest normal float32), so ``1/g``
   stays finite; it only matters when ``amax < 2688 * 2**-126 ≈ 3.2e-35`` (1e-30 is unaffected).
 - **Rounding to E2M1** is round-half-to-even on the code index: ties 0.25, 1.25, 2.5, 5 go down,
-  ties 0.75, 1.75, 3.5 go up. A value that rounds to 0 is encoded as +0 (code 0): code 8 (-0) is
-  never produced (it decodes to -0.0 when read from a foreign checkpoint).
+  ties 0.75, 1.75, 3.5 go up. The sign bit of a value that rounds to 0 is kept: -0 is code 8, as
+  torchao's ``nvfp4_quantize`` and the hardware conversion ``cvt.rn.satfinite.e2m1x2`` write it
+  (it decodes to -0.0), so the packed bytes are bit-exact with both.
 - Clamping ``x * r`` to ±6 and the block scale to ≤ 448 only matters when a caller passes a
   ``global_scale`` smaller than ``amax / 2688`` (values then saturate).
 - NaN/Inf inputs are rejected by :func:`elastic_kernels.nvfp4.quantize`; the fake-quant ops do
-  not check (training hot path), and a non-finite input makes the whole output NaN.
+  not check (training hot path). A block holding a NaN or Inf gets a NaN block scale (e4m3 has no
+  Inf) and codes 0, so its 16 outputs are NaN and the other blocks are unaffected; with the
+  default global scale ``amax / 2688`` (NaN or Inf) every output is NaN.
 """
 from __future__ import annotations
 
@@ -38,7 +41,7 @@ def e2m1_round(v: torch.Tensor) -> torch.Tensor:
     a = v.abs()
     mag = ((a > 0.25).to(torch.uint8) + (a >= 0.75) + (a > 1.25) + (a >= 1.75)
            + (a > 2.5) + (a >= 3.5) + (a > 5.0))
-    neg = (v < 0) & (mag > 0)
+    neg = torch.signbit(v) & ~torch.isnan(v)   # -0 keeps its sign (code 8); NaN gives code 0
     return mag | (neg.to(torch.uint8) << 3)
 
 
@@ -55,7 +58,8 @@ def quantize_rows(x: torch.Tensor, g_rows: torch.Tensor):
     xb = x.float().reshape(rows, k // BLOCK, BLOCK)
     g = g_rows.float().reshape(rows, 1)
     bamax = xb.abs().amax(dim=-1) if xb.numel() else xb.new_zeros(rows, k // BLOCK)
-    s = torch.clamp((bamax / E2M1_MAX) / g, min=SCALE_MIN, max=E4M3_MAX).to(torch.float8_e4m3fn)
+    s = torch.clamp((bamax / E2M1_MAX) / g, min=SCALE_MIN, max=E4M3_MAX)
+    s = torch.where(torch.isinf(bamax), torch.nan, s).to(torch.float8_e4m3fn)  # e4m3 has no Inf
     r = torch.reciprocal(g) / s.float()
     v = torch.clamp(xb * r[..., None], min=-E2M1_MAX, max=E2M1_MAX)
     return e2m1_round(v).reshape(rows, k), s

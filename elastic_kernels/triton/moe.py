@@ -49,8 +49,9 @@ ACT_CODES = {"relu2": 0, "silu": 1, "gelu": 2}
 
 @triton.jit
 def _act(h, ACT: tl.constexpr):
+    """The activation; NaN propagates (relu(NaN) = NaN, as torch.relu)."""
     if ACT == 0:
-        r = tl.maximum(h, 0.0)
+        r = tl.maximum(h, 0.0, propagate_nan=tl.PropagateNan.ALL)
         return r * r
     elif ACT == 1:
         return h * tl.sigmoid(h)
@@ -61,7 +62,7 @@ def _act(h, ACT: tl.constexpr):
 @triton.jit
 def _act_grad(h, ACT: tl.constexpr):
     if ACT == 0:
-        return 2.0 * tl.maximum(h, 0.0)
+        return 2.0 * tl.maximum(h, 0.0, propagate_nan=tl.PropagateNan.ALL)
     elif ACT == 1:
         sg = tl.sigmoid(h)
         return sg * (1.0 + h * (1.0 - sg))
@@ -207,8 +208,9 @@ def _moe_down_kernel(a_ptr, wa, a2_ptr, wb, o_ptr,
 
 @triton.jit
 def _moe_unpermute_kernel(o_ptr, w_ptr, inv_ptr, offs_ptr, y_ptr, H, TOP_K, n_act,
-                          s_or, s_yt, HAS_W: tl.constexpr, BH: tl.constexpr):
-    """y[t, hs] = sum_j w[t, j] o[inv[t * top_k + j], hs] over rows of valid ids (fp32 sum)."""
+                          s_or, s_yt, s_wt, s_wk, HAS_W: tl.constexpr, BH: tl.constexpr):
+    """y[t, hs] = sum_j w[t, j] o[inv[t * top_k + j], hs] over rows of valid ids (fp32 sum);
+    w[t, j] is read at ``w_ptr + t s_wt + j s_wk`` (any strides, stride 0 included)."""
     t = tl.program_id(0).to(tl.int64)
     hs = tl.program_id(1) * BH + tl.arange(0, BH).to(tl.int64)
     hmask = hs < H
@@ -219,7 +221,7 @@ def _moe_unpermute_kernel(o_ptr, w_ptr, inv_ptr, offs_ptr, y_ptr, H, TOP_K, n_ac
         r = tl.load(inv_ptr + p)
         v = tl.load(o_ptr + r * s_or + hs, mask=hs < tl.where(r < n_valid, H, 0), other=0.0).to(tl.float32)
         if HAS_W:
-            v = v * tl.load(w_ptr + p).to(tl.float32)
+            v = v * tl.load(w_ptr + t * s_wt + j * s_wk).to(tl.float32)
         acc += v
     tl.store(y_ptr + t * s_yt + hs, acc.to(y_ptr.dtype.element_ty), mask=hmask)
 
@@ -419,7 +421,7 @@ def _weight_operand(w, k_dim: int):
     n_dim = 3 - k_dim
     if isinstance(w, NVFP4Tensor):
         d, sc = w.data, w.scales.view(torch.uint8)
-        return ((d, sc, w.matrix_scales(), d.stride(0), d.stride(k_dim), d.stride(n_dim),
+        return ((d, sc, w.matrix_scales().contiguous(), d.stride(0), d.stride(k_dim), d.stride(n_dim),
                  sc.stride(0), sc.stride(k_dim), sc.stride(n_dim)), 1 if k_dim == 2 else 2)
     return (w, w, w, w.stride(0), w.stride(k_dim), w.stride(n_dim), 0, 0, 0), 0
 
@@ -434,9 +436,9 @@ def _cs_args(channel_scale):
 
 def _unpermute(o, plan, topk_weights, tokens, top_k, hidden, num_active, out_dtype, blk):
     y = torch.empty(tokens, hidden, dtype=out_dtype, device=o.device)
-    w = topk_weights.reshape(-1) if topk_weights is not None else o
+    w, s_wt, s_wk = (topk_weights, *topk_weights.stride()) if topk_weights is not None else (o, 0, 0)
     _moe_unpermute_kernel[(tokens, triton.cdiv(hidden, blk["BH"]))](
-        o, w, plan["inv"], plan["offs"], y, hidden, top_k, num_active, o.stride(0), y.stride(0),
+        o, w, plan["inv"], plan["offs"], y, hidden, top_k, num_active, o.stride(0), y.stride(0), s_wt, s_wk,
         HAS_W=topk_weights is not None, BH=blk["BH"], num_warps=blk["num_warps"])
     return y
 

@@ -6,6 +6,10 @@ order of DESIGN §5 so the codes are bit-identical to :mod:`elastic_kernels.refe
     s = e4m3_rne(clamp((block_amax / 6) / g, 2**-6, 448));   r = (1 / g) / s
     code = e2m1_rne(clamp(x * r, -6, 6))
 
+The sign bit of a value that rounds to zero is kept (-0 is code 8). A block holding a NaN or
+Inf (or a NaN ``g``) gets a NaN block scale (byte 0x7F: e4m3 has no Inf) and codes 0, so it
+decodes to NaN; max and clamp are written to propagate NaN (docs/design.md §5).
+
 Three outputs from one kernel (``MODE``): 0 packed codes + scale bytes; 1 the fake-quantized
 value ``e2m1 * s * g`` (forward of fake quant; its backward is the identity, straight-through);
 2 the exact ``e2m1 * s`` (W4A4 activations, the GEMM applies ``g_x`` in its epilogue).
@@ -72,6 +76,12 @@ def _bf16_rne(v):
 
 
 @triton.jit
+def _max_nan(a, b):
+    """max that propagates NaN (``tl.max`` drops it), for the block amax."""
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
 def _quantize_kernel(x_ptr, g_ptr, data_ptr, scales_ptr, out_ptr, R, K, rows_per_g,
                      stride_xr, stride_dr, stride_sr, stride_or,
                      MODE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -85,21 +95,26 @@ def _quantize_kernel(x_ptr, g_ptr, data_ptr, scales_ptr, out_ptr, R, K, rows_per
     x = tl.load(x_ptr + rows[:, None] * stride_xr + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     g = tl.load(g_ptr + rows // rows_per_g, mask=rmask, other=1.0)
     xb = tl.reshape(x, (BLOCK_R, NB, 16))
-    bamax = tl.max(tl.abs(xb), axis=2)
+    bamax = tl.reduce(tl.abs(xb), 2, _max_nan)
     sf = tl.math.div_rn(tl.math.div_rn(bamax, 6.0), g[:, None])
-    sf = tl.minimum(tl.maximum(sf, 0.015625), 448.0)
+    # a block with a NaN/Inf element (or a NaN g) gets a NaN scale: e4m3 has no Inf
+    sf = tl.where(bamax == float("inf"), float("nan"), sf)
+    sf = tl.minimum(tl.maximum(sf, 0.015625, propagate_nan=tl.PropagateNan.ALL), 448.0,
+                    propagate_nan=tl.PropagateNan.ALL)
+    nan_blk = sf != sf
     # round to e4m3 (3 mantissa bits, nearest-even); sf is a normal number in [2**-6, 448]
     bits = sf.to(tl.int32, bitcast=True)
     bits = (bits + 0x7FFFF + ((bits >> 20) & 1)) & -1048576  # & ~0xFFFFF
-    sq = bits.to(tl.float32, bitcast=True)
+    sq = tl.where(nan_blk, float("nan"), bits.to(tl.float32, bitcast=True))
     r = tl.math.div_rn(tl.math.div_rn(1.0, g)[:, None], sq)
     v = tl.reshape(xb * r[:, :, None], (BLOCK_R, BLOCK_K))
-    v = tl.minimum(tl.maximum(v, -6.0), 6.0)
+    v = tl.minimum(tl.maximum(v, -6.0, propagate_nan=tl.PropagateNan.ALL), 6.0, propagate_nan=tl.PropagateNan.ALL)
     a = tl.abs(v)
     mag = ((a > 0.25).to(tl.int32) + (a >= 0.75).to(tl.int32) + (a > 1.25).to(tl.int32)
            + (a >= 1.75).to(tl.int32) + (a > 2.5).to(tl.int32) + (a >= 3.5).to(tl.int32)
            + (a > 5.0).to(tl.int32))
-    codes = tl.where((v < 0) & (mag > 0), mag | 8, mag)
+    # the sign bit is kept for values that round to 0 (-0 is code 8); NaN gives code 0
+    codes = tl.where((v.to(tl.int32, bitcast=True) < 0) & (v == v), mag | 8, mag)
     if MODE == 0:
         pairs = tl.reshape(codes, (BLOCK_R, BLOCK_K // 2, 2))
         lo, hi = tl.split(pairs)
@@ -107,7 +122,7 @@ def _quantize_kernel(x_ptr, g_ptr, data_ptr, scales_ptr, out_ptr, R, K, rows_per
         hcols = pid_k * (BLOCK_K // 2) + tl.arange(0, BLOCK_K // 2).to(tl.int64)
         hmask = rmask[:, None] & (hcols < K // 2)[None, :]
         tl.store(data_ptr + rows[:, None] * stride_dr + hcols[None, :], packed, mask=hmask)
-        sbyte = ((((bits >> 23) & 255) - 120) << 3) | ((bits >> 20) & 7)
+        sbyte = tl.where(nan_blk, 0x7F, ((((bits >> 23) & 255) - 120) << 3) | ((bits >> 20) & 7))
         scols = pid_k * NB + tl.arange(0, NB).to(tl.int64)
         smask = rmask[:, None] & (scols < K // 16)[None, :]
         tl.store(scales_ptr + rows[:, None] * stride_sr + scols[None, :], sbyte.to(tl.uint8), mask=smask)
@@ -123,7 +138,7 @@ def _quantize_kernel(x_ptr, g_ptr, data_ptr, scales_ptr, out_ptr, R, K, rows_per
 
 @triton.jit
 def _linear_kernel(x_ptr, data_ptr, scales_ptr, g_ptr, gx_ptr, bias_ptr, y_ptr, M, N, K,
-                   stride_xm, stride_dn, stride_sn, stride_ym,
+                   stride_xm, stride_dn, stride_sn, stride_ym, stride_b,
                    HAS_BIAS: tl.constexpr, HAS_GX: tl.constexpr, DOT_F32: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_m = tl.program_id(0).to(tl.int64)
@@ -146,7 +161,7 @@ def _linear_kernel(x_ptr, data_ptr, scales_ptr, g_ptr, gx_ptr, bias_ptr, y_ptr, 
     if HAS_GX:
         y = y * tl.load(gx_ptr)
     if HAS_BIAS:
-        y = y + tl.load(bias_ptr + offs_n, mask=nmask, other=0.0).to(tl.float32)[None, :]
+        y = y + tl.load(bias_ptr + offs_n * stride_b, mask=nmask, other=0.0).to(tl.float32)[None, :]
     if y_ptr.dtype.element_ty == tl.bfloat16:
         y = _bf16_rne(y)
     tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], y.to(y_ptr.dtype.element_ty),
@@ -212,6 +227,7 @@ def linear(x: torch.Tensor, data: torch.Tensor, scales: torch.Tensor, g: torch.T
     _linear_kernel[grid](x, data, sc, g, gx.float().reshape(1) if gx is not None else g,
                          bias if bias is not None else g, y, m, n, k,
                          x.stride(0), data.stride(0), sc.stride(0), y.stride(0),
+                         bias.stride(0) if bias is not None else 0,
                          HAS_BIAS=bias is not None, HAS_GX=gx is not None,
                          DOT_F32=x.dtype == torch.float32 or x.device.type == "cpu",
                          BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)

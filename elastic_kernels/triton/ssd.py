@@ -66,12 +66,13 @@ def _chunk_dt(c, b, head, A, dt_ptr, bias_ptr, seq_ptr, seqlen, chunk_size, dt_l
         v += tl.load(bias_ptr + head).to(tl.float32)
     fac = tl.full([BLOCK_L], 1.0, tl.float32)
     if SOFTPLUS:
-        e = tl.exp(tl.minimum(v, 20.0))
+        e = tl.exp(tl.minimum(v, 20.0, propagate_nan=tl.PropagateNan.ALL))  # NaN stays NaN
         fac = tl.where(v > 20.0, 1.0, e / (1.0 + e))
         v = tl.where(v > 20.0, v, tl.log(1.0 + e))
     if CLAMP:
         fac = tl.where((v >= dt_lo) & (v <= dt_hi), fac, 0.0)
-        v = tl.minimum(tl.maximum(v, dt_lo), dt_hi)
+        v = tl.minimum(tl.maximum(v, dt_lo, propagate_nan=tl.PropagateNan.ALL), dt_hi,
+                       propagate_nan=tl.PropagateNan.ALL)
     dt = tl.where(valid, v, 0.0)
     fac = tl.where(valid, fac, 0.0)
     dtA = dt * A
