@@ -120,8 +120,7 @@ def test_matches_modelopt_export_code(parent, tmp_path, fmt):
             qt, scale, _ = NVFP4QTensor.quantize(w, 16, weights_scaling_factor_2=g)
             assert torch.equal(_bytes(scale), _bytes(q[m + ".weight_scale"]))
             theirs, ours = unpack(qt._quantized_data), unpack(q[m + ".weight"])
-            # identical codes, except that modelopt writes -0 (code 8) where our recipe writes +0
-            assert torch.equal(torch.where(theirs == 8, torch.zeros_like(theirs), theirs), ours)
+            assert torch.equal(theirs, ours)  # bit-exact, the sign of zero (code 8) included
             deq = NVFP4QTensor(w.shape, torch.float64, q[m + ".weight"]).dequantize(
                 dtype=torch.float64, scale=q[m + ".weight_scale"].double(), double_scale=g.double(),
                 block_sizes={-1: 16})
