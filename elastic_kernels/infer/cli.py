@@ -29,13 +29,13 @@ class EvalConfig:
     run_dir: str
     """run directory written by elastic-train (holds nested/)"""
     report_dir: str = ""
-    """directory of the report files (default: --run-dir)"""
+    """directory of the report files ('' = the run directory)"""
     checkpoint: Literal["nested", "qad"] = "nested"
     """nested checkpoint inside --run-dir: nested (elastic stage) or qad (quantized export)"""
     limit: int = 0
     """evaluate only the first N test problems (0 = all)"""
     caps: list[int] = field(default_factory=list)
-    """thinking-token caps of the single-model baseline (default: 25/50/75% of the task's longest trace)"""
+    """thinking-token caps of the single-model baseline (none = 25/50/75% of the task's longest trace)"""
     batch_size: int = 64
     """requests decoded together"""
     reuse: bool = True

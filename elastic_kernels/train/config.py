@@ -43,7 +43,7 @@ class TrainConfig:
     preset: Literal["smoke", "tiny", "small"] = "tiny"
     """preset the other defaults come from: smoke (seconds), tiny (CPU minutes), small (GPU)"""
     run_dir: str = ""
-    """output directory (default runs/<preset>): config, metrics.jsonl, checkpoints, report"""
+    """output directory ('' = runs/<preset>): config, metrics.jsonl, checkpoints, report"""
     seed: int = 0
     """seed of the model init, data splits, batches, budget sampling and Gumbel noise"""
     device: Literal["auto", "cpu", "cuda"] = "auto"
