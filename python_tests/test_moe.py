@@ -310,7 +310,9 @@ def test_opcheck(backend):
     args = _op_args(backend)
     torch.library.opcheck(torch.ops.elastic_kernels.moe_experts.default, args)
     gy = torch.randn(7, 16)
-    bargs = (gy,) + tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
+    args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
+    _, saved = torch.ops.elastic_kernels.moe_experts.default(*args)  # what the forward saves
+    bargs = (gy, *args[:14], saved, *args[14:])  # saved comes after width_t
     torch.library.opcheck(torch.ops.elastic_kernels.moe_experts_backward.default, bargs)
 
 

@@ -194,7 +194,9 @@ def test_opcheck_nvfp4():
     backends share registration, fake kernels and autograd (test_moe.py opchecks Triton)."""
     args = _op_args("reference")
     torch.library.opcheck(torch.ops.elastic_kernels.moe_experts.default, args)
-    bargs = (torch.randn(7, 16),) + tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
+    args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
+    _, saved = torch.ops.elastic_kernels.moe_experts.default(*args)  # what the forward saves
+    bargs = (torch.randn(7, 16), *args[:14], saved, *args[14:])  # saved comes after width_t
     torch.library.opcheck(torch.ops.elastic_kernels.moe_experts_backward.default, bargs)
 
 

@@ -30,8 +30,8 @@ from .._validation import (FLOAT_DTYPES, INT_DTYPES, Dims, can_read_values, chec
                            check_tensor, check_width)
 from ..formats import NVFP4Tensor
 from ..formats.nvfp4 import BLOCK
-from ..reference.moe import (ACTIVATIONS, SCORES, moe_experts_reference, moe_experts_reference_bwd,
-                             moe_route_reference)
+from ..reference.moe import (ACTIVATIONS, SCORES, moe_experts_reference_bwd, moe_experts_reference_fwd,
+                             moe_route_reference, saved_shape)
 from ._autograd import OpArgs, fake_grads, unpack_grads
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -121,52 +121,69 @@ def _weight_from_args(args: dict, name: str):
 
 def _experts_reference(x, topk_weights, topk_ids, w1, w2, w3, *, activation, num_active, width_int, width_t,
                        channel_scale):
-    return moe_experts_reference(x, topk_weights, topk_ids, w1, w2, w3, activation=activation,
-                                 num_experts_active=num_active, width_int=width_int, width_t=width_t,
-                                 channel_scale=channel_scale)
-
-
-def _experts_vjp_reference(grad_y, x, topk_weights, topk_ids, w1, w2, w3, *, activation, num_active, width_int,
-                           width_t, channel_scale):
-    """The reference's hand-written backward, gradients in :data:`_GRAD_INPUTS` order; quantized
-    weights are constants (no gradient)."""
-    return moe_experts_reference_bwd(grad_y, x, topk_weights, topk_ids, w1, w2, w3, activation=activation,
+    """(y, saved): ``saved`` holds the pre-activations the reference backward reuses."""
+    return moe_experts_reference_fwd(x, topk_weights, topk_ids, w1, w2, w3, activation=activation,
                                      num_experts_active=num_active, width_int=width_int, width_t=width_t,
                                      channel_scale=channel_scale)
 
 
+def _experts_vjp_reference(grad_y, x, topk_weights, topk_ids, w1, w2, w3, *, activation, num_active, width_int,
+                           width_t, channel_scale, saved):
+    """The reference's hand-written backward, gradients in :data:`_GRAD_INPUTS` order; quantized
+    weights are constants (no gradient)."""
+    return moe_experts_reference_bwd(grad_y, x, topk_weights, topk_ids, w1, w2, w3, activation=activation,
+                                     num_experts_active=num_active, width_int=width_int, width_t=width_t,
+                                     channel_scale=channel_scale, saved=saved)
+
+
+_triton_fwd, _triton_bwd = lazy("triton.moe:moe_experts_fwd"), lazy("triton.moe:moe_experts_bwd")
+
+
+def _experts_triton(*args, **kw):
+    """Triton forward with the reference's outputs; it saves nothing (the backward recomputes)."""
+    y = _triton_fwd(*args, **kw)
+    return y, y.new_empty(0)
+
+
+def _experts_vjp_triton(*args, saved, **kw):
+    return _triton_bwd(*args, **kw)
+
+
 _EXPERTS = Backends("moe_experts", dtypes={"triton": KERNEL_DTYPES}, reference=_experts_reference,
-                    triton=lazy("triton.moe:moe_experts_fwd"))
-_EXPERTS_VJP = Backends("moe_experts", reference=_experts_vjp_reference, triton=lazy("triton.moe:moe_experts_bwd"))
+                    triton=_experts_triton)
+_EXPERTS_VJP = Backends("moe_experts", reference=_experts_vjp_reference, triton=_experts_vjp_triton)
 
 
-def _run(table: Backends, args: dict, *lead: Tensor):
+def _run(table: Backends, args: dict, *lead: Tensor, **extra):
     """Call ``table``'s backend ``args["backend"]`` on the op's named arguments."""
     w = {n: _weight_from_args(args, n) for n in _WEIGHTS}
     return table[args["backend"]](*lead, args["x"], args["topk_weights"], args["topk_ids"], w["w1"], w["w2"],
                                   w["w3"], activation=args["activation"], num_active=args["num_active"],
                                   width_int=args["width_int"], width_t=args["width_t"],
-                                  channel_scale=args["channel_scale"])
+                                  channel_scale=args["channel_scale"], **extra)
 
 
 def _moe_experts(x: Tensor, topk_weights: Tensor, topk_ids: Tensor, w1: Tensor, w2: Tensor,
                  w3: Optional[Tensor], w1_scale: Optional[Tensor], w2_scale: Optional[Tensor],
                  w3_scale: Optional[Tensor], w1_scale_2: Optional[Tensor], w2_scale_2: Optional[Tensor],
                  w3_scale_2: Optional[Tensor], channel_scale: Optional[Tensor], width_t: Optional[Tensor],
-                 activation: str, num_active: int, width_int: int, backend: str) -> Tensor:
-    """``w*_scale`` / ``w*_scale_2`` are None for plain weights (see :func:`_weight_args`)."""
-    return _run(_EXPERTS, dict(locals()))  # the op's inputs by name
+                 activation: str, num_active: int, width_int: int, backend: str) -> tuple[Tensor, Tensor]:
+    """``w*_scale`` / ``w*_scale_2`` are None for plain weights (see :func:`_weight_args`).
+    Returns (y, saved); ``saved`` is what the reference backward reuses (empty for Triton)."""
+    y, saved = _run(_EXPERTS, dict(locals()))  # the op's inputs by name
+    return y, saved
 
 
 def _moe_experts_backward(grad_y: Tensor, x: Tensor, topk_weights: Tensor, topk_ids: Tensor, w1: Tensor,
                           w2: Tensor, w3: Optional[Tensor], w1_scale: Optional[Tensor], w2_scale: Optional[Tensor],
                           w3_scale: Optional[Tensor], w1_scale_2: Optional[Tensor], w2_scale_2: Optional[Tensor],
                           w3_scale_2: Optional[Tensor], channel_scale: Optional[Tensor], width_t: Optional[Tensor],
-                          activation: str, num_active: int, width_int: int, backend: str) -> list[Tensor]:
+                          saved: Tensor, activation: str, num_active: int, width_int: int,
+                          backend: str) -> list[Tensor]:
     """Gradients of :data:`_GRAD_INPUTS` (empty for absent inputs and for NVFP4 weights, which are
-    frozen: their codes are uint8)."""
+    frozen: their codes are uint8); ``saved`` is the forward's second output."""
     args = dict(locals())  # the op's inputs by name
-    grads = _run(_EXPERTS_VJP, args, args.pop("grad_y"))
+    grads = _run(_EXPERTS_VJP, args, args.pop("grad_y"), saved=args.pop("saved"))
     return [g if g is not None else torch.empty(0, device=x.device) for g in grads]
 
 
@@ -178,8 +195,14 @@ _ARGS, _BWD_ARGS = OpArgs(_moe_experts), OpArgs(_moe_experts_backward)
 
 @_moe_experts_op.register_fake
 def _(*args, **kwargs):
-    x = _ARGS.bind(*args, **kwargs)["x"]
-    return torch.empty_like(x, memory_format=torch.contiguous_format)
+    a = _ARGS.bind(*args, **kwargs)
+    x = a["x"]
+    y = torch.empty_like(x, memory_format=torch.contiguous_format)
+    if a["backend"] == "triton":
+        return y, x.new_empty(0)
+    shape = saved_shape(x.shape[0], a["topk_ids"].shape[1], a["w1"].shape[1], a["width_int"],
+                        a["width_t"] is not None, a["w3"] is not None)
+    return y, x.new_empty(shape)
 
 
 @_moe_experts_bwd_op.register_fake
@@ -189,12 +212,17 @@ def _(*args, **kwargs):
 
 
 def _setup_context(ctx, inputs, output):
-    _ARGS.save(ctx, inputs)
+    ctx.mark_non_differentiable(output[1])
+    named = _ARGS.bind(*inputs)
+    ctx.save_for_backward(*(named[n] for n in _ARGS.tensors), output[1])
+    ctx.op_scalars = {n: v for n, v in named.items() if n not in _ARGS.tensors}
 
 
-def _backward(ctx, grad_y):
-    args = _ARGS.saved(ctx)
-    grads = _moe_experts_bwd_op(grad_y.contiguous(), **args)
+def _backward(ctx, grad_y, _grad_saved):
+    *inputs, saved = ctx.saved_tensors
+    named = {**dict(zip(_ARGS.tensors, inputs)), **ctx.op_scalars}
+    args = {n: named[n] for n in _ARGS.names}
+    grads = _moe_experts_bwd_op(grad_y.contiguous(), saved=saved, **args)
     return _ARGS.grads(**dict(zip(_GRAD_INPUTS, unpack_grads(grads, [args[n] for n in _GRAD_INPUTS]))))
 
 
@@ -286,6 +314,7 @@ def moe_experts(x: Tensor, topk_weights: Tensor, topk_ids: Tensor, w1: Tensor | 
     _check_ids(op, topk_ids, n_exp, n_act)
     be = _EXPERTS.resolve(backend, dev, dtype=x.dtype)
     weights = {k: v for n, w in (("w1", w1), ("w2", w2), ("w3", w3)) for k, v in _weight_args(n, w).items()}
-    return _moe_experts_op(x=x, topk_weights=topk_weights, topk_ids=topk_ids, **weights, channel_scale=channel_scale,
-                           width_t=width_t, activation=activation, num_active=n_act, width_int=width_int,
-                           backend=be)
+    y, _ = _moe_experts_op(x=x, topk_weights=topk_weights, topk_ids=topk_ids, **weights,
+                           channel_scale=channel_scale, width_t=width_t, activation=activation, num_active=n_act,
+                           width_int=width_int, backend=be)
+    return y

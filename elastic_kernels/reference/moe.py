@@ -136,9 +136,10 @@ def _gmm_weight_grad(g: torch.Tensor, a: torch.Tensor, counts: list, offs: torch
 class _Plan:
     """The (token, slot) pairs sorted into width buckets and, within a bucket, by expert.
 
-    ``buckets``: one ``(d, pairs, tokens, counts, offs)`` per distinct width d > 0: the flat
+    ``buckets``: one ``(d, pairs, tokens, counts, offs, start)`` per distinct width d > 0: the flat
     (token * top_k + slot) indices of the bucket's pairs, their tokens, the number of pairs per
-    expert below E' and its int32 cumulative sum (the group ends ``torch._grouped_mm`` takes).
+    expert below E', its int32 cumulative sum (the group ends ``torch._grouped_mm`` takes) and
+    the bucket's first row in the sorted order.
     Per-token widths cost what their mean width costs: a bucket runs at its own width.
     """
 
@@ -163,7 +164,23 @@ class _Plan:
             if d == 0 or n == 0:
                 continue
             offs = torch.cumsum(counts, 0).to(torch.int32)
-            self.buckets.append((d, pairs, pairs // top_k, counts.tolist(), offs))
+            self.buckets.append((d, pairs, pairs // top_k, counts.tolist(), offs, start - n))
+
+
+def _add_to_prefix(acc, shape, prefix: tuple, part: torch.Tensor) -> torch.Tensor:
+    """``acc[prefix] += part`` where ``acc`` (of ``shape``) is exactly 0 outside every prefix
+    written so far; ``acc`` None: the first part, taken as is when it covers the whole shape."""
+    if acc is None:
+        if tuple(part.shape) == tuple(shape):
+            return part
+        acc = part.new_empty(shape)
+        for i, sl in enumerate(prefix):  # zero exactly the complement of the prefix
+            if sl.stop is not None and sl.stop < shape[i]:
+                acc[prefix[:i] + (slice(sl.stop, None),)].zero_()
+        acc[prefix].copy_(part)
+        return acc
+    acc[prefix] += part
+    return acc
 
 
 def _channel_scale(channel_scale, tokens, d, dtype):
@@ -171,6 +188,51 @@ def _channel_scale(channel_scale, tokens, d, dtype):
         return None
     cs = channel_scale[:d] if channel_scale.dim() == 1 else channel_scale[tokens, :d]
     return cs.to(dtype)
+
+
+def saved_shape(tokens: int, top_k: int, ffn: int, width_int: int, per_token: bool, gated: bool) -> tuple:
+    """Shape of what :func:`moe_experts_reference_fwd` saves for the backward: the pre-activation
+    ``h`` (and the up projection ``u`` when gated) of every (token, slot) pair, in sorted order,
+    at the widest width a call can use: (1 or 2, tokens * top_k, d)."""
+    d = ffn if per_token or width_int < 0 else width_int
+    return (2 if gated else 1, tokens * top_k, d)
+
+
+def moe_experts_reference_fwd(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+                              w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor | None = None, *,
+                              activation: str = "relu2", num_experts_active: int | None = None,
+                              width_int: int = -1, width_t: torch.Tensor | None = None,
+                              channel_scale: torch.Tensor | None = None):
+    """:func:`moe_experts_reference` that also returns what :func:`moe_experts_reference_bwd`
+    needs: ``(y, saved)`` with ``saved`` of :func:`saved_shape` (a bucket of width d fills the
+    first d columns of its rows)."""
+    tokens, hidden = x.shape
+    n_exp, ffn = w1.shape[0], w1.shape[1]
+    n_act = n_exp if num_experts_active is None else num_experts_active
+    acc_dtype = torch.promote_types(x.dtype, topk_weights.dtype)
+    y = torch.zeros(tokens, hidden, dtype=acc_dtype, device=x.device)
+    shape = saved_shape(tokens, topk_ids.shape[1], ffn, width_int, width_t is not None, w3 is not None)
+    # one bucket covers every row at full width; buckets of per-token widths leave zeros around them
+    saved = x.new_zeros(shape) if width_t is not None else x.new_empty(shape)
+    if tokens == 0:
+        return y.to(x.dtype), saved
+    tw = topk_weights.reshape(-1)
+    for d, pairs, tok, counts, offs, start in _Plan(topk_ids, n_act, ffn, width_int, width_t).buckets:
+        rows = slice(start, start + len(pairs))
+        xs = x[tok]
+        h = _gmm(xs, _prefix(w1, n_act, d, None), counts, offs, True)
+        saved[0, rows, :d] = h
+        a = activation_fn(h, activation)
+        if w3 is not None:
+            u = _gmm(xs, _prefix(w3, n_act, d, None), counts, offs, True)
+            saved[1, rows, :d] = u
+            a.mul_(u)
+        cs = _channel_scale(channel_scale, tok, d, a.dtype)
+        if cs is not None:
+            a.mul_(cs)
+        out = _gmm(a, _prefix(w2, n_act, None, d), counts, offs, True)
+        y.index_add_(0, tok, out.to(acc_dtype).mul_(tw[pairs].to(acc_dtype)[:, None]))
+    return y.to(x.dtype), saved
 
 
 def moe_experts_reference(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
@@ -191,25 +253,9 @@ def moe_experts_reference(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids:
         y: (tokens, hidden) in x's dtype; the weighted sum is taken in the promoted dtype of
         x and topk_weights.
     """
-    tokens, hidden = x.shape
-    n_exp, ffn = w1.shape[0], w1.shape[1]
-    n_act = n_exp if num_experts_active is None else num_experts_active
-    acc_dtype = torch.promote_types(x.dtype, topk_weights.dtype)
-    y = torch.zeros(tokens, hidden, dtype=acc_dtype, device=x.device)
-    if tokens == 0:
-        return y.to(x.dtype)
-    tw = topk_weights.reshape(-1)
-    for d, pairs, tok, counts, offs in _Plan(topk_ids, n_act, ffn, width_int, width_t).buckets:
-        xs = x[tok]
-        a = activation_fn(_gmm(xs, _prefix(w1, n_act, d, None), counts, offs, True), activation)
-        if w3 is not None:
-            a = a * _gmm(xs, _prefix(w3, n_act, d, None), counts, offs, True)
-        cs = _channel_scale(channel_scale, tok, d, a.dtype)
-        if cs is not None:
-            a = a * cs
-        out = _gmm(a, _prefix(w2, n_act, None, d), counts, offs, True)
-        y.index_add_(0, tok, out.to(acc_dtype) * tw[pairs].to(acc_dtype)[:, None])
-    return y.to(x.dtype)
+    return moe_experts_reference_fwd(x, topk_weights, topk_ids, w1, w2, w3, activation=activation,
+                                     num_experts_active=num_experts_active, width_int=width_int,
+                                     width_t=width_t, channel_scale=channel_scale)[0]
 
 
 def _activation_grad(g: torch.Tensor, v: torch.Tensor, activation: str) -> torch.Tensor:
@@ -224,9 +270,10 @@ def _activation_grad(g: torch.Tensor, v: torch.Tensor, activation: str) -> torch
 def moe_experts_reference_bwd(grad_y: torch.Tensor, x: torch.Tensor, topk_weights: torch.Tensor,
                               topk_ids: torch.Tensor, w1, w2, w3=None, *, activation: str = "relu2",
                               num_experts_active: int | None = None, width_int: int = -1,
-                              width_t: torch.Tensor | None = None, channel_scale: torch.Tensor | None = None):
-    """Hand-written backward of :func:`moe_experts_reference` on the same grouped GEMMs
-    (``grad_y: (tokens, hidden)``). With ``a = act(h) [* u] * cs`` per pair and its output
+                              width_t: torch.Tensor | None = None, channel_scale: torch.Tensor | None = None,
+                              saved: torch.Tensor | None = None):
+    """Hand-written backward of :func:`moe_experts_reference_fwd` on the same grouped GEMMs
+    (``grad_y: (tokens, hidden)``; ``saved`` its saved pre-activations, or None to recompute them). With ``a = act(h) [* u] * cs`` per pair and its output
     ``o = a w2^T`` weighted by ``p``: ``dp = a . (g w2)``, ``da = p g w2``, ``dW2 = (p g)^T a``,
     ``dh = da cs [u] act'(h)``, ``dW1 = dh^T x``, ``dx = dh w1 [+ du w3]``.
 
@@ -240,15 +287,21 @@ def moe_experts_reference_bwd(grad_y: torch.Tensor, x: torch.Tensor, topk_weight
     trainable = lambda w: w is not None and not isinstance(w, QuantizedTensor)  # noqa: E731
     gx = torch.zeros_like(x, memory_format=torch.contiguous_format)
     gtw = torch.zeros(topk_weights.numel(), dtype=topk_weights.dtype, device=x.device)
-    gw = [torch.zeros(w.shape, dtype=w.dtype, device=x.device) if trainable(w) else None for w in (w1, w2, w3)]
+    weights = (w1, w2, w3)
+    gw = [None, None, None]
     gcs = None if channel_scale is None else torch.zeros_like(channel_scale, memory_format=torch.contiguous_format)
     tw = topk_weights.reshape(-1)
     plan = _Plan(topk_ids, n_act, ffn, width_int, width_t) if tokens else None
-    for d, pairs, tok, counts, offs in (plan.buckets if plan else []):
+    for d, pairs, tok, counts, offs, start in (plan.buckets if plan else []):
         xs = x[tok]
-        h = _gmm(xs, _prefix(w1, n_act, d, None), counts, offs, True)
+        rows = slice(start, start + len(pairs))
+        if saved is None:
+            h = _gmm(xs, _prefix(w1, n_act, d, None), counts, offs, True)
+            u = None if w3 is None else _gmm(xs, _prefix(w3, n_act, d, None), counts, offs, True)
+        else:
+            h = saved[0, rows, :d]
+            u = None if w3 is None else saved[1, rows, :d]
         act = activation_fn(h, activation)
-        u = None if w3 is None else _gmm(xs, _prefix(w3, n_act, d, None), counts, offs, True)
         a_pre = act if u is None else act * u
         cs = _channel_scale(channel_scale, tok, d, a_pre.dtype)
         a = a_pre if cs is None else a_pre * cs
@@ -257,9 +310,10 @@ def moe_experts_reference_bwd(grad_y: torch.Tensor, x: torch.Tensor, topk_weight
         g_w2 = _gmm(g, _prefix(w2, n_act, None, d), counts, offs, False)      # g w2: (R, d)
         gtw.index_add_(0, pairs, (a.to(g_w2.dtype) * g_w2).sum(-1).to(gtw.dtype))
         ga = g_w2 * p.to(g_w2.dtype)[:, None]
-        if gw[1] is not None:
+        if trainable(w2):
             gp = g * p.to(g.dtype)[:, None]
-            gw[1][:n_act, :, :d] += _gmm_weight_grad(gp, a, counts, offs)
+            gw[1] = _add_to_prefix(gw[1], w2.shape, (slice(0, n_act), slice(None), slice(0, d)),
+                                   _gmm_weight_grad(gp, a, counts, offs))
         if gcs is not None:
             gc = (ga * a_pre).to(gcs.dtype)
             if gcs.dim() == 1:
@@ -273,11 +327,14 @@ def moe_experts_reference_bwd(grad_y: torch.Tensor, x: torch.Tensor, topk_weight
             ga = ga * u
         gh = _activation_grad(ga, h, activation)
         gxs = _gmm(gh, _prefix(w1, n_act, d, None), counts, offs, False)
-        if gw[0] is not None:
-            gw[0][:n_act, :d] += _gmm_weight_grad(gh, xs, counts, offs)
+        if trainable(w1):
+            gw[0] = _add_to_prefix(gw[0], w1.shape, (slice(0, n_act), slice(0, d)), _gmm_weight_grad(gh, xs, counts, offs))
         if u is not None:
             gxs = gxs + _gmm(gu, _prefix(w3, n_act, d, None), counts, offs, False)
-            if gw[2] is not None:
-                gw[2][:n_act, :d] += _gmm_weight_grad(gu, xs, counts, offs)
+            if trainable(w3):
+                gw[2] = _add_to_prefix(gw[2], w3.shape, (slice(0, n_act), slice(0, d)),
+                                       _gmm_weight_grad(gu, xs, counts, offs))
         gx.index_add_(0, tok, gxs.to(gx.dtype))
+    gw = [None if not trainable(w) else torch.zeros(w.shape, dtype=w.dtype, device=x.device) if g is None
+          else g.contiguous() for w, g in zip(weights, gw)]  # no bucket at all: zero gradients
     return [gx, gtw.reshape(topk_weights.shape), *gw, gcs]
