@@ -44,6 +44,27 @@ def time_fn(fn, device: torch.device, *, warmup: int = 2, reps: int = 10) -> flo
     return statistics.median(times)
 
 
+def interleaved_medians(fns: dict, reps: int = 7, warmup: int = 1) -> dict:
+    """Median thread CPU seconds (``time.thread_time``, one intra-op thread) of every callable in
+    ``fns``, run interleaved: each of ``reps`` rounds runs every candidate once, so that load
+    changes on a shared machine hit all candidates alike. Returns ``{name: median seconds}``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for _ in range(warmup):
+            for fn in fns.values():
+                fn()
+        times = {name: [] for name in fns}
+        for _ in range(reps):
+            for name, fn in fns.items():
+                t0 = time.thread_time()
+                fn()
+                times[name].append(time.thread_time() - t0)
+    finally:
+        torch.set_num_threads(threads)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
 def run_bench(benchmark, fn, device: torch.device, *, rounds: int | None = None) -> float:
     """Time ``fn`` with :func:`time_fn` (the figure every report uses, stored as ``median_s``) and
     let pytest-benchmark show it in its table (synchronized on CUDA). Returns the median seconds."""

@@ -1,0 +1,289 @@
+"""CPU path against the best plain-PyTorch peers, every ratio from one interleaved run.
+
+The reference backend (the CPU path, docs/design.md §4) beside the peers docs/design.md §7 names:
+Hugging Face transformers' Mamba2 torch path (``mamba2_chunk_scan``), a ``torch._grouped_mm``
+MoE formulation (sort by expert, two grouped GEMMs, autograd), bf16 ``F.linear`` on the dense
+weight, torchao's ``nvfp4_quantize``. transformers and torchao are bench-only: a row whose peer is
+missing is skipped with the reason. One intra-op thread, thread CPU time (``time.thread_time``,
+which other load on a shared machine disturbs far less than wall time), the candidates of a row
+run interleaved (a, b, a, b, ...) and each figure is a median of ``--reps`` (>= 7) runs, so a
+ratio compares timings taken side by side. Absolute times on a shared machine are noise: read
+the ratios.
+
+Rows (the ours / peer ratios, then ours-only ratios):
+
+- ``ssd``: ssd_scan fwd and fwd+bwd vs mamba2_chunk_scan, b4 l512 h16 p64 n64 chunk 64, g=1 and
+  g=8 (D, dt_bias, softplus; no gate, which the HF function does not take);
+- ``ssd_seqlen``: fwd+bwd cost per token at seqlen 8192 over seqlen 512 (b1) and peak memory
+  (max RSS growth of a fresh process) per token at 8192 over 2048: 1 = linear;
+- ``moe``: moe_experts fwd and fwd+bwd vs the grouped-GEMM formulation, T 512/2048 x E 16/64 x
+  k 2/6, hidden 512, FFN 1024 (relu2);
+- ``moe_widths``: per-token widths cycling 25/50/75/100 % (mean 0.625) over full width, and
+  d' = F/2 over full (T512 E16 k2), fwd and fwd+bwd;
+- ``nvfp4``: nvfp4_linear (reference, W4A16) over bf16 F.linear on the dense weight, M=1 and
+  M=512, N=K=4096; nvfp4.quantize 4096x4096 over torchao nvfp4_quantize;
+- ``widths``: ssd_scan and moe_experts fwd+bwd at 25/50/75 % width over full (ideal = width).
+
+Usage: ``python bench/cpu_peers.py [--rows ssd,moe,...] [--reps 7] [--json PATH]``; the JSON
+(default ``bench/results/cpu_peers.json``) holds every median, ratio, shape and the environment.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.util
+import json
+import os
+import resource
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import elastic_kernels as ek  # noqa: E402
+from common import interleaved_medians  # noqa: E402
+
+ROWS = ("ssd", "ssd_seqlen", "moe", "moe_widths", "nvfp4", "widths")
+WIDTHS = (0.25, 0.5, 0.75)
+
+
+def _gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+# ---- SSD -----------------------------------------------------------------------------------
+
+def _ssd_inputs(b, l, h, p, g, n, z=False, seed=0):
+    gen = _gen(seed)
+    mk = lambda *s, sc=1.0: (torch.randn(*s, generator=gen) * sc).requires_grad_()  # noqa: E731
+    inp = dict(x=mk(b, l, h, p), dt=mk(b, l, h, sc=0.5), A=(-torch.rand(h, generator=gen) - 0.1).requires_grad_(),
+               B=mk(b, l, g, n, sc=0.3), C=mk(b, l, g, n, sc=0.3), D=mk(h), dt_bias=mk(h, sc=0.1))
+    if z:
+        inp["z"] = mk(b, l, h, p)
+    return inp
+
+
+def _ssd_ours(inp, bwd, active=None, chunk=64):
+    def run():
+        y = ek.ssd_scan(**inp, chunk_size=chunk, dt_softplus=True, head_layout="interleaved",
+                        active_heads=active, backend="reference")
+        if bwd:
+            torch.autograd.grad(y, list(inp.values()), torch.ones_like(y))
+    return run
+
+
+def _ssd_hf(inp, bwd, chunk=64):
+    from transformers.models.mamba2.modeling_mamba2 import mamba2_chunk_scan
+
+    def run():
+        y = mamba2_chunk_scan(inp["x"], inp["dt"], inp["A"], inp["B"], inp["C"], chunk, D=inp["D"],
+                              dt_bias=inp["dt_bias"], dt_softplus=True)
+        if bwd:
+            torch.autograd.grad(y, list(inp.values()), torch.ones_like(y))
+    return run
+
+
+def row_ssd(reps, out):
+    if importlib.util.find_spec("transformers") is None:
+        return _skip(out, "ssd", "transformers is not installed (pip install transformers)")
+    for g in (1, 8):
+        inp = _ssd_inputs(4, 512, 16, 64, g, 64)
+        with torch.no_grad():  # same inputs, same outputs
+            diff = (ek.ssd_scan(**inp, chunk_size=64, dt_softplus=True, backend="reference")
+                    - _hf_forward(inp)).abs().max().item()
+        for mode, bwd in (("fwd", False), ("fwd+bwd", True)):
+            m = interleaved_medians({"ours": _ssd_ours(inp, bwd), "hf": _ssd_hf(inp, bwd)}, reps)
+            _add(out, f"ssd_scan {mode} b4 l512 h16 p64 n64 g={g}", m, "ours", "hf",
+                 target=0.8, max_abs_diff=diff)
+
+
+def _hf_forward(inp):
+    from transformers.models.mamba2.modeling_mamba2 import mamba2_chunk_scan
+    return mamba2_chunk_scan(inp["x"], inp["dt"], inp["A"], inp["B"], inp["C"], 64, D=inp["D"],
+                             dt_bias=inp["dt_bias"], dt_softplus=True)
+
+
+def _peak_child(seqlen: int) -> None:
+    """(child process) print the max-RSS growth (bytes) of one ssd_scan fwd+bwd at ``seqlen``."""
+    torch.set_num_threads(1)
+    inp = _ssd_inputs(1, seqlen, 16, 64, 8, 64, z=True)
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    _ssd_ours(inp, True)()
+    print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) * 1024)
+
+
+def _peak(seqlen: int) -> int:
+    res = subprocess.run([sys.executable, __file__, "--peak-child", str(seqlen)], capture_output=True, text=True,
+                         check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return int(res.stdout.strip().splitlines()[-1])
+
+
+def row_ssd_seqlen(reps, out):
+    short, long_ = (_ssd_inputs(1, n, 16, 64, 8, 64, z=True) for n in (512, 8192))
+    m = interleaved_medians({"l8192": _ssd_ours(long_, True), "l512": _ssd_ours(short, True)}, reps)
+    per = {"l8192": m["l8192"] / 8192, "l512": m["l512"] / 512}
+    _add(out, "ssd_scan fwd+bwd per token, seqlen 8192 / 512 (b1 h16 p64 n64 g8)", per, "l8192", "l512",
+         target=1.25, medians_s=m)
+    p2, p8 = _peak(2048), _peak(8192)
+    out.append(dict(name="ssd_scan fwd+bwd peak memory per token, seqlen 8192 / 2048", ratio=(p8 / 8192) / (p2 / 2048),
+                    target=1.1, peak_bytes={"l2048": p2, "l8192": p8}))
+    _print(out[-1])
+
+
+# ---- MoE -----------------------------------------------------------------------------------
+
+def _moe_inputs(t, h, f, e, k, seed=0):
+    gen = _gen(seed)
+    x = torch.randn(t, h, generator=gen).requires_grad_()
+    w1 = (torch.randn(e, f, h, generator=gen) * h ** -0.5).requires_grad_()
+    w2 = (torch.randn(e, h, f, generator=gen) * f ** -0.5).requires_grad_()
+    tw, ids = ek.moe_route(torch.randn(t, e, generator=gen), k)
+    return dict(x=x, topk_weights=tw.detach().requires_grad_(), topk_ids=ids, w1=w1, w2=w2)
+
+
+def _moe_ours(inp, bwd, width=None):
+    def run():
+        y = ek.moe_experts(inp["x"], inp["topk_weights"], inp["topk_ids"], inp["w1"], inp["w2"],
+                           ffn_width=width, backend="reference")
+        if bwd:
+            torch.autograd.grad(y, [inp["x"], inp["topk_weights"], inp["w1"], inp["w2"]], torch.ones_like(y))
+    return run
+
+
+def _moe_grouped_mm(inp, bwd):
+    """The peer: sort (token, slot) pairs by expert, two torch._grouped_mm calls, autograd."""
+    x, tw, ids, w1, w2 = (inp[n] for n in ("x", "topk_weights", "topk_ids", "w1", "w2"))
+    t, k = ids.shape
+
+    def run():
+        flat = ids.reshape(-1)
+        order = torch.argsort(flat, stable=True)
+        tok = order // k
+        offs = torch.cumsum(torch.bincount(flat, minlength=w1.shape[0]), 0).to(torch.int32)
+        h = torch._grouped_mm(x[tok], w1.transpose(1, 2), offs=offs)
+        o = torch._grouped_mm(torch.relu(h).square(), w2.transpose(1, 2), offs=offs)
+        y = x.new_zeros(t, x.shape[1]).index_add(0, tok, o * tw.reshape(-1)[order][:, None])
+        if bwd:
+            torch.autograd.grad(y, [x, tw, w1, w2], torch.ones_like(y))
+    return run
+
+
+def row_moe(reps, out):
+    for t in (512, 2048):
+        for e in (16, 64):
+            for k in (2, 6):
+                inp = _moe_inputs(t, 512, 1024, e, k)
+                for mode, bwd, target in (("fwd", False, 1.0), ("fwd+bwd", True, 1.2)):
+                    m = interleaved_medians({"ours": _moe_ours(inp, bwd), "grouped_mm": _moe_grouped_mm(inp, bwd)},
+                                            reps)
+                    _add(out, f"moe_experts {mode} T{t} H512 F1024 E{e} k{k}", m, "ours", "grouped_mm",
+                         target=target)
+
+
+def row_moe_widths(reps, out):
+    t, f = 512, 1024
+    inp = _moe_inputs(t, 512, f, 16, 2)
+    mixed = torch.tensor([int(f * (0.25, 0.5, 0.75, 1.0)[i % 4]) for i in range(t)])
+    for mode, bwd in (("fwd", False), ("fwd+bwd", True)):
+        m = interleaved_medians({"full": _moe_ours(inp, bwd), "mixed": _moe_ours(inp, bwd, mixed),
+                                 "half": _moe_ours(inp, bwd, f // 2)}, reps)
+        _add(out, f"moe_experts {mode} mixed per-token widths (mean 0.625) / full, T512 E16 k2", m, "mixed", "full",
+             target=0.75)
+        _add(out, f"moe_experts {mode} d'=F/2 / full, T512 E16 k2", m, "half", "full", target=0.6)
+
+
+# ---- NVFP4 ---------------------------------------------------------------------------------
+
+def row_nvfp4(reps, out):
+    n = k = 4096
+    w = torch.randn(n, k, generator=_gen())
+    q = ek.nvfp4.quantize(w)
+    wd = q.dequantize(torch.bfloat16)
+    for m_rows, target in ((1, 4.0), (512, 1.5)):
+        x = torch.randn(m_rows, k, generator=_gen(1)).bfloat16()
+        m = interleaved_medians({"ours": lambda: ek.nvfp4_linear(x, q, backend="reference"),
+                                 "bf16_linear": lambda: F.linear(x, wd)}, reps)
+        _add(out, f"nvfp4_linear W4A16 reference M={m_rows} N={n} K={k}", m, "ours", "bf16_linear", target=target)
+    if importlib.util.find_spec("torchao") is None:
+        return _skip(out, "nvfp4.quantize vs torchao", "torchao is not installed (pip install torchao)")
+    from torchao.prototype.mx_formats.nvfp4_tensor import nvfp4_quantize
+    wb = w.bfloat16()
+    per_tensor = ek.nvfp4.quantize(wb).global_scale  # torchao's per-tensor scale is the same decode scale g
+    m = interleaved_medians({"ours": lambda: ek.nvfp4.quantize(wb, backend="reference"),
+                             "torchao": lambda: nvfp4_quantize(wb, 16, per_tensor)}, reps)
+    _add(out, "nvfp4.quantize 4096x4096 bf16 (reference) vs torchao nvfp4_quantize", m, "ours", "torchao")
+
+
+# ---- width sweeps --------------------------------------------------------------------------
+
+def row_widths(reps, out):
+    inp = _ssd_inputs(4, 512, 16, 64, 4, 64, z=True)
+    fns = {"1.0": _ssd_ours(inp, True)}
+    fns.update({str(w): _ssd_ours(inp, True, active=int(16 * w)) for w in WIDTHS})
+    m = interleaved_medians(fns, reps)
+    for w in WIDTHS:
+        _add(out, f"ssd_scan fwd+bwd width {w} / full (b4 l512 h16 g4)", m, str(w), "1.0", target=w + 0.1)
+    moe = _moe_inputs(512, 512, 1024, 16, 2)
+    fns = {"1.0": _moe_ours(moe, True)}
+    fns.update({str(w): _moe_ours(moe, True, int(1024 * w)) for w in WIDTHS})
+    m = interleaved_medians(fns, reps)
+    for w in WIDTHS:
+        _add(out, f"moe_experts fwd+bwd d' {w} / full (T512 E16 k2)", m, str(w), "1.0", target=w + 0.1)
+
+
+# ---- report --------------------------------------------------------------------------------
+
+def _add(out, name, medians, num, den, target=None, **extra):
+    row = dict(name=name, ratio=medians[num] / medians[den], ratio_of=f"{num} / {den}", target=target,
+               medians_s=medians, **extra)
+    out.append(row)
+    _print(row)
+
+
+def _skip(out, name, reason):
+    out.append(dict(name=name, skipped=reason))
+    _print(out[-1])
+
+
+def _print(row):
+    if "skipped" in row:
+        print(f"{row['name']:<78} skipped: {row['skipped']}", flush=True)
+        return
+    tgt = "" if row.get("target") is None else f"(target <= {row['target']:.2f}{'' if row['ratio'] <= row['target'] else ', MISSED'})"
+    print(f"{row['name']:<78} {row['ratio']:6.2f}  {row.get('ratio_of', '')} {tgt}", flush=True)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated subset of {','.join(ROWS)}")
+    ap.add_argument("--reps", type=int, default=7, help="timed runs per candidate (>= 7)")
+    ap.add_argument("--json", default=str(Path(__file__).parent / "results" / "cpu_peers.json"))
+    ap.add_argument("--peak-child", type=int, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.peak_child:
+        _peak_child(args.peak_child)
+        return 0
+    rows = [r for r in args.rows.split(",") if r]
+    bad = [r for r in rows if r not in ROWS]
+    if bad or args.reps < 7:
+        ap.error(f"--rows must name {ROWS}, got {bad}" if bad else f"--reps must be >= 7, got {args.reps}")
+    torch.set_num_threads(1)
+    out: list = []
+    for r in rows:
+        globals()[f"row_{r}"](args.reps, out)
+    from elastic_kernels.env import collect
+    path = Path(args.json)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"date": str(datetime.datetime.now()), "env": collect(), "threads": 1,
+                                "timer": "time.thread_time, interleaved, median", "reps": args.reps,
+                                "results": out}, indent=1, default=str))
+    print(f"results: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
