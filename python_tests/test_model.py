@@ -539,6 +539,8 @@ def test_cache_clear_outside_leaves_what_a_narrow_decode_alone_leaves():
         close(got.conv_x, want.conv_x)
     with pytest.raises(ValueError, match="row must lie"):
         batched.clear_outside(2, model.resolve_budget(narrow))
+    with pytest.raises(ValueError, match="units"):
+        type(batched)(layers=batched.layers, batch=2).clear_outside(0, model.resolve_budget(narrow))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -110,6 +110,9 @@ class HybridCache:
         exactly what a decode at its own budget alone leaves behind."""
         if not 0 <= row < self.batch:
             raise ValueError(f"HybridCache.clear_outside: row must lie in [0, {self.batch}), got {row}")
+        if len(self.units) != len(self.layers):
+            raise ValueError(f"HybridCache.clear_outside: units has {len(self.units)} entries for {len(self.layers)} "
+                             f"layers (make caches with ElasticHybridLM.new_cache)")
         for lc, unit in zip(self.layers, self.units):
             if lc is not None and unit is not None:
                 axis, occ = unit

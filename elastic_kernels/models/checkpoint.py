@@ -321,7 +321,8 @@ def load_nested(path: str | os.PathLike, budget: str | Budget | None = None, *,
                 weights: str = "dequantize", verify: bool = True) -> ElasticHybridLM:
     """Build the nested submodel ``budget`` (a budget-table name, a Budget, or None = the parent)
     from the checkpoint directory ``path``, reading only the header and the prefix bytes of every
-    slice. ``stats``, when given, receives ``bytes_read``, ``header_bytes`` and ``file_bytes``.
+    slice (for a budget outside the checkpoint's table, with verification: up to the next block
+    boundary, see :mod:`elastic_kernels.models.storage`). ``stats``, when given, receives ``bytes_read``, ``header_bytes`` and ``file_bytes``.
 
     ``weights``: ``"dequantize"`` (NVFP4/FP8 weights decoded into the saved dtype: a regular,
     trainable model) or ``"nvfp4"`` (NVFP4 weights stay packed, as nested slices, and the layers
