@@ -1,15 +1,24 @@
 """Crash-trial worker for test_checkpoint.py (run as a script: one python start per test).
 
 ``python checkpoint_crash.py nested|training FOLDER TRIALS SEED`` commits version "A" of a
-checkpoint, then per trial forks a child that saves the other version and SIGKILLs it after a
-random delay (stratified over twice the measured save time, so kills land everywhere in the save
-and about half after it). After each kill it loads the checkpoint and prints one JSON line per trial:
-``{"trial", "delay_s", "killed": the child was still running, "outcome": "A" | "B" | "neither" |
-"wrong", "leftover": files beyond a committed checkpoint}``.
+checkpoint, then per trial forks a child that saves the other version and is SIGKILLed:
+
+- ``"bytes"`` trials (``TRIALS`` of them): the child SIGKILLs itself at a random point of the
+  save's I/O, counted in units of one written byte or one rename/link/unlink/fsync (a write is cut
+  there: its first bytes reach the file). Points are stratified over 1.25x the save's units, so
+  they cover the whole save (and some land after it), independently of the machine's load;
+- ``"delay"`` trials (``TRIALS // 2``): the parent SIGKILLs the child after a random delay.
+
+After each kill it loads the checkpoint and prints one JSON line per trial: ``{"trial", "mode",
+"point", "killed": the child died of the kill, "outcome": "A" | "B" | "neither" | "wrong",
+"leftover": files beyond a committed checkpoint}``, and a last line ``{"final_leftover",
+"units"}`` after one more (uninterrupted) save.
 """
 from __future__ import annotations
 
+import builtins
 import copy
+import io
 import json
 import os
 import random
@@ -90,20 +99,94 @@ def training_ops(folder: Path):
     return save, check, leftover
 
 
+class Tripwire:
+    """Counts the I/O units of a save (written bytes; renames, links, unlinks, fsyncs) and
+    SIGKILLs this process when unit ``at`` is reached (a write is cut there)."""
+
+    def __init__(self, at: int | None = None) -> None:
+        self.at, self.count = at, 0
+        self.saved = {}
+
+    def _pass(self, n: int) -> int:
+        """How many of the next ``n`` units may happen before the kill."""
+        if self.at is not None and self.count + n > self.at:
+            return self.at - self.count
+        self.count += n
+        return n
+
+    def die(self) -> None:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    def install(self) -> None:
+        trip = self
+
+        class Cut:  # a writable file whose write stops at the kill point
+            def __init__(self, f):
+                self.f = f
+
+            def write(self, b):
+                k = trip._pass(len(b))
+                if k < len(b):
+                    self.f.write(bytes(b)[:k])
+                    self.f.flush()
+                    trip.die()
+                return self.f.write(b)
+
+            def __getattr__(self, name):
+                return getattr(self.f, name)
+
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *exc):
+                self.f.close()
+
+        real_open = builtins.open
+
+        def cut_open(file, mode="r", *args, **kw):
+            f = real_open(file, mode, *args, **kw)
+            return Cut(f) if any(c in mode for c in "wax+") else f
+
+        def step(fn):
+            def wrapped(*args, **kw):
+                if trip._pass(1) < 1:
+                    trip.die()
+                return fn(*args, **kw)
+            return wrapped
+
+        self.saved = {"open": (builtins, "open", builtins.open), "io.open": (io, "open", io.open)}
+        for name in ("replace", "rename", "link", "unlink", "fsync"):
+            self.saved[name] = (os, name, getattr(os, name))
+            setattr(os, name, step(getattr(os, name)))
+        builtins.open = io.open = cut_open
+
+    def uninstall(self) -> None:
+        for mod, name, fn in self.saved.values():
+            setattr(mod, name, fn)
+
+
 def main(kind: str, folder: str, trials: int, seed: int) -> None:
     torch.set_num_threads(1)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     save, check, leftover = (nested_ops if kind == "nested" else training_ops)(folder)
-    for v in "BA":
-        save(v)
+    save("B")
+    count = Tripwire()
+    count.install()
+    try:
+        save("A")
+    finally:
+        count.uninstall()
+    units = count.count
 
-    def forked_save(v: str, delay: float | None) -> bool:
-        """Save version ``v`` in a forked child; SIGKILL it after ``delay`` s (None: let it
-        finish). True when the kill landed while the child was still running."""
+    def forked_save(v: str, at: int | None, delay: float | None) -> bool:
+        """Save ``v`` in a forked child, killed at I/O unit ``at`` or after ``delay`` s; True when
+        the child died of the kill."""
         pid = os.fork()
         if pid == 0:  # the child: save, then leave without any cleanup
             try:
+                if at is not None:
+                    Tripwire(at).install()
                 save(v)
             finally:
                 os._exit(0)
@@ -113,28 +196,25 @@ def main(kind: str, folder: str, trials: int, seed: int) -> None:
         _, status = os.waitpid(pid, 0)
         return os.WIFSIGNALED(status)
 
-    times = []
-    for v in "BA":  # the save time as the trials see it (fork included, under the current load)
-        t0 = time.perf_counter()
-        forked_save(v, None)
-        times.append(time.perf_counter() - t0)
-    took = sorted(times)[-1]
-    current = "A"
+    t0 = time.perf_counter()
+    forked_save("A", None, None)
+    took = time.perf_counter() - t0
     rng = random.Random(seed)
-    # stratified over [0, 2 * took): kills at every point of the save, and about half after it
-    fractions = [(i + rng.random()) / trials for i in range(trials)]
-    rng.shuffle(fractions)
-    for trial in range(trials):
+    strata = [(i + rng.random()) / trials for i in range(trials)]
+    rng.shuffle(strata)
+    plan = [("bytes", int(1.25 * units * f)) for f in strata]
+    plan += [("delay", rng.uniform(0.0, 2.0 * took)) for _ in range(trials // 2)]
+    current = "A"
+    for trial, (mode, point) in enumerate(plan):
         target = "B" if current == "A" else "A"
-        delay = 2.0 * took * fractions[trial]
-        killed = forked_save(target, delay)
+        killed = forked_save(target, point if mode == "bytes" else None, point if mode == "delay" else None)
         outcome = check()
-        print(json.dumps({"trial": trial, "delay_s": round(delay, 5), "killed": killed,
+        print(json.dumps({"trial": trial, "mode": mode, "point": round(point, 5), "killed": killed,
                           "outcome": outcome, "leftover": leftover() if outcome in ("A", "B") else None}), flush=True)
         if outcome in ("A", "B"):
             current = outcome
     save(current)
-    print(json.dumps({"final_leftover": leftover(), "save_s": round(took, 5)}), flush=True)
+    print(json.dumps({"final_leftover": leftover(), "units": units}), flush=True)
 
 
 if __name__ == "__main__":
