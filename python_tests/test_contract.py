@@ -216,7 +216,8 @@ def test_ssd_scan_rejects_decreasing_seq_idx(request, backend):
     args = (torch.randn(b, l, h, p, device=device), torch.rand(b, l, h, device=device), -torch.rand(h, device=device),
             torch.randn(b, l, 1, n, device=device), torch.randn(b, l, 1, n, device=device))
     seq = torch.tensor([[0, 0, 1, 1, 2, 2], [0, 1, 1, 0, 0, 1]], dtype=torch.int32, device=device)
-    with pytest.raises(ValueError, match=r"seq_idx must be non-decreasing along seqlen, got 1 then 0 at index \(1, 3\)"):
+    msg = r"seq_idx must be non-decreasing along seqlen, got 1 then 0 at index \(1, 3\)"
+    with pytest.raises(ValueError, match=msg):
         ek.ssd_scan(*args, chunk_size=4, seq_idx=seq, backend=backend)
     ok = torch.tensor([[0, 0, 1, 1, 2, 2], [0, 1, 1, 1, 3, 3]], dtype=torch.int32, device=device)
     assert torch.isfinite(ek.ssd_scan(*args, chunk_size=4, seq_idx=ok, backend=backend)).all()
@@ -312,3 +313,20 @@ def test_moe_experts_nvfp4_triton_reads_an_expanded_global_scale(triton_device):
     got = ek.moe_experts(x, tw, ids, w1, w2, backend="triton")
     want = ek.moe_experts(x, tw, ids, q, q2, backend="reference")
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("channel", [3, 12])
+def test_moe_experts_nan_in_w2_reaches_the_tokens_of_its_expert_within_the_width(request, backend, channel):
+    """With an int width d' = 8, a NaN in w2[e, 4, c] makes y[t, 4] NaN for the tokens t routed to e
+    when c < d', and no output NaN when c >= d' (the channel is never read)."""
+    device = _device(request, backend)
+    x, ids, w1, w2 = _moe_inputs(ffn=16, device=device)
+    w2[1, 4, channel] = NAN
+    tw = torch.rand(ids.shape, device=device)
+    y = ek.moe_experts(x, tw, ids, w1, w2, ffn_width=8, backend=backend)
+    expect = torch.zeros(y.shape, dtype=torch.bool)
+    if channel < 8:
+        expect[:, 4] = (ids == 1).any(1).cpu()
+    assert expect.any() or channel >= 8
+    assert torch.equal(y.isnan().cpu(), expect)

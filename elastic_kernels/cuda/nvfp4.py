@@ -55,7 +55,7 @@ def linear(x: Tensor, data: Tensor, scales: Tensor, g: Tensor, bias: Tensor | No
     if x.stride(-1) != 1 or x.data_ptr() % 16 or x.stride(0) % 8:  # 16-byte row loads
         x = x.clone(memory_format=torch.contiguous_format)
     if data.data_ptr() % 8 or data.stride(0) % 8:  # 8-byte loads of 16 codes
-        data = data.contiguous()
+        data = data.clone(memory_format=torch.contiguous_format)  # contiguous() keeps a misaligned view
     m, k = x.shape
     n = data.shape[0]
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)

@@ -275,6 +275,12 @@ def moe_experts(x: Tensor, topk_weights: Tensor, topk_ids: Tensor, w1: Tensor | 
     the op does not synchronize with the host except for the value checks of
     ``topk_ids``/``ffn_width``, which are skipped while tracing, during CUDA graph capture and
     under ``torch.cuda.set_sync_debug_mode``.
+
+    NaN/Inf (docs/design.md §5): a non-finite value in x[t] or topk_weights[t] makes exactly
+    y[t] non-finite, one in an expert's weights the outputs that read it (of the tokens routed to
+    that expert, within the width), identically on every backend (relu2 keeps NaN). Limitation: with per-token widths, a non-finite w2 channel past a
+    token's own width (but below the widest token of its expert) may still reach that token,
+    because the down product is shared by the expert's tokens.
     """
     op = "moe_experts"
     dims = Dims(op)
