@@ -1,6 +1,8 @@
 """Elastic budget control at inference (docs/design.md §1).
 
-- :func:`generate`: the one decode loop — phase-switched generation (think budget until the
+- :class:`Scheduler`: the one decode loop — continuous batching of requests with their own
+  budgets, phases and prompt lengths in one ragged batch (submit, step, stream, cancel).
+- :func:`generate`: its synchronous face — phase-switched generation (think budget until the
   end-of-thinking token, then the answer budget), batched with per-request budgets, phases and
   thinking caps.
 - :mod:`.evaluate`: accuracy and latency (wall time and a FLOPs/bytes cost model) of every
@@ -22,6 +24,7 @@ _EXPORTS = {
                   "evaluate_settings", "pareto_frontier"),
     ".generate": ("CACHE_MODES", "FULL", "SAMPLING", "EmptyPromptError", "Generation", "GenerationError",
                   "PromptTooLongError", "UnknownBudgetError", "generate", "resolve_budget"),
+    ".scheduler": ("Request", "Scheduler", "TokenEvent"),
     ".report": ("RunDirError", "budget_control_markdown", "plot_budget_control", "run_budget_control",
                 "write_budget_control"),
 }

@@ -11,6 +11,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
+import torch
 from torch import Tensor
 
 
@@ -66,10 +67,40 @@ class MambaLayerCache(LayerCache):
 
 @dataclass
 class AttentionLayerCache(LayerCache):
-    """KV cache of one attention layer: k, v: (batch, nkv_heads, seqlen_so_far, head_dim)."""
+    """KV cache of one attention layer: k, v: (batch, nkv_heads, slots, head_dim).
+
+    lengths: None (every row holds ``slots`` keys) or LongTensor ``(batch,)``: row ``r`` holds its
+    first ``lengths[r]`` slots, the rest are free (per-sample cache lengths of ragged batches,
+    docs/design.md §3; attention masks the free slots, new keys go to each row's own position).
+    """
 
     k: Tensor
     v: Tensor
+    lengths: Tensor | None = None
+
+    def row_lengths(self) -> Tensor:
+        """Keys held per row: LongTensor ``(batch,)``."""
+        if self.lengths is not None:
+            return self.lengths
+        return torch.full((self.k.shape[0],), self.k.shape[2], dtype=torch.int64, device=self.k.device)
+
+    @classmethod
+    def merge(cls, parts: Sequence[tuple[Tensor, "AttentionLayerCache"]], batch: int):
+        """Rows of parts holding different numbers of keys: slots padded to the longest part,
+        per-row ``lengths`` kept."""
+        first = parts[0][1]
+        if all(c.lengths is None and c.k.shape[2] == first.k.shape[2] for _, c in parts):
+            return super().merge(parts, batch)
+        slots = max(c.k.shape[2] for _, c in parts)
+        k = first.k.new_zeros((batch, first.k.shape[1], slots, first.k.shape[3]))
+        v = first.v.new_zeros(k.shape)
+        lengths = torch.zeros(batch, dtype=torch.int64, device=k.device)
+        for rows, c in parts:
+            n = c.k.shape[2]
+            k[rows, :, :n] = c.k.to(k.dtype)
+            v[rows, :, :n] = c.v.to(v.dtype)
+            lengths[rows] = c.row_lengths().to(k.device)
+        return dataclasses.replace(first, k=k, v=v, lengths=lengths)
 
 
 @dataclass
@@ -89,20 +120,23 @@ class HybridCache:
                                    batch=int(rows.numel()))
 
     @staticmethod
-    def merge(parts: Sequence[tuple[Tensor, "HybridCache"]], batch: int) -> "HybridCache":
+    def merge(parts: Sequence[tuple[Tensor, "HybridCache"]], batch: int, ragged: bool = False) -> "HybridCache":
         """One cache of ``batch`` rows from ``(rows, cache)`` parts (rows: LongTensor ``(n_i,)``
-        saying where each part's rows go; every part at the same length)."""
+        saying where each part's rows go). Every part at the same length, unless ``ragged``: then
+        rows keep their own lengths (attention caches hold per-row ``lengths``; ``seqlen`` becomes
+        the longest)."""
         if not parts:
             raise ValueError("HybridCache.merge: parts must not be empty")
         first = parts[0][1]
         lengths = [c.seqlen for _, c in parts]
-        if len(set(lengths)) != 1:
-            raise ValueError(f"HybridCache.merge: every part must be at the same length, got {lengths}")
+        if len(set(lengths)) != 1 and not ragged:
+            raise ValueError(f"HybridCache.merge: every part must be at the same length, got {lengths} "
+                             "(ragged=True keeps per-row lengths)")
         if any(len(c.layers) != len(first.layers) for _, c in parts):
             raise ValueError("HybridCache.merge: parts come from different models")
         layers = [None if lc is None else type(lc).merge([(rows, c.layers[i]) for rows, c in parts], batch)
                   for i, lc in enumerate(first.layers)]
-        return dataclasses.replace(first, layers=layers, batch=batch)
+        return dataclasses.replace(first, layers=layers, batch=batch, seqlen=max(lengths))
 
     def clear_outside(self, row: int, sizes: Mapping[str, Sequence[int]]) -> None:
         """Zero the state of batch entry ``row`` outside the units of ``sizes`` (per-layer sizes as

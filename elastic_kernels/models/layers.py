@@ -155,7 +155,7 @@ class ElasticMamba2Mixer(ElasticLayer):
         ``active_heads`` (heads computed). Returns (batch, seqlen, k).
     """
 
-    letter, kind_name, cache_axis = "M", "Mamba2", "mamba_heads"
+    letter, kind_name, cache_axis, mixes_tokens = "M", "Mamba2", "mamba_heads", True
     axes = (LayerAxis("mamba_heads", "mamba_heads", width_kw="active_heads", mask_kw="head_mask",
                       max_kw="max_active", min_field="mamba_groups", multiple_field="mamba_groups"),)
 
@@ -209,7 +209,8 @@ class ElasticMamba2Mixer(ElasticLayer):
         return zxdt[..., :P], zxdt[..., P:2 * P], zxdt[..., 2 * P], _linear(x, self.in_bc[:, :k])
 
     def forward(self, x: Tensor, active_heads=None, head_mask: Tensor | None = None,
-                cache: MambaLayerCache | None = None, max_active: int | None = None) -> Tensor:
+                cache: MambaLayerCache | None = None, max_active: int | None = None,
+                seq_lens: list[int] | None = None) -> Tensor:
         b, l, k = x.shape
         P, G, N, K = self.head_dim, self.ngroups, self.d_state, self.conv_kernel
         if k > self.hidden:
@@ -220,6 +221,10 @@ class ElasticMamba2Mixer(ElasticLayer):
         if hh % G:
             raise ValueError(f"ElasticMamba2Mixer: active_heads ({hh}) must be a multiple of ngroups ({G})")
         per_sample = active_heads if isinstance(active_heads, Tensor) else None
+        if seq_lens is not None:
+            if head_mask is not None:
+                raise ValueError("ElasticMamba2Mixer: a packed prefill (seq_lens) takes no head_mask")
+            return self._forward_packed(x, hh, per_sample, cache, seq_lens)
         if l == 0:  # nothing to mix; the cache is unchanged
             return x.new_zeros(b, 0, k)
 
@@ -269,6 +274,81 @@ class ElasticMamba2Mixer(ElasticLayer):
         hw = unit_weights(per_sample, head_mask, hh, x, "ElasticMamba2Mixer: head_mask")
         y = self.norm(y, z, hw)
         return _linear(y.reshape(b, l, hh * P), self.out_proj[:k, :hh * P])
+
+    def _forward_packed(self, x: Tensor, hh: int, per_token: Tensor | None, cache: MambaLayerCache | None,
+                        seq_lens: list[int]) -> Tensor:
+        """Packed prefill of fresh sequences: ``x: (1, T, k)`` holds ``len(seq_lens)`` sequences
+        back to back (``T = sum(seq_lens)``); ``per_token``: None or LongTensor ``(T,)`` of each
+        token's active heads (its sequence's budget). The convolution sees zeros before every
+        sequence (as a fresh cache), the scan resets its state at every boundary (``seq_idx``);
+        heads beyond a token's width are computed at ``hh`` and zeroed, which equals computing
+        its own width (heads are independent). Cache row ``i`` (a fresh cache of batch
+        ``len(seq_lens)``) receives sequence ``i``'s conv window and SSM state, zero beyond its
+        heads, as a prefill of that sequence alone leaves."""
+        _, T, k = x.shape
+        P, G, N, K = self.head_dim, self.ngroups, self.d_state, self.conv_kernel
+        n, dev = len(seq_lens), x.device
+        lens = torch.tensor(seq_lens, dtype=torch.int64, device=dev)
+        seq = torch.repeat_interleave(torch.arange(n, device=dev), lens)
+        ends = torch.cumsum(lens, 0) - 1
+        z, xs, dt, bc = self.project_in(x, hh)
+        u = torch.cat([xs.reshape(1, T, hh * P), bc], dim=-1).transpose(1, 2)  # (1, ch, T)
+        # every sequence preceded by K - 1 zero columns: a plain conv1d then never crosses sequences
+        slot = torch.arange(T, device=dev) + (K - 1) * (seq + 1)
+        gapped = u.new_zeros(1, u.shape[1], T + n * (K - 1))
+        gapped[..., slot] = u
+        w_conv = torch.cat([self.conv_x_weight[:hh].reshape(hh * P, K), self.conv_bc_weight], 0)
+        bias = torch.cat([self.conv_x_bias[:hh].reshape(hh * P), self.conv_bc_bias], 0)
+        conv = F.silu(F.conv1d(gapped, w_conv.to(u.dtype)[:, None, :], bias.to(u.dtype), groups=u.shape[1]))
+        conv = conv[..., slot - (K - 1)].transpose(1, 2)  # (1, T, ch)
+        width = per_token if per_token is not None else torch.full((T,), hh, dtype=torch.int64, device=dev)
+        seq_width = width[ends]                                                     # (n,)
+        if cache is not None:
+            if cache.has_state or cache.ssm.shape[0] != n:
+                raise ValueError(f"ElasticMamba2Mixer: a packed prefill needs an empty cache of batch {n}")
+            if K > 1:
+                tail = gapped[0][:, (slot[ends] - (K - 2))[:, None] + torch.arange(K - 1, device=dev)]  # (ch, n, K-1)
+                tail = tail.transpose(0, 1)
+                cx = tail[:, :hh * P].reshape(n, hh, P, K - 1)
+                keep = (torch.arange(hh, device=dev)[None, :] < seq_width[:, None])
+                cache.conv_x[:, :hh] = (cx * keep[:, :, None, None].to(cx.dtype)).to(cache.conv_x.dtype)
+                cache.conv_bc.copy_(tail[:, hh * P:].to(cache.conv_bc.dtype))
+        xs = conv[..., :hh * P].reshape(1, T, hh, P).contiguous()
+        Bm = conv[..., hh * P:hh * P + G * N].reshape(1, T, G, N).contiguous()
+        Cm = conv[..., hh * P + G * N:].reshape(1, T, G, N).contiguous()
+        dt = dt.contiguous()
+        cd = _compute_dtype(x)
+        A = -torch.exp(self.A_log[:hh].to(cd))
+        y = ssd_scan(xs, dt, A, Bm, Cm, chunk_size=self.chunk_size, D=self.D[:hh], dt_bias=self.dt_bias[:hh],
+                     dt_softplus=True, dt_limit=self.dt_limit, seq_idx=seq.to(torch.int32)[None],
+                     head_layout="interleaved")
+        hw = (torch.arange(hh, device=dev)[None, :] < width[:, None]).to(cd)  # (T, hh)
+        y = y[0] * hw[:, :, None].to(y.dtype)
+        if cache is not None:
+            cache.ssm[:, :hh] = self._packed_states(xs[0], dt[0], A, Bm[0], seq, ends, hw).to(cache.ssm.dtype)
+            cache.has_state = True
+        y = self.norm(y[:, None], z[0][:, None], hw)  # tokens as the batch: per-token head weights
+        return _linear(y.reshape(1, T, hh * P), self.out_proj[:k, :hh * P])
+
+    def _packed_states(self, xs: Tensor, dt: Tensor, A: Tensor, Bm: Tensor, seq: Tensor, ends: Tensor,
+                       hw: Tensor) -> Tensor:
+        """Final SSM state of every packed sequence, ``(n, hh, headdim, d_state)``, in float64:
+        ``h_i = sum_{t in i} exp(sum_{t < s <= end_i} dt_s A) dt_t x_t B_t^T`` (the scan's
+        recurrence from a zero state written out; dt processed as the scan does). xs: (T, hh, P);
+        dt: (T, hh) raw; Bm: (T, G, N); hw: (T, hh) 0/1 active heads of each token."""
+        f64 = torch.float64
+        d = dt.to(f64) + self.dt_bias[:xs.shape[1]].to(f64)
+        d = F.softplus(d)
+        lo, hi = self.dt_limit
+        if not (lo == 0.0 and hi == math.inf):
+            d = d.clamp(min=lo, max=hi)
+        cum = torch.cumsum(d * A.to(f64), 0)                                       # (T, hh)
+        decay = torch.exp(cum[ends][seq] - cum)                                    # to the end of each sequence
+        hh, G = xs.shape[1], self.ngroups
+        Bh = Bm.to(f64)[:, torch.arange(hh, device=xs.device) % G]                 # head h in group h % G
+        contrib = (decay * d * hw.to(f64))[:, :, None, None] * xs.to(f64)[:, :, :, None] * Bh[:, :, None, :]
+        out = contrib.new_zeros((ends.shape[0],) + contrib.shape[1:])
+        return out.index_add_(0, seq, contrib)
 
     def sizes(self) -> dict[str, int]:
         return {"mamba_heads": self.nheads}
@@ -328,11 +408,14 @@ class GQAAttention(ElasticLayer):
     """Causal grouped-query attention (plain PyTorch SDPA), no positional encoding (as
     Nemotron-H: the Mamba layers carry position). Heads are not elastic; the hidden prefix is.
 
-    ``forward(x, cache=None)``: x: (batch, seqlen, k); cache: :class:`AttentionLayerCache`
-    (appended in place). Returns (batch, seqlen, k).
+    ``forward(x, cache=None, seq_lens=None)``: x: (batch, seqlen, k); cache:
+    :class:`AttentionLayerCache` (appended in place; with per-row ``lengths`` every row continues
+    at its own length). ``seq_lens``: packed prefill, x is ``(1, sum(seq_lens), k)`` holding the
+    sequences back to back, each attending within itself (block-diagonal causal mask). Returns
+    (batch, seqlen, k).
     """
 
-    letter, kind_name = "*", "attention"
+    letter, kind_name, mixes_tokens = "*", "attention", True
 
     @classmethod
     def from_config(cls, c, occurrence: int) -> "GQAAttention":
@@ -352,19 +435,24 @@ class GQAAttention(ElasticLayer):
         empty = torch.zeros(batch, self.nkv_heads, 0, self.head_dim, device=device, dtype=dtype)
         return AttentionLayerCache(k=empty, v=empty.clone())
 
-    def forward(self, x: Tensor, cache: AttentionLayerCache | None = None) -> Tensor:
+    def forward(self, x: Tensor, cache: AttentionLayerCache | None = None,
+                seq_lens: list[int] | None = None) -> Tensor:
         b, l, k = x.shape
         hd = self.head_dim
         q = _linear(x, self.q_proj[:, :k]).view(b, l, self.nheads, hd).transpose(1, 2)
         kk = _linear(x, self.k_proj[:, :k]).view(b, l, self.nkv_heads, hd).transpose(1, 2)
         vv = _linear(x, self.v_proj[:, :k]).view(b, l, self.nkv_heads, hd).transpose(1, 2)
+        rep = self.nheads // self.nkv_heads
+        if seq_lens is not None:
+            return self._forward_packed(q, kk, vv, cache, seq_lens, k)
+        if cache is not None and cache.lengths is not None:
+            return self._forward_ragged(q, kk, vv, cache, k)
         past = 0
         if cache is not None:
             past = cache.k.shape[2]
             kk = torch.cat([cache.k.to(kk.dtype), kk], 2)
             vv = torch.cat([cache.v.to(vv.dtype), vv], 2)
             cache.k, cache.v = kk, vv
-        rep = self.nheads // self.nkv_heads
         kk, vv = kk.repeat_interleave(rep, 1), vv.repeat_interleave(rep, 1)
         if past == 0:
             o = F.scaled_dot_product_attention(q, kk, vv, is_causal=True)
@@ -372,7 +460,62 @@ class GQAAttention(ElasticLayer):
             qpos = torch.arange(past, past + l, device=x.device)[:, None]
             mask = torch.arange(past + l, device=x.device)[None, :] <= qpos
             o = F.scaled_dot_product_attention(q, kk, vv, attn_mask=mask)
-        return _linear(o.transpose(1, 2).reshape(b, l, self.nheads * hd), self.o_proj[:k])
+        return self._out(o, k)
+
+    def _out(self, o: Tensor, k: int) -> Tensor:
+        b, _, l, _ = o.shape
+        return _linear(o.transpose(1, 2).reshape(b, l, self.nheads * self.head_dim), self.o_proj[:k])
+
+    def _forward_packed(self, q: Tensor, kk: Tensor, vv: Tensor, cache: AttentionLayerCache | None,
+                        seq_lens: list[int], k: int) -> Tensor:
+        """Packed prefill: ``q: (1, nheads, T, hd)`` etc. hold ``len(seq_lens)`` fresh sequences
+        back to back; each attends causally within itself only. The cache (batch =
+        ``len(seq_lens)``, empty) receives each sequence's keys/values in its own row."""
+        dev, T = q.device, q.shape[2]
+        lens = torch.tensor(seq_lens, dtype=torch.int64, device=dev)
+        seq = torch.repeat_interleave(torch.arange(len(seq_lens), device=dev), lens)
+        pos = torch.arange(T, device=dev)
+        mask = (seq[:, None] == seq[None, :]) & (pos[None, :] <= pos[:, None])
+        rep = self.nheads // self.nkv_heads
+        o = F.scaled_dot_product_attention(q, kk.repeat_interleave(rep, 1), vv.repeat_interleave(rep, 1),
+                                           attn_mask=mask)
+        if cache is not None:
+            if cache.k.shape[2] or cache.k.shape[0] != len(seq_lens):
+                raise ValueError(f"GQAAttention: a packed prefill needs an empty cache of batch {len(seq_lens)}, "
+                                 f"got batch {cache.k.shape[0]} holding {cache.k.shape[2]} keys")
+            starts = torch.cumsum(lens, 0) - lens
+            slot = pos - starts[seq]
+            kb = kk.new_zeros(len(seq_lens), max(seq_lens), self.nkv_heads, self.head_dim)
+            vb = kb.clone()
+            kb[seq, slot] = kk[0].transpose(0, 1).to(kb.dtype)
+            vb[seq, slot] = vv[0].transpose(0, 1).to(vb.dtype)
+            cache.k, cache.v = kb.transpose(1, 2).to(cache.k.dtype), vb.transpose(1, 2).to(cache.v.dtype)
+            cache.lengths = lens
+        return self._out(o, k)
+
+    def _forward_ragged(self, q: Tensor, kk: Tensor, vv: Tensor, cache: AttentionLayerCache, k: int) -> Tensor:
+        """Continue rows at their own lengths: row ``r``'s ``l`` new keys go to slots
+        ``lengths[r] ..``; its queries attend to its own keys only."""
+        b, _, l, _ = q.shape
+        dev = q.device
+        lengths = cache.lengths.to(dev)
+        need = int(lengths.max()) + l
+        slots = cache.k.shape[2]
+        if need > slots:  # grow geometrically: appends stay amortized O(1) per token
+            grow = max(need, 2 * slots) - slots
+            pad = cache.k.new_zeros(b, self.nkv_heads, grow, self.head_dim)
+            cache.k, cache.v = torch.cat([cache.k, pad], 2), torch.cat([cache.v, pad], 2)
+        rows = torch.arange(b, device=dev)[:, None]
+        pos = lengths[:, None] + torch.arange(l, device=dev)[None, :]          # (b, l)
+        cache.k.transpose(1, 2)[rows, pos] = kk.transpose(1, 2).to(cache.k.dtype)
+        cache.v.transpose(1, 2)[rows, pos] = vv.transpose(1, 2).to(cache.v.dtype)
+        cache.lengths = lengths + l
+        mask = torch.arange(cache.k.shape[2], device=dev)[None, None, :] <= pos[:, :, None]  # (b, l, slots)
+        rep = self.nheads // self.nkv_heads
+        ks = cache.k.to(q.dtype).repeat_interleave(rep, 1)
+        vs = cache.v.to(q.dtype).repeat_interleave(rep, 1)
+        o = F.scaled_dot_product_attention(q, ks, vs, attn_mask=mask[:, None])
+        return self._out(o, k)
 
     def sliced_shapes(self, k: int, sizes: Mapping[str, int] | None = None, active: bool = False) -> dict[str, tuple]:
         nq, nkv = self.nheads * self.head_dim, self.nkv_heads * self.head_dim

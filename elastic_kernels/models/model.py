@@ -143,9 +143,17 @@ class ElasticHybridLM(nn.Module):
         return HybridCache(layers=layers, batch=batch, units=units)
 
     def forward(self, input_ids: Tensor, budget=None, soft_masks: Mapping[str, Any] | None = None,
-                cache: HybridCache | None = None) -> Tensor:
+                cache: HybridCache | None = None, seq_lens: Sequence[int] | None = None) -> Tensor:
         """``input_ids: (batch, seqlen)`` -> logits ``(batch, seqlen, vocab_size)`` float32 (float64
-        for a float64 model)."""
+        for a float64 model).
+
+        ``seq_lens`` (packed prefill of sequences of different lengths, no padding): ``input_ids``
+        is ``(1, sum(seq_lens))`` holding ``len(seq_lens)`` sequences back to back; a budget list
+        has one Budget per sequence; ``cache`` (optional) is a fresh ``new_cache(len(seq_lens))``
+        whose row ``i`` then holds sequence ``i`` (per-row lengths). Every sequence's logits equal
+        those of it run alone. Soft masks are not taken."""
+        if seq_lens is not None:
+            return self._forward_packed(input_ids, budget, soft_masks, cache, seq_lens)
         if not isinstance(input_ids, Tensor) or input_ids.dtype not in (torch.int64, torch.int32):
             raise TypeError(f"input_ids must be an int64/int32 tensor, got "
                             f"{input_ids.dtype if isinstance(input_ids, Tensor) else type(input_ids).__name__}")
@@ -196,6 +204,65 @@ class ElasticHybridLM(nn.Module):
         logits = self.lm_head(y) if self.lm_head is not None else \
             torch.nn.functional.linear(y, self.embed.weight[:, :k])
         return logits.to(torch.promote_types(logits.dtype, torch.float32))
+
+    def _forward_packed(self, input_ids: Tensor, budget, soft_masks, cache: HybridCache | None,
+                        seq_lens: Sequence[int]) -> Tensor:
+        """Packed prefill: token-wise layers see the ``T`` tokens as a batch of ``T`` one-token
+        rows at their sequence's widths; token-mixing layers see one packed row (``seq_lens``)."""
+        if not isinstance(input_ids, Tensor) or input_ids.dtype not in (torch.int64, torch.int32) \
+                or input_ids.dim() != 2 or input_ids.shape[0] != 1:
+            raise ValueError(f"input_ids of a packed prefill must be an int tensor of shape (1, total tokens), got "
+                             f"{tuple(input_ids.shape) if isinstance(input_ids, Tensor) else type(input_ids).__name__}")
+        if soft_masks:
+            raise ValueError("soft_masks are not taken with seq_lens (a packed prefill)")
+        lens = list(seq_lens) if isinstance(seq_lens, (list, tuple)) else None
+        if not lens or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in lens):
+            raise ValueError(f"seq_lens must be a non-empty list of positive ints, got {seq_lens!r}")
+        T, n = input_ids.shape[1], len(lens)
+        if sum(lens) != T:
+            raise ValueError(f"seq_lens must sum to input_ids.shape[1] ({T}), got sum {sum(lens)}")
+        if T and not torch.compiler.is_compiling():
+            lo, hi = int(input_ids.min()), int(input_ids.max())
+            if lo < 0 or hi >= self.config.vocab_size:
+                raise ValueError(f"input_ids values must lie in [0, {self.config.vocab_size}), got [{lo}, {hi}]")
+        if cache is not None:
+            if not isinstance(cache, HybridCache) or len(cache.layers) != len(self.layers):
+                raise TypeError("cache must be a HybridCache from this model's new_cache()")
+            if cache.batch != n or cache.seqlen:
+                raise ValueError(f"a packed prefill needs a fresh cache of batch len(seq_lens)={n}, got batch "
+                                 f"{cache.batch} holding {cache.seqlen} tokens")
+        plan = self._plan(budget, n, input_ids.device)
+        rep = torch.tensor(lens, device=input_ids.device)
+
+        def per_token(v):
+            return v.repeat_interleave(rep) if isinstance(v, Tensor) else v
+
+        hidden_t = per_token(plan.hidden_t)
+        k = plan.hidden
+        h = self.embed(input_ids.reshape(T, 1), k)                       # (T, 1, k): one token per row
+        hw = _unit_weights(hidden_t, None, k, h, "budget hidden")
+        if hw is not None:
+            hw = hw[:, None, :].to(h.dtype)
+            h = h * hw
+        wdtype = h.dtype
+        for i, block in enumerate(self.layers):
+            y = block.norm(h.to(wdtype), hidden_t)
+            kw = {name: per_token(v) for name, v in plan.layer_kwargs[i].items()}
+            if block.mixer.mixes_tokens:
+                if cache is not None and cache.layers[i] is not None:
+                    kw["cache"] = cache.layers[i]
+                y = block.mixer(y.reshape(1, T, k), seq_lens=lens, **kw).reshape(T, 1, k)
+            else:
+                y = block.mixer(y, **kw)
+            if self.config.residual_fp32:
+                h = h.to(torch.promote_types(h.dtype, torch.float32))
+            h = h + (y * hw if hw is not None else y)
+        if cache is not None:
+            cache.seqlen = max(lens)
+        y = self.norm_f(h, hidden_t).to(wdtype)
+        logits = self.lm_head(y) if self.lm_head is not None else \
+            torch.nn.functional.linear(y, self.embed.weight[:, :k])
+        return logits.to(torch.promote_types(logits.dtype, torch.float32)).reshape(1, T, -1)
 
     # -- sizes, slicing -----------------------------------------------------------------------
     def sliced_shapes(self, sizes: Mapping[str, Sequence], active: bool = False) -> dict[str, tuple]:

@@ -15,7 +15,10 @@ caches and checkpoints read everything they need about a kind from that class:
   old``) so that the most important come first;
 - ``importance(x)``: activation-based scores of its axes from its input ``x`` (forward only);
 - ``quantizable_weights()``: the linear weights a quantized checkpoint stores in NVFP4/FP8;
-- ``new_cache(batch, device, dtype)`` and ``cache_axis`` for layers with decode state.
+- ``new_cache(batch, device, dtype)`` and ``cache_axis`` for layers with decode state;
+- ``mixes_tokens``: whether the layer mixes positions (then ``forward`` takes ``seq_lens``, a
+  packed prefill of several sequences in one row); a layer without it is per-token and sees a
+  packed batch as one token per row.
 """
 from __future__ import annotations
 
@@ -102,6 +105,7 @@ class ElasticLayer(nn.Module):
     kind_name: ClassVar[str] = ""
     axes: ClassVar[tuple[LayerAxis, ...]] = ()
     cache_axis: ClassVar[str | None] = None
+    mixes_tokens: ClassVar[bool] = False
 
     def sliced_shapes(self, k: int, sizes: Mapping[str, int] | None = None,
                       active: bool = False) -> dict[str, tuple]:
