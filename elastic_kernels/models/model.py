@@ -240,7 +240,7 @@ class ElasticHybridLM(nn.Module):
         hidden_t = per_token(plan.hidden_t)
         k = plan.hidden
         h = self.embed(input_ids.reshape(T, 1), k)                       # (T, 1, k): one token per row
-        hw = _unit_weights(hidden_t, None, k, h, "budget hidden")
+        hw = unit_weights(hidden_t, None, k, h, "budget hidden")
         if hw is not None:
             hw = hw[:, None, :].to(h.dtype)
             h = h * hw
