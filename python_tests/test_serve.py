@@ -203,6 +203,28 @@ def test_mixed_ragged_batch_equals_alone(dtype, cache_mode):
         assert g.work == alone.work
 
 
+def test_padding_baseline_computes_padding_and_keeps_outputs(model):
+    """``pad_prefill`` (the benchmark's padding baseline) prefills every prompt padded to the
+    longest (separate packed segments) and gives the same tokens as the ragged batch."""
+    ids = _ids(model)
+    reqs = _requests(6, seed=4)
+    out = {}
+    for pad in (False, True):
+        calls = []
+        hook = model.register_forward_hook(lambda m, a, kw, o: calls.append((tuple(a[0].shape), kw.get("seq_lens"))),
+                                           with_kwargs=True)
+        try:
+            sched = Scheduler(model, budgets=table(model), max_length=40, pad_prefill=pad, **ids)
+            handles = [sched.submit(**r) for r in reqs]
+            sched.run()
+        finally:
+            hook.remove()
+        lens = [len(r["prompt"]) for r in reqs]
+        assert calls[0][0] == (1, len(lens) * max(lens) if pad else sum(lens))
+        out[pad] = [(h.result().completion, h.result().work) for h in handles]
+    assert out[True] == out[False]
+
+
 def test_alone_equals_full_reforward_oracle(model):
     """The scheduler alone is itself checked against plain full re-forwards (no cache), so the
     batch-equals-alone tests rest on an independent oracle."""

@@ -1,4 +1,4 @@
-"""Continuous batching of elastic requests: the one decode loop (docs/design.md §1).
+"""Continuous batching of elastic requests: the one decode loop (docs/serving.md, docs/design.md §1).
 
 Every request carries its own think budget, answer budget, thinking cap and answer cap. The
 :class:`Scheduler` keeps one running batch whose rows are at their *own* lengths, budgets and
@@ -314,11 +314,16 @@ class Scheduler:
         max_length: the most tokens of prompt + completion of a request.
         sampling: ``"greedy"`` or ``"sample"`` (``temperature`` > 0, nucleus ``top_p`` in (0, 1]).
         cache_mode: ``"reprefill"`` (exact) or ``"reuse"`` (approximate) at a budget switch.
+        pad_prefill: the padding baseline (``bench/bench_serve.py``): every packed prefill also
+            computes, after each sequence, padding up to the longest one (in separate packed
+            segments whose cache rows are dropped): the cost of padding to equal lengths, with
+            unchanged outputs.
     """
 
     def __init__(self, model, *, end_think_id: int, eos_id: int, budgets: Mapping[str, Budget] | None = None,
                  max_batch: int = 64, max_length: int = 2048, sampling: str = "greedy", temperature: float = 1.0,
-                 top_p: float = 1.0, cache_mode: str = "reprefill", where: str = "Scheduler") -> None:
+                 top_p: float = 1.0, cache_mode: str = "reprefill", pad_prefill: bool = False,
+                 where: str = "Scheduler") -> None:
         if sampling not in SAMPLING:
             raise GenerationError(f"{where}: sampling must be one of {SAMPLING}, got {sampling!r}")
         if cache_mode not in CACHE_MODES:
@@ -346,7 +351,7 @@ class Scheduler:
         self.end_id, self.eos_id = end_think_id, eos_id
         self.max_batch, self.max_length = max_batch, max_length
         self.sampling, self.temperature, self.top_p = sampling, float(temperature), float(top_p)
-        self.cache_mode = cache_mode
+        self.cache_mode, self.pad_prefill = cache_mode, bool(pad_prefill)
         self.device = next(model.parameters()).device
         self._ids = itertools.count()
         self._waiting: list[Request] = []
@@ -473,11 +478,22 @@ class Scheduler:
         if prefill:
             ctx = [r._seq.context() for r in prefill]
             lens = [len(c) for c in ctx]
+            budgets = [r._seq.budget for r in prefill]
+            segs, seg_budgets, real = list(lens), list(budgets), list(range(len(lens)))
+            if self.pad_prefill:  # a padding segment (token 0) after each sequence, up to the longest
+                longest, segs, seg_budgets, real = max(lens), [], [], []
+                for n, b in zip(lens, budgets):
+                    real.append(len(segs))
+                    segs += [n] + ([longest - n] if n < longest else [])
+                    seg_budgets += [b] * (2 if n < longest else 1)
+                ctx = [c + [0] * (longest - len(c)) for c in ctx]
             ids = torch.tensor([t for c in ctx for t in c], dtype=torch.long, device=dev)[None]
-            fresh = model.new_cache(len(prefill))
-            out = model(ids, budget=_budget_arg([r._seq.budget for r in prefill]), cache=fresh, seq_lens=lens)
-            ends = torch.tensor(lens, device=dev).cumsum(0) - 1
+            fresh = model.new_cache(len(segs))
+            out = model(ids, budget=_budget_arg(seg_budgets), cache=fresh, seq_lens=segs)
+            ends = (torch.tensor(segs, device=dev).cumsum(0) - 1)[torch.tensor(real, device=dev)]
             logits.append(out[0, ends])
+            if len(segs) > len(lens):
+                fresh = fresh.select_rows(torch.tensor(real, device=dev))
             for r, n in zip(prefill, lens):
                 r._seq.count_prefill(n)
                 r._seq.action = "decode"

@@ -71,7 +71,7 @@ class AttentionLayerCache(LayerCache):
 
     lengths: None (every row holds ``slots`` keys) or LongTensor ``(batch,)``: row ``r`` holds its
     first ``lengths[r]`` slots, the rest are free (per-sample cache lengths of ragged batches,
-    docs/design.md §3; attention masks the free slots, new keys go to each row's own position).
+    docs/serving.md; attention masks the free slots, new keys go to each row's own position).
     """
 
     k: Tensor
