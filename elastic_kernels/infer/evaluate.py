@@ -10,10 +10,14 @@ Settings:
 - **reuse**: every pair with ``think != answer`` again in the experimental ``cache_mode="reuse"``
   (no re-prefill at the switch); reported with its accuracy change, kept off the frontier.
 
-Latency is measured three ways:
+Latency and cost are measured four ways:
 
+- ``latency_s`` (with ``latency=`` profiles of :mod:`.latency`): the *measured single-request*
+  latency of every request, batch 1 on one thread, from its real token counts: prefill + think
+  decodes + switch (re-prefill) + answer decodes on the physically sliced submodels; rows carry
+  the median (``latency_s``), p90 and mean over the problems. This is the latency axis.
 - ``wall_s``: wall time of batched generation over the evaluation set, per problem (the minimum
-  over ``repeats`` passes).
+  over ``repeats`` passes): a *throughput*, mixed-phase batches running at the larger width.
 - ``flops``: a cost model, per problem: every computed token costs ``2 x`` the matmul
   parameters it uses at its phase's budget (MoE: ``moe_top_k`` experts; the embedding is a lookup),
   plus attention scores/values ``4 x heads x head_dim`` per attended position per attention layer,
@@ -34,11 +38,12 @@ from typing import Callable, Mapping, Sequence
 
 from ..models.config import Budget
 from .generate import CACHE_MODES, Generation, generate
+from .latency import BudgetLatency, percentile, request_latency
 
 __all__ = ["Setting", "CostModel", "build_settings", "evaluate_settings", "pareto_frontier", "analyze",
            "default_caps", "budget_order", "COST_AXES"]
 
-COST_AXES = ("flops", "bytes", "wall_s")
+COST_AXES = ("latency_s", "flops", "bytes", "wall_s")
 
 
 @dataclass(frozen=True)
@@ -124,7 +129,7 @@ class CostModel:
 
 def evaluate_settings(model, task, problems: Sequence, budgets: Mapping[str, Budget], settings: Sequence[Setting], *,
                       batch_size: int = 64, think_bound: int | None = None, max_answer_tokens: int | None = None,
-                      repeats: int = 1, warmup: bool = True,
+                      repeats: int = 1, warmup: bool = True, latency: Mapping[str, BudgetLatency] | None = None,
                       progress: Callable[[int, int, Setting], None] | None = None) -> list[dict]:
     """Run every setting over ``problems`` (of an :class:`~elastic_kernels.tasks.Task`).
 
@@ -132,9 +137,12 @@ def evaluate_settings(model, task, problems: Sequence, budgets: Mapping[str, Bud
     ``max_answer_tokens`` defaults to ``task.max_answer_len() + 2``. Returns one row per setting:
     ``setting`` (dict), ``label``, ``kind``, ``accuracy``, ``n``, means per problem of
     ``think_tokens``, ``answer_tokens``, ``flops``, ``bytes``, ``wall_s``; ``switch_rate``,
-    ``forced_rate``; ``wall_s_total`` and ``wall_s_passes``. Wall time is the minimum over
-    ``repeats`` round-robin passes over all settings (generation is deterministic for greedy
-    decoding; outputs come from the first pass).
+    ``forced_rate``; ``wall_s_total`` and ``wall_s_passes``; ``correct`` (0/1 per problem, for
+    paired tests). Wall time is the minimum over ``repeats`` round-robin passes over all settings
+    (generation is deterministic for greedy decoding; outputs come from the first pass). With
+    ``latency`` (``{budget name: BudgetLatency}``), also ``latency_s`` (median over problems of the
+    per-request latency), ``latency_p90_s``, ``latency_mean_s`` and ``latency_parts`` (mean
+    ``prefill_s``, ``think_s``, ``switch_s``, ``answer_s``).
     """
     if not problems:
         raise ValueError("evaluate_settings: problems must not be empty")
@@ -174,17 +182,25 @@ def evaluate_settings(model, task, problems: Sequence, budgets: Mapping[str, Bud
                     progress(i, len(settings), s)
     rows = []
     for s, gens, wall in zip(settings, outputs, walls):
-        correct = sum(task.score(p, g.completion) for g, p in zip(gens, problems))
+        ok = [int(task.score(p, g.completion)) for g, p in zip(gens, problems)]
         costs = [cost.request_cost(g) for g in gens]
-        rows.append({
-            "setting": asdict(s), "label": s.label, "kind": s.kind, "n": n, "accuracy": correct / n,
+        row = {
+            "setting": asdict(s), "label": s.label, "kind": s.kind, "n": n, "accuracy": sum(ok) / n, "correct": ok,
             "think_tokens": sum(len(g.thinking) for g in gens) / n,
             "answer_tokens": sum(len(g.answer) for g in gens) / n,
             "switch_rate": sum(g.switched for g in gens) / n,
             "forced_rate": sum(g.forced_switch for g in gens) / n,
             "flops": sum(c["flops"] for c in costs) / n, "bytes": sum(c["bytes"] for c in costs) / n,
             "wall_s": min(wall) / n, "wall_s_total": min(wall), "wall_s_passes": wall,
-        })
+        }
+        if latency is not None:
+            lat = [request_latency(g.work, latency[g.think_budget], latency[g.answer_budget]) for g in gens]
+            tot = [x["total_s"] for x in lat]
+            row |= {"latency_s": percentile(tot, 50), "latency_p90_s": percentile(tot, 90),
+                    "latency_mean_s": sum(tot) / n,
+                    "latency_parts": {k: sum(x[k] for x in lat) / n for k in ("prefill_s", "think_s", "switch_s",
+                                                                                 "answer_s")}}
+        rows.append(row)
     return rows
 
 
@@ -200,7 +216,7 @@ def pareto_frontier(rows: Sequence[dict], cost: str, acc: str = "accuracy") -> l
     return out
 
 
-def analyze(rows: Sequence[dict]) -> dict:
+def analyze(rows: Sequence[dict], axes: Sequence[str] | None = None) -> dict:
     """Frontier and pair-versus-single comparison on every cost axis.
 
     For each axis: ``frontier`` (labels, cheapest first, over single and pair settings; reuse rows
@@ -210,8 +226,11 @@ def analyze(rows: Sequence[dict]) -> dict:
     ``pair_dominates_best_single``: whether some pair beats the best single setting at its cost.
     ``reuse_pairs_beating_singles`` / ``reuse_pair_dominates_best_single``: the same for the
     pairs run in the experimental cache-reuse mode. ``reuse``: per pair, accuracy and cost of
-    reuse against re-prefill.
+    reuse against re-prefill. ``axes``: the cost axes (default: those of :data:`COST_AXES` every
+    row has); ``out["axes"]`` lists them.
     """
+    if axes is None:
+        axes = [a for a in COST_AXES if rows and all(a in r for r in rows)]
     main = [r for r in rows if r["kind"] in ("single", "pair")]
     singles = [r for r in main if r["kind"] == "single"]
 
@@ -229,8 +248,8 @@ def analyze(rows: Sequence[dict]) -> dict:
                               "dominates": dominated})
         return found
 
-    out: dict = {}
-    for axis in COST_AXES:
+    out: dict = {"axes": list(axes)}
+    for axis in axes:
         pairs = beating([r for r in main if r["kind"] == "pair"], axis)
         reused = beating([r for r in rows if r["kind"] == "reuse"], axis)
         out[axis] = {"frontier": [main[i]["label"] for i in pareto_frontier(main, axis)],

@@ -38,7 +38,7 @@ from scipy import stats as sps
 
 from ..models import Budget, ElasticHybridConfig, ElasticHybridLM
 
-__all__ = ["BudgetLatency", "measure_budget", "measure_budgets", "request_latency", "overhead_bound",
+__all__ = ["BudgetLatency", "measure_budget", "measure_budgets", "profile_budgets", "request_latency", "overhead_bound",
            "wider_clone", "wider_budget", "fit_time_vs_bytes", "percentile", "OVERHEAD_RATIO"]
 
 OVERHEAD_RATIO = 0.9
@@ -227,3 +227,46 @@ def fit_time_vs_bytes(points: Sequence[tuple[float, float]]) -> dict:
         raise ValueError("fit_time_vs_bytes: points must not be empty")
     fit = _linfit([float(b) for b, _ in points], [float(s) for _, s in points])
     return fit | {"n": len(points)}
+
+
+def profile_budgets(parent: ElasticHybridLM, table: Mapping[str, Budget], submodels: Mapping[str, ElasticHybridLM], *,
+                    prefill_lengths: Sequence[int], decode_contexts: Sequence[int], repeats: int = 7,
+                    clone_factor: int = 8, seed: int = 0) -> dict:
+    """Latency profiles of every budget, with the overhead check and the time-vs-bytes fit.
+
+    parent: the nested parent (its config and cost model); table: ``{name: Budget}``; submodels:
+    ``{name: physically sliced submodel}`` (``load_nested`` per budget). When the smallest budget's
+    median decode time at the middle context is above :data:`OVERHEAD_RATIO` times the largest's,
+    the budgets are re-timed on :func:`wider_clone` (``clone_factor`` wider, same shape fractions)
+    and those profiles are returned. Returns ``{"profiles": {name: BudgetLatency}, "timed_on":
+    "checkpoint" | "wider clone", "clone_factor", "overhead": {"checkpoint": {...}, "clone": {...}},
+    "bytes_fit": fit of decode seconds against modelled bytes (:func:`fit_time_vs_bytes`),
+    "points": [(name, context, bytes, seconds)]}``.
+    """
+    from .evaluate import CostModel
+
+    order = sorted(table, key=lambda n: -parent.param_count(table[n]))
+    largest, smallest = order[0], order[-1]
+    mid = sorted(decode_contexts)[len(decode_contexts) // 2]
+    kw = dict(prefill_lengths=prefill_lengths, decode_contexts=decode_contexts, repeats=repeats, seed=seed)
+    prof = measure_budgets({n: submodels[n] for n in order}, **kw)
+    out = {"timed_on": "checkpoint", "clone_factor": None,
+           "overhead": {"checkpoint": overhead_bound(prof, largest, smallest, mid)}}
+    model, tab = parent, dict(table)
+    if out["overhead"]["checkpoint"]["overhead_bound"] and clone_factor > 1:
+        wide = wider_clone(parent.config, clone_factor, seed=seed)
+        wtab = {n: wider_budget(table[n], parent.config, clone_factor) for n in order}
+        wprof = measure_budgets({n: wide.slice(wtab[n]) for n in order}, **kw)
+        out["overhead"]["clone"] = overhead_bound(wprof, largest, smallest, mid)
+        out |= {"timed_on": "wider clone", "clone_factor": clone_factor}
+        prof, model, tab = wprof, wide, wtab
+    cost = CostModel(model, tab)
+    points = []
+    for n in order:
+        pb = cost.per_budget[n]
+        for d in prof[n].decode:
+            nbytes = pb["decode_bytes"] + cost.kv_bytes_per_position * (d["context"] + 1)
+            points.append((n, d["context"], nbytes, d["median_s"]))
+    out |= {"profiles": prof, "bytes_fit": fit_time_vs_bytes([(b, s) for _, _, b, s in points]), "points": points,
+            "params_total": {n: model.param_count(tab[n]) for n in order}}
+    return out

@@ -55,13 +55,16 @@ class FusedTokenizer(Tokenizer):
 
 @dataclass(frozen=True)
 class FusedProblem:
-    """One problem: the chain (``operands``, ``ops``), the answer keys ``f, g`` and the modulus."""
+    """One problem: the chain (``operands``, ``ops``), the answer keys ``f, g`` and the modulus.
+    ``keys_in_trace``: the trace ends by restating the keys (``...;r|f,g``), so the answer step
+    reads all three inputs next to it."""
 
     operands: tuple[int, ...]
     ops: tuple[str, ...]
     f: int
     g: int
     modulus: int
+    keys_in_trace: bool = False
 
     @property
     def question(self) -> str:
@@ -92,7 +95,8 @@ class FusedProblem:
 
     @property
     def thinking(self) -> str:
-        return ";".join(f"{a}{op}{b}={r}" for a, op, b, r in self.steps())
+        trace = ";".join(f"{a}{op}{b}={r}" for a, op, b, r in self.steps())
+        return trace + (f"|{self.f},{self.g}" if self.keys_in_trace else "")
 
     @property
     def prompt_text(self) -> str:
@@ -118,7 +122,7 @@ class FusedAnswerTask(Task):
     name = "fused"
 
     def __init__(self, *, modulus: int = 10, difficulty: int = 2, seed: int = 0, truncate_prob: float = 0.25,
-                 val_fraction: float = 0.05, test_fraction: float = 0.05) -> None:
+                 keys_in_trace: bool = False, val_fraction: float = 0.05, test_fraction: float = 0.05) -> None:
         if isinstance(modulus, bool) or not isinstance(modulus, int) or not 2 <= modulus <= 10:
             raise ValueError(f"FusedAnswerTask: modulus must be an int in [2, 10] (one digit per number), "
                              f"got {modulus!r}")
@@ -131,6 +135,7 @@ class FusedAnswerTask(Task):
                              f"got {val_fraction} and {test_fraction}")
         self.modulus, self.difficulty, self.seed = modulus, difficulty, seed
         self.truncate_prob = truncate_prob
+        self.keys_in_trace = bool(keys_in_trace)
         self.val_fraction, self.test_fraction = val_fraction, test_fraction
         self.tokenizer = FusedTokenizer()
         tok = self.tokenizer
@@ -139,7 +144,7 @@ class FusedAnswerTask(Task):
 
     def to_dict(self) -> dict:
         return {"name": self.name, "modulus": self.modulus, "difficulty": self.difficulty, "seed": self.seed,
-                "truncate_prob": self.truncate_prob, "val_fraction": self.val_fraction,
+                "truncate_prob": self.truncate_prob, "keys_in_trace": self.keys_in_trace, "val_fraction": self.val_fraction,
                 "test_fraction": self.test_fraction}
 
     def describe(self) -> str:
@@ -171,7 +176,7 @@ class FusedAnswerTask(Task):
         n = rng.randint(lo, hi)
         m = self.modulus
         return FusedProblem(tuple(rng.randrange(m) for _ in range(n + 1)), tuple(rng.choice("+-*") for _ in range(n)),
-                            rng.randrange(m), rng.randrange(m), m)
+                            rng.randrange(m), rng.randrange(m), m, self.keys_in_trace)
 
     def problems(self, split: str, n: int, *, seed: int, difficulty: int | None = None) -> list[FusedProblem]:
         """``n`` problems of ``split``, a pure function of ``(task seed, split, seed, difficulty)``.
@@ -264,10 +269,10 @@ class FusedAnswerTask(Task):
         return int(text) if text.isdigit() else None
 
     # ---- length bounds -----------------------------------------------------------------------
-    @staticmethod
-    def think_len(num_ops: int) -> int:
-        """Tokens of the trace of a ``num_ops``-step problem (``a op b = r`` per step, ``;`` between)."""
-        return 6 * num_ops - 1
+    def think_len(self, num_ops: int) -> int:
+        """Tokens of the trace of a ``num_ops``-step problem (``a op b = r`` per step, ``;`` between,
+        ``|f,g`` at the end with ``keys_in_trace``)."""
+        return 6 * num_ops - 1 + (4 if self.keys_in_trace else 0)
 
     def _level(self, difficulty: int | None) -> int:
         difficulty = self.difficulty if difficulty is None else difficulty

@@ -25,4 +25,5 @@ def run(runner: Runner, i: int) -> None:
         res |= runner.evaluate(model)
     row["baseline"] = res
     runner.metrics.log({"stage": stage, "step": steps, "final": True, "eval": res})
+    runner.save_model(stage, {"model": model}, {"stage": stage, "config": bcfg.to_dict()})
     runner.finish_stage(stage, tokens)

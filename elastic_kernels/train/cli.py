@@ -123,6 +123,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .pipeline import run
     from .runner import RunError, StopRun
     try:
+        if cfg.seeds > 1:
+            from .seeds import run_seeds
+            summary = run_seeds(cfg)
+            print(f"seeds {summary['seeds']}: {cfg.resolved_run_dir()}/seeds.md (seeds.json)")
+            return 0
         rep = run(cfg)
     except StopRun as e:
         log.warning("%s", e)

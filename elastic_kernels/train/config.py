@@ -54,6 +54,9 @@ class TrainConfig:
     """continue the interrupted run in --run-dir from its last checkpoint, with its saved configuration"""
     stop_after: int = 0
     """stop (with a resumable checkpoint) after this many optimizer steps in this invocation (0 = run to the end)"""
+    seeds: int = 1
+    """repeat the whole run with this many seeds (--seed upward) in <run_dir>/seed-<s> and write the spread of
+    every claim (seeds.md / seeds.json)"""
     on_nonfinite: Literal["stop", "skip"] = "stop"
     """a step with a non-finite loss or gradient: stop the run (its last checkpoint kept) or skip the step"""
     # task
@@ -149,9 +152,16 @@ class TrainConfig:
     """stage 3 learning rate"""
     # baselines
     baselines: bool = True
-    """train an independent model of each nested size from scratch"""
+    """train the baselines of each nested size below 1.0 at equal tokens: from scratch and prune+distill (the
+    permuted parent sliced to the router's shape, distilled alone on the elastic stage's batches)"""
     baseline_steps: int = -1
     """baseline optimizer steps; -1 = parent_steps + elastic_steps (the tokens the nested family saw)"""
+    # evaluation
+    eval_caps: list[float] = field(default_factory=list)
+    """thinking-token caps of the single-model baseline in the evaluation (empty = 25/50/75% of the longest
+    trace)"""
+    eval_latency: bool = True
+    """time every budget's sliced submodel (batch 1, one thread) for the measured-latency axis"""
     # logging
     log_every: int = 10
     """steps between metric lines"""
@@ -229,7 +239,7 @@ _RANGES: dict[str, tuple] = {
     "full_pin_weight": (0, None, True, True),
     "scale_start": (0, None, False, True), "scale_end": (0, None, False, True),
     "stage_a_fraction": (0, 1, True, True), "qad_steps": (1, None, True, True), "qad_lr": (0, None, False, True),
-    "log_every": (1, None, True, True), "eval_every": (0, None, True, True), "ckpt_every": (1, None, True, True),
+    "seeds": (1, None, True, True), "log_every": (1, None, True, True), "eval_every": (0, None, True, True), "ckpt_every": (1, None, True, True),
 }
 
 

@@ -6,14 +6,19 @@ Stages (each resumable; a finished stage leaves an artifact in the run directory
 1. ``importance``   (:mod:`.importance`) activation importance and the permutation of the parent.
 2. ``elastic``      (:mod:`.elastic`) routers + curriculum distillation of every nested budget.
 3. ``qad``          (:mod:`.qad`, ``--qad``) quantization-aware distillation, nested NVFP4/FP8 export.
-4. ``baseline-<b>`` (:mod:`.baselines`) an independent model of each nested size.
-5. ``report``       report.md / report.json / report.png (:mod:`.report`).
+4. ``baseline-<b>`` (:mod:`.baselines`) an independent model of each nested size from scratch, and
+   ``prune-<b>`` (:mod:`.prune_distill`) the permuted parent sliced to that size and distilled alone.
+5. ``evaluate``     (:mod:`.science`) every model on the same test problems, budget control with
+   measured latency, the claims.
+6. ``report``       report.md / report.json / report.png (:mod:`.report`), budget_control.*.
 """
 from __future__ import annotations
 
 from typing import Callable
 
-from . import baselines, elastic, importance, parent, qad
+import json
+
+from . import baselines, elastic, importance, parent, prune_distill, qad, science
 from .config import TrainConfig
 from .report import write_report
 from .runner import Runner
@@ -33,6 +38,8 @@ def stages(runner: Runner) -> list[tuple[str, Callable[[], object]]]:
         for i, t in enumerate(cfg.budgets):
             if t < 1.0:
                 out.append((f"baseline-{t:g}", lambda i=i: baselines.run(runner, i)))
+                out.append((f"prune-{t:g}", lambda i=i: prune_distill.run(runner, i)))
+    out.append(("evaluate", lambda: science.run(runner)))
     out.append(("report", lambda: report_stage(runner)))
     return out
 
@@ -44,6 +51,7 @@ def assemble_report(runner: Runner) -> dict:
         "config": runner.cfg.to_json(),
         "model_config": runner.model_config.to_dict(),
         "task": {**runner.task.to_dict(), "description": runner.task.describe(),
+                 "premise": runner.task.premise() if hasattr(runner.task, "premise") else None,
                  "val_size": len(runner.val), "test_size": len(runner.test)},
         "parent": res["parent"],
         "budgets": res["budgets"],
@@ -54,11 +62,15 @@ def assemble_report(runner: Runner) -> dict:
         "cpu_s": prog.get("cpu_s", {}),
         "skipped_steps": prog.get("skipped_steps", {}),
         "qad": res.get("qad"),
+        "claims": res.get("claims"),
     }
 
 
 def report_stage(runner: Runner) -> dict:
     rep = assemble_report(runner)
+    ev = runner.dir / "evaluation.json"
+    if runner.is_main and ev.is_file():
+        rep["budget_control"] = json.loads(ev.read_text())["budget_control"]
     if runner.is_main:
         write_report(rep, runner.dir)
     runner.finish_stage("report")
