@@ -21,9 +21,9 @@ def _evaluate(question: str, m: int) -> tuple[list[int], int]:
     return vals, (acc * f + g) % m
 
 
-@pytest.mark.parametrize("modulus,difficulty", [(10, 2), (7, 4), (2, 1)])
-def test_answers_correct_by_construction(modulus, difficulty):
-    t = FusedAnswerTask(modulus=modulus, difficulty=difficulty, seed=3)
+@pytest.mark.parametrize("modulus,difficulty,keys", [(10, 2, True), (10, 2, False), (7, 4, True), (2, 1, False)])
+def test_answers_correct_by_construction(modulus, difficulty, keys):
+    t = FusedAnswerTask(modulus=modulus, difficulty=difficulty, seed=3, keys_in_trace=keys)
     lo, hi = FUSED_OPS[difficulty]
     for p in t.problems("train", 300, seed=1):
         vals, ans = _evaluate(p.question, modulus)
@@ -33,7 +33,9 @@ def test_answers_correct_by_construction(modulus, difficulty):
         text = t.tokenizer.decode(t.prompt_ids(p) + t.completion_ids(p))
         assert text == p.text and text.endswith(f"</think>{ans}<eos>")
         trace = t.tokenizer.decode(t.completion_ids(p)).split("</think>")[0]
-        assert [int(s.split("=")[1]) for s in trace.split(";")] == vals
+        chain, _, keys_part = trace.partition("|")
+        assert (keys_part == p.question.split("|")[1]) if keys else (keys_part == "")
+        assert [int(s.split("=")[1]) for s in chain.split(";")] == vals
         assert len(t.tokenizer.encode(trace)) == t.think_len(len(p.ops)) <= t.max_think_len()
         assert t.score(p, t.completion_ids(p))
         wrong = t.tokenizer.encode(f"{trace}</think>{(ans + 1) % modulus}<eos>")

@@ -7,6 +7,8 @@
   thinking caps.
 - :mod:`.evaluate`: accuracy and latency (wall time and a FLOPs/bytes cost model) of every
   (think, answer) budget pair and of single-model thinking-token caps; the Pareto frontier.
+- :mod:`.latency`: measured batch-1 latency of physically sliced submodels; :mod:`.stats`: Wilson
+  intervals, exact McNemar, paired bootstrap; :mod:`.claims`: the budget-control questions with them.
 - :mod:`.report`: the JSON/PNG/Markdown report and :func:`budget_control_markdown`, the table the
   training report includes.
 - CLI: ``elastic-eval --run-dir X`` / ``python -m elastic_kernels.infer --run-dir X``.

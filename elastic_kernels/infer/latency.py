@@ -34,7 +34,6 @@ from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
 import torch
-from scipy import stats as sps
 
 from ..models import Budget, ElasticHybridConfig, ElasticHybridLM
 
@@ -55,6 +54,8 @@ def _one_thread():
 
 
 def _linfit(xs: Sequence[float], ys: Sequence[float]) -> dict:
+    from scipy import stats as sps  # the [train] extra
+
     if len(set(xs)) < 2:
         return {"intercept": float(statistics.fmean(ys)), "slope": 0.0, "r2": None}
     r = sps.linregress(xs, ys)

@@ -2,16 +2,22 @@
 
 A problem is a left-to-right chain ``a0 op1 a1 op2 a2 ...`` modulo ``m`` plus two *answer keys*
 ``f, g`` in the prompt. The thinking trace writes every intermediate step of the chain, exactly
-as in the plain arithmetic task; the answer is *not* the trace's last value ``r`` but one harder
-three-input function of it, computed in the answer phase without a trace::
+as in the plain arithmetic task, and (``keys_in_trace``, the default) ends by restating the keys;
+the answer is *not* the trace's last value ``r`` but one harder three-input function of it,
+computed in the answer phase without a trace::
 
-    <bos>3+5*2|7,4=<think>3+5=8;8*2=6</think>6<eos>        (6 = (6 * 7 + 4) mod 10)
+    <bos>3+5*2|7,4=<think>3+5=8;8*2=6|7,4</think>6<eos>        (6 = (6 * 7 + 4) mod 10)
+
+With the keys restated next to ``r`` the answer step is local (its three inputs are the five
+tokens before ``</think>``), so what limits it is the capacity to compute the ``m**3``-case
+function, not retrieval over a long trace (with ``keys_in_trace=False`` the keys stay only in the
+prompt, and the answer step must also fetch them).
 
 The premise the task encodes (and which the reports state): **the thinking phase is a long,
 step-by-step computation whose steps are easy; the answer phase is one short, hard step.** So
 
 - accuracy falls with the model's capacity without saturating (the fused step ``(r*f + g) mod m``
-  is a lookup over ``m**3`` cases, learned better by larger models);
+  is a function of ``m**3`` cases computed in one token, learned better by larger models);
 - thinking helps: a trace cut short (``max_think_tokens``) leaves the rest of the chain to the
   answer step, which rarely gets it right;
 - the answer phase needs capacity, so (think small, answer big) and (think big, answer small)
@@ -116,13 +122,14 @@ class FusedAnswerTask(Task):
 
     modulus: numbers are in ``[0, modulus)``; difficulty: 1-5, the chain length range
     (:data:`FUSED_OPS`); truncate_prob: share of training problems whose trace is cut at a random
-    token and closed with a forced ``</think>`` (see the module docstring).
+    token and closed with a forced ``</think>``; keys_in_trace: the trace ends by restating the
+    keys (see the module docstring).
     """
 
     name = "fused"
 
     def __init__(self, *, modulus: int = 10, difficulty: int = 2, seed: int = 0, truncate_prob: float = 0.25,
-                 keys_in_trace: bool = False, val_fraction: float = 0.05, test_fraction: float = 0.05) -> None:
+                 keys_in_trace: bool = True, val_fraction: float = 0.05, test_fraction: float = 0.05) -> None:
         if isinstance(modulus, bool) or not isinstance(modulus, int) or not 2 <= modulus <= 10:
             raise ValueError(f"FusedAnswerTask: modulus must be an int in [2, 10] (one digit per number), "
                              f"got {modulus!r}")
@@ -149,16 +156,17 @@ class FusedAnswerTask(Task):
 
     def describe(self) -> str:
         lo, hi = FUSED_OPS[self.difficulty]
+        keys = "restated at the end of the trace" if self.keys_in_trace else "only in the prompt"
         return (f"fused-answer chain arithmetic mod {self.modulus} ({lo}-{hi} chained + - * steps written in the "
                 f"thinking trace; the answer (r*f + g) mod {self.modulus} of the trace's last value r and two keys "
-                f"f, g from the prompt is computed without a trace); {100 * self.truncate_prob:.0f}% of training "
-                "traces cut at a random token with a forced </think>")
+                f"f, g ({keys}) is computed in one token without a trace); {100 * self.truncate_prob:.0f}% of "
+                "training traces cut at a random token with a forced </think>")
 
     def premise(self) -> str:
         """The premise the task encodes, one sentence for reports."""
         return ("thinking is a long chain of easy steps written out token by token, the answer one short hard "
-                "step done without a trace: capacity matters most in the answer phase, and a cut trace leaves "
-                "the rest of the chain to that one step")
+                "step done in a single token without a trace: model capacity matters most in the answer phase, "
+                "and a thinking trace cut short leaves the rest of the chain to that one step")
 
     # ---- splits -------------------------------------------------------------------------------
     def split_of(self, problem: FusedProblem) -> str:

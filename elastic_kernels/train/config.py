@@ -282,7 +282,9 @@ PRESETS: dict[str, dict[str, Any]] = {
                    mamba_state=8, mamba_chunk_size=16, moe_experts=4, moe_top_k=2, moe_ffn=64, attn_heads=2,
                    attn_kv_heads=1, ffn_size=64),
     ),
-    "tiny": dict(model={}),
+    # the default: fused task, 2048 test problems (a 3-point difference is significant), curriculum stage B
+    # on longer chains, a router size loss strong enough to hold the targets against the distillation
+    "tiny": dict(test_size=2048, stage_b_difficulty=3, router_loss_weight=10.0, router_tolerance=0.01, model={}),
     "small": dict(
         difficulty=4, val_size=1024, test_size=2048, batch_size=128, parent_steps=4000, elastic_steps=3000,
         importance_batches=32, eval_every=500, ckpt_every=500, lr=1e-3,
