@@ -58,13 +58,14 @@ def render_claims(rep: dict) -> list[str]:
     if rep["task"].get("premise"):
         lines += [f"**Premise the task encodes:** {rep['task']['premise']}.", ""]
     lines += [f"Parent (teacher): {_acc(c['parent'])}.", "",
-              "| budget | total params (ratio) | nested | from scratch (equal tokens) | prune+distill (equal tokens) | "
-              "QAD vs PTQ |", "|---|---|---|---|---|---|"]
+              "| budget | total params (ratio) | active params | nested | from scratch (equal tokens) | "
+              "prune+distill (equal tokens) | QAD vs PTQ |", "|---|---|---|---|---|---|---|"]
     for r in c["budgets"]:
         q = r["qad"]
         qs = "—" if q is None else (f"QAD {_acc(q)}; PTQ {q['accuracy'] + q['diff']:.3f}; "
                                     f"p = {q['mcnemar_p']:.2g}")
-        lines.append(f"| {r['target']:.2f} | {r['params_total']:,} ({r['total_ratio']:.3f}) | {_acc(r['nested'])} | "
+        lines.append(f"| {r['target']:.2f} | {r['params_total']:,} ({r['total_ratio']:.3f}) | {r['params_active']:,} | "
+                     f"{_acc(r['nested'])} | "
                      f"{_vs(r['scratch'])} | {_vs(r['prune_distill'])} | {qs} |")
     lines.append("")
     o, rt = c["order"], c["router"]
