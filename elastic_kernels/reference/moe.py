@@ -133,54 +133,133 @@ def _gmm_weight_grad(g: torch.Tensor, a: torch.Tensor, counts: list, offs: torch
     return out
 
 
-class _Plan:
-    """The (token, slot) pairs sorted into width buckets and, within a bucket, by expert.
+def _block_view(w, n_act: int, axis: int, c0: int, c1: int):
+    """``w[:n_act]`` with its FFN axis (1 for w1/w3, 2 for w2) narrowed to ``[c0, c1)``."""
+    return w[:n_act, c0:c1] if axis == 1 else w[:n_act, :, c0:c1]
 
-    ``buckets``: one ``(d, pairs, tokens, counts, offs, start)`` per distinct width d > 0: the flat
-    (token * top_k + slot) indices of the bucket's pairs, their tokens, the number of pairs per
-    expert below E', its int32 cumulative sum (the group ends ``torch._grouped_mm`` takes) and
-    the bucket's first row in the sorted order.
-    Per-token widths cost what their mean width costs: a bucket runs at its own width.
+
+class _Plan:
+    """The (token, slot) pairs with a nonzero width, sorted by expert and, within an expert, by
+    width (widest first), and the FFN column blocks between consecutive distinct widths.
+
+    ``pairs``/``tokens``: the sorted pairs' flat (token * top_k + slot) indices and tokens;
+    ``d``: the widest width. ``blocks``: one ``(c0, c1, rows, counts, offs)`` per block of
+    columns ``[c0, c1)`` between consecutive distinct widths: the (sorted-order) rows whose width
+    reaches ``c1`` (None: all rows) -- within each expert a prefix of its rows, so every block is
+    one grouped GEMM (``torch._grouped_mm``) over experts with ``counts`` rows each (``offs``
+    their int32 cumulative sum). Every weight column is read once per projection and every row
+    computes exactly its own width: per-token widths cost what their mean width costs.
     """
 
     def __init__(self, topk_ids, n_act: int, ffn: int, width_int: int, width_t):
         top_k = topk_ids.shape[1]
         flat = topk_ids.reshape(-1).long()
-        d_full = ffn if width_int < 0 else width_int
         if width_t is None:
-            widths, key = [d_full], flat
+            d = ffn if width_int < 0 else width_int
+            order = torch.argsort(flat, stable=True) if d else flat[:0]
+            widths = None
         else:
-            wt = width_t.long().clamp(max=d_full)
-            widths = torch.unique(wt).tolist()[::-1]          # widest first
-            rank = torch.searchsorted(-torch.tensor(widths, device=flat.device), -wt)
-            key = rank.repeat_interleave(top_k) * n_act + flat
-        order = torch.argsort(key, stable=True)
-        counts_all = torch.bincount(key, minlength=len(widths) * n_act).reshape(len(widths), n_act)
-        self.buckets, start = [], 0
-        for d, counts in zip(widths, counts_all):
-            n = int(counts.sum())
-            pairs = order[start:start + n]
+            wp = width_t.long().clamp(max=ffn).repeat_interleave(top_k)
+            key = torch.where(wp > 0, flat * (ffn + 1) + (ffn - wp), n_act * (ffn + 1))
+            order = torch.argsort(key, stable=True)[:int((wp > 0).sum())]
+            widths = wp[order]
+        self.pairs, self.tokens = order, order // top_k
+        experts = flat[order]
+        counts = torch.bincount(experts, minlength=n_act)
+        self.blocks = []
+        if not len(order):
+            self.d = 0
+            return
+        if widths is None:
+            self.d = d
+            self.blocks.append((0, d, None, counts.tolist(), torch.cumsum(counts, 0).to(torch.int32)))
+            return
+        c0 = 0
+        for j, c1 in enumerate(torch.unique(widths).tolist()):
+            rows = None if j == 0 else (widths >= c1).nonzero().flatten()
+            cnt = counts if rows is None else torch.bincount(experts[rows], minlength=n_act)
+            self.blocks.append((c0, c1, rows, cnt.tolist(), torch.cumsum(cnt, 0).to(torch.int32)))
+            c0 = c1
+        self.d = c0
+
+
+def _rows(t: torch.Tensor, rows, cols: slice = slice(None)):
+    """``t[rows, cols]`` (rows None: all rows, a view)."""
+    return t[:, cols] if rows is None else t[rows, cols]
+
+
+def _up(xs, w, plan: _Plan, n_act: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``out[r, :width_r] = xs[r] @ w[e_r, :width_r].T`` block by block (w: (E, F, hidden));
+    ``out`` None (one block only): the grouped GEMM's own result."""
+    if out is None:
+        _, _, _, counts, offs = plan.blocks[0]
+        return _gmm(xs, _block_view(w, n_act, 1, 0, plan.d), counts, offs, True)
+    for c0, c1, rows, counts, offs in plan.blocks:
+        part = _gmm(_rows(xs, rows), _block_view(w, n_act, 1, c0, c1), counts, offs, True)
+        if rows is None:
+            out[:, c0:c1] = part
+        else:
+            out[rows, c0:c1] = part
+    return out
+
+
+def _down(a, w, plan: _Plan, n_act: int) -> torch.Tensor:
+    """``a[r, :width_r] @ w[e_r, :, :width_r].T`` summed over blocks (w: (E, hidden, F))."""
+    out = None
+    for c0, c1, rows, counts, offs in plan.blocks:
+        part = _gmm(_rows(a, rows, slice(c0, c1)), _block_view(w, n_act, 2, c0, c1), counts, offs, True)
+        if rows is None:
+            out = part if out is None else out.add_(part)
+        else:
+            out.index_add_(0, rows, part)
+    return out
+
+
+def _back_through(g, w, plan: _Plan, n_act: int, axis: int, width: int) -> torch.Tensor:
+    """The input gradient of :func:`_up` (axis 1: ``g`` (R, d) -> (R, hidden)) or of
+    :func:`_down` (axis 2: ``g`` (R, hidden) -> (R, d), zeros beyond each row's width)."""
+    out = None if axis == 1 else g.new_zeros(g.shape[0], width) if len(plan.blocks) > 1 else None
+    for c0, c1, rows, counts, offs in plan.blocks:
+        src = _rows(g, rows, slice(c0, c1) if axis == 1 else slice(None))
+        part = _gmm(src, _block_view(w, n_act, axis, c0, c1), counts, offs, False)
+        if axis == 2:
+            if out is None:
+                out = part
+            elif rows is None:
+                out[:, c0:c1] = part
+            else:
+                out[rows, c0:c1] = part
+        elif rows is None:
+            out = part if out is None else out.add_(part)
+        else:
+            out.index_add_(0, rows, part)
+    return out
+
+
+def _weight_grad(g, a, w, plan: _Plan, n_act: int, axis: int) -> torch.Tensor:
+    """The gradient of ``w`` (exact zeros outside ``w[:E', :d]``) from per-block GEMMs:
+    axis 1 (w1/w3): ``g`` (R, d) pre-activation grads, ``a`` (R, hidden) inputs; axis 2 (w2):
+    ``g`` (R, hidden) output grads, ``a`` (R, d) activations. One block covering the whole
+    weight is one grouped GEMM; otherwise each expert's block is written in place, once."""
+    shape = tuple(w.shape)
+    if len(plan.blocks) == 1 and n_act == shape[0] and plan.d == shape[axis]:
+        _, _, _, counts, offs = plan.blocks[0]
+        return _gmm_weight_grad(g, a, counts, offs)
+    full = g.new_empty(shape)
+    full[n_act:].zero_()
+    (full[:n_act, plan.d:] if axis == 1 else full[:n_act, :, plan.d:]).zero_()
+    for c0, c1, rows, counts, offs in plan.blocks:
+        gs = _rows(g, rows, slice(c0, c1) if axis == 1 else slice(None))
+        as_ = _rows(a, rows, slice(None) if axis == 1 else slice(c0, c1))
+        start = 0
+        for e, n in enumerate(counts):
+            dst = _block_view(full, n_act, axis, c0, c1)[e]
+            if n:
+                torch.mm(gs[start:start + n].T, as_[start:start + n], out=dst)
+            else:
+                dst.zero_()
             start += n
-            if d == 0 or n == 0:
-                continue
-            offs = torch.cumsum(counts, 0).to(torch.int32)
-            self.buckets.append((d, pairs, pairs // top_k, counts.tolist(), offs, start - n))
-
-
-def _add_to_prefix(acc, shape, prefix: tuple, part: torch.Tensor) -> torch.Tensor:
-    """``acc[prefix] += part`` where ``acc`` (of ``shape``) is exactly 0 outside every prefix
-    written so far; ``acc`` None: the first part, taken as is when it covers the whole shape."""
-    if acc is None:
-        if tuple(part.shape) == tuple(shape):
-            return part
-        acc = part.new_empty(shape)
-        for i, sl in enumerate(prefix):  # zero exactly the complement of the prefix
-            if sl.stop is not None and sl.stop < shape[i]:
-                acc[prefix[:i] + (slice(sl.stop, None),)].zero_()
-        acc[prefix].copy_(part)
-        return acc
-    acc[prefix] += part
-    return acc
+    return full
 
 
 def _channel_scale(channel_scale, tokens, d, dtype):
@@ -204,34 +283,35 @@ def moe_experts_reference_fwd(x: torch.Tensor, topk_weights: torch.Tensor, topk_
                               width_int: int = -1, width_t: torch.Tensor | None = None,
                               channel_scale: torch.Tensor | None = None):
     """:func:`moe_experts_reference` that also returns what :func:`moe_experts_reference_bwd`
-    needs: ``(y, saved)`` with ``saved`` of :func:`saved_shape` (a bucket of width d fills the
-    first d columns of its rows)."""
+    needs: ``(y, saved)`` with ``saved`` of :func:`saved_shape` (the sorted pairs' rows first,
+    each row's first ``width`` columns; zeros elsewhere for per-token widths)."""
     tokens, hidden = x.shape
     n_exp, ffn = w1.shape[0], w1.shape[1]
     n_act = n_exp if num_experts_active is None else num_experts_active
     acc_dtype = torch.promote_types(x.dtype, topk_weights.dtype)
     y = torch.zeros(tokens, hidden, dtype=acc_dtype, device=x.device)
     shape = saved_shape(tokens, topk_ids.shape[1], ffn, width_int, width_t is not None, w3 is not None)
-    # one bucket covers every row at full width; buckets of per-token widths leave zeros around them
-    saved = x.new_zeros(shape) if width_t is not None else x.new_empty(shape)
-    if tokens == 0:
-        return y.to(x.dtype), saved
-    tw = topk_weights.reshape(-1)
-    for d, pairs, tok, counts, offs, start in _Plan(topk_ids, n_act, ffn, width_int, width_t).buckets:
-        rows = slice(start, start + len(pairs))
-        xs = x[tok]
-        h = _gmm(xs, _prefix(w1, n_act, d, None), counts, offs, True)
-        saved[0, rows, :d] = h
-        a = activation_fn(h, activation)
-        if w3 is not None:
-            u = _gmm(xs, _prefix(w3, n_act, d, None), counts, offs, True)
-            saved[1, rows, :d] = u
-            a.mul_(u)
-        cs = _channel_scale(channel_scale, tok, d, a.dtype)
-        if cs is not None:
-            a.mul_(cs)
-        out = _gmm(a, _prefix(w2, n_act, None, d), counts, offs, True)
-        y.index_add_(0, tok, out.to(acc_dtype).mul_(tw[pairs].to(acc_dtype)[:, None]))
+    plan = _Plan(topk_ids, n_act, ffn, width_int, width_t) if tokens else None
+    if plan is None or not plan.blocks:
+        return y.to(x.dtype), x.new_zeros(shape)
+    d, n = plan.d, len(plan.pairs)
+    xs = x[plan.tokens]
+    if width_t is None:  # one block over every pair: save the grouped GEMMs' results themselves
+        h = _up(xs, w1, plan, n_act)
+        u = None if w3 is None else _up(xs, w3, plan, n_act)
+        saved = h[None] if u is None else torch.stack((h, u))
+    else:  # per-token widths: each row fills its first `width` columns, zeros elsewhere
+        saved = x.new_zeros(shape)
+        h = _up(xs, w1, plan, n_act, saved[0, :n, :d])
+        u = None if w3 is None else _up(xs, w3, plan, n_act, saved[1, :n, :d])
+    a = activation_fn(h, activation)
+    if u is not None:
+        a.mul_(u)
+    cs = _channel_scale(channel_scale, plan.tokens, d, a.dtype)
+    if cs is not None:
+        a.mul_(cs)
+    out = _down(a, w2, plan, n_act)
+    y.index_add_(0, plan.tokens, out.to(acc_dtype).mul_(topk_weights.reshape(-1)[plan.pairs].to(acc_dtype)[:, None]))
     return y.to(x.dtype), saved
 
 
@@ -273,13 +353,14 @@ def moe_experts_reference_bwd(grad_y: torch.Tensor, x: torch.Tensor, topk_weight
                               width_t: torch.Tensor | None = None, channel_scale: torch.Tensor | None = None,
                               saved: torch.Tensor | None = None):
     """Hand-written backward of :func:`moe_experts_reference_fwd` on the same grouped GEMMs
-    (``grad_y: (tokens, hidden)``; ``saved`` its saved pre-activations, or None to recompute them). With ``a = act(h) [* u] * cs`` per pair and its output
-    ``o = a w2^T`` weighted by ``p``: ``dp = a . (g w2)``, ``da = p g w2``, ``dW2 = (p g)^T a``,
-    ``dh = da cs [u] act'(h)``, ``dW1 = dh^T x``, ``dx = dh w1 [+ du w3]``.
+    (``grad_y: (tokens, hidden)``; ``saved`` its saved pre-activations, or None to recompute them).
+    With ``a = act(h) [* u] * cs`` per pair and its output ``o = a w2^T`` weighted by ``p``:
+    ``dp = a . (g w2)``, ``da = p g w2``, ``dW2 = (p g)^T a``, ``dh = da cs [u] act'(h)``,
+    ``dW1 = dh^T x``, ``dx = dh w1 [+ du w3]``.
 
     Returns the gradients of x, topk_weights, w1, w2, w3, channel_scale (None for absent inputs
     and for quantized weights, which are frozen). Experts >= E' and channels >= d' (or >= a
-    token's width) get exact zeros; the weight gradients are written once per width bucket.
+    token's width) get exact zeros; every weight-gradient column block is written once.
     """
     tokens, hidden = x.shape
     n_exp, ffn = w1.shape[0], w1.shape[1]
@@ -287,54 +368,52 @@ def moe_experts_reference_bwd(grad_y: torch.Tensor, x: torch.Tensor, topk_weight
     trainable = lambda w: w is not None and not isinstance(w, QuantizedTensor)  # noqa: E731
     gx = torch.zeros_like(x, memory_format=torch.contiguous_format)
     gtw = torch.zeros(topk_weights.numel(), dtype=topk_weights.dtype, device=x.device)
-    weights = (w1, w2, w3)
-    gw = [None, None, None]
     gcs = None if channel_scale is None else torch.zeros_like(channel_scale, memory_format=torch.contiguous_format)
-    tw = topk_weights.reshape(-1)
     plan = _Plan(topk_ids, n_act, ffn, width_int, width_t) if tokens else None
-    for d, pairs, tok, counts, offs, start in (plan.buckets if plan else []):
-        xs = x[tok]
-        rows = slice(start, start + len(pairs))
-        if saved is None:
-            h = _gmm(xs, _prefix(w1, n_act, d, None), counts, offs, True)
-            u = None if w3 is None else _gmm(xs, _prefix(w3, n_act, d, None), counts, offs, True)
+    zero = lambda w: torch.zeros(w.shape, dtype=w.dtype, device=x.device) if trainable(w) else None  # noqa: E731
+    if plan is None or not plan.blocks:
+        return [gx, gtw.reshape(topk_weights.shape), zero(w1), zero(w2), zero(w3), gcs]
+    d, n, tok = plan.d, len(plan.pairs), plan.tokens
+    xs = x[tok]
+    if saved is None:
+        per_token = width_t is not None
+        buf = (x.new_zeros if per_token else x.new_empty)(saved_shape(tokens, topk_ids.shape[1], ffn, width_int,
+                                                                        per_token, w3 is not None))
+        h = _up(xs, w1, plan, n_act, buf[0, :n, :d])
+        u = None if w3 is None else _up(xs, w3, plan, n_act, buf[1, :n, :d])
+    else:
+        h = saved[0, :n, :d]
+        u = None if w3 is None else saved[1, :n, :d]
+    act = activation_fn(h, activation)
+    a_pre = act if u is None else act * u
+    cs = _channel_scale(channel_scale, tok, d, a_pre.dtype)
+    a = a_pre if cs is None else a_pre * cs
+    g = grad_y[tok].to(x.dtype)
+    p = topk_weights.reshape(-1)[plan.pairs]
+    g_w2 = _back_through(g, w2, plan, n_act, 2, d)                        # g w2: (R, d)
+    gtw.index_add_(0, plan.pairs, (a.to(g_w2.dtype) * g_w2).sum(-1).to(gtw.dtype))
+    ga = g_w2.mul_(p.to(g_w2.dtype)[:, None])
+    gw = [None, None, None]
+    if trainable(w2):
+        gw[1] = _weight_grad(g * p.to(g.dtype)[:, None], a, w2, plan, n_act, 2)
+    if gcs is not None:
+        gc = (ga * a_pre).to(gcs.dtype)
+        if gcs.dim() == 1:
+            gcs[:d] = gc.sum(0)
         else:
-            h = saved[0, rows, :d]
-            u = None if w3 is None else saved[1, rows, :d]
-        act = activation_fn(h, activation)
-        a_pre = act if u is None else act * u
-        cs = _channel_scale(channel_scale, tok, d, a_pre.dtype)
-        a = a_pre if cs is None else a_pre * cs
-        g = grad_y[tok].to(x.dtype)
-        p = tw[pairs]
-        g_w2 = _gmm(g, _prefix(w2, n_act, None, d), counts, offs, False)      # g w2: (R, d)
-        gtw.index_add_(0, pairs, (a.to(g_w2.dtype) * g_w2).sum(-1).to(gtw.dtype))
-        ga = g_w2 * p.to(g_w2.dtype)[:, None]
-        if trainable(w2):
-            gp = g * p.to(g.dtype)[:, None]
-            gw[1] = _add_to_prefix(gw[1], w2.shape, (slice(0, n_act), slice(None), slice(0, d)),
-                                   _gmm_weight_grad(gp, a, counts, offs))
-        if gcs is not None:
-            gc = (ga * a_pre).to(gcs.dtype)
-            if gcs.dim() == 1:
-                gcs[:d] += gc.sum(0)
-            else:
-                gcs[:, :d].index_add_(0, tok, gc)
-        if cs is not None:
-            ga = ga * cs
-        if u is not None:
-            gu = ga * act
-            ga = ga * u
-        gh = _activation_grad(ga, h, activation)
-        gxs = _gmm(gh, _prefix(w1, n_act, d, None), counts, offs, False)
-        if trainable(w1):
-            gw[0] = _add_to_prefix(gw[0], w1.shape, (slice(0, n_act), slice(0, d)), _gmm_weight_grad(gh, xs, counts, offs))
-        if u is not None:
-            gxs = gxs + _gmm(gu, _prefix(w3, n_act, d, None), counts, offs, False)
-            if trainable(w3):
-                gw[2] = _add_to_prefix(gw[2], w3.shape, (slice(0, n_act), slice(0, d)),
-                                       _gmm_weight_grad(gu, xs, counts, offs))
-        gx.index_add_(0, tok, gxs.to(gx.dtype))
-    gw = [None if not trainable(w) else torch.zeros(w.shape, dtype=w.dtype, device=x.device) if g is None
-          else g.contiguous() for w, g in zip(weights, gw)]  # no bucket at all: zero gradients
-    return [gx, gtw.reshape(topk_weights.shape), *gw, gcs]
+            gcs[:, :d].index_add_(0, tok, gc)
+    if cs is not None:
+        ga = ga * cs
+    if u is not None:
+        gu = ga * act
+        ga = ga * u
+    gh = _activation_grad(ga, h, activation)
+    gxs = _back_through(gh, w1, plan, n_act, 1, d)
+    if trainable(w1):
+        gw[0] = _weight_grad(gh, xs, w1, plan, n_act, 1)
+    if u is not None:
+        gxs = gxs.add_(_back_through(gu, w3, plan, n_act, 1, d))
+        if trainable(w3):
+            gw[2] = _weight_grad(gu, xs, w3, plan, n_act, 1)
+    gx.index_add_(0, tok, gxs.to(gx.dtype))
+    return [gx, gtw.reshape(topk_weights.shape), *(None if gr is None else gr.contiguous() for gr in gw), gcs]
