@@ -84,6 +84,16 @@ class AttentionLayerCache(LayerCache):
             return self.lengths
         return torch.full((self.k.shape[0],), self.k.shape[2], dtype=torch.int64, device=self.k.device)
 
+    def select_rows(self, rows: Tensor):
+        """The rows ``rows``; free slots beyond twice the longest kept row are dropped (the rows
+        of long sequences left)."""
+        out = super().select_rows(rows)
+        if out.lengths is not None and out.lengths.numel():
+            need = int(out.lengths.max())
+            if out.k.shape[2] > 2 * need:
+                out.k, out.v = out.k[:, :, :need].contiguous(), out.v[:, :, :need].contiguous()
+        return out
+
     @classmethod
     def merge(cls, parts: Sequence[tuple[Tensor, "AttentionLayerCache"]], batch: int):
         """Rows of parts holding different numbers of keys: slots padded to the longest part,
