@@ -1,18 +1,26 @@
 """Crash-trial worker for test_checkpoint.py (run as a script: one python start per test).
 
-``python checkpoint_crash.py nested|training FOLDER TRIALS SEED`` commits version "A" of a
-checkpoint, then per trial forks a child that saves the other version and is SIGKILLed:
+``python checkpoint_crash.py nested|training FOLDER CUTS`` commits versions "A" then "B" of
+a checkpoint, then per trial forks a child that saves the other version and SIGKILLs itself at
+one I/O point of the save. The points are counted, not timed, so the trials do not depend on the
+machine's load: the save's I/O calls (every write, rename/replace, link, unlink, fsync; the only
+calls that change the files) are numbered in order, a call that is not a write is one point
+(killed just before the call) and a write of ``n`` bytes is ``CUTS`` points (killed after
+``n * j // CUTS`` of its bytes reached the file, ``j = 0 .. CUTS-1``). An uninterrupted save of
+the other version over a committed checkpoint has ``units`` points; a kill between two calls
+leaves the files as a kill at the next call would.
 
-- ``"bytes"`` trials (``TRIALS`` of them): the child SIGKILLs itself at a random point of the
-  save's I/O, counted in units of one written byte or one rename/link/unlink/fsync (a write is cut
-  there: its first bytes reach the file). Points are stratified over 1.25x the save's units, so
-  they cover the whole save (and some land after it), independently of the machine's load;
-- ``"delay"`` trials (``TRIALS // 2``): the parent SIGKILLs the child after a random delay.
+- ``"clean"`` trials (``units + 1`` of them): before each one an uninterrupted save of the
+  current version (which must leave no stray file), then the child is killed at point ``u`` for
+  every ``u`` in ``0 .. units`` (``units``: after the last call, the save completes);
+- ``"dirty"`` trials: the same ``u`` again, one after the other without the cleaning save, so
+  each save starts on the files the killed one before left behind.
 
-After each kill it loads the checkpoint and prints one JSON line per trial: ``{"trial", "mode",
-"point", "killed": the child died of the kill, "outcome": "A" | "B" | "neither" | "wrong",
-"leftover": files beyond a committed checkpoint}``, and a last line ``{"final_leftover",
-"units"}`` after one more (uninterrupted) save.
+After each kill it loads the checkpoint and prints one JSON line per trial: ``{"trial",
+"phase", "unit", "old", "new": the committed version and the one being saved, "killed": the
+child died of the kill, "at": the I/O call it died at, "outcome": "A" | "B" | "neither" |
+"wrong", "leftover": files beyond a committed checkpoint, "before": stray files before the
+trial}``, and a last line ``{"final_leftover", "units"}`` after one more (uninterrupted) save.
 """
 from __future__ import annotations
 
@@ -21,10 +29,9 @@ import copy
 import io
 import json
 import os
-import random
+import re
 import signal
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -100,37 +107,45 @@ def training_ops(folder: Path):
 
 
 class Tripwire:
-    """Counts the I/O units of a save (written bytes; renames, links, unlinks, fsyncs) and
-    SIGKILLs this process when unit ``at`` is reached (a write is cut there)."""
+    """Counts the I/O points of a save (see the module docstring) and SIGKILLs this process at
+    point ``at``, after writing a description of the call it died at to file descriptor ``report``."""
 
-    def __init__(self, at: int | None = None) -> None:
-        self.at, self.count = at, 0
+    def __init__(self, at: int | None = None, cuts: int = 1, report: int | None = None) -> None:
+        self.at, self.cuts, self.report, self.count = at, cuts, report, 0
         self.saved = {}
 
-    def _pass(self, n: int) -> int:
-        """How many of the next ``n`` units may happen before the kill."""
-        if self.at is not None and self.count + n > self.at:
-            return self.at - self.count
-        self.count += n
-        return n
-
-    def die(self) -> None:
+    def die(self, what: str) -> None:
+        if self.report is not None:
+            os.write(self.report, what.encode())
         os.kill(os.getpid(), signal.SIGKILL)
+
+    def call(self, name: str, args: tuple) -> None:
+        """Before the I/O call ``name(*args)``: die if it is the kill point."""
+        if self.count == self.at:
+            self.die(f"{name} {' '.join(_shown(a) for a in args)}")
+        self.count += 1
+
+    def write(self, f, b, target) -> int:
+        """``f.write(b)``, cut at the kill point when it falls inside this write."""
+        n = len(b)
+        if self.at is not None and self.count <= self.at < self.count + self.cuts:
+            j = self.at - self.count
+            k = n * j // self.cuts
+            f.write(bytes(b)[:k])
+            f.flush()
+            self.die(f"write {_shown(target)} {k}/{n} bytes")
+        self.count += self.cuts
+        return f.write(b)
 
     def install(self) -> None:
         trip = self
 
-        class Cut:  # a writable file whose write stops at the kill point
-            def __init__(self, f):
-                self.f = f
+        class Cut:  # a writable file whose writes pass the tripwire
+            def __init__(self, f, target):
+                self.f, self.target = f, target
 
             def write(self, b):
-                k = trip._pass(len(b))
-                if k < len(b):
-                    self.f.write(bytes(b)[:k])
-                    self.f.flush()
-                    trip.die()
-                return self.f.write(b)
+                return trip.write(self.f, b, self.target)
 
             def __getattr__(self, name):
                 return getattr(self.f, name)
@@ -145,19 +160,18 @@ class Tripwire:
 
         def cut_open(file, mode="r", *args, **kw):
             f = real_open(file, mode, *args, **kw)
-            return Cut(f) if any(c in mode for c in "wax+") else f
+            return Cut(f, file) if any(c in mode for c in "wax+") else f
 
-        def step(fn):
+        def step(name, fn):
             def wrapped(*args, **kw):
-                if trip._pass(1) < 1:
-                    trip.die()
+                trip.call(name, args)
                 return fn(*args, **kw)
             return wrapped
 
         self.saved = {"open": (builtins, "open", builtins.open), "io.open": (io, "open", io.open)}
         for name in ("replace", "rename", "link", "unlink", "fsync"):
             self.saved[name] = (os, name, getattr(os, name))
-            setattr(os, name, step(getattr(os, name)))
+            setattr(os, name, step(name, getattr(os, name)))
         builtins.open = io.open = cut_open
 
     def uninstall(self) -> None:
@@ -165,57 +179,70 @@ class Tripwire:
             setattr(mod, name, fn)
 
 
-def main(kind: str, folder: str, trials: int, seed: int) -> None:
+def _shown(arg) -> str:
+    """A path argument without the writer's pid (so reports of different trials compare)."""
+    if isinstance(arg, int):  # fsync(fd): name the file or directory
+        try:
+            arg = os.readlink(f"/proc/self/fd/{arg}")
+        except OSError:
+            return "<fd>"
+        if os.path.isdir(arg):
+            return "<folder>"
+    return re.sub(r"^\.tmp-\d+-", ".tmp-<pid>-", os.path.basename(os.fspath(arg)))
+
+
+def main(kind: str, folder: str, cuts: int) -> None:
     torch.set_num_threads(1)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     save, check, leftover = (nested_ops if kind == "nested" else training_ops)(folder)
-    save("B")
-    count = Tripwire()
+    save("A")
+    count = Tripwire(cuts=cuts)
     count.install()
     try:
-        save("A")
+        save("B")  # a save of the other version over a committed one, as in the trials
     finally:
         count.uninstall()
     units = count.count
 
-    def forked_save(v: str, at: int | None, delay: float | None) -> bool:
-        """Save ``v`` in a forked child, killed at I/O unit ``at`` or after ``delay`` s; True when
-        the child died of the kill."""
+    def forked_save(v: str, at: int) -> tuple[bool, str | None]:
+        """Save ``v`` in a forked child killed at I/O point ``at``: (the child died of the kill,
+        the call it died at)."""
+        r, w = os.pipe()
         pid = os.fork()
         if pid == 0:  # the child: save, then leave without any cleanup
             try:
-                if at is not None:
-                    Tripwire(at).install()
+                os.close(r)
+                Tripwire(at, cuts, w).install()
                 save(v)
             finally:
                 os._exit(0)
-        if delay is not None:
-            time.sleep(delay)
-            os.kill(pid, signal.SIGKILL)
+        os.close(w)
+        with os.fdopen(r, "rb") as f:
+            at_call = f.read().decode() or None
         _, status = os.waitpid(pid, 0)
-        return os.WIFSIGNALED(status)
+        return os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, at_call
 
-    t0 = time.perf_counter()
-    forked_save("A", None, None)
-    took = time.perf_counter() - t0
-    rng = random.Random(seed)
-    strata = [(i + rng.random()) / trials for i in range(trials)]
-    rng.shuffle(strata)
-    plan = [("bytes", int(1.25 * units * f)) for f in strata]
-    plan += [("delay", rng.uniform(0.0, 2.0 * took)) for _ in range(trials // 2)]
-    current = "A"
-    for trial, (mode, point) in enumerate(plan):
-        target = "B" if current == "A" else "A"
-        killed = forked_save(target, point if mode == "bytes" else None, point if mode == "delay" else None)
-        outcome = check()
-        print(json.dumps({"trial": trial, "mode": mode, "point": round(point, 5), "killed": killed,
-                          "outcome": outcome, "leftover": leftover() if outcome in ("A", "B") else None}), flush=True)
-        if outcome in ("A", "B"):
-            current = outcome
+    current, trial = "B", 0
+    for phase in ("clean", "dirty"):
+        for u in range(units + 1):
+            before = []
+            if phase == "clean":
+                save(current)
+                before = leftover()
+            target = "B" if current == "A" else "A"
+            killed, at_call = forked_save(target, u)
+            outcome = check()
+            print(json.dumps({"trial": trial, "phase": phase, "unit": u, "old": current, "new": target,
+                              "killed": killed, "at": at_call,
+                              "outcome": outcome, "leftover": leftover() if outcome in ("A", "B") else None,
+                              "before": before}), flush=True)
+            if outcome in ("A", "B"):
+                current = outcome
+            trial += 1
     save(current)
     print(json.dumps({"final_leftover": leftover(), "units": units}), flush=True)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
+    main(sys.argv[1], sys.argv[2], int(sys.argv[3]))
