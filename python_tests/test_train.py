@@ -395,6 +395,68 @@ def test_torchrun_ddp_two_processes(tmp_path):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-3, abs=1e-5), (a, b)
 
 
+def test_torchrun_fsdp2_two_processes_and_resume(tmp_path):
+    """2-process FSDP2 on CPU (gloo): parameters sharded, the same losses as one process (the DDP
+    test's tolerance), a stop mid stage 2 resumed under FSDP2 logs exactly the uninterrupted
+    run's metrics, and its full checkpoint also resumes in a single process."""
+    import os
+    import re
+    import shutil
+    import subprocess
+    import sys
+
+    from elastic_kernels.train.metrics import read_metrics
+    from elastic_kernels.train.pipeline import run
+
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+
+    def torchrun(name, *extra):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
+               "-m", "elastic_kernels.train", "--preset", "smoke", "--run-dir", str(tmp_path / name),
+               "--no-baselines", "--eval-every", "2", "--parallel", "fsdp", *extra]
+        res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+        assert "terminate called" not in res.stderr, res.stderr[-3000:]
+        return res
+
+    res = torchrun("fsdp")
+    # parent and stage-2 student are sharded: rank 0 holds about half of each (dim-0 shards)
+    held = re.findall(r"FSDP2: (\w+) sharded over 2 ranks; rank 0 holds (\d+) of its (\d+) parameters", res.stderr)
+    assert [h[0] for h in held] == ["ElasticHybridLM", "StudentWithRouters"], res.stderr[-3000:]
+    for _, local, total in held:
+        assert 0.4 * int(total) <= int(local) <= 0.6 * int(total), held
+    fsdp = _strip_time(read_metrics(tmp_path / "fsdp" / "metrics.jsonl"))
+    assert sum("eval" in r and not r.get("final") for r in fsdp) == 4  # evaluated on gathered copies mid-stage
+
+    run(_smoke(tmp_path, "single", baselines=False, eval_every=2))
+    single = _strip_time(read_metrics(tmp_path / "single" / "metrics.jsonl"))
+    losses = [r for r in single if "loss" in r]
+    assert [(r["stage"], r["step"]) for r in losses] == [(r["stage"], r["step"]) for r in fsdp if "loss" in r]
+    assert {r["stage"] for r in losses} == {"parent", "elastic"}
+    for a, b in zip(losses, (r for r in fsdp if "loss" in r)):
+        assert a["tokens"] == b["tokens"]
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-3, abs=1e-5), (a, b)
+    ra = json.loads((tmp_path / "single" / "report.json").read_text())
+    rf = json.loads((tmp_path / "fsdp" / "report.json").read_text())
+    assert [r["budget"] for r in ra["budgets"]] == [r["budget"] for r in rf["budgets"]]
+
+    # stop after 8 steps (stage 2 step 2: sharded student, routers and AdamW state in the checkpoint)
+    torchrun("stopped", "--stop-after", "8")
+    assert (tmp_path / "stopped" / "state.safetensors").is_file()
+    shutil.copytree(tmp_path / "stopped", tmp_path / "single-resume")
+    torchrun("stopped", "--resume")
+    assert _strip_time(read_metrics(tmp_path / "stopped" / "metrics.jsonl")) == fsdp
+    rs = json.loads((tmp_path / "stopped" / "report.json").read_text())
+    for key in ("parent", "budgets"):
+        assert rs[key] == rf[key]
+    # the checkpoint holds full tensors: one process resumes it (--parallel may change on resume)
+    run(_smoke(tmp_path, "single-resume", baselines=False, eval_every=2, resume=True))
+    mixed = [r for r in read_metrics(tmp_path / "single-resume" / "metrics.jsonl") if "loss" in r]
+    assert [(r["stage"], r["step"]) for r in mixed] == [(r["stage"], r["step"]) for r in losses]
+    for a, b in zip(losses, mixed):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-3, abs=1e-5), (a, b)
+
+
 @pytest.mark.parametrize("fmt", ["nvfp4", "fp8"])
 def test_qad_smoke_nested_quantized_checkpoint(tmp_path, fmt):
     """Stage 3: QAD runs; the quantized nested checkpoint loads at every budget and equals the
@@ -495,6 +557,7 @@ TRAIN_BAD_VALUES = [
     (["--router-tolerance", "1"], "--router-tolerance"), (["--qad", "yes"], "yes"),
     (["--parent-step", "3"], "--parent-step"), (["--task-args", "3"], "--task-args"),
     (["--full-prob", "2"], "--full-prob"), (["--seed", "-3"], "--seed"),
+    (["--parallel", "zero3"], "--parallel"), (["--parallel", "fsdp", "--qad"], "--parallel"),
 ]
 
 

@@ -8,6 +8,7 @@ option. From Python::
     report = run(make_config("smoke", run_dir="runs/smoke"))
 
 Layout: :mod:`.runner` (distributed setup, run directory, resumable step loop, stop/resume),
+:mod:`.sharding` (FSDP2 sharding and gathering, ``--parallel fsdp``),
 one module per stage (:mod:`.parent`, :mod:`.importance`, :mod:`.elastic`, :mod:`.qad`,
 :mod:`.baselines`) using the runner's public API, :mod:`.pipeline` (stage order, report),
 :mod:`.config` / :mod:`.cli` (options), :mod:`.router`, :mod:`.losses`, :mod:`.optim`,

@@ -21,8 +21,9 @@ def run(runner: Runner, i: int) -> None:
     tokens = train_supervised(runner, stage, model, steps, stream=2 + i)
     res = {"params_total": model.param_count(None), "params_active": model.param_count(None, active=True),
            "steps": steps, "tokens": tokens}
+    full = runner.gathered(model)
     if runner.is_main:
-        res |= runner.evaluate(model)
+        res |= runner.evaluate(full)
     row["baseline"] = res
     runner.metrics.log({"stage": stage, "step": steps, "final": True, "eval": res})
     runner.save_model(stage, {"model": model}, {"stage": stage, "config": bcfg.to_dict()})

@@ -16,7 +16,7 @@ from typing import Any, Literal
 __all__ = ["TrainConfig", "PRESETS", "ConfigError", "make_config", "preset_config", "RESUME_FREE"]
 
 # config fields that may differ between a run and its resumption
-RESUME_FREE = frozenset({"resume", "stop_after", "progress", "threads", "device", "run_dir"})
+RESUME_FREE = frozenset({"resume", "stop_after", "progress", "threads", "device", "run_dir", "parallel"})
 
 
 class ConfigError(ValueError):
@@ -50,6 +50,9 @@ class TrainConfig:
     """torch device (under torchrun, cuda:<local rank>)"""
     threads: int = 1
     """torch CPU threads per process (0 = torch default); the tiny model runs fastest on one"""
+    parallel: Literal["ddp", "fsdp"] = "ddp"
+    """scale-out under torchrun: ddp (replicated model, averaged gradients) | fsdp (FSDP2: parameters, gradients
+    and optimizer state sharded across ranks; checkpoints stay full and resumable by either)"""
     resume: bool = False
     """continue the interrupted run in --run-dir from its last checkpoint, with its saved configuration"""
     stop_after: int = 0
@@ -211,6 +214,9 @@ class TrainConfig:
         if self.baseline_steps < -1:
             raise ConfigError("baseline_steps", f"must be >= 0, or -1 for parent + elastic steps, got "
                                                 f"{self.baseline_steps}")
+        if self.parallel == "fsdp" and self.qad:
+            raise ConfigError("parallel", "fsdp does not run the QAD stage (its fake-quantized functional_call needs the "
+                                          "full weights); use --parallel ddp with --qad")
         if self.parent and not (Path(self.parent) / "config.json").is_file():
             raise ConfigError("parent", f"must be a directory holding config.json, got {self.parent!r}")
         if self.data:

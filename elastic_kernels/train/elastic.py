@@ -107,11 +107,11 @@ def run(runner: Runner) -> None:
     routers, specs = make_routers(runner)
     both = StudentWithRouters(student, routers, specs, cfg.budget_metric)
     full_params = float(student.param_count(None, active=cfg.budget_metric == "active"))
+    net = runner.wrap(both)  # before the optimizer: FSDP2 replaces the parameters
     opt = AdamW([
         {"params": list(student.parameters()), "lr": cfg.elastic_lr, "weight_decay": cfg.weight_decay},
         {"params": list(routers.parameters()), "lr": cfg.router_lr, "weight_decay": 0.0},
     ])
-    net = runner.wrap(both)
     steps = cfg.elastic_steps
     n_a = int(round(cfg.stage_a_fraction * steps))
     budgets = torch.tensor(cfg.budgets)
@@ -154,11 +154,16 @@ def run(runner: Runner) -> None:
         return rec
 
     def eval_fn(step: int) -> dict:
-        return {f"{t:g}": runner.evaluate(student.slice(bud), test=False)
-                for t, bud in zip(cfg.budgets, chosen_budgets(routers, specs, cfg.budgets))}
+        full, plain_routers = runner.gathered(student), runner.gathered(routers)
+        if full is None:  # FSDP2, ranks > 0: the gather is all they take part in
+            return {}
+        return {f"{t:g}": runner.evaluate(full.slice(bud), test=False)
+                for t, bud in zip(cfg.budgets, chosen_budgets(plain_routers, specs, cfg.budgets))}
 
     tokens = runner.train("elastic", steps, {"student": student, "router": routers}, opt, step_fn, eval_fn)
-    chosen = chosen_budgets(routers, specs, cfg.budgets)
+    plain_routers = runner.gathered(routers, everywhere=True)
+    full = runner.gathered(student)  # the plain student (rank 0; FSDP2 gathers it, None elsewhere)
+    chosen = chosen_budgets(plain_routers, specs, cfg.budgets)
     runner.save_model("elastic", {"student": student, "router": routers},
                       {"budgets": [c.to_dict() for c in chosen]})
     rows = []
@@ -169,7 +174,7 @@ def run(runner: Runner) -> None:
         row = {"target": t, "budget": bud.to_dict(), "params_total": total, "params_active": active,
                "achieved": got, "baseline": None}
         if runner.is_main:
-            row |= runner.evaluate(student.slice(bud))
+            row |= runner.evaluate(full.slice(bud))
         rows.append(row)
     runner.results["budgets"] = rows
     # in-between targets: the router's blended input picks sizes no trained budget asked for
@@ -178,10 +183,10 @@ def run(runner: Runner) -> None:
     runner.results["interpolated"] = [
         {"target": t, "budget": bud.to_dict(),
          "achieved": student.param_count(bud, active=cfg.budget_metric == "active") / full_params}
-        for t, bud in zip(mids, chosen_budgets(routers, specs, mids))]
+        for t, bud in zip(mids, chosen_budgets(plain_routers, specs, mids))]
     runner.metrics.log({"stage": "elastic", "step": steps, "final": True,
                         "eval": {f"{r['target']:g}": r for r in rows}})
     if runner.is_main:
         from ..models import save_nested
-        save_nested(student, runner.dir / "nested", {f"{t:g}": bud for t, bud in zip(cfg.budgets, chosen)})
+        save_nested(full, runner.dir / "nested", {f"{t:g}": bud for t, bud in zip(cfg.budgets, chosen)})
     runner.finish_stage("elastic", tokens)

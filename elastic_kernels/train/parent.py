@@ -14,8 +14,8 @@ __all__ = ["train_supervised", "run"]
 def train_supervised(runner: Runner, stage: str, model: nn.Module, steps: int, stream: int) -> int:
     """Next-token cross-entropy on the completions, AdamW with warmup + cosine; returns the tokens."""
     cfg = runner.cfg
+    net = runner.wrap(model)  # before the optimizer: FSDP2 replaces the parameters
     opt = AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    net = runner.wrap(model)
 
     def step_fn(step: int) -> dict:
         lr = lr_at(step, steps, cfg.lr, cfg.warmup_steps)
@@ -26,7 +26,8 @@ def train_supervised(runner: Runner, stage: str, model: nn.Module, steps: int, s
         return {"loss": float(loss.detach()), "grad_norm": gn, "lr": lr, "tokens": tokens}
 
     def eval_fn(step: int) -> dict:
-        return runner.evaluate(model, test=False)
+        full = runner.gathered(model)
+        return runner.evaluate(full, test=False) if full is not None else {}
 
     return runner.train(stage, steps, {"model": model}, opt, step_fn, eval_fn)
 
@@ -38,7 +39,8 @@ def run(runner: Runner) -> None:
         tokens = 0
     else:
         tokens = train_supervised(runner, "parent", model, runner.cfg.parent_steps, stream=0)
-    res = runner.evaluate(model) if runner.is_main else {}
+    full = runner.gathered(model)
+    res = runner.evaluate(full) if runner.is_main else {}
     res |= {"params_total": model.param_count(None), "params_active": model.param_count(None, active=True)}
     runner.results["parent"] = res
     runner.metrics.log({"stage": "parent", "step": runner.cfg.parent_steps, "final": True, "eval": res})

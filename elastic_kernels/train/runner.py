@@ -3,7 +3,8 @@ resumable step loop, stop/resume, and the order of stages (docs/design.md §2).
 
 Stages (:mod:`.parent`, :mod:`.importance`, :mod:`.elastic`, :mod:`.qad`, :mod:`.baselines`,
 assembled by :mod:`.pipeline`) use only this module's public API: a :class:`Runner` gives them the
-config, the task and its splits, fresh models, DDP wrapping, sharded training batches,
+config, the task and its splits, fresh models, DDP or FSDP2 wrapping (:meth:`Runner.wrap`) and the
+plain full copies evaluation and export need (:meth:`Runner.gathered`), sharded training batches,
 :meth:`Runner.optimizer_step` (non-finite guard), :meth:`Runner.train` (the resumable loop),
 model artifacts (:meth:`Runner.save_model` / :meth:`Runner.load_model`), evaluation and
 :meth:`Runner.finish_stage`.
@@ -11,10 +12,13 @@ model artifacts (:meth:`Runner.save_model` / :meth:`Runner.load_model`), evaluat
 Determinism: every batch, budget draw and Gumbel sample is a pure function of (seed, stage, step),
 so a run stopped at any step and resumed with ``--resume`` logs exactly the metrics of an
 uninterrupted run. Under ``torchrun`` each rank takes its shard of the same global batch and
-``DistributedDataParallel`` averages gradients; rank 0 evaluates and writes files.
+``DistributedDataParallel`` averages gradients (``--parallel fsdp``: FSDP2 shards parameters,
+gradients and optimizer state instead, :mod:`.sharding`); rank 0 evaluates and writes files.
+Checkpoints always hold full (gathered) tensors, so any of the three resumes any other's run.
 """
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -110,10 +114,15 @@ def _state_tensors(modules: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
     return {f"{prefix}.{k}": v for prefix, m in modules.items() for k, v in m.state_dict().items()}
 
 
-def _load_state_tensors(modules: dict[str, nn.Module], tensors: dict[str, torch.Tensor], path) -> None:
+def _load_state_tensors(modules: dict[str, nn.Module], tensors: dict[str, torch.Tensor], path,
+                        sharded: bool = False) -> None:
     for prefix, module in modules.items():
         head = prefix + "."
         sd = {k[len(head):]: v for k, v in tensors.items() if k.startswith(head)}
+        if sharded:  # full tensors -> this rank's shards of the FSDP2 parameters
+            from .sharding import like
+            own = module.state_dict()
+            sd = {k: like(v, own[k]) if k in own else v for k, v in sd.items()}
         try:
             module.load_state_dict(sd)
         except RuntimeError as e:
@@ -140,6 +149,8 @@ class Runner:
                            "start a new run there")
         self._lock: RunLock | None = None
         self.dist = setup_distributed(cfg)
+        self.sharded = cfg.parallel == "fsdp" and self.dist.world > 1  # FSDP2 (else DDP when world > 1)
+        self._templates: dict[int, nn.Module] = {}  # id(sharded module or submodule) -> its meta-device copy
         try:
             self.device = self.dist.device
             if cfg.threads > 0:
@@ -237,12 +248,50 @@ class Runner:
             dist.barrier()
 
     def wrap(self, module: nn.Module) -> nn.Module:
-        """``module`` itself, or wrapped in ``DistributedDataParallel`` under torchrun."""
+        """``module`` itself, or wrapped in ``DistributedDataParallel`` under torchrun, or (``--parallel
+        fsdp``) sharded in place with FSDP2 and returned. Build optimizers after this call (FSDP2
+        replaces the parameters); read a sharded module's weights through :meth:`gathered`."""
         if self.dist.world == 1:
+            return module
+        if self.sharded:
+            from .sharding import meta_copy, shard
+            tmpl = meta_copy(module)
+            for name, sub in module.named_modules():
+                self._templates[id(sub)] = tmpl.get_submodule(name)
+            shard(module)
+            local = sum(p.to_local().numel() for p in module.parameters())
+            total = sum(p.numel() for p in module.parameters())
+            log.info("FSDP2: %s sharded over %d ranks; rank 0 holds %d of its %d parameters",
+                     type(module).__name__.removeprefix("FSDP"), self.dist.world, local, total)
             return module
         from torch.nn.parallel import DistributedDataParallel as DDP
         ids = [self.device.index] if self.device.type == "cuda" else None
         return DDP(module, device_ids=ids, find_unused_parameters=True)
+
+    def gathered(self, module: nn.Module, everywhere: bool = False) -> nn.Module | None:
+        """A plain module with the full weights of ``module`` (a module :meth:`wrap` sharded, or a
+        submodule of one): gathered from the shards on every rank (a collective: all ranks call
+        it), kept on rank 0 — on every rank when ``everywhere`` — and None on the others.
+        ``module`` itself when it is not sharded."""
+        if id(module) not in self._templates:
+            return module
+        from .sharding import gather_state
+        keep = everywhere or self.dist.main
+        sd = gather_state(module, keep)
+        if not keep:
+            return None
+        out = copy.deepcopy(self._templates[id(module)])
+        out.load_state_dict(sd, assign=True)
+        return out.to(self.device)
+
+    def _full_state(self, modules: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
+        """The checkpoint tensors of ``modules`` (gathered under FSDP2: every rank calls it; {} on
+        ranks > 0 there)."""
+        if not self.sharded:
+            return _state_tensors(modules)
+        from .sharding import gather_state
+        return {f"{prefix}.{k}": v for prefix, m in modules.items()
+                for k, v in gather_state(m, self.dist.main).items()}
 
     def mean_over_ranks(self, values: dict[str, float]) -> dict[str, float]:
         if self.dist.world == 1:
@@ -284,15 +333,16 @@ class Runner:
 
     def save_model(self, name: str, modules: dict[str, nn.Module], meta: dict) -> None:
         """Write ``<run_dir>/<name>.safetensors`` with each module's tensors under its prefix (rank 0)."""
+        tensors = self._full_state(modules)
         if self.dist.main:
-            save_checkpoint(self.dir / f"{name}.safetensors", _state_tensors(modules), meta)
+            save_checkpoint(self.dir / f"{name}.safetensors", tensors, meta)
         self.barrier()
 
     def load_model(self, name: str, modules: dict[str, nn.Module]) -> dict:
         """Load :meth:`save_model`'s artifact into ``modules``; returns its metadata."""
         path = self.dir / f"{name}.safetensors"
         tensors, meta = load_checkpoint(path)
-        _load_state_tensors(modules, tensors, path)
+        _load_state_tensors(modules, tensors, path, self.sharded)
         return meta
 
     # ---- one optimizer step -------------------------------------------------------------------
@@ -307,6 +357,9 @@ class Runner:
         loss.backward()
         grads = [p.grad for g in opt.param_groups for p in g["params"] if p.grad is not None]
         total = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+        if self.sharded:  # FSDP2: a DTensor norm over the shards
+            from .sharding import plain
+            total = plain(total)
         bad = self._any_rank(not (math.isfinite(float(loss.detach())) and math.isfinite(float(total))))
         if bad:
             stage, step, saved = self._where
@@ -324,9 +377,13 @@ class Runner:
             return math.nan
         params = [p for g in opt.param_groups for p in g["params"]] if clip is None else list(clip)
         if self.cfg.grad_clip > 0:
-            gn = float(torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip))
+            norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)
         else:
-            gn = float(torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+        if self.sharded:
+            from .sharding import plain
+            norm = plain(norm)
+        gn = float(norm)
         opt.step()
         return gn
 
@@ -335,7 +392,8 @@ class Runner:
               step_fn: Callable[[int], dict], eval_fn: Callable[[int], dict] | None = None) -> int:
         """Run ``step_fn(step)`` for ``step`` in ``[start, steps)``, resuming from this stage's
         checkpoint; returns the tokens of the stage. ``step_fn`` returns the step's metrics and its
-        ``"tokens"``; ``eval_fn(step)`` (rank 0) runs every ``cfg.eval_every`` steps. ``modules``
+        ``"tokens"``; ``eval_fn(step)`` (rank 0; under FSDP2 on every rank, which gather with
+        :meth:`gathered` and return {} off rank 0) runs every ``cfg.eval_every`` steps. ``modules``
         and ``opt`` are what a checkpoint holds. Each save keeps the one it replaces; a resume
         whose newest checkpoint is corrupt falls back to that previous one (a warning), and
         refuses with a :class:`CheckpointError` naming both when neither is good."""
@@ -346,8 +404,11 @@ class Runner:
         if found is not None:
             tensors, meta, ck_read = found
             if meta.get("stage") == stage:
-                _load_state_tensors(modules, tensors, ck_read)
+                _load_state_tensors(modules, tensors, ck_read, self.sharded)
                 optimizer_from_tensors(opt, tensors, meta["opt"], "opt")
+                if self.sharded:
+                    from .sharding import shard_optimizer_state
+                    shard_optimizer_state(opt)
                 start, tokens, elapsed = meta["step"], meta["tokens"], meta["time_s"]
                 t0, _, cpu0, _ = self._clock
                 self._clock = (t0, meta.get("stage_time_s", elapsed), cpu0, meta.get("stage_cpu_s", 0.0))
@@ -357,10 +418,14 @@ class Runner:
         self._where = (stage, start, start)
 
         def save(step: int) -> None:
+            ot, om = optimizer_to_tensors(opt, "opt") if self.dist.main or self.sharded else ({}, {})
+            state = self._full_state(modules)
+            if self.sharded:
+                from .sharding import gather_tensors
+                ot = gather_tensors(ot, self.dist.main)
             if self.dist.main:
-                ot, om = optimizer_to_tensors(opt, "opt")
                 st0, prior, cpu0, cpu_prior = self._clock
-                save_checkpoint(ck, _state_tensors(modules) | ot, {
+                save_checkpoint(ck, state | ot, {
                     "stage": stage, "step": step, "tokens": tokens, "opt": om, "time_s": time.perf_counter() - t0,
                     "stage_time_s": prior + time.perf_counter() - st0,
                     "stage_cpu_s": cpu_prior + time.process_time() - cpu0}, keep_previous=True)
@@ -384,8 +449,10 @@ class Runner:
                     if bar is not None:
                         bar.set_postfix({k: f"{v:.3g}" for k, v in vals.items() if k in ("loss", "kd", "router")})
                 if eval_fn is not None and cfg.eval_every and done % cfg.eval_every == 0 and done < steps:
-                    if self.dist.main:
-                        self.metrics.log({"stage": stage, "step": done, "eval": eval_fn(done)})
+                    if self.dist.main or self.sharded:
+                        res = eval_fn(done)
+                        if self.dist.main:
+                            self.metrics.log({"stage": stage, "step": done, "eval": res})
                     self.barrier()
                 if bar is not None:
                     bar.update(1)

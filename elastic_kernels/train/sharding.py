@@ -1,0 +1,88 @@
+"""FSDP2 (``torch.distributed.fsdp.fully_shard``) sharding of the training state under torchrun
+(``--parallel fsdp``, docs/design.md §10).
+
+Each rank holds one shard (dim 0) of every parameter, gradient and AdamW moment; a layer's
+parameters are all-gathered only for its forward and backward. What leaves the sharded world is
+always gathered to plain full tensors — checkpoints, evaluation copies, nested exports — so a
+checkpoint written by an FSDP2 run is the same file a single-process or DDP run writes and
+resumes under any of them.
+
+Sharding units: the mixer of every layer of each :class:`~elastic_kernels.models.ElasticHybridLM`
+inside the wrapped module (the model calls ``block.norm`` and ``block.mixer`` itself, so a mixer
+is the smallest unit whose ``__call__`` runs), then the wrapped module as the root (embedding,
+norms, LM head, routers).
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn as nn
+from torch.distributed.tensor import DTensor, distribute_tensor
+
+__all__ = ["shard", "meta_copy", "gather_state", "gather_tensors", "like", "shard_optimizer_state", "plain"]
+
+
+def shard(module: nn.Module) -> nn.Module:
+    """Shard ``module`` in place with ``fully_shard`` over the default process group (all ranks);
+    returns it. Build its optimizer after this call: sharding replaces the parameters."""
+    from torch.distributed.fsdp import fully_shard
+
+    from ..models import ElasticHybridLM
+    for m in list(module.modules()):
+        if isinstance(m, ElasticHybridLM):
+            for block in m.layers:
+                fully_shard(block.mixer)
+    fully_shard(module)
+    return module
+
+
+def meta_copy(module: nn.Module) -> nn.Module:
+    """A structural copy of ``module`` whose parameters live on the meta device (no memory);
+    buffers are real copies. Fill it with ``load_state_dict(full, assign=True)``."""
+    memo = {id(p): nn.Parameter(p.detach().to("meta"), requires_grad=p.requires_grad) for p in module.parameters()}
+    return copy.deepcopy(module, memo)
+
+
+def plain(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as a plain full tensor (all-gathers a DTensor: every rank must call it)."""
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def gather_tensors(tensors: dict[str, torch.Tensor], keep: bool) -> dict[str, torch.Tensor]:
+    """Full CPU copies of ``tensors`` (DTensors all-gathered, in sorted name order so every rank
+    issues the same collectives); ``keep=False`` (a rank that does not need them) returns {}."""
+    out = {}
+    for k in sorted(tensors):
+        v = plain(tensors[k]).detach()
+        if keep:
+            out[k] = v.cpu()
+    return out
+
+
+def gather_state(module: nn.Module, keep: bool) -> dict[str, torch.Tensor]:
+    """``module.state_dict()`` with every sharded tensor gathered (collective), on CPU; {} when
+    not ``keep``."""
+    return gather_tensors(module.state_dict(), keep)
+
+
+def like(full: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """``full`` (a full tensor, identical on every rank) laid out as ``ref``: this rank's shard
+    when ``ref`` is a DTensor (no communication), else ``full`` itself."""
+    if not isinstance(ref, DTensor):
+        return full
+    return distribute_tensor(full.to(device=ref.device, dtype=ref.dtype), ref.device_mesh, ref.placements,
+                             src_data_rank=None)
+
+
+def shard_optimizer_state(opt: torch.optim.Optimizer) -> None:
+    """After ``opt.load_state_dict`` of full (gathered) state: lay every per-parameter state
+    tensor of a sharded parameter out as that parameter (scalars such as AdamW's ``step`` stay)."""
+    for group in opt.param_groups:
+        for p in group["params"]:
+            if not isinstance(p, DTensor):
+                continue
+            st = opt.state.get(p, {})
+            for k, v in st.items():
+                if isinstance(v, torch.Tensor) and not isinstance(v, DTensor) and v.shape == p.shape and v.dim():
+                    st[k] = like(v, p)
