@@ -414,7 +414,7 @@ def test_torchrun_fsdp2_two_processes_and_resume(tmp_path):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
                "-m", "elastic_kernels.train", "--preset", "smoke", "--run-dir", str(tmp_path / name),
                "--no-baselines", "--eval-every", "2", "--parallel", "fsdp", *extra]
-        res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        res = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=300)
         assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
         assert "terminate called" not in res.stderr, res.stderr[-3000:]
         return res

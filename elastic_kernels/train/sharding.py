@@ -17,10 +17,10 @@ from __future__ import annotations
 import copy
 
 import torch
-import torch.nn as nn
+from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-__all__ = ["shard", "meta_copy", "gather_state", "gather_tensors", "like", "shard_optimizer_state", "plain"]
+__all__ = ["gather_state", "gather_tensors", "like", "meta_copy", "plain", "shard", "shard_optimizer_state"]
 
 
 def shard(module: nn.Module) -> nn.Module:
