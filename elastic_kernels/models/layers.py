@@ -147,12 +147,14 @@ class ElasticMamba2Mixer(ElasticLayer):
     layout makes "the first k heads of every group" the contiguous prefix ``[0, k)``), so the scan
     runs on ``k`` heads; per-sample widths go to the ops as ``active_heads`` LongTensors.
 
-    ``forward(x, active_heads=None, head_mask=None, cache=None, max_active=None)``:
+    ``forward(x, active_heads=None, head_mask=None, cache=None, max_active=None, seq_lens=None)``:
         x: (batch, seqlen, k). active_heads: None | int | LongTensor (batch,), total active heads
         (a multiple of ngroups). head_mask: (nheads,) or (batch, nheads) soft head scale.
         cache: a :class:`MambaLayerCache` (continues its sequence and updates it in place;
         one-token steps use ``ssd_state_update``). max_active: host upper bound of per-sample
-        ``active_heads`` (heads computed). Returns (batch, seqlen, k).
+        ``active_heads`` (heads computed). seq_lens: packed prefill of fresh sequences, x is
+        ``(1, sum(seq_lens), k)`` and a per-sample ``active_heads`` has one entry per token (see
+        ``_forward_packed``). Returns (batch, seqlen, k).
     """
 
     letter, kind_name, cache_axis, mixes_tokens = "M", "Mamba2", "mamba_heads", True
