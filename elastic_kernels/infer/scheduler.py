@@ -355,8 +355,8 @@ class Scheduler:
         self.device = next(model.parameters()).device
         self._ids = itertools.count()
         self._waiting: list[Request] = []
-        self._running: list[Request] = []   # cache row i holds _running[i] (rows waiting for a prefill have none)
-        self._rows: list[Request] = []
+        self._running: list[Request] = []   # in cache-row order, then the requests that joined this step
+        self._rows: list[Request] = []      # cache row i holds _rows[i]
         self._cache = None
         self.steps = 0
 
@@ -505,7 +505,8 @@ class Scheduler:
             self._cache = type(parts[0]).merge(
                 [(torch.arange(len(decode), device=dev), parts[0]),
                  (torch.arange(len(decode), len(rows), device=dev), parts[1])], len(rows), ragged=True)
-        self._rows = rows
+        # the running order follows the cache rows, so that the next decode takes the cache as is
+        self._rows, self._running = rows, list(rows)
         return rows, torch.cat(logits, 0)
 
     def _advance(self, s: _Seq, tok: int) -> int:
