@@ -16,7 +16,8 @@ serialization), :mod:`.reference` / :mod:`.triton` / :mod:`.cuda` (backends), :m
 """
 import importlib
 
-__version__ = "0.1.0"
+from ._version import __version__
+
 __all__ = ["nvfp4", "nvfp4_linear", "fake_quant_nvfp4", "fake_quant_fp8", "moe_experts", "moe_route", "ssd_scan", "ssd_state_update", "__version__"]
 
 _OPS = frozenset(__all__) - {"nvfp4", "__version__"}

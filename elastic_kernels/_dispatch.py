@@ -34,7 +34,7 @@ def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _unavailable(op: str, backend: str, device: torch.device) -> str | None:
+def unavailable(op: str, backend: str, device: torch.device) -> str | None:
     """Why ``backend`` cannot run on ``device`` (None when it can)."""
     if backend == "reference":
         return None
@@ -66,17 +66,17 @@ def resolve_backend(op: str, backend: str | None, device: torch.device,
         env = os.environ.get(ENV_VAR, "auto")
         if env not in BACKENDS:
             raise ValueError(f"{op}: {ENV_VAR} must be one of {BACKENDS}, got {env!r}")
-        if env != "auto" and env in supported and _unavailable(op, env, device) is None:
+        if env != "auto" and env in supported and unavailable(op, env, device) is None:
             return env
         if device.type == "cuda":
             for cand in cuda_preference:
-                if cand in supported and _unavailable(op, cand, device) is None:
+                if cand in supported and unavailable(op, cand, device) is None:
                     return cand
         return "reference"
     if backend not in supported:
         raise ValueError(f"{op}: backend {backend!r} is not implemented for this op; "
                          f"available: {tuple(supported)}")
-    why = _unavailable(op, backend, device)
+    why = unavailable(op, backend, device)
     if why is not None:
         raise RuntimeError(f"{op}: backend {backend!r} is unavailable: {why}")
     return backend

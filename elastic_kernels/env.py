@@ -28,7 +28,7 @@ def collect() -> dict:
     dev = torch.device("cuda" if gpu else "cpu")
     backends = {}
     for be in ("reference", "triton", "cuda"):
-        why = _dispatch._unavailable("env", be, dev)
+        why = _dispatch.unavailable("env", be, dev)
         backends[be] = "usable" if why is None else f"unavailable: {why}"
     return {
         "python": sys.version.split()[0], "platform": platform.platform(),

@@ -22,7 +22,8 @@ import sys
 import types
 
 _EXPORTS = {
-    ".evaluate": ("COST_AXES", "CostModel", "Setting", "analyze", "build_settings", "default_caps",
+    ".cost": ("CostModel",),
+    ".evaluate": ("COST_AXES", "Setting", "analyze", "build_settings", "default_caps",
                   "evaluate_settings", "pareto_frontier"),
     ".generate": ("CACHE_MODES", "FULL", "SAMPLING", "EmptyPromptError", "Generation", "GenerationError",
                   "PromptTooLongError", "UnknownBudgetError", "generate", "resolve_budget"),

@@ -36,6 +36,7 @@ from typing import Mapping, Sequence
 import torch
 
 from ..models import Budget, ElasticHybridConfig, ElasticHybridLM
+from .cost import CostModel
 
 __all__ = ["BudgetLatency", "measure_budget", "measure_budgets", "profile_budgets", "request_latency", "overhead_bound",
            "wider_clone", "wider_budget", "fit_time_vs_bytes", "percentile", "OVERHEAD_RATIO"]
@@ -244,8 +245,6 @@ def profile_budgets(parent: ElasticHybridLM, table: Mapping[str, Budget], submod
     "bytes_fit": fit of decode seconds against modelled bytes (:func:`fit_time_vs_bytes`),
     "points": [(name, context, bytes, seconds)]}``.
     """
-    from .evaluate import CostModel
-
     order = sorted(table, key=lambda n: -parent.param_count(table[n]))
     largest, smallest = order[0], order[-1]
     mid = sorted(decode_contexts)[len(decode_contexts) // 2]

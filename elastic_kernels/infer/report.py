@@ -25,7 +25,8 @@ from typing import Sequence
 
 from .._io import atomic_path, atomic_write_text
 from .claims import pair_swap, pairs_vs_singles, think_curves
-from .evaluate import CostModel, analyze, budget_order, build_settings, default_caps, evaluate_settings
+from .cost import CostModel
+from .evaluate import analyze, budget_order, build_settings, default_caps, evaluate_settings
 from .latency import profile_budgets
 from .stats import wilson_interval
 

@@ -31,10 +31,10 @@ from typing import Any, Mapping
 
 import torch
 
-from .. import __version__ as _version
+from .._version import __version__ as _version
 from ..formats import FP8Tensor, NVFP4Tensor, to_state_dict
 from ..formats.nvfp4 import E4M3_MAX, G_MIN, pack, unpack
-from ..nvfp4 import quantize
+from ..ops.nvfp4 import quantize
 
 ALGOS = {"nvfp4": "W4A16_NVFP4", "fp8": "FP8_PER_CHANNEL_PER_TOKEN"}
 GROUP_SIZE = 16

@@ -46,7 +46,7 @@ def quantized_layouts(model: nn.Module, budgets, fmt: str) -> dict[str, str]:
 
 def fake_quantize_weight(w: torch.Tensor, layout: str, fmt: str) -> torch.Tensor:
     """The weight as the export stores it (decoded), with a straight-through gradient."""
-    from .. import fake_quant_fp8, fake_quant_nvfp4
+    from ..ops.nvfp4 import fake_quant_fp8, fake_quant_nvfp4
     if fmt == "fp8":
         return fake_quant_fp8(w)
     if layout == "stacked":

@@ -30,7 +30,7 @@ gelu = v Phi(v) (act' = Phi(v) + v phi(v)). Accumulation is fp32; fp32 inputs us
 
 NVFP4 experts (W4A16): every weight tile goes through ``_w_tile``, which for an NVFP4 weight
 (codes packed along its input dim, per-expert global scale g[e]) decodes ``e2m1 * s`` in registers
-inside the K loop (``_nvfp4_tile`` of :mod:`elastic_kernels.triton.nvfp4`; exact in bf16/fp16) for
+inside the K loop (``nvfp4_tile`` of :mod:`elastic_kernels.triton.nvfp4`; exact in bf16/fp16) for
 a dot in x's dtype; g[e] multiplies each fp32 accumulator once after the loop. The same kernels
 serve both layouts: tiles are packed along their k index (w1/w3 forward, w2 forward) or their n
 index (w2 in ``_moe_bwd_act_kernel``, w1/w3 for dx). NVFP4 weights are frozen: no dW kernel runs.
@@ -42,7 +42,7 @@ import triton
 import triton.language as tl
 
 from ..formats.nvfp4 import NVFP4Tensor
-from .nvfp4 import _nvfp4_tile
+from .nvfp4 import nvfp4_tile
 
 ACT_CODES = {"relu2": 0, "silu": 1, "gelu": 2}
 
@@ -92,9 +92,9 @@ def _w_tile(w, e, k0, k_lim, n0, n_lim, Q: tl.constexpr, BK: tl.constexpr, BN: t
         return tl.load(w[0] + e * w[3] + ks[:, None] * w[4] + ns[None, :] * w[5],
                        mask=(ks < k_lim)[:, None] & (ns < n_lim)[None, :], other=0.0)
     elif Q == 1:
-        return tl.trans(_nvfp4_tile(w[0] + e * w[3], w[1] + e * w[6], n0, n_lim, w[5], w[8], k0, k_lim, BN, BK))
+        return tl.trans(nvfp4_tile(w[0] + e * w[3], w[1] + e * w[6], n0, n_lim, w[5], w[8], k0, k_lim, BN, BK))
     else:
-        return _nvfp4_tile(w[0] + e * w[3], w[1] + e * w[6], k0, k_lim, w[4], w[7], n0, n_lim, BK, BN)
+        return nvfp4_tile(w[0] + e * w[3], w[1] + e * w[6], k0, k_lim, w[4], w[7], n0, n_lim, BK, BN)
 
 
 @triton.jit

@@ -15,7 +15,7 @@ value ``e2m1 * s * g`` (forward of fake quant; its backward is the identity, str
 2 the exact ``e2m1 * s`` (W4A4 activations, the GEMM applies ``g_x`` in its epilogue).
 
 GEMM: ``y = ((x @ (e2m1 * s_w).T) * g_w) [* g_x] + bias``. Each K step unpacks a (BN, BK) weight
-tile and multiplies its block scales in registers (``_nvfp4_tile``, also used by the grouped GEMMs
+tile and multiplies its block scales in registers (``nvfp4_tile``, also used by the grouped GEMMs
 of :mod:`elastic_kernels.triton.moe`; ``e2m1 * s`` is exact in bf16/fp16), then ``tl.dot``
 accumulates in float32. Backward (x): ``dx = (dy @ (e2m1 * s_w)) * g_w`` (in PyTorch).
 """
@@ -46,7 +46,7 @@ def _e4m3_value(b):
 
 
 @triton.jit
-def _nvfp4_tile(data_ptr, scales_ptr, r0, r_lim, s_dr, s_sr, c0, c_lim, BR: tl.constexpr, BC: tl.constexpr):
+def nvfp4_tile(data_ptr, scales_ptr, r0, r_lim, s_dr, s_sr, c0, c_lim, BR: tl.constexpr, BC: tl.constexpr):
     """float32 ``e2m1 * s`` tile (BR, BC) of an NVFP4 matrix packed along its columns: rows
     ``r0 + [0, BR)``, columns ``c0 + [0, BC)`` (c0 and c_lim multiples of 16, BC of 16); 0 at
     rows >= r_lim or columns >= c_lim. s_dr / s_sr: row strides of the codes / the scale bytes."""
@@ -152,7 +152,7 @@ def _linear_kernel(x_ptr, data_ptr, scales_ptr, g_ptr, gx_ptr, bias_ptr, y_ptr, 
         offs_k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
                     mask=mmask[:, None] & (offs_k < K)[None, :], other=0.0)
-        w = _nvfp4_tile(data_ptr, scales_ptr, pid_n * BLOCK_N, N, stride_dn, stride_sn, k0, K, BLOCK_N, BLOCK_K)
+        w = nvfp4_tile(data_ptr, scales_ptr, pid_n * BLOCK_N, N, stride_dn, stride_sn, k0, K, BLOCK_N, BLOCK_K)
         if DOT_F32:  # fp32 inputs, and the CPU interpreter (its bf16 dot is broken): exact products
             acc = tl.dot(x.to(tl.float32), tl.trans(w), acc, input_precision="ieee")
         else:
