@@ -44,7 +44,7 @@ def _inputs(device, dtype, s, n_act, requires_grad=False):
                 w2=mk(e, h, f, scale=f ** -0.5))
 
 
-def _cost(s, d, n_act, elem, mats=2, w_elem=None):
+def cost(s, d, n_act, elem, mats=2, w_elem=None):
     """(bytes, FLOPs) of the forward; ``w_elem``: bytes per weight element (default ``elem``)."""
     t, h, k = s["tokens"], s["hidden"], s["top_k"]
     rows = t * k
@@ -84,7 +84,7 @@ def bench_moe_ffn_width(benchmark, device, mode, width):
     inp = _inputs(device, dtype, s, s["experts"], requires_grad=(mode != "fwd"))
     ffn_width, frac = _widths(s, width, device)
     run_bench(benchmark, lambda: _run(mode, inp, ffn_width=ffn_width, backend=backend), device, rounds=rounds)
-    by, fl = _cost(s, frac * s["ffn"], s["experts"], inp["x"].element_size())
+    by, fl = cost(s, frac * s["ffn"], s["experts"], inp["x"].element_size())
     mult = 1 if mode == "fwd" else 3
     record(benchmark, device=device, bytes_moved=by * mult, flops=fl * mult, group=f"moe d' {mode}",
            width=width if width != "mixed" else f"mixed({frac:.3f})", impl=backend)
@@ -99,7 +99,7 @@ def bench_moe_num_experts(benchmark, device, mode, width):
     inp = _inputs(device, dtype, s, n_act, requires_grad=(mode != "fwd"))
     run_bench(benchmark, lambda: _run(mode, inp, num_experts_active=n_act, backend=backend), device,
               rounds=rounds)
-    by, fl = _cost(s, s["ffn"], n_act, inp["x"].element_size())
+    by, fl = cost(s, s["ffn"], n_act, inp["x"].element_size())
     mult = 1 if mode == "fwd" else 3
     record(benchmark, device=device, bytes_moved=by * mult, flops=fl * mult, group=f"moe E' {mode}",
            width=width, impl=backend)
@@ -123,7 +123,7 @@ def bench_moe_decode(benchmark, width):
     inp = _inputs(device, torch.bfloat16, s, s["experts"])
     d = int(s["ffn"] * width)
     run_bench(benchmark, lambda: _run("fwd", inp, ffn_width=d, backend="triton"), device)
-    by, fl = _cost(s, d, s["experts"], 2)
+    by, fl = cost(s, d, s["experts"], 2)
     record(benchmark, device=device, bytes_moved=by, flops=fl, group="moe decode fwd", width=width, impl="triton")
 
 
@@ -180,7 +180,7 @@ def bench_moe_baselines(benchmark, impl, mode, width):
     except (RuntimeError, NotImplementedError) as exc:  # e.g. _grouped_mm needs sm_90 and aligned strides
         pytest.skip(f"{impl} unavailable here: {exc}")
     run_bench(benchmark, run, device)
-    by, fl = _cost(s, d, s["experts"], 2)
+    by, fl = cost(s, d, s["experts"], 2)
     mult = 1 if mode == "fwd" else 3
     record(benchmark, device=device, bytes_moved=by * mult, flops=fl * mult, group=f"moe d' {mode}",
            width=width, impl=impl)
@@ -202,7 +202,7 @@ def bench_moe_vllm_fused_moe(benchmark, shape):
     except (TypeError, ValueError, RuntimeError) as exc:
         pytest.skip(f"vllm fused_experts could not run this case: {exc}")
     run_bench(benchmark, run, device)
-    by, fl = _cost(s, s["ffn"], s["experts"], 2)
+    by, fl = cost(s, s["ffn"], s["experts"], 2)
     record(benchmark, device=device, bytes_moved=by, flops=fl,
            group="moe d' fwd" if shape == "train" else "moe decode fwd", width=1.0, impl="vllm")
 
@@ -221,7 +221,7 @@ def bench_moe_nvfp4(benchmark, shape, width):
     d = int(s["ffn"] * width) // 16 * 16  # NVFP4 w2 slices its input features at multiples of 16
     t_bf16 = time_fn(lambda: _run("fwd", inp, ffn_width=d, backend="triton"), device)
     run_bench(benchmark, lambda: _run("fwd", q, ffn_width=d, backend="triton"), device)
-    by, fl = _cost(s, d, s["experts"], 2, w_elem=NVFP4_BYTES)
+    by, fl = cost(s, d, s["experts"], 2, w_elem=NVFP4_BYTES)
     record(benchmark, device=device, bytes_moved=by, flops=fl, group=f"moe nvfp4 {shape} fwd", width=width,
            impl="triton-nvfp4", bf16_median_s=t_bf16,
            speedup_vs_bf16=t_bf16 / benchmark.stats.stats.median)

@@ -25,6 +25,16 @@ GPU_SHAPES = [(2688, 1856), (1856, 2688), (8192, 8192)]
 CPU_SHAPES = [(512, 384)]
 
 
+def linear_cost(m: int, n: int, k: int) -> tuple[float, float, float]:
+    """(bytes of the W4A16 GEMM, bytes of the bf16-weight baseline, FLOPs) of x (m, k) @ W^T (n, k)."""
+    return n * k * (0.5 + 1 / 16) + 2 * m * k + 2 * m * n, 2 * n * k + 2 * m * k + 2 * m * n, 2 * m * n * k
+
+
+def quantize_bytes(n: int, k: int) -> float:
+    """Bytes one quantize pass must move: read (n, k) bf16, write the codes and the scale bytes."""
+    return n * k * (2 + 0.5 + 1 / 16)
+
+
 def _impls(device):
     if device.type == "cpu":
         return ["reference"]
@@ -61,9 +71,8 @@ def bench_nvfp4_linear(benchmark, device, case, impl_idx):
     base = lambda: x @ wd.T  # noqa: E731
     fn()
     t, tb = run_bench(benchmark, fn, device), time_fn(base, device)
-    bytes_w4 = n * k * (0.5 + 1 / 16) + 2 * m * k + 2 * m * n
-    bytes_bf16 = 2 * n * k + 2 * m * k + 2 * m * n
-    record(benchmark, device=device, bytes_moved=bytes_w4, flops=2 * m * n * k,
+    bytes_w4, bytes_bf16, flops = linear_cost(m, n, k)
+    record(benchmark, device=device, bytes_moved=bytes_w4, flops=flops,
            group=f"nvfp4_linear M={m} N={n} K={k}", impl=impl,
            baseline_median_s=tb, baseline=("bf16 x @ w.T (cuBLAS)" if device.type == "cuda" else "fp32 x @ w.T"),
            speedup_vs_baseline=tb / t, byte_limit_speedup=bytes_bf16 / bytes_w4,
@@ -90,6 +99,6 @@ def bench_nvfp4_quantize(benchmark, device, scale, impl_idx):
     out = torch.empty(n * k * 2 + n * k // 2 + n * k // 16, dtype=torch.uint8, device=device)
     src = torch.empty_like(out)
     tc = time_fn(lambda: out.copy_(src), device)
-    moved = n * k * (2 + 0.5 + 1 / 16)
+    moved = quantize_bytes(n, k)
     record(benchmark, device=device, bytes_moved=moved, flops=0, group=f"nvfp4_quantize {n}x{k} scale={scale}",
            impl=impl, copy_GBps=2 * out.numel() / tc / 1e9, frac_of_copy=(moved / t) / (2 * out.numel() / tc))

@@ -32,7 +32,7 @@ def _inputs(device, dtype, s, requires_grad=False):
                 dt_bias=torch.zeros(h, device=device).requires_grad_(requires_grad), D=torch.ones(h, device=device))
 
 
-def _cost(s, w, elem):
+def cost(s, w, elem):
     b, l, h, p, g, n, L = (s[k] for k in ("batch", "seqlen", "nheads", "headdim", "ngroups", "dstate", "chunk"))
     nc = -(-l // L)
     bytes_fwd = elem * (b * l * h * p * (2 * w + 1) + 2 * b * l * g * n) + 4 * b * l * h * w
@@ -64,7 +64,7 @@ def bench_ssd_scan(benchmark, device, mode, width):
         if mode != "fwd":
             torch.autograd.grad(y, [inp["x"], inp["dt"], inp["B"], inp["C"], inp["z"]], gy)
     run_bench(benchmark, run, device)
-    by, fl = _cost(s, w, inp["x"].element_size())
+    by, fl = cost(s, w, inp["x"].element_size())
     mult = 1 if mode == "fwd" else 3  # backward ~2x the forward's traffic and FLOPs
     record(benchmark, device=device, bytes_moved=by * mult, flops=fl * mult,
            group=f"ssd_scan {mode}", width=1.0 if width == 1.0 else (width if width != "mixed" else f"mixed({w:.3f})"),
@@ -88,7 +88,7 @@ def bench_ssd_scan_mamba_ssm(benchmark, mode):
         if mode != "fwd":
             torch.autograd.grad(y, [inp["x"], inp["dt"], inp["B"], inp["C"], inp["z"]], gy)
     run_bench(benchmark, run, device)
-    by, fl = _cost(s, 1.0, 2)
+    by, fl = cost(s, 1.0, 2)
     mult = 1 if mode == "fwd" else 3
     record(benchmark, device=device, bytes_moved=by * mult, flops=fl * mult, group=f"ssd_scan {mode}",
            width=1.0, impl="mamba_ssm")
