@@ -171,7 +171,8 @@ def markdown(report: dict, csrc: list[dict], roof: list[dict]) -> str:
     if report["problems"]:
         out += ["Problems:", ""] + [f"- {p}" for p in report["problems"]] + [""]
     out += ["### CUDA C++ kernels (csrc/, nvcc -Xptxas -v)", "",
-            "| file | kernel | arch | regs | spill B (st/ld) | stack B | static smem B |", "|---|---|---|---|---|---|---|"]
+            "| file | kernel | arch | regs | spill B (st/ld) | stack B | static smem B |",
+            "|---|---|---|---|---|---|---|"]
     for r in csrc:
         if "error" in r:
             out.append(f"| {r['file']} | compile error | {r['arch']} | | | | |")
@@ -185,8 +186,8 @@ def markdown(report: dict, csrc: list[dict], roof: list[dict]) -> str:
             "| benchmark | shape | point | bytes | FLOPs | FLOP/B | HBM µs | MMA µs | bound µs | limit |",
             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in roof:
-        out.append(f"| {r['bench']} | {r['shape']} | {r['point']} | {_si(r['bytes'], 'B')} | {_si(r['flops'], 'FLOP')} | "
-                   f"{r['intensity']:.1f} | {r['t_mem_us']:.1f} | {r['t_flop_us']:.1f} | {r['bound_us']:.1f} | "
+        out.append(f"| {r['bench']} | {r['shape']} | {r['point']} | {_si(r['bytes'], 'B')} | "
+                   f"{_si(r['flops'], 'FLOP')} | {r['intensity']:.1f} | {r['t_mem_us']:.1f} | {r['t_flop_us']:.1f} | {r['bound_us']:.1f} | "
                    f"{r['limit']} |")
     out += ["", END]
     return "\n".join(out)
@@ -207,14 +208,15 @@ def main(argv=None) -> int:
     p.add_argument("--jobs", type=int, default=2, help="compile processes (default 2)")
     p.add_argument("--cache-dir", default=os.environ.get("ELASTIC_KERNELS_AOT_CACHE",
                                                          str(Path.home() / ".cache" / "elastic_kernels" / "aot")))
+    p.add_argument("--full", action="store_true", help="the larger variant set (see elastic_kernels.triton.aot)")
     p.add_argument("--out", default=str(HERE / "results"), help="folder of the JSON report")
     p.add_argument("--results-md", default=str(HERE / "RESULTS.md"))
     args = p.parse_args(argv)
     if args.jobs < 1:
         p.error(f"--jobs: expected >= 1, got {args.jobs}")
     check_shapes()
-    report = aot.run(None, aot.ARCHS, args.jobs, args.cache_dir or None)
-    report.update(date=str(datetime.date.today()), workers=args.jobs)
+    report = aot.run(None, aot.ARCHS, args.jobs, args.cache_dir or None, args.full)
+    report.update(date=str(datetime.date.today()), workers=args.jobs, full=args.full)
     csrc, roof = csrc_rows(), roofline_rows()
     print("\n".join(aot.table(report["rows"])))
     out = Path(args.out) / f"aot_{report['date']}.json"

@@ -136,6 +136,12 @@ def test_ssd_scan_triton_dstate_blocks(triton_device):
     check(triton_device, torch.float32, inp, chunk_size=16, dt_softplus=True)
 
 
+def test_ssd_scan_triton_long_chunk(triton_device):
+    """chunk_size above the kernels' chunk (64): the launcher runs 64-position chunks."""
+    inp = make_inputs(torch.float32, batch=1, seqlen=150, nheads=2, ngroups=1, headdim=4, dstate=8)
+    check(triton_device, torch.float32, inp, chunk_size=128, dt_softplus=True)
+
+
 def test_ssd_scan_triton_strided_inputs(triton_device):
     """Non-contiguous views (as split from an in_proj output) are read through their strides."""
     b, l, h, g, p, n = 2, 20, 4, 2, 8, 8

@@ -1,14 +1,15 @@
 r"""The launch sets that :mod:`elastic_kernels.triton.aot` compiles: every Triton launcher called
 with fake CUDA inputs, so that the launcher itself picks each kernel's GPU configuration.
 
-Inputs follow each op's documented argument space (``elastic_kernels.ops``). In bf16 (the
-reference model's dtype): a *base* variant (the model's call), every other value of every optional
-argument applied to the base alone (one factor at a time), every argument at its last listed
-value at once ("all-on") and at its first ("all-off"). In fp32 and fp16: base, all-on, all-off.
-The full product of the optional arguments is far larger (thousands of flag combinations per
-kernel); the flags gate elementwise prologue/epilogue work inside one tile shape, while the tile
-shapes, warps, stages and dot precisions (what registers, shared memory and the MMA lowering
-follow) come from the launchers' GPU configuration functions and are all covered.
+Inputs follow each op's documented argument space (``elastic_kernels.ops``). The check's set,
+per dtype (fp32, bf16, fp16): a *base* variant (the reference model's call), every optional
+argument at its last listed value at once ("all-on"), and in bf16 the model's other calls (the
+defaults). ``full=True`` (``--full``) adds, in bf16, every other value of every optional argument
+applied to the base alone (one factor at a time) and all at their first value ("all-off"). The
+full product of the optional arguments is far larger (thousands of flag combinations per kernel);
+the flags gate elementwise prologue/epilogue work inside one tile shape, while the tile shapes,
+warps, stages and dot precisions (what registers, shared memory and the MMA lowering follow) come
+from the launchers' GPU configuration functions and are all covered.
 
 Shapes are the benchmark shapes of bench/ on a GPU (the Nemotron Nano v3 sizes: hidden 2688,
 64 Mamba heads of 64 channels, state 128, chunk 128, 128 experts of FFN 1856, top-6). A variant is
@@ -35,16 +36,18 @@ NVFP4_MS = (1, 4, 16, 4096)
 NVFP4_NK = ((2688, 1856), (1856, 2688), (8192, 8192))
 
 
-def variants(base: dict, factors: dict, one_at_a_time: bool = True) -> list[tuple[str, dict]]:
-    """(name, variant): the base, each other value of each factor alone (``one_at_a_time``), all
-    factors at their last value ("all-on") and at their first ("all-off"); duplicates dropped."""
+def variants(base: dict, factors: dict, full: bool = True, keep=()) -> list[tuple[str, dict]]:
+    """(name, variant): the base, all factors at their last value ("all-on") and the one-factor
+    variants named in ``keep``; with ``full`` also every other value of each factor alone and all
+    factors at their first value ("all-off"); duplicates dropped."""
     out = [("base", dict(base))]
-    for name, values in factors.items() if one_at_a_time else ():
+    for name, values in factors.items():
         for v in values:
-            if v != base[name]:
+            if v != base[name] and (full or f"{name}={v}" in keep):
                 out.append((f"{name}={v}", dict(base, **{name: v})))
     out.append(("all-on", dict(base, **{k: vs[-1] for k, vs in factors.items()})))
-    out.append(("all-off", dict(base, **{k: vs[0] for k, vs in factors.items()})))
+    if full:
+        out.append(("all-off", dict(base, **{k: vs[0] for k, vs in factors.items()})))
     seen, uniq = set(), []
     for name, v in out:
         key = tuple(sorted(v.items()))
@@ -94,11 +97,12 @@ def _ssd_call(v: dict, dtype, chunk: int):
                       dt_lo=0.0, dt_hi=0.1 if v["clamp"] else float("inf"), **kw)
 
 
-def ssd_cases():
+def ssd_cases(full: bool = False):
     """(case name, default, thunk) for every ssd_scan variant, dtype and chunk length."""
     for dname, dtype in DTYPES.items():
         for chunk in (SSD_SHAPE["chunk"],):
-            for name, v in variants(SSD_BASE, SSD_FACTORS, dname == "bf16"):
+            for name, v in variants(SSD_BASE, SSD_FACTORS, full and dname == "bf16",
+                                    SSD_DEFAULTS if dname == "bf16" else ()):
                 default = dname == "bf16" and name in SSD_DEFAULTS
                 yield f"{dname}:ssd:chunk{chunk}:{name}", default, lambda v=v, d=dtype, c=chunk: _ssd_call(v, d, c)
 
@@ -112,16 +116,17 @@ MOE_FACTORS = dict(act=["relu2", "silu", "gelu"], gated=[False, True], width=["n
                    cs=["none", "f", "tf"], quant=[False, True])
 # the reference model (models/layers.py ElasticMoE): relu2 experts, nested int widths, per-token widths
 # and channel scales while training the router, NVFP4 experts when serving a quantized checkpoint
+# (forward only: NVFP4 weights are frozen)
 MOE_DEFAULTS = ("base", "width=int", "width=tensor", "cs=f", "cs=tf", "quant=True")
 
 
 def _nvfp4_weight(e, n, k):
-    from ..nvfp4 import NVFP4Tensor
+    from ..formats.nvfp4 import NVFP4Tensor
     return NVFP4Tensor(_empty(e, n, k // 2, dtype=torch.uint8), _empty(e, n, k // 16, dtype=torch.float8_e4m3fn),
                        _empty(e, dtype=torch.float32))
 
 
-def _moe_call(v: dict, dtype, shape: str):
+def _moe_call(v: dict, dtype, shape: str, passes=("fwd", "bwd")):
     s = MOE_SHAPES[shape]
     t, hd, f, e, k = (s[n] for n in ("tokens", "hidden", "ffn", "experts", "top_k"))
     x = _empty(t, hd, dtype=dtype)
@@ -136,16 +141,26 @@ def _moe_call(v: dict, dtype, shape: str):
                           "tensor": (-1, _empty(t, dtype=torch.int64))}[v["width"]]
     cs = {"none": None, "f": _empty(f, dtype=dtype), "tf": _empty(t, f, dtype=dtype)}[v["cs"]]
     kw = dict(activation=v["act"], num_active=e, width_int=width_int, width_t=width_t, channel_scale=cs)
-    tmoe.moe_experts_fwd(x, tw, ids, w1, w2, w3, **kw)
-    tmoe.moe_experts_bwd(_empty(t, hd, dtype=dtype), x, tw, ids, w1, w2, w3, **kw)
+    if "fwd" in passes:
+        tmoe.moe_experts_fwd(x, tw, ids, w1, w2, w3, **kw)
+    if "bwd" in passes:
+        tmoe.moe_experts_bwd(_empty(t, hd, dtype=dtype), x, tw, ids, w1, w2, w3, **kw)
 
 
-def moe_cases():
+def moe_cases(full: bool = False):
     for dname, dtype in DTYPES.items():
         for shape in MOE_SHAPES:
-            for name, v in variants(MOE_BASE, MOE_FACTORS, dname == "bf16"):
-                default = dname == "bf16" and name in MOE_DEFAULTS
-                yield f"{dname}:moe:{shape}:{name}", default, lambda v=v, d=dtype, sh=shape: _moe_call(v, d, sh)
+            if shape == "decode" and dname != "bf16":
+                continue  # the decode tiles differ from the training ones by rows per expert only
+            vs = variants(MOE_BASE, MOE_FACTORS, full and dname == "bf16" and shape == "train",
+                          MOE_DEFAULTS if dname == "bf16" and shape == "train" else ())
+            if shape == "decode":
+                vs.append(("quant=True", dict(MOE_BASE, quant=True)))
+            for name, v in vs:
+                for p in ("fwd", "bwd"):
+                    default = dname == "bf16" and name in MOE_DEFAULTS and (p, name) != ("bwd", "quant=True")
+                    yield (f"{dname}:moe:{shape}:{p}:{name}", default,
+                           lambda v=v, d=dtype, sh=shape, p=p: _moe_call(v, d, sh, (p,)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -165,16 +180,16 @@ def _nvfp4_linear_call(dtype, m, n, k, bias, gx):
                _empty(1, dtype=torch.float32) if gx else None)
 
 
-def nvfp4_cases():
-    """Quantize in every mode at each of its K block widths; the linear at every benchmark shape
+def nvfp4_cases(full: bool = False):
+    """Quantize in every mode (bf16: at each of its K block widths); the linear at every benchmark shape
     with the model's flags (no bias, W4A16) and every bias / W4A4 flag pair at a decode and a
     prefill M (bf16; fp32 and fp16 at one N x K)."""
     for dname, dtype in DTYPES.items():
-        for n, k in ((8192, 8192), (64, 16), (64, 32)):  # K = 16 and 32 take the narrow quantize blocks
-            for mode in (0, 1, 2):
+        for n, k in ((8192, 8192), (64, 16), (64, 32)) if dname == "bf16" else ((8192, 8192),):
+            for mode in (0, 1, 2):  # K = 16 and 32 take the narrow quantize blocks
                 yield (f"{dname}:nvfp4:quantize:mode{mode}:{n}x{k}", dname == "bf16" and k > 32,
                        lambda d=dtype, n=n, k=k, mode=mode: _nvfp4_quant_call(d, n, k, mode))
-        shapes = NVFP4_NK if dname == "bf16" else NVFP4_NK[:1]
+        shapes = NVFP4_NK if dname == "bf16" and full else NVFP4_NK[:1]
         for m in NVFP4_MS:
             for n, k in shapes:
                 flags = ((False, False), (True, False), (False, True), (True, True)) \
@@ -188,12 +203,13 @@ def nvfp4_cases():
 FAMILIES = {"ssd": ssd_cases, "moe": moe_cases, "nvfp4": nvfp4_cases}
 
 
-def capture_all(families=None) -> list:
-    """Every launch of every case of the chosen families (all by default)."""
+def capture_all(families=None, full: bool = False) -> list:
+    """Every launch of every case of the chosen families (all by default); ``full`` adds the
+    one-factor-at-a-time variants (bf16) to the check's set (base, all-on, defaults)."""
     from .aot import intercept
     launches: list = []
     for fam in families or FAMILIES:
-        for case, default, thunk in FAMILIES[fam]():
+        for case, default, thunk in FAMILIES[fam](full):
             with intercept(case, default, launches):
                 thunk()
     return launches

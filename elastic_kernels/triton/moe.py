@@ -369,10 +369,37 @@ def _moe_dw_kernel(l_ptr, l2_ptr, r_ptr, dw_ptr, dw2_ptr, offs_ptr, row_tok_ptr,
 # launchers
 # ---------------------------------------------------------------------------------------------
 
-def _blocks(device: torch.device) -> dict:
-    if device.type == "cuda":
-        return dict(BM=64, BN=64, BK=64, BH=256, num_warps=4, num_stages=3)
-    return dict(BM=16, BN=32, BK=32, BH=64, num_warps=1, num_stages=1)
+def launch_config(x: torch.Tensor, rows: int, num_active: int) -> dict:
+    """Tiles, warps and stages of every MoE kernel for inputs like ``x`` with ``rows`` (token,
+    slot) pairs over ``num_active`` experts: the one place they are chosen (the AOT report,
+    :mod:`elastic_kernels.triton.aot`, compiles what this returns for GPU inputs).
+
+    Returns ``{"BM": rows per tile of the tile table, "up" / "down" / "bwd_act" / "dx": (BM, BN,
+    BK, warps, stages), "dw": (BP, BQ, BR, warps, stages), "unpermute": (BH, warps)}`` as launch
+    kwargs ("dx" is ``_moe_down_kernel`` in the backward, two accumulators when gated).
+    CPU (the interpreter): small tiles, one warp. GPU: a static choice by dtype and rows per
+    expert (the tile table is built for one BM before any kernel runs, so BM cannot be autotuned).
+    """
+    if x.device.type == "cpu":
+        t = dict(BM=16, BN=32, BK=32, num_warps=1, num_stages=1)
+        return dict(BM=16, up=t, down=t, bwd_act=t, dx=t, dw=dict(BP=32, BQ=32, BR=32, num_warps=1, num_stages=1),
+                    unpermute=dict(BH=64, num_warps=1))
+    unpermute = dict(BH=256, num_warps=4)
+    if x.dtype == torch.float32:  # IEEE fp32 dots are FMA loops: small tiles keep them in registers
+        t = dict(BM=32, BN=64, BK=32, num_warps=4, num_stages=2)
+        return dict(BM=32, up=t, down=t, bwd_act=dict(t, BN=32), dx=t,
+                    dw=dict(BP=64, BQ=64, BR=16, num_warps=4, num_stages=2), unpermute=unpermute)
+    if rows >= 128 * num_active:  # >= 128 rows per expert on average (training, prefill)
+        # 128-row tiles on two warp groups; three accumulators (bwd_act) or two (dx, gated dw) take
+        # 64-column tiles to stay in registers
+        t = dict(BM=128, BN=128, BK=64, num_warps=8, num_stages=3)
+        t64 = dict(t, BN=64)
+        return dict(BM=128, up=t, down=t, bwd_act=t64, dx=t64,
+                    dw=dict(BP=128, BQ=64, BR=64, num_warps=8, num_stages=3), unpermute=unpermute)
+    # few rows per expert (decode): the weight bytes bound the time; 64-row tiles (one warp group)
+    t = dict(BM=64, BN=64, BK=64, num_warps=4, num_stages=3)
+    return dict(BM=64, up=t, down=t, bwd_act=t, dx=t, dw=dict(BP=64, BQ=64, BR=64, num_warps=4, num_stages=3),
+                unpermute=unpermute)
 
 
 def _prec(x: torch.Tensor) -> str:
@@ -434,12 +461,12 @@ def _cs_args(channel_scale):
     return 2, channel_scale.stride(0), channel_scale.stride(1)
 
 
-def _unpermute(o, plan, topk_weights, tokens, top_k, hidden, num_active, out_dtype, blk):
+def _unpermute(o, plan, topk_weights, tokens, top_k, hidden, num_active, out_dtype, cfg):
     y = torch.empty(tokens, hidden, dtype=out_dtype, device=o.device)
     w, s_wt, s_wk = (topk_weights, *topk_weights.stride()) if topk_weights is not None else (o, 0, 0)
-    _moe_unpermute_kernel[(tokens, triton.cdiv(hidden, blk["BH"]))](
+    _moe_unpermute_kernel[(tokens, triton.cdiv(hidden, cfg["BH"]))](
         o, w, plan["inv"], plan["offs"], y, hidden, top_k, num_active, o.stride(0), y.stride(0), s_wt, s_wk,
-        HAS_W=topk_weights is not None, BH=blk["BH"], num_warps=blk["num_warps"])
+        HAS_W=topk_weights is not None, **cfg)
     return y
 
 
@@ -452,9 +479,8 @@ def moe_experts_fwd(x, topk_weights, topk_ids, w1, w2, w3=None, *, activation: s
     f_act = w1.shape[1] if width_int < 0 else width_int
     if tokens * top_k == 0 or f_act == 0 or hidden == 0:
         return torch.zeros_like(x, memory_format=torch.contiguous_format)
-    blk = _blocks(x.device)
-    bm, bn, bk = blk["BM"], blk["BN"], blk["BK"]
-    plan = _plan(topk_ids, topk_weights, width_t, num_active, bm)
+    cfg = launch_config(x, tokens * top_k, num_active)
+    plan = _plan(topk_ids, topk_weights, width_t, num_active, cfg["BM"])
     n, tiles = plan["n"], plan["max_tiles"]
     gated = w3 is not None
     w1_op, q1 = _weight_operand(w1, 2)
@@ -465,16 +491,15 @@ def moe_experts_fwd(x, topk_weights, topk_ids, w1, w2, w3=None, *, activation: s
     rw = plan["row_width"] if width_t is not None else plan["row_tok"]
     meta = (plan["tile_e"], plan["tile_row"], plan["offs"], plan["row_tok"], rw)
     a = torch.empty(n, f_act, dtype=x.dtype, device=x.device)
-    _moe_up_kernel[(tiles, triton.cdiv(f_act, bn))](
+    _moe_up_kernel[(tiles, triton.cdiv(f_act, cfg["up"]["BN"]))](
         x, w1_op, w3_op, cs, a, *meta, hidden, f_act, *x.stride(), s_cst, s_csf, a.stride(0),
         ACT=ACT_CODES[activation], GATED=gated, HAS_WT=width_t is not None, CS_MODE=cs_mode, Q1=q1,
-        PREC=_prec(x), BM=bm, BN=bn, BK=bk, num_warps=blk["num_warps"], num_stages=blk["num_stages"])
+        PREC=_prec(x), **cfg["up"])
     o = torch.empty(n, hidden, dtype=x.dtype, device=x.device)
-    _moe_down_kernel[(tiles, triton.cdiv(hidden, bn))](
+    _moe_down_kernel[(tiles, triton.cdiv(hidden, cfg["down"]["BN"]))](
         a, w2_op, a, w2_op, o, *meta, hidden, f_act, a.stride(0), o.stride(0),
-        TWO=False, Q=q2, HAS_WT=width_t is not None, PREC=_prec(x), BM=bm, BN=bn, BK=bk,
-        num_warps=blk["num_warps"], num_stages=blk["num_stages"])
-    return _unpermute(o, plan, topk_weights, tokens, top_k, hidden, num_active, x.dtype, blk)
+        TWO=False, Q=q2, HAS_WT=width_t is not None, PREC=_prec(x), **cfg["down"])
+    return _unpermute(o, plan, topk_weights, tokens, top_k, hidden, num_active, x.dtype, cfg["unpermute"])
 
 
 def moe_experts_bwd(grad_y, x, topk_weights, topk_ids, w1, w2, w3=None, *, activation: str, num_active: int,
@@ -495,10 +520,8 @@ def moe_experts_bwd(grad_y, x, topk_weights, topk_ids, w1, w2, w3=None, *, activ
     dcs = torch.zeros_like(channel_scale) if channel_scale is not None else None
     if tokens * top_k == 0 or f_act == 0 or hidden == 0:
         return [dx, dwt, dw1, dw2, dw3, dcs]
-    blk = _blocks(x.device)
-    bm, bn, bk = blk["BM"], blk["BN"], blk["BK"]
-    nw, ns = blk["num_warps"], blk["num_stages"]
-    plan = _plan(topk_ids, topk_weights, width_t, num_active, bm)
+    cfg = launch_config(x, tokens * top_k, num_active)
+    plan = _plan(topk_ids, topk_weights, width_t, num_active, cfg["BM"])
     n, tiles = plan["n"], plan["max_tiles"]
     has_wt = width_t is not None
     w1_op, q1 = _weight_operand(w1, 2)
@@ -508,7 +531,7 @@ def moe_experts_bwd(grad_y, x, topk_weights, topk_ids, w1, w2, w3=None, *, activ
     cs = channel_scale if channel_scale is not None else x
     rw = plan["row_width"] if has_wt else plan["row_tok"]
     meta = (plan["tile_e"], plan["tile_row"], plan["offs"], plan["row_tok"], rw)
-    n_nblk = triton.cdiv(f_act, bn)
+    n_nblk = triton.cdiv(f_act, cfg["bwd_act"]["BN"])
     dh1 = torch.empty(n, f_act, dtype=x.dtype, device=x.device)
     dh3 = torch.empty_like(dh1) if gated else dh1
     aw = dh1 if quant2 else torch.empty_like(dh1)
@@ -523,7 +546,7 @@ def moe_experts_bwd(grad_y, x, topk_weights, topk_ids, w1, w2, w3=None, *, activ
         x, grad_y, w1_op, w3_op, w2_op, cs, plan["row_w"], dh1, dh3, aw, dwt_part, dcs_part, *meta, hidden, f_act,
         n_nblk, *x.stride(), *grad_y.stride(), s_cst, s_csf, dh1.stride(0),
         ACT=ACT_CODES[activation], GATED=gated, HAS_WT=has_wt, CS_MODE=cs_mode, Q1=q1, Q2=q2, NEED_AW=not quant2,
-        PREC=_prec(x), BM=bm, BN=bn, BK=bk, num_warps=nw, num_stages=ns)
+        PREC=_prec(x), **cfg["bwd_act"])
     # dtopk_weights and dchannel_scale: reduce the partials, back to (token, slot) order
     dwt.copy_(dwt_part.sum(1)[plan["inv"]].view(tokens, top_k))
     if cs_mode == 1:
@@ -534,25 +557,24 @@ def moe_experts_bwd(grad_y, x, topk_weights, topk_ids, w1, w2, w3=None, *, activ
     dx_rows = torch.empty(n, hidden, dtype=torch.float32, device=x.device)
     w1_t, _ = _weight_operand(w1, 1)
     w3_t = _weight_operand(w3, 1)[0] if gated else w1_t
-    _moe_down_kernel[(tiles, triton.cdiv(hidden, bn))](
+    _moe_down_kernel[(tiles, triton.cdiv(hidden, cfg["dx"]["BN"]))](
         dh1, w1_t, dh3, w3_t, dx_rows, *meta, hidden, f_act, dh1.stride(0), dx_rows.stride(0),
-        TWO=gated, Q=2 if quant1 else 0, HAS_WT=has_wt, PREC=_prec(x), BM=bm, BN=bn, BK=bk,
-        num_warps=nw, num_stages=ns)
-    dx.copy_(_unpermute(dx_rows, plan, None, tokens, top_k, hidden, num_active, x.dtype, blk))
+        TWO=gated, Q=2 if quant1 else 0, HAS_WT=has_wt, PREC=_prec(x), **cfg["dx"])
+    dx.copy_(_unpermute(dx_rows, plan, None, tokens, top_k, hidden, num_active, x.dtype, cfg["unpermute"]))
     # dw1 (and dw3): (E', d', hidden) = dh^T x[tok];  dw2: (E', hidden, d') = dy[tok]^T aw
     rw_dw = plan["row_width"] if has_wt else plan["row_tok"]
     ew = plan["exp_w"] if has_wt else plan["offs"]
     if not quant1:
         dw3_ = dw3 if gated else dw1
-        _moe_dw_kernel[(num_active, triton.cdiv(f_act, bn), triton.cdiv(hidden, bn))](
+        dw = cfg["dw"]
+        _moe_dw_kernel[(num_active, triton.cdiv(f_act, dw["BP"]), triton.cdiv(hidden, dw["BQ"]))](
             dh1, dh3, x, dw1, dw3_, plan["offs"], plan["row_tok"], rw_dw, ew, f_act, hidden,
             dh1.stride(0), dh1.stride(1), *x.stride(), *dw1.stride(), *dw3_.stride(),
-            L_GATHER=False, R_GATHER=True, WIDTH_ON_P=True, HAS_WT=has_wt, TWO=gated, PREC=_prec(x),
-            BP=bn, BQ=bn, BR=bk, num_warps=nw, num_stages=ns)
+            L_GATHER=False, R_GATHER=True, WIDTH_ON_P=True, HAS_WT=has_wt, TWO=gated, PREC=_prec(x), **dw)
     if not quant2:
-        _moe_dw_kernel[(num_active, triton.cdiv(hidden, bn), triton.cdiv(f_act, bn))](
+        dw = cfg["dw"]
+        _moe_dw_kernel[(num_active, triton.cdiv(hidden, dw["BP"]), triton.cdiv(f_act, dw["BQ"]))](
             grad_y, grad_y, aw, dw2, dw2, plan["offs"], plan["row_tok"], rw_dw, ew, hidden, f_act,
             *grad_y.stride(), aw.stride(0), aw.stride(1), *dw2.stride(), *dw2.stride(),
-            L_GATHER=True, R_GATHER=False, WIDTH_ON_P=False, HAS_WT=has_wt, TWO=False, PREC=_prec(x),
-            BP=bn, BQ=bn, BR=bk, num_warps=nw, num_stages=ns)
+            L_GATHER=True, R_GATHER=False, WIDTH_ON_P=False, HAS_WT=has_wt, TWO=False, PREC=_prec(x), **dw)
     return [dx, dwt, dw1, dw2, dw3, dcs]

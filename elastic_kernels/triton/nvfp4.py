@@ -172,12 +172,17 @@ def _row_major(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
+def quantize_config(k: int) -> dict:
+    """Row and K block of the quantize kernel for K columns (K a multiple of 16): the one place
+    they are chosen (compiled by :mod:`elastic_kernels.triton.aot`)."""
+    return dict(BLOCK_R=16, BLOCK_K=64 if k >= 64 else 16 * triton.next_power_of_2(max(k // 16, 1)))
+
+
 def _quantize_launch(x: torch.Tensor, g: torch.Tensor, rows_per_g: int, mode: int):
     x = _row_major(x)
     r, k = x.shape
     g = g.float().contiguous()
-    block_k = 64 if k >= 64 else 16 * triton.next_power_of_2(max(k // 16, 1))
-    block_r = 16
+    cfg = quantize_config(k)
     data = scales = out = None
     if mode == 0:
         data = torch.empty((r, k // 2), dtype=torch.uint8, device=x.device)
@@ -186,12 +191,12 @@ def _quantize_launch(x: torch.Tensor, g: torch.Tensor, rows_per_g: int, mode: in
         out = torch.empty_like(x)
     if r and k:
         sc = scales.view(torch.uint8) if scales is not None else None
-        grid = (triton.cdiv(r, block_r), triton.cdiv(k, block_k))
+        grid = (triton.cdiv(r, cfg["BLOCK_R"]), triton.cdiv(k, cfg["BLOCK_K"]))
         _quantize_kernel[grid](x, g, data, sc, out, r, k, max(rows_per_g, 1), x.stride(0),
                                data.stride(0) if data is not None else 0,
                                sc.stride(0) if sc is not None else 0,
                                out.stride(0) if out is not None else 0,
-                               MODE=mode, BLOCK_R=block_r, BLOCK_K=block_k)
+                               MODE=mode, **cfg)
     return (data, scales) if mode == 0 else out
 
 
@@ -210,6 +215,20 @@ def scaled_activation(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     return _quantize_launch(x, g, x.shape[0], 2)
 
 
+def linear_config(m: int, dtype: torch.dtype, device: torch.device) -> dict:
+    """Tiles, warps, stages and the exact-fp32 flag of the W4A16 GEMM for ``m`` rows of x: the one
+    place they are chosen (the AOT report, :mod:`elastic_kernels.triton.aot`, compiles what this
+    returns for GPU inputs).
+
+    M <= 16 (decode: the weight bytes bound the time) takes 16-row tiles (``mma.sync``; a
+    warp-group MMA needs 64 rows); fp32 x (IEEE dots, FMA loops) and the CPU interpreter (its
+    bf16 dot is broken) multiply exact fp32 products (DOT_F32).
+    """
+    dot_f32 = dtype == torch.float32 or device.type == "cpu"
+    return dict(BLOCK_M=16 if m <= 16 else 64, BLOCK_N=64, BLOCK_K=32 if dtype == torch.float32 else 64,
+                DOT_F32=dot_f32, num_warps=4, num_stages=3)
+
+
 def linear(x: torch.Tensor, data: torch.Tensor, scales: torch.Tensor, g: torch.Tensor,
            bias: torch.Tensor | None, gx: torch.Tensor | None) -> torch.Tensor:
     """x: (M, K); data: (N, K/2); scales: (N, K/16) (row strides free) -> y: (M, N) x.dtype."""
@@ -219,16 +238,13 @@ def linear(x: torch.Tensor, data: torch.Tensor, scales: torch.Tensor, g: torch.T
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0 or n == 0:
         return y
-    block_m = 16 if m <= 16 else 64
-    block_n, block_k = 64, 64
+    cfg = linear_config(m, x.dtype, x.device)
     g = g.float().reshape(1)
-    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
+    grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(n, cfg["BLOCK_N"]))
     sc = scales.view(torch.uint8)
     _linear_kernel[grid](x, data, sc, g, gx.float().reshape(1) if gx is not None else g,
                          bias if bias is not None else g, y, m, n, k,
                          x.stride(0), data.stride(0), sc.stride(0), y.stride(0),
                          bias.stride(0) if bias is not None else 0,
-                         HAS_BIAS=bias is not None, HAS_GX=gx is not None,
-                         DOT_F32=x.dtype == torch.float32 or x.device.type == "cpu",
-                         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
+                         HAS_BIAS=bias is not None, HAS_GX=gx is not None, **cfg)
     return y

@@ -536,21 +536,44 @@ def _ssd_chunk_bwd_dbc_kernel(
 # launchers
 # ---------------------------------------------------------------------------------------------
 
+MAX_CHUNK = 64
+
+
+def launch_config(dtype: torch.dtype, chunk_size: int, headdim: int, dstate: int) -> dict:
+    """Chunk length, block sizes, warps, stages and dot precision of every SSD kernel: the one
+    place they are chosen (the AOT report, :mod:`elastic_kernels.triton.aot`, compiles what this
+    returns).
+
+    The kernels run chunks of ``min(chunk_size, MAX_CHUNK)`` positions (the result does not depend
+    on the chunk length): at 128 the backward's live fp32 tiles (``C B^T`` of L x L plus five
+    L x headdim tiles) outgrow the 64K-register file of an SM and spill in any warp count. dstate
+    is processed in blocks of at most 64 (64 = one warp-group MMA row block in the state
+    kernels). One stage: the dstate loops run 2 iterations at dstate 128, and deeper pipelining
+    only costs shared memory and registers. fp32 inputs use IEEE dots, the others TF32 on the
+    widened tiles.
+    """
+    chunk = min(chunk_size, MAX_CHUNK)
+    bl = max(16, triton.next_power_of_2(chunk))
+    bp = max(16, triton.next_power_of_2(headdim))
+    bn = min(max(16, triton.next_power_of_2(dstate)), 64)
+    return dict(chunk=chunk, BLOCK_L=bl, BLOCK_P=bp, BLOCK_N=bn,
+                DOT_PREC="ieee" if dtype == torch.float32 else "tf32",
+                num_warps=8 if bl * max(bp, bn) >= 64 * 64 else 4, num_stages=1)
+
+
 def _launch_plan(x, B, chunk_size, interleaved, active_int, active_t):
     """Sizes, block sizes and the head launch plan shared by forward and backward."""
     batch, seqlen, nheads, headdim = x.shape
     ngroups, dstate = B.shape[2], B.shape[3]
     hpg = nheads // ngroups
     kpg = hpg if (active_t is not None or active_int < 0) else active_int // ngroups
-    bl = max(16, triton.next_power_of_2(chunk_size))
-    bp = max(16, triton.next_power_of_2(headdim))
-    bn = min(max(16, triton.next_power_of_2(dstate)), 64)  # dstate is processed in blocks of bn
+    cfg = launch_config(x.dtype, chunk_size, headdim, dstate)
     return dict(batch=batch, seqlen=seqlen, nheads=nheads, headdim=headdim, ngroups=ngroups,
-                dstate=dstate, hpg=hpg, kpg=kpg, nlaunch=kpg * ngroups,
-                nchunks=triton.cdiv(seqlen, chunk_size), nblocks_n=triton.cdiv(dstate, bn),
-                interleaved=bool(interleaved), num_warps=8 if bl * max(bp, bn) >= 64 * 64 else 4,
-                const=dict(BLOCK_L=bl, BLOCK_P=bp, BLOCK_N=bn, INTERLEAVED=bool(interleaved),
-                           DOT_PREC="ieee" if x.dtype == torch.float32 else "tf32"))
+                dstate=dstate, hpg=hpg, kpg=kpg, nlaunch=kpg * ngroups, chunk=cfg["chunk"],
+                nchunks=triton.cdiv(seqlen, cfg["chunk"]), nblocks_n=triton.cdiv(dstate, cfg["BLOCK_N"]),
+                interleaved=bool(interleaved), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+                const=dict(BLOCK_L=cfg["BLOCK_L"], BLOCK_P=cfg["BLOCK_P"], BLOCK_N=cfg["BLOCK_N"],
+                           INTERLEAVED=bool(interleaved), DOT_PREC=cfg["DOT_PREC"]))
 
 
 def _zero_inactive(t, dim, plan):
@@ -585,10 +608,10 @@ class _Launch:
     """Scalars, strides and flags shared by the kernels of one forward or backward call."""
 
     def __init__(self, plan, x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, active_t,
-                 head_scale, y, chunk_size, dt_softplus, dt_lo, dt_hi):
+                 head_scale, y, dt_softplus, dt_lo, dt_hi):
         clamp = not (dt_lo == 0.0 and dt_hi == float("inf"))
         self.plan = plan
-        self.args = (plan["seqlen"], plan["nchunks"], chunk_size, plan["ngroups"], plan["hpg"],
+        self.args = (plan["seqlen"], plan["nchunks"], plan["chunk"], plan["ngroups"], plan["hpg"],
                      plan["kpg"], plan["headdim"], plan["dstate"], float(dt_lo),
                      float(dt_hi) if clamp else 0.0,
                      *_strides(x, 4), *_strides(z, 4), *_strides(y, 4), *_strides(dt, 3),
@@ -608,7 +631,7 @@ class _Launch:
         if 0 in grid:
             return
         names = kernel.arg_names
-        kernel[grid](*ptrs, *self.args, num_warps=p["num_warps"],
+        kernel[grid](*ptrs, *self.args, num_warps=p["num_warps"], num_stages=p["num_stages"],
                      **{k: v for k, v in self.const.items() if k in names})
 
 
@@ -634,7 +657,7 @@ def ssd_scan_fwd(x, dt, A, B, C, *, chunk_size, D, z, dt_bias, dt_softplus, dt_l
     fin = torch.empty((b, h, p, n), dtype=f32, device=dev)
     st = torch.empty((b, nl, plan["nchunks"], p, n), dtype=f32, device=dev)
     launch = _Launch(plan, x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, active_t,
-                     head_scale, y, chunk_size, dt_softplus, dt_lo, dt_hi)
+                     head_scale, y, dt_softplus, dt_lo, dt_hi)
     launch(_ssd_state_fwd_kernel, "n", x, dt, A, B, _or(dt_bias, x), _or(seq_idx, x),
            _or(active_t, x), _or(initial_states, x), st, fin)
     launch(_ssd_chunk_fwd_kernel, "chunk", x, dt, A, B, C, _or(D, x), _or(z, x), _or(dt_bias, x),
@@ -659,7 +682,7 @@ def ssd_scan_bwd(grad_y, grad_states, x, dt, A, B, C, *, D, z, dt_bias, initial_
     b, l, h, p = x.shape
     n, nl, nc, dev, f32 = plan["dstate"], plan["nlaunch"], plan["nchunks"], x.device, torch.float32
     launch = _Launch(plan, x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, active_t,
-                     head_scale, grad_y, chunk_size, dt_softplus, dt_lo, dt_hi)
+                     head_scale, grad_y, dt_softplus, dt_lo, dt_hi)
     st = torch.empty((b, nl, nc, p, n), dtype=f32, device=dev)
     dst = torch.empty((b, nl, nc, p, n), dtype=f32, device=dev)
     fin = torch.empty((b, h, p, n), dtype=f32, device=dev)
