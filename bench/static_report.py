@@ -88,9 +88,8 @@ def csrc_rows() -> list[dict]:
 
 def _short(name: str) -> str:
     """'void ek::(anonymous namespace)::k<__nv_bfloat16, 2>(ek::Args, long)' -> 'k<__nv_bfloat16, 2>'."""
-    name = re.sub(r"^void ", "", name)
-    name = re.sub(r"\(.*\)$", "", name)
-    return name.replace("ek::(anonymous namespace)::", "").replace("ek::", "")
+    name = re.sub(r"^void ", "", name).replace("(anonymous namespace)::", "").replace("ek::", "")
+    return re.sub(r"\([^()]*\)$", "", name)
 
 
 # ---------------------------------------------------------------------------------------------

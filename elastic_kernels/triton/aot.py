@@ -199,7 +199,7 @@ def _dots(ttir: str, ttgir: str, ptx: str) -> dict:
     for line in ttir.splitlines():
         if " tt.dot " in line and (m := _TTIR_DOT_TYPES.search(line)):
             prec = _TTIR_PREC.search(line)
-            ops.append(dict(a=m.group(1), b=m.group(2), precision=prec.group(1) if prec else "tf32"))
+            ops.append(dict(a=m.group(1), b=m.group(2), precision=prec.group(1) if prec else "ieee"))
     wg = len(re.findall(r"ttng\.warp_group_dot ", ttgir))
     mma_layouts = set(re.findall(r"^(#mma\d*) = #ttg\.nvidia_mma<\{versionMajor = 2", ttgir, re.M))
     mma2 = fma = 0
@@ -269,11 +269,11 @@ def compile_job(job: Job, cache_dir: str | None) -> dict:
         text = ptxas_log.getvalue()
         stats = (_parse_ptxas(text) if _PTXAS_REGS.search(text) else
                  _ptxas_stats(k.asm["ptx"], job.arch, job.options.get("enable_fp_fusion", True)))
-        stats["dots"] = _dots(k.asm["ttir"], k.asm["ttgir"], k.asm["ptx"])
         if cache is not None:
             cache.parent.mkdir(parents=True, exist_ok=True)
             cache.write_text(json.dumps(stats))
     row.update(stats)
+    row["dots"] = _dots(k.asm["ttir"], k.asm["ttgir"], k.asm["ptx"])
     row["cpu_s"] = _cpu_s() - cpu0
     row["dynamic_smem"] = k.metadata.shared
     row["threads"] = 32 * job.options["num_warps"]
@@ -311,7 +311,8 @@ def problems(rows: list[dict]) -> list[str]:
     for r in rows:
         where = f"{r['kernel']} sm_{r['arch']} [{', '.join(r['cases'][:3])}]"
         if "error" in r:
-            out.append(f"compile error: {where}: {(r['error'].splitlines() or [''])[0]}")
+            lines = [ln.strip() for ln in r["error"].splitlines() if ln.strip()]
+            out.append(f"compile error: {where}: {' | '.join(lines[:1] + lines[-1:])}")
         elif r["default"] and r["arch"] in SPILL_CHECKED_ARCHS and (r["spill_stores"] or r["spill_loads"]):
             out.append(f"spill in a default configuration: {where}: {r['spill_stores']} B stores, "
                        f"{r['spill_loads']} B loads")
