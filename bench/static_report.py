@@ -79,7 +79,7 @@ def csrc_rows() -> list[dict]:
                 m = _ENTRY.search(block)
                 if not m or "Used" not in block:
                     continue
-                st = aot._parse_ptxas(block)
+                st = aot.parse_ptxas(block)
                 name = subprocess.run(["c++filt", m.group(1)], capture_output=True, text=True).stdout.strip() \
                     if shutil.which("c++filt") else m.group(1)
                 rows.append(dict(file=cu.name, arch=m.group(2), kernel=_short(name), **st))

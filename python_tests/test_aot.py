@@ -17,7 +17,7 @@ import json, torch
 from elastic_kernels.triton import aot, aot_cases
 out = {}
 launches = []
-with aot.intercept("bf16:test", True, launches):
+with aot_cases.intercept("bf16:test", True, launches):
     aot_cases._nvfp4_linear_call(torch.bfloat16, 1, 256, 128, False, False)
     aot_cases._nvfp4_quant_call(torch.bfloat16, 64, 64, 1)
 lin, quant = launches
@@ -73,7 +73,7 @@ def test_moe_and_ssd_configs():
 
 def test_parse_ptxas_and_occupancy():
     from elastic_kernels.triton import aot
-    st = aot._parse_ptxas(PTXAS_LOG)
+    st = aot.parse_ptxas(PTXAS_LOG)
     assert st == dict(regs=255, stack=24, spill_stores=20, spill_loads=16, static_smem=1024)
     # 128 regs x 4 warps: 16 warps by registers -> 4 blocks; 36 KiB + 1 KiB reserved: 6 blocks
     occ = aot.occupancy(90, 128, 4, 36 * 1024)

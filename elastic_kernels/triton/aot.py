@@ -59,50 +59,6 @@ SM_LIMITS = {
 
 
 @dataclasses.dataclass
-class Launch:
-    """One intercepted ``kernel[grid](*args, **kwargs)`` call (tensors replaced by MockTensors)."""
-
-    case: str
-    default: bool
-    kernel: object  # the JITFunction
-    args: tuple
-    kwargs: dict
-    grid: tuple
-
-
-def _mock(a):
-    from triton.runtime.jit import MockTensor
-    if isinstance(a, torch.Tensor):
-        return MockTensor(a.dtype)
-    if isinstance(a, tuple):
-        return tuple(_mock(v) for v in a)
-    return a
-
-
-def _grid(grid, kwargs) -> tuple:
-    g = grid(kwargs) if callable(grid) else grid
-    return tuple(int(v) for v in g)
-
-
-@contextlib.contextmanager
-def intercept(case: str, default: bool, sink: list):
-    """Within the block, Triton kernel launches append a :class:`Launch` to ``sink`` instead of
-    running, and new tensors are fake (create them on ``device="cuda"``; no GPU is needed)."""
-    from triton.runtime.jit import JITFunction
-
-    def run(self, *args, grid, warmup, **kwargs):
-        sink.append(Launch(case, default, self, tuple(_mock(a) for a in args), dict(kwargs),
-                           _grid(grid, kwargs)))
-
-    saved = JITFunction.run
-    JITFunction.run = run
-    try:
-        yield
-    finally:
-        JITFunction.run = saved
-
-
-@dataclasses.dataclass
 class Job:
     """A launch bound for one target: what ``triton.compile`` gets (picklable)."""
 
@@ -124,8 +80,9 @@ class Job:
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def bind(launch: Launch, arch: int) -> Job:
-    """Bind a launch exactly as ``JITFunction.run`` does for the target ``sm_<arch>``."""
+def bind(launch, arch: int) -> Job:
+    """Bind a launch (:class:`~elastic_kernels.triton.aot_cases.Launch`) exactly as
+    ``JITFunction.run`` does for the target ``sm_<arch>``."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import make_backend
     from triton.runtime.jit import JITFunction, create_function_from_signature
@@ -143,7 +100,7 @@ def bind(launch: Launch, arch: int) -> Job:
                dict(options.__dict__), [launch.case], launch.default, launch.grid)
 
 
-def jobs_for(launches: list[Launch], archs=ARCHS) -> list[Job]:
+def jobs_for(launches: list, archs=ARCHS) -> list[Job]:
     """Distinct compile jobs of the launches for every arch (cases of one binding merged)."""
     out: dict[str, Job] = {}
     for launch in launches:
@@ -180,10 +137,10 @@ def _ptxas_stats(ptx: str, arch: int, fp_fusion: bool) -> dict:
                *([] if fp_fusion else ["--fmad=false"]), f"--gpu-name={sm_arch_from_capability(arch)}",
                str(src), "-o", str(Path(d) / "k.o")]
         res = subprocess.run(cmd, capture_output=True, text=True, check=True)
-    return _parse_ptxas(res.stderr + res.stdout)
+    return parse_ptxas(res.stderr + res.stdout)
 
 
-def _parse_ptxas(text: str) -> dict:
+def parse_ptxas(text: str) -> dict:
     """Registers, stack, spill stores/loads and static smem (bytes) from a ``ptxas -v`` log."""
     spill = _PTXAS_SPILL.search(text)
     smem = _PTXAS_SMEM.search(text)
@@ -267,7 +224,7 @@ def compile_job(job: Job, cache_dir: str | None) -> dict:
         stats = json.loads(cache.read_text())
     if stats is None:
         text = ptxas_log.getvalue()
-        stats = (_parse_ptxas(text) if _PTXAS_REGS.search(text) else
+        stats = (parse_ptxas(text) if _PTXAS_REGS.search(text) else
                  _ptxas_stats(k.asm["ptx"], job.arch, job.options.get("enable_fp_fusion", True)))
         if cache is not None:
             cache.parent.mkdir(parents=True, exist_ok=True)

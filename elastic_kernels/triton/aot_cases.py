@@ -18,11 +18,59 @@ a *default* when it is the reference model's own call at those shapes in bf16 (t
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+
 import torch
 
 from . import moe as tmoe
 from . import nvfp4 as tnv
 from . import ssd as tssd
+
+@dataclasses.dataclass
+class Launch:
+    """One intercepted ``kernel[grid](*args, **kwargs)`` call (tensors replaced by MockTensors)."""
+
+    case: str
+    default: bool
+    kernel: object  # the JITFunction
+    args: tuple
+    kwargs: dict
+    grid: tuple
+
+
+def _mock(a):
+    from triton.runtime.jit import MockTensor
+    if isinstance(a, torch.Tensor):
+        return MockTensor(a.dtype)
+    if isinstance(a, tuple):
+        return tuple(_mock(v) for v in a)
+    return a
+
+
+def _grid(grid, kwargs) -> tuple:
+    g = grid(kwargs) if callable(grid) else grid
+    return tuple(int(v) for v in g)
+
+
+@contextlib.contextmanager
+def intercept(case: str, default: bool, sink: list):
+    """Within the block, Triton kernel launches append a :class:`Launch` to ``sink`` instead of
+    running, and new tensors are fake (create them on ``device="cuda"``; no GPU is needed)."""
+    from triton.runtime.jit import JITFunction
+
+    def run(self, *args, grid, warmup, **kwargs):
+        sink.append(Launch(case, default, self, tuple(_mock(a) for a in args), dict(kwargs),
+                           _grid(grid, kwargs)))
+
+    saved = JITFunction.run
+    JITFunction.run = run
+    try:
+        yield
+    finally:
+        JITFunction.run = saved
+
+
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DEV = "meta"
@@ -206,7 +254,6 @@ FAMILIES = {"ssd": ssd_cases, "moe": moe_cases, "nvfp4": nvfp4_cases}
 def capture_all(families=None, full: bool = False) -> list:
     """Every launch of every case of the chosen families (all by default); ``full`` adds the
     one-factor-at-a-time variants (bf16) to the check's set (base, all-on, defaults)."""
-    from .aot import intercept
     launches: list = []
     for fam in families or FAMILIES:
         for case, default, thunk in FAMILIES[fam](full):
