@@ -11,10 +11,10 @@ number of distinct experts touched (E_t = E' (1 - (1 - top_k/E')^tokens) for uni
 counts 3x the forward's FLOPs and bytes (dX and dW each cost one forward). The E' sweep keeps
 top_k experts per token, so its FLOPs stay flat: the ideal ratio there is 1 (only weight bytes fall).
 
-Targets (issue 3): >= 70% of dense bf16 matmul TFLOP/s at the training shape; time at d' = F/2
+Targets: >= 70% of dense bf16 matmul TFLOP/s at the training shape; time at d' = F/2
 <= 0.6x full.
 
-NVFP4 experts (issue 4, W4A16): ``bench_moe_nvfp4`` times the Triton forward with NVFP4 w1/w2
+NVFP4 experts (W4A16): ``bench_moe_nvfp4`` times the Triton forward with NVFP4 w1/w2
 (0.5 byte codes + 1/16 byte scales = 0.5625 bytes per weight) against the same call with the bf16
 weights, in the same run (``speedup_vs_bf16``); weight bytes fall 3.56x, so decode (weight-bound)
 is where it should win, while at the training shape the in-loop decoding competes with the MMAs.

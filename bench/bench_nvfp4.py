@@ -1,4 +1,4 @@
-"""NVFP4 benchmarks (issue 4): W4A16 ``nvfp4_linear`` beside a high-precision ``x @ w.T`` measured
+"""NVFP4 benchmarks: W4A16 ``nvfp4_linear`` beside a high-precision ``x @ w.T`` measured
 in the same run, and the quantize kernel beside a device copy.
 
 Bytes the W4A16 GEMM must move: packed weights at 4.5 bits/element (4-bit codes + one e4m3 scale
@@ -8,7 +8,7 @@ Quantize must read 2*N*K (bf16) and write N*K*(1/2 + 1/16); with the default glo
 reads the tensor once more for ``amax`` and once for the finiteness check (``scale="auto"``,
 the public API); ``scale="given"`` times the quantize kernel alone (one pass).
 
-GPU (issue 4 targets on H100): decode M = 1, 4, 16 >= 3.0x the bf16 cuBLAS matmul (byte limit
+GPU (targets on H100): decode M = 1, 4, 16 >= 3.0x the bf16 cuBLAS matmul (byte limit
 3.56x); prefill M = 4096 >= 0.8x; quantize >= 80% of the copy bandwidth. ``speedup_vs_baseline``
 and ``frac_of_copy`` use the same timer on both sides (do_bench medians on a GPU). On the CPU the reference
 backend runs against an fp32 matmul (the CPU has no fast bf16 path): ratios only, noisy.

@@ -7,7 +7,7 @@ groups, write y for all heads (inactive heads are written as zeros):
     bytes = e * (b*l*h*p*(2w + 1) + 2*b*l*g*n) + 4*b*l*h*w
 FLOPs of the chunked algorithm (chunk L, nc chunks): per chunk 2 L^2 n g (C B^T) + 2 L^2 p h w
 (intra-chunk) + 4 L n p h w (chunk states and the inter-chunk term).
-Targets (issue 2): time at 50% width <= 0.55x full; full width no slower than mamba_ssm.
+Targets: time at 50% width <= 0.55x full; full width no slower than mamba_ssm.
 """
 from __future__ import annotations
 

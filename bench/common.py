@@ -1,4 +1,4 @@
-"""Shared benchmark helpers (DESIGN §7): timing, device ceilings, and the per-benchmark report.
+"""Shared benchmark helpers (docs/design.md §7): timing, device ceilings, and the per-benchmark report.
 
 Every benchmark states the bytes it must move and the FLOPs it must do; ``record`` turns a
 measured median time into achieved GB/s and TFLOP/s and, on a GPU, the fraction of the device's
