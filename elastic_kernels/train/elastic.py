@@ -108,6 +108,7 @@ def run(runner: Runner) -> None:
     both = StudentWithRouters(student, routers, specs, cfg.budget_metric)
     full_params = float(student.param_count(None, active=cfg.budget_metric == "active"))
     net = runner.wrap(both)  # before the optimizer: FSDP2 replaces the parameters
+    runner.shard_frozen(teacher)  # after the student's copy
     opt = AdamW([
         {"params": list(student.parameters()), "lr": cfg.elastic_lr, "weight_decay": cfg.weight_decay},
         {"params": list(routers.parameters()), "lr": cfg.router_lr, "weight_decay": 0.0},

@@ -30,8 +30,9 @@ def run(runner: Runner, i: int) -> None:
     runner.load_model("permuted", {"model": teacher})
     teacher.eval().requires_grad_(False)
     student = teacher.slice(Budget.from_dict(row["budget"])).train().requires_grad_(True)
+    net = runner.wrap(student)  # before the optimizer: FSDP2 replaces the parameters
+    runner.shard_frozen(teacher)
     opt = AdamW(student.parameters(), lr=cfg.elastic_lr, weight_decay=cfg.weight_decay)
-    net = runner.wrap(student)
     steps = cfg.elastic_steps
     n_a = int(round(cfg.stage_a_fraction * steps))
 
@@ -49,8 +50,9 @@ def run(runner: Runner, i: int) -> None:
     runner.save_model(stage, {"model": student}, {"stage": stage, "budget": row["budget"]})
     res = {"params_total": student.param_count(None), "params_active": student.param_count(None, active=True),
            "steps": steps, "tokens": tokens}
+    full = runner.gathered(student)
     if runner.is_main:
-        res |= runner.evaluate(student)
+        res |= runner.evaluate(full)
     row["prune_distill"] = res
     runner.metrics.log({"stage": stage, "step": steps, "final": True, "eval": res})
     runner.finish_stage(stage, tokens)

@@ -254,19 +254,28 @@ class Runner:
         if self.dist.world == 1:
             return module
         if self.sharded:
-            from .sharding import meta_copy, shard
+            from .sharding import meta_copy
             tmpl = meta_copy(module)
             for name, sub in module.named_modules():
                 self._templates[id(sub)] = tmpl.get_submodule(name)
-            shard(module)
-            local = sum(p.to_local().numel() for p in module.parameters())
-            total = sum(p.numel() for p in module.parameters())
-            log.info("FSDP2: %s sharded over %d ranks; rank 0 holds %d of its %d parameters",
-                     type(module).__name__.removeprefix("FSDP"), self.dist.world, local, total)
-            return module
+            return self._shard(module)
         from torch.nn.parallel import DistributedDataParallel as DDP
         ids = [self.device.index] if self.device.type == "cuda" else None
         return DDP(module, device_ids=ids, find_unused_parameters=True)
+
+    def shard_frozen(self, module: nn.Module) -> nn.Module:
+        """A frozen module every rank runs forward only (the stage-2 teacher): sharded in place under
+        ``--parallel fsdp`` (each forward all-gathers its layers), else ``module`` as it is."""
+        return self._shard(module) if self.sharded else module
+
+    def _shard(self, module: nn.Module) -> nn.Module:
+        from .sharding import shard
+        shard(module)
+        local = sum(p.to_local().numel() for p in module.parameters())
+        total = sum(p.numel() for p in module.parameters())
+        log.info("FSDP2: %s sharded over %d ranks; rank 0 holds %d of its %d parameters",
+                 type(module).__name__.removeprefix("FSDP"), self.dist.world, local, total)
+        return module
 
     def gathered(self, module: nn.Module, everywhere: bool = False) -> nn.Module | None:
         """A plain module with the full weights of ``module`` (a module :meth:`wrap` sharded, or a
@@ -398,6 +407,12 @@ class Runner:
         whose newest checkpoint is corrupt falls back to that previous one (a warning), and
         refuses with a :class:`CheckpointError` naming both when neither is good."""
         cfg = self.cfg
+        if self.sharded:
+            from .sharding import is_sharded
+            stale = [tuple(p.shape) for g in opt.param_groups for p in g["params"] if not is_sharded(p)]
+            if stale:
+                raise RunError(f"stage {stage}: the optimizer holds {len(stale)} parameters FSDP2 does not shard "
+                               f"(shapes {stale[:3]}...): build it after Runner.wrap, which replaces them")
         ck = self.dir / STATE_NAME
         start, tokens, elapsed = 0, 0, 0.0
         found = load_latest_good(ck)

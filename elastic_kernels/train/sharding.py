@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-__all__ = ["gather_state", "gather_tensors", "like", "meta_copy", "plain", "shard", "shard_optimizer_state"]
+__all__ = ["gather_state", "gather_tensors", "is_sharded", "like", "meta_copy", "plain", "shard", "shard_optimizer_state"]
 
 
 def shard(module: nn.Module) -> nn.Module:
@@ -42,6 +42,11 @@ def meta_copy(module: nn.Module) -> nn.Module:
     buffers are real copies. Fill it with ``load_state_dict(full, assign=True)``."""
     memo = {id(p): nn.Parameter(p.detach().to("meta"), requires_grad=p.requires_grad) for p in module.parameters()}
     return copy.deepcopy(module, memo)
+
+
+def is_sharded(t: torch.Tensor) -> bool:
+    """Whether ``t`` is a DTensor (an FSDP2 parameter, gradient or optimizer state shard)."""
+    return isinstance(t, DTensor)
 
 
 def plain(t: torch.Tensor) -> torch.Tensor:
