@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 try:  # the package must import without _C
-    from . import _C  # type: ignore[attr-defined]
+    import elastic_kernels._C as _C  # the compiled csrc/ module (absolute: the submodule, not a name of the face)
     _IMPORT_ERROR: str | None = None
 except ImportError as exc:  # pragma: no cover - depends on the build
     _C = None
