@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One-shot GPU validation on a bare lent machine (issue 8): build _C with CUDA, run the GPU tests,
+# One-shot GPU validation on a bare lent machine: build _C with CUDA, run the GPU tests,
 # compute-sanitizer (memcheck, racecheck) on the CUDA kernels' tests, measure the ceilings and run
 # every benchmark. Writes everything under $OUT (default ./gpu_out). Usage: bash bench/gpu_suite.sh
 set -uo pipefail

@@ -1,4 +1,4 @@
-// NVFP4 (DESIGN §5): quantize and the W4A16 tensor-core GEMM.
+// NVFP4 (docs/design.md §5): quantize and the W4A16 tensor-core GEMM.
 //
 // Quantize, one thread per block of 16 elements along K, every step an IEEE fp32 operation in
 // the recipe's order (bit-identical to elastic_kernels/reference/nvfp4.py):

@@ -111,7 +111,7 @@ def check_nondecreasing(op: str, name: str, t: torch.Tensor, dim_name: str) -> N
 
 def check_width(op: str, name: str, width, *, full: int, batch: int, device: torch.device,
                 multiple_of: int = 1, multiple_name: str = "1", min_value: int = 0):
-    """Normalize an elastic width argument (DESIGN §3).
+    """Normalize an elastic width argument (docs/design.md §3).
 
     Args:
         width: ``None`` (full width), an ``int`` in ``[min_value, full]``, or a ``LongTensor`` of

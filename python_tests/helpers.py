@@ -1,9 +1,9 @@
-"""Shared test helpers: the numerics policy of DESIGN §5 in one place."""
+"""Shared test helpers: the numerics policy of docs/design.md §5 in one place."""
 from __future__ import annotations
 
 import torch
 
-# (dtype, floor relative to the output's scale) — DESIGN §5
+# (dtype, floor relative to the output's scale) — docs/design.md §5
 FLOORS = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 

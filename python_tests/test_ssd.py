@@ -18,7 +18,7 @@ def _run(kind, inp, opts, compute_dtype=torch.float64):
 
 
 def _check_fwd_bwd(inp, opts, dtype):
-    """Forward and every gradient of the op in ``dtype`` vs float64 truth (policy of DESIGN §5);
+    """Forward and every gradient of the op in ``dtype`` vs float64 truth (policy of docs/design.md §5);
     the yardstick is the sequential recurrence on the same low-precision inputs in fp32."""
     low = cast(inp, dtype)
     names = [k for k in GRAD_NAMES if k in inp]

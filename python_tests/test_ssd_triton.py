@@ -2,7 +2,7 @@
 
 Runs on CPU tensors under TRITON_INTERPRET=1 (the ``triton_device`` fixture), so shapes are
 small. Truth is the reference backend in float64 on the very same (rounded) inputs; the
-yardstick is the reference backend in the kernel's precision (DESIGN §5).
+yardstick is the reference backend in the kernel's precision (docs/design.md §5).
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 r"""Triton kernels for NVFP4: fused quantize / fake-quant, and the W4A16 GEMM.
 
 Quantize (per block of 16 along K; every operation IEEE float32, divisions ``div_rn``, in the
-order of DESIGN §5 so the codes are bit-identical to :mod:`elastic_kernels.reference.nvfp4`)::
+order of docs/design.md §5 so the codes are bit-identical to :mod:`elastic_kernels.reference.nvfp4`)::
 
     s = e4m3_rne(clamp((block_amax / 6) / g, 2**-6, 448));   r = (1 / g) / s
     code = e2m1_rne(clamp(x * r, -6, 6))
