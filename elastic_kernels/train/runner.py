@@ -25,6 +25,7 @@ import math
 import os
 import signal
 import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
@@ -150,7 +151,8 @@ class Runner:
         self._lock: RunLock | None = None
         self.dist = setup_distributed(cfg)
         self.sharded = cfg.parallel == "fsdp" and self.dist.world > 1  # FSDP2 (else DDP when world > 1)
-        self._templates: dict[int, nn.Module] = {}  # id(sharded module or submodule) -> its meta-device copy
+        # sharded module or submodule -> its meta-device copy (weak: a finished stage's modules drop out)
+        self._templates: weakref.WeakKeyDictionary[nn.Module, nn.Module] = weakref.WeakKeyDictionary()
         try:
             self.device = self.dist.device
             if cfg.threads > 0:
@@ -257,7 +259,7 @@ class Runner:
             from .sharding import meta_copy
             tmpl = meta_copy(module)
             for name, sub in module.named_modules():
-                self._templates[id(sub)] = tmpl.get_submodule(name)
+                self._templates[sub] = tmpl.get_submodule(name)
             return self._shard(module)
         from torch.nn.parallel import DistributedDataParallel as DDP
         ids = [self.device.index] if self.device.type == "cuda" else None
@@ -282,14 +284,14 @@ class Runner:
         submodule of one): gathered from the shards on every rank (a collective: all ranks call
         it), kept on rank 0 — on every rank when ``everywhere`` — and None on the others.
         ``module`` itself when it is not sharded."""
-        if id(module) not in self._templates:
+        if module not in self._templates:
             return module
         from .sharding import gather_state
         keep = everywhere or self.dist.main
         sd = gather_state(module, keep)
         if not keep:
             return None
-        out = copy.deepcopy(self._templates[id(module)])
+        out = copy.deepcopy(self._templates[module])
         out.load_state_dict(sd, assign=True)
         return out.to(self.device)
 
