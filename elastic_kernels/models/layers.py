@@ -348,9 +348,11 @@ class ElasticMamba2Mixer(ElasticLayer):
         decay = torch.exp(cum[ends][seq] - cum)                                    # to the end of each sequence
         hh, G = xs.shape[1], self.ngroups
         Bh = Bm.to(f64)[:, torch.arange(hh, device=xs.device) % G]                 # head h in group h % G
-        contrib = (decay * d * hw.to(f64))[:, :, None, None] * xs.to(f64)[:, :, :, None] * Bh[:, :, None, :]
-        out = contrib.new_zeros((ends.shape[0],) + contrib.shape[1:])
-        return out.index_add_(0, seq, contrib)
+        w, xf = decay * d * hw.to(f64), xs.to(f64)
+        bounds = [0] + (ends + 1).tolist()
+        # one contraction per sequence: no (tokens, heads, headdim, d_state) intermediate
+        return torch.stack([torch.einsum("th,thp,thn->hpn", w[a:b], xf[a:b], Bh[a:b])
+                            for a, b in zip(bounds[:-1], bounds[1:])])
 
     def sizes(self) -> dict[str, int]:
         return {"mamba_heads": self.nheads}
