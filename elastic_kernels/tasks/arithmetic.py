@@ -17,12 +17,11 @@ run would have seen.
 """
 from __future__ import annotations
 
-import hashlib
 import random
 from dataclasses import dataclass
 from typing import Sequence
 
-from .base import SPLITS, Task
+from .base import SPLITS, Task, draw_split, hash_split
 
 __all__ = ["Tokenizer", "Problem", "DIFFICULTY_OPS", "ArithmeticTask"]
 
@@ -164,14 +163,7 @@ class ArithmeticTask(Task):
     # ---- splits -------------------------------------------------------------------------------
     def split_of(self, problem: Problem) -> str:
         """The split a problem belongs to: a pure function of its text (and the task seed)."""
-        h = hashlib.blake2b(problem.question.encode(), digest_size=8,
-                            key=f"split-{self.seed}".encode()).digest()
-        u = int.from_bytes(h, "little") / 2.0 ** 64
-        if u < self.val_fraction:
-            return "val"
-        if u < self.val_fraction + self.test_fraction:
-            return "test"
-        return "train"
+        return hash_split(problem.question, self.seed, self.val_fraction, self.test_fraction)
 
     def _random_problem(self, rng: random.Random, difficulty: int) -> Problem:
         lo, hi = DIFFICULTY_OPS[difficulty]
@@ -189,17 +181,8 @@ class ArithmeticTask(Task):
             raise ValueError(f"ArithmeticTask.problems: difficulty must be one of {tuple(DIFFICULTY_OPS)}, "
                              f"got {difficulty!r}")
         rng = random.Random(f"{self.seed}/{split}/{seed}/{difficulty}")
-        out: list[Problem] = []
-        attempts = 0
-        while len(out) < n:
-            p = self._random_problem(rng, difficulty)
-            attempts += 1
-            if self.split_of(p) == split:
-                out.append(p)
-            elif attempts > 1000 * (n + 10):
-                raise RuntimeError(f"ArithmeticTask: could not draw {n} problems of split {split!r}; "
-                                   "the problem space is too small for this split fraction")
-        return out
+        return draw_split("ArithmeticTask", rng, n, split, lambda r: self._random_problem(r, difficulty),
+                          self.split_of)
 
     # ---- ids and scoring ---------------------------------------------------------------------
     def prompt_ids(self, problem: Problem) -> list[int]:
@@ -213,15 +196,9 @@ class ArithmeticTask(Task):
 
     def parse_answer(self, completion_ids: Sequence[int]) -> int | None:
         """The answer a generated completion states (text between ``</think>`` and ``<eos>``)."""
-        tok = self.tokenizer
-        ids = list(completion_ids)
-        if tok.end_think_id not in ids:
-            return None
-        rest = ids[ids.index(tok.end_think_id) + 1:]
-        if tok.eos_id in rest:
-            rest = rest[:rest.index(tok.eos_id)]
-        text = tok.decode(rest)
-        return int(text) if text.isdigit() else None
+        rest = self.answer_ids(completion_ids)
+        text = None if rest is None else self.tokenizer.decode(rest)
+        return int(text) if text is not None and text.isdigit() else None
 
     def completion_bound(self, num_ops: int) -> int:
         """An upper bound on the completion length in tokens of a problem with ``num_ops`` operations."""

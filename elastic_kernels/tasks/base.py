@@ -10,15 +10,46 @@ is written once on top of those two.
 """
 from __future__ import annotations
 
+import hashlib
+import random
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, ClassVar, Protocol, Sequence
+from typing import Any, Callable, ClassVar, Protocol, Sequence
 
 import torch
 
-__all__ = ["Task", "Tokenizer", "Batch", "SPLITS"]
+__all__ = ["Task", "Tokenizer", "Batch", "SPLITS", "hash_split", "draw_split"]
 
 SPLITS = ("train", "val", "test")
+
+
+def hash_split(text: str, seed: int, val_fraction: float, test_fraction: float) -> str:
+    """The split of a problem whose identity is ``text``: a keyed BLAKE2b hash bucket, a pure
+    function of ``(text, seed)``, so splits never overlap."""
+    h = hashlib.blake2b(text.encode(), digest_size=8, key=f"split-{seed}".encode()).digest()
+    u = int.from_bytes(h, "little") / 2.0 ** 64
+    if u < val_fraction:
+        return "val"
+    if u < val_fraction + test_fraction:
+        return "test"
+    return "train"
+
+
+def draw_split(owner: str, rng: random.Random, n: int, split: str, make: Callable[[random.Random], Any],
+               split_of: Callable[[Any], str]) -> list:
+    """``n`` problems drawn with ``make(rng)`` that fall into ``split``; raises a RuntimeError
+    naming ``owner`` when the split is (nearly) empty of problems."""
+    out: list = []
+    attempts = 0
+    while len(out) < n:
+        p = make(rng)
+        attempts += 1
+        if split_of(p) == split:
+            out.append(p)
+        elif attempts > 1000 * (n + 10):
+            raise RuntimeError(f"{owner}: could not draw {n} problems of split {split!r}; "
+                               "the problem space is too small for this split fraction")
+    return out
 
 
 class Tokenizer(Protocol):
@@ -86,6 +117,15 @@ class Task(ABC):
     @abstractmethod
     def score(self, problem, completion: Sequence[int]) -> bool:
         """Whether a generated completion (ids after the prompt) states the right answer."""
+
+    def answer_ids(self, completion: Sequence[int]) -> list[int] | None:
+        """The ids a generated completion gives as its answer: after ``end_think_id``, up to
+        ``eos_id`` (or the end); None when the completion never ends its thinking."""
+        ids = list(completion)
+        if self.end_think_id not in ids:
+            return None
+        rest = ids[ids.index(self.end_think_id) + 1:]
+        return rest[:rest.index(self.eos_id)] if self.eos_id in rest else rest
 
     @abstractmethod
     def max_think_len(self, difficulty: int | None = None) -> int:

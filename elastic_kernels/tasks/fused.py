@@ -36,7 +36,6 @@ pure function of ``(seed, split, index)``.
 """
 from __future__ import annotations
 
-import hashlib
 import random
 from dataclasses import dataclass
 from typing import Sequence
@@ -44,7 +43,7 @@ from typing import Sequence
 import torch
 
 from .arithmetic import Tokenizer
-from .base import SPLITS, Batch, Task
+from .base import SPLITS, Batch, Task, draw_split, hash_split
 
 __all__ = ["FusedTokenizer", "FusedProblem", "FusedAnswerTask", "FUSED_OPS"]
 
@@ -171,13 +170,7 @@ class FusedAnswerTask(Task):
     # ---- splits -------------------------------------------------------------------------------
     def split_of(self, problem: FusedProblem) -> str:
         """The split of a problem: a pure function of its question text (and the task seed)."""
-        h = hashlib.blake2b(problem.question.encode(), digest_size=8, key=f"split-{self.seed}".encode()).digest()
-        u = int.from_bytes(h, "little") / 2.0 ** 64
-        if u < self.val_fraction:
-            return "val"
-        if u < self.val_fraction + self.test_fraction:
-            return "test"
-        return "train"
+        return hash_split(problem.question, self.seed, self.val_fraction, self.test_fraction)
 
     def _random_problem(self, rng: random.Random, difficulty: int) -> FusedProblem:
         lo, hi = FUSED_OPS[difficulty]
@@ -198,16 +191,8 @@ class FusedAnswerTask(Task):
             raise ValueError(f"FusedAnswerTask.problems: difficulty must be one of {tuple(FUSED_OPS)}, "
                              f"got {difficulty!r}")
         rng = random.Random(f"fused/{self.seed}/{split}/{seed}/{difficulty}")
-        out: list[FusedProblem] = []
-        attempts = 0
-        while len(out) < n:
-            p = self._random_problem(rng, difficulty)
-            attempts += 1
-            if self.split_of(p) == split:
-                out.append(p)
-            elif attempts > 1000 * (n + 10):
-                raise RuntimeError(f"FusedAnswerTask: could not draw {n} problems of split {split!r}")
-        return out
+        return draw_split("FusedAnswerTask", rng, n, split, lambda r: self._random_problem(r, difficulty),
+                          self.split_of)
 
     # ---- tensors ------------------------------------------------------------------------------
     def collate(self, problems: Sequence[FusedProblem], cuts: Sequence[int | None] | None = None) -> Batch:
@@ -267,14 +252,9 @@ class FusedAnswerTask(Task):
 
     def parse_answer(self, completion_ids: Sequence[int]) -> int | None:
         """The answer a generated completion states (text between ``</think>`` and ``<eos>``)."""
-        ids = list(completion_ids)
-        if self.end_think_id not in ids:
-            return None
-        rest = ids[ids.index(self.end_think_id) + 1:]
-        if self.eos_id in rest:
-            rest = rest[:rest.index(self.eos_id)]
-        text = self.tokenizer.decode(rest)
-        return int(text) if text.isdigit() else None
+        rest = self.answer_ids(completion_ids)
+        text = None if rest is None else self.tokenizer.decode(rest)
+        return int(text) if text is not None and text.isdigit() else None
 
     # ---- length bounds -----------------------------------------------------------------------
     def think_len(self, num_ops: int) -> int:

@@ -165,13 +165,8 @@ class JsonlTask(Task):
         return [*problem.thinking_ids, self.end_think_id, *problem.answer_ids, self.eos_id]
 
     def score(self, problem: TextRecord, completion: Sequence[int]) -> bool:
-        c = list(completion)
-        if self.end_think_id not in c:
-            return False
-        ans = c[c.index(self.end_think_id) + 1:]
-        if self.eos_id in ans:
-            ans = ans[:ans.index(self.eos_id)]
-        return self.tokenizer.decode(ans).strip() == problem.answer.strip()
+        ans = self.answer_ids(completion)
+        return ans is not None and self.tokenizer.decode(ans).strip() == problem.answer.strip()
 
     def _all(self) -> list[TextRecord]:
         return [r for recs in self._splits.values() for r in recs]
