@@ -19,12 +19,6 @@ def run(runner: Runner, i: int) -> None:
     model = runner.new_model(bcfg, seed=cfg.seed + 100 + i)
     steps = cfg.resolved_baseline_steps()
     tokens = train_supervised(runner, stage, model, steps, stream=2 + i)
-    res = {"params_total": model.param_count(None), "params_active": model.param_count(None, active=True),
-           "steps": steps, "tokens": tokens}
-    full = runner.gathered(model)
-    if runner.is_main:
-        res |= runner.evaluate(full)
-    row["baseline"] = res
-    runner.metrics.log({"stage": stage, "step": steps, "final": True, "eval": res})
+    row["baseline"] = runner.final_eval(stage, model, steps, tokens)
     runner.save_model(stage, {"model": model}, {"stage": stage, "config": bcfg.to_dict()})
     runner.finish_stage(stage, tokens)

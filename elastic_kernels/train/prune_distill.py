@@ -48,11 +48,5 @@ def run(runner: Runner, i: int) -> None:
 
     tokens = runner.train(stage, steps, {"model": student}, opt, step_fn)
     runner.save_model(stage, {"model": student}, {"stage": stage, "budget": row["budget"]})
-    res = {"params_total": student.param_count(None), "params_active": student.param_count(None, active=True),
-           "steps": steps, "tokens": tokens}
-    full = runner.gathered(student)
-    if runner.is_main:
-        res |= runner.evaluate(full)
-    row["prune_distill"] = res
-    runner.metrics.log({"stage": stage, "step": steps, "final": True, "eval": res})
+    row["prune_distill"] = runner.final_eval(stage, student, steps, tokens)
     runner.finish_stage(stage, tokens)

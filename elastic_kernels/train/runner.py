@@ -342,6 +342,18 @@ class Runner:
         """``{"val_loss", "val_acc", "test_acc"}`` of ``model`` (test_acc None unless ``test``)."""
         return evaluate_model(model, self.task, self.val, self.test if test else None, device=self.device)
 
+    def final_eval(self, stage: str, model: nn.Module, steps: int, tokens: int) -> dict:
+        """The finished stage's record of a trained model: its parameter counts, ``steps``,
+        ``tokens`` and (rank 0) :meth:`evaluate` of its gathered copy, logged as the stage's final
+        metrics line. Every rank must call it (the gather is collective)."""
+        res = {"params_total": model.param_count(None), "params_active": model.param_count(None, active=True),
+               "steps": steps, "tokens": tokens}
+        full = self.gathered(model)
+        if self.is_main:
+            res |= self.evaluate(full)
+        self.metrics.log({"stage": stage, "step": steps, "final": True, "eval": res})
+        return res
+
     def save_model(self, name: str, modules: dict[str, nn.Module], meta: dict) -> None:
         """Write ``<run_dir>/<name>.safetensors`` with each module's tensors under its prefix (rank 0)."""
         tensors = self._full_state(modules)
