@@ -43,3 +43,14 @@ def cuda_device():
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """The test models are tiny, so per-op overhead dominates: one intra-op thread avoids
+    oversubscription on a shared CPU (much faster under load). Restored afterwards. Modules opt in
+    with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

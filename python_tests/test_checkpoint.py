@@ -27,12 +27,7 @@ from elastic_kernels.train.checkpoint import load_checkpoint, load_latest_good, 
 HERE = Path(__file__).parent
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def small_model(seed: int = 0, **kw) -> ElasticHybridLM:

@@ -22,13 +22,7 @@ TASK = get_task("arithmetic")  # its special ids; the model below shares its voc
 IDS = dict(end_think_id=TASK.end_think_id, eos_id=TASK.eos_id)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """The tiny model is dominated by per-op overhead; one thread avoids contention on shared CPUs."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -20,14 +20,7 @@ from elastic_kernels.models import (AXES, Budget, CheckpointError, ElasticGatedR
 ATOL, RTOL = 2e-5, 1e-5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The model's tensors are tiny: one intra-op thread avoids oversubscription on a shared CPU
-    (10x faster here under load); restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def small_config(**kw) -> ElasticHybridConfig:

@@ -21,12 +21,7 @@ from elastic_kernels.models.model import ElasticHybridLM
 VOCAB = 20
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_model(dtype=torch.float64, pattern="M-M*ME"):
