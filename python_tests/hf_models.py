@@ -127,3 +127,16 @@ def our_logits(model, ids: torch.Tensor, steps: torch.Tensor | None = None, budg
     for j in range(steps.shape[1]):
         res.append(model(steps[:, j:j + 1], budget=budget, cache=cache)[:, -1].double())
     return res
+
+
+@torch.no_grad()
+def our_greedy(model, ids: torch.Tensor, n: int, budget=None) -> torch.Tensor:
+    """``(batch, n)`` greedy continuation of ``ids`` by an ``ElasticHybridLM`` (cached decode)."""
+    cache = model.new_cache(ids.shape[0])
+    logits = model(ids, budget=budget, cache=cache)[:, -1]
+    out = []
+    for _ in range(n):
+        tok = logits.argmax(-1, keepdim=True)
+        out.append(tok)
+        logits = model(tok, budget=budget, cache=cache)[:, -1]
+    return torch.cat(out, 1)

@@ -15,7 +15,7 @@ from helpers import assert_close_to_truth, max_err
 
 transformers = pytest.importorskip("transformers", reason="the [hf] extra (transformers) is not installed")
 
-from hf_models import CONFIGS, hf_logits, lifted_fp32_casts, load_hf, our_logits, save_random  # noqa: E402
+from hf_models import CONFIGS, hf_logits, lifted_fp32_casts, load_hf, our_greedy, our_logits, save_random  # noqa: E402
 
 from elastic_kernels.interop import blocked_index, config_from_hf, from_hf, to_hf  # noqa: E402
 from elastic_kernels.models import Budget  # noqa: E402
@@ -121,18 +121,6 @@ def _budgets(config):
     return out
 
 
-@torch.no_grad()
-def _greedy(model, ids, n, budget=None):
-    cache = model.new_cache(ids.shape[0])
-    logits = model(ids, budget=budget, cache=cache)[:, -1]
-    out = []
-    for _ in range(n):
-        tok = logits.argmax(-1, keepdim=True)
-        out.append(tok)
-        logits = model(tok, budget=budget, cache=cache)[:, -1]
-    return torch.cat(out, 1)
-
-
 @pytest.mark.parametrize("name", ["nh_groups", "nh_nonorm_tied", "mamba2"])
 def test_every_nested_budget_exports_to_transformers(parents, name, tmp_path):
     d, ids, _, _ = parents[name]
@@ -158,7 +146,7 @@ def test_every_nested_budget_exports_to_transformers(parents, name, tmp_path):
         assert torch.allclose(our_logits(sub, ids)[0], want, rtol=0, atol=1e-6 * want.abs().max().item())
         assert max_err(got, want) <= 1e-5 * want.abs().max().item(), (budget, max_err(got, want))
         gen = loaded.generate(ids[:, :12], max_new_tokens=8, do_sample=False, pad_token_id=0)[:, 12:]
-        assert torch.equal(gen, _greedy(model, ids[:, :12], 8, budget)), budget
+        assert torch.equal(gen, our_greedy(model, ids[:, :12], 8, budget)), budget
         cfg = json.loads((out / "config.json").read_text())
         if config.num_units("mamba_heads") and budget.mamba_heads is not None:
             key = "mamba_num_heads" if cfg["model_type"] == "nemotron_h" else "num_heads"

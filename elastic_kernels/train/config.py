@@ -13,8 +13,10 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
-__all__ = ["TrainConfig", "PRESETS", "ConfigError", "make_config", "preset_config", "RESUME_FREE"]
+__all__ = ["TrainConfig", "PRESETS", "ConfigError", "make_config", "preset_config", "RESUME_FREE", "ELASTIC_AXES"]
 
+# the elastic axes (elastic_kernels.models.AXES, spelled out: this module imports no torch)
+ELASTIC_AXES = ("hidden", "mamba_heads", "experts", "expert_ffn", "ffn")
 # config fields that may differ between a run and its resumption
 RESUME_FREE = frozenset({"resume", "stop_after", "progress", "threads", "device", "run_dir", "parallel"})
 
@@ -116,6 +118,10 @@ class TrainConfig:
     """learning rate of the routers (higher than the student's)"""
     router_hidden: int = 64
     """hidden width of each router MLP"""
+    router_shared_axes: list[str] = _list("mamba_heads")
+    """elastic axes whose router makes one choice for all layers (the others choose per layer): mamba_heads by
+    default, since a Hugging Face NemotronH budget holds one Mamba head count (docs/interop.md); of hidden,
+    mamba_heads, experts, expert_ffn, ffn"""
     router_loss_weight: float = 1.0
     """weight of the router size loss against the KD loss"""
     router_interp_targets: int = 4
@@ -211,6 +217,10 @@ class TrainConfig:
         if self.stage_b_difficulty not in range(0, 6):
             raise ConfigError("stage_b_difficulty", f"must be 0 (same as --difficulty) or a level 1-5, got "
                                                     f"{self.stage_b_difficulty}")
+        bad = [a for a in self.router_shared_axes if a not in ELASTIC_AXES]
+        if bad or len(set(self.router_shared_axes)) != len(self.router_shared_axes):
+            raise ConfigError("router_shared_axes", f"must be distinct axes of {ELASTIC_AXES}, got "
+                                                    f"{self.router_shared_axes}")
         if self.baseline_steps < -1:
             raise ConfigError("baseline_steps", f"must be >= 0, or -1 for parent + elastic steps, got "
                                                 f"{self.baseline_steps}")
@@ -256,7 +266,8 @@ def _check_field(name: str, annotation: str, value) -> None:
         if value not in choices:
             raise ConfigError(name, f"must be one of {choices}, got {value!r}")
         return
-    kinds = {"int": int, "float": (int, float), "bool": bool, "str": str, "dict": dict, "list[float]": list}
+    kinds = {"int": int, "float": (int, float), "bool": bool, "str": str, "dict": dict, "list[float]": list,
+             "list[str]": list}
     if t not in kinds:
         raise TypeError(f"TrainConfig.{name}: no check for annotation {t!r}")
     if (t in ("int", "float") and isinstance(value, bool)) or not isinstance(value, kinds[t]):
@@ -265,6 +276,8 @@ def _check_field(name: str, annotation: str, value) -> None:
         for v in value:
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
                 raise ConfigError(name, f"must hold finite numbers, got {value!r}")
+    if t == "list[str]" and not all(isinstance(v, str) for v in value):
+        raise ConfigError(name, f"must hold strings, got {value!r}")
     if t == "dict" and not all(isinstance(k, str) for k in value):
         raise ConfigError(name, f"must have string keys, got {value!r}")
     if name not in _RANGES:

@@ -58,8 +58,9 @@ class StudentWithRouters(nn.Module):
         return logits, params
 
 
-def axis_specs(model_config) -> list[AxisSpec]:
-    """The router axes: every axis with more than one nested choice and at least one layer."""
+def axis_specs(model_config, shared=()) -> list[AxisSpec]:
+    """The router axes: every axis with more than one nested choice and at least one layer; the
+    axes named in ``shared`` make one choice for all their layers."""
     from ..models import AXES
     specs = []
     for axis in AXES:
@@ -71,13 +72,13 @@ def axis_specs(model_config) -> list[AxisSpec]:
             continue
         if choices[-1] != model_config.full_size(axis):
             raise ValueError(f"nested choices of axis {axis} must include the full size 1.0")
-        specs.append(AxisSpec(axis, n, choices))
+        specs.append(AxisSpec(axis, n, choices, shared=axis in shared))
     return specs
 
 
 def make_routers(runner: Runner) -> tuple[BudgetRouters, list[AxisSpec]]:
     """The run's routers (seeded ``seed + 1``) and their axes."""
-    specs = axis_specs(runner.model_config)
+    specs = axis_specs(runner.model_config, runner.cfg.router_shared_axes)
     torch.manual_seed(runner.cfg.seed + 1)
     return BudgetRouters(specs, runner.cfg.budgets, hidden=runner.cfg.router_hidden).to(runner.device), specs
 

@@ -2,7 +2,11 @@
 
 One :class:`AxisRouter` per elastic axis maps a target budget to logits over that axis's nested
 choices — one set of logits per *slot* (a slot is a layer for per-layer axes such as Mamba heads or
-FFN width; the hidden size is one global slot). The router input is the budget's one-hot over the
+FFN width; the hidden size is one global slot). A *shared* axis (``AxisSpec.shared``) has one set of
+logits and one Gumbel draw for all its slots, so every layer takes the same choice: Megatron-LM's
+elastification router does this for every axis unless its ``flex_hetero_*`` flag asks for per-layer
+choices, and a Hugging Face NemotronH config can only hold one Mamba head count (docs/interop.md).
+The router input is the budget's one-hot over the
 trained budgets, blended linearly between the two neighbouring budgets for an in-between target.
 
 During training the logits go through a Gumbel-softmax with the schedules of Megatron-LM's
@@ -43,11 +47,13 @@ class AxisSpec:
     slots: number of independent choices (1 for a global axis, the number of layers carrying the
         axis for a per-layer axis)
     choices: the nested sizes in units, ascending, the last one the full size
+    shared: one choice for all slots (one set of logits, one Gumbel draw) instead of one per slot
     """
 
     name: str
     slots: int
     choices: tuple[int, ...]
+    shared: bool = False
 
     def __post_init__(self) -> None:
         if self.slots < 1:
@@ -89,20 +95,27 @@ def budget_weights(targets: torch.Tensor, budgets: Sequence[float]) -> torch.Ten
 
 
 class AxisRouter(nn.Module):
-    """MLP from the budget encoding to logits ``(batch, slots, choices)`` for one axis."""
+    """MLP from the budget encoding to logits ``(batch, slots, choices)`` for one axis (a shared
+    axis' MLP has ``choices`` outputs, the same logits for every slot)."""
 
     def __init__(self, spec: AxisSpec, num_budgets: int, hidden: int = 64) -> None:
         super().__init__()
         self.spec = spec
         self.net = nn.Sequential(nn.Linear(num_budgets, hidden), nn.GELU(),
-                                 nn.Linear(hidden, spec.slots * len(spec.choices)))
+                                 nn.Linear(hidden, self.independent_slots * len(spec.choices)))
         # start from a near-uniform distribution over choices
         nn.init.normal_(self.net[2].weight, std=0.01)
         nn.init.zeros_(self.net[2].bias)
 
+    @property
+    def independent_slots(self) -> int:
+        """How many slots choose independently: 1 for a shared axis, else ``slots``."""
+        return 1 if self.spec.shared else self.spec.slots
+
     def forward(self, budget_enc: torch.Tensor) -> torch.Tensor:
         """budget_enc: (batch, num_budgets) -> logits: (batch, slots, choices)."""
-        return self.net(budget_enc).view(budget_enc.shape[0], self.spec.slots, len(self.spec.choices))
+        lg = self.net(budget_enc).view(budget_enc.shape[0], self.independent_slots, len(self.spec.choices))
+        return lg.expand(-1, self.spec.slots, -1)
 
 
 class BudgetRouters(nn.Module):
@@ -121,9 +134,14 @@ class BudgetRouters(nn.Module):
     def sample(self, targets: torch.Tensor, *, tau: float, scale: float, hard: bool = False,
                generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         """Gumbel-softmax probabilities per axis: ``{axis: (batch, slots, choices)}``; rows whose
-        target is 1.0 are the full-size one-hot (:func:`pin_full`)."""
-        return {name: pin_full(gumbel_softmax(lg, tau=tau, scale=scale, hard=hard, generator=generator), targets)
-                for name, lg in self.logits(targets).items()}
+        target is 1.0 are the full-size one-hot (:func:`pin_full`); a shared axis draws once for
+        all its slots."""
+        out = {}
+        for name, lg in self.logits(targets).items():
+            lg = lg[:, :self.routers[name].independent_slots]
+            y = pin_full(gumbel_softmax(lg, tau=tau, scale=scale, hard=hard, generator=generator), targets)
+            out[name] = y.expand(-1, self.specs[name].slots, -1)
+        return out
 
     @torch.no_grad()
     def choose(self, targets: torch.Tensor) -> dict[str, torch.Tensor]:
