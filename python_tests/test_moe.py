@@ -245,6 +245,44 @@ def test_zero_width_and_strided_prefix_views(backend, poison_empty):
     check_against_truth(strided, 13, "gelu", 4, FP32, backend)
 
 
+@pytest.mark.parametrize("widths", ["classes", "odd"])
+@pytest.mark.parametrize("activation,gated,cs", [("relu2", False, None), ("silu", True, "token"),
+                                                  ("gelu", False, "channel"), ("relu2", True, "channel")])
+def test_reference_fp32_per_token_widths_match_truth(widths, activation, gated, cs, poison_empty):
+    """The fp32 reference (``torch._grouped_mm`` per column block where the blocks are 16-byte
+    aligned, one matmul per expert elsewhere) with per-token widths against the float64 truth, on
+    strided views: "classes" draws widths from a few multiples of 8 (aligned column blocks, the
+    grouped path), "odd" any width in [0, F] (misaligned blocks, the per-expert path)."""
+    tokens, hidden, ffn, n_exp, n_act, top_k = 37, 32, 48, 6, 5, 3
+    inp, _ = make_case(tokens, hidden, ffn, n_exp, n_act, top_k, gated=gated, width=None, cs=cs, skip_experts=(2,))
+    gen = torch.Generator().manual_seed(7)
+    if widths == "classes":
+        w = torch.tensor([0, 8, 24, 40, 48])[torch.randint(0, 5, (tokens,), generator=gen)]
+    else:
+        w = torch.randint(0, ffn + 1, (tokens,), generator=gen)
+    w[:3] = torch.tensor([ffn, 0, 8 if widths == "classes" else 1])
+    big1 = torch.randn(n_exp + 1, ffn + 8, hidden + 16)
+    big1[:n_exp, 8:, 16:] = inp["w1"]
+    big2 = torch.randn(n_exp, ffn + 4, hidden).transpose(1, 2)  # (E, hidden, F + 4): hidden-major storage
+    big2[:, :, 4:] = inp["w2"]
+    xt = torch.empty(hidden, tokens).T  # column-major x
+    xt.copy_(inp["x"])
+    strided = dict(inp, x=xt, w1=big1[:n_exp, 8:, 16:], w2=big2[:, :, 4:])
+    names = grad_names(strided)
+    gy = torch.randn(tokens, hidden)
+    exact = {k: (v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v) for k, v in strided.items()}
+    truth = lambda **kw: truth_experts(**kw, activation=activation, n_act=n_act, width=w)  # noqa: E731
+    y64, g64 = forward_backward(truth, exact, names, gy.double())
+    y, g = forward_backward(run_op("reference", activation, n_act, w), strided, names, gy)
+    for name, got, want in [("y", y, y64)] + [(f"grad {k}", g[k], g64[k]) for k in names]:
+        scale = max(want.abs().max().item(), 1e-6)
+        err = (got.double() - want).abs().max().item()
+        assert err <= 1e-5 * scale, f"{name}: max error {err:.3e} > 1e-5 x scale {scale:.3e}"
+    for k in ("w1", "w2", "w3"):
+        if k in names:
+            assert not g[k][n_act:].any(), k
+
+
 def _interpreting():
     import os
     return os.environ.get("TRITON_INTERPRET") == "1"

@@ -17,16 +17,22 @@ Experts (token t, slot j, expert e = topk_ids[t, j], width d'_t, first ``d'`` ch
 act: relu2 = relu(v)^2, silu = v sigmoid(v), gelu = 0.5 v (1 + erf(v / sqrt 2)).
 Experts >= E' and channels >= d' take no part (zero gradients).
 
-The reference sorts the (token, slot) pairs into width buckets (one per distinct per-token width,
-widest first) and, within a bucket, by expert, and runs one grouped GEMM (``torch._grouped_mm``)
-per projection and bucket on the prefix views ``w1[:E', :d]`` / ``w2[:E', :, :d]`` (no weight
-copies), so per-token widths cost what their mean width costs. The backward is written by hand on
-the same grouped GEMMs (no forward re-run under autograd) and writes each weight gradient's
-prefix once per bucket. Float64 (which ``torch._grouped_mm`` does not take) and NVFP4 weights
-(:class:`elastic_kernels.formats.NVFP4Tensor`, W4A16, frozen) use one matmul per expert; NVFP4
-weights decode only their experts' prefix views, to x's dtype.
+The reference sorts the (token, slot) pairs by expert and, within an expert, widest first, and
+cuts the FFN axis into column blocks between consecutive distinct widths (one block without
+per-token widths). Each block runs on its own pairs and columns only: one grouped GEMM
+(``torch._grouped_mm``, or one matmul per expert into a preallocated buffer) per projection on
+the prefix views ``w1[:E', c0:c1]`` / ``w2[:E', :, c0:c1]`` (no weight copies) and the
+elementwise passes on exactly those pairs and columns, so per-token widths cost what their mean
+width costs. The forward saves the blocks' pre-activations packed into one buffer and writes
+its temporaries in place where it can (fresh large buffers are costly on the CPU: page faults);
+the backward is written by hand on the same GEMMs (no forward re-run) and writes each
+weight-gradient block once. Float64 (which ``torch._grouped_mm`` does not take) and NVFP4
+weights (:class:`elastic_kernels.formats.NVFP4Tensor`, W4A16, frozen) use one matmul per
+expert; NVFP4 weights decode only their experts' prefix views, to x's dtype.
 """
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -100,55 +106,32 @@ def _grouped_ok(*ts) -> bool:
     return all(ok(t) for t in ts)
 
 
-def _prefix(w, n_act: int, rows: int | None, cols: int | None):
-    """``w[:n_act, :rows, :cols]`` (a view; a quantized weight stays quantized)."""
-    return w[:n_act, slice(None) if rows is None else slice(0, rows), slice(None) if cols is None else slice(0, cols)]
-
-
-def _gmm(a: torch.Tensor, w, counts: list, offs: torch.Tensor, transpose: bool) -> torch.Tensor:
-    """Grouped GEMM over experts: rows ``[offs[e-1], offs[e])`` of ``a: (R, K)`` times ``w[e].T``
-    (``transpose``, w: (E', N, K)) or ``w[e]`` (w: (E', K, N)). ``torch._grouped_mm`` for plain
-    fp32/bf16/fp16 weights; otherwise one matmul per expert, decoding a quantized weight's
-    expert slice to a's dtype."""
-    wt = w.transpose(-2, -1) if transpose and not isinstance(w, QuantizedTensor) else w
-    if _grouped_ok(a, wt):
-        return torch._grouped_mm(a, wt, offs=offs)
-    outs, start = [], 0
-    for e, n in enumerate(counts):
-        we = expert_weight(w, e, slice(None), slice(None), a.dtype)
-        outs.append(a[start:start + n] @ (we.T if transpose else we))
-        start += n
-    return torch.cat(outs) if outs else a.new_zeros(0, w.shape[-2 if transpose else -1])
-
-
-def _gmm_weight_grad(g: torch.Tensor, a: torch.Tensor, counts: list, offs: torch.Tensor) -> torch.Tensor:
-    """Per-expert ``g[rows_e].T @ a[rows_e]``: (E', N, K) from g: (R, N), a: (R, K)."""
-    if _grouped_ok(g.t(), a):
-        return torch._grouped_mm(g.t(), a, offs=offs)
-    out, start = a.new_zeros(len(counts), g.shape[1], a.shape[1]), 0
-    for e, n in enumerate(counts):
-        if n:
-            out[e] = g[start:start + n].T @ a[start:start + n]
-        start += n
-    return out
-
-
-def _block_view(w, n_act: int, axis: int, c0: int, c1: int):
-    """``w[:n_act]`` with its FFN axis (1 for w1/w3, 2 for w2) narrowed to ``[c0, c1)``."""
-    return w[:n_act, c0:c1] if axis == 1 else w[:n_act, :, c0:c1]
+class _Block(NamedTuple):
+    """One FFN column block ``[c0, c1)`` of a :class:`_Plan` and the (token, slot) pairs whose
+    width reaches ``c1``, grouped by expert: ``rows`` (R_b,) their positions among the first
+    block's pairs (None for the first block: all of them), ``tokens``/``pairs`` (R_b,) their
+    tokens and flat (token * top_k + slot) indices, ``counts`` their number per expert (``offs`` the int32
+    cumulative sum, as ``torch._grouped_mm`` takes it), ``start`` the offset of the block's
+    (R_b, c1 - c0) pre-activations in the saved buffer's flat rows."""
+    c0: int
+    c1: int
+    rows: torch.Tensor | None
+    tokens: torch.Tensor
+    pairs: torch.Tensor
+    counts: list
+    offs: torch.Tensor
+    start: int
 
 
 class _Plan:
     """The (token, slot) pairs with a nonzero width, sorted by expert and, within an expert, by
-    width (widest first), and the FFN column blocks between consecutive distinct widths.
+    width (widest first), cut into FFN column blocks between consecutive distinct widths.
 
-    ``pairs``/``tokens``: the sorted pairs' flat (token * top_k + slot) indices and tokens;
-    ``d``: the widest width. ``blocks``: one ``(c0, c1, rows, counts, offs)`` per block of
-    columns ``[c0, c1)`` between consecutive distinct widths: the (sorted-order) rows whose width
-    reaches ``c1`` (None: all rows) -- within each expert a prefix of its rows, so every block is
-    one grouped GEMM (``torch._grouped_mm``) over experts with ``counts`` rows each (``offs``
-    their int32 cumulative sum). Every weight column is read once per projection and every row
-    computes exactly its own width: per-token widths cost what their mean width costs.
+    ``blocks``: one :class:`_Block` per distinct width, narrowest first (the first block holds
+    every pair); ``d``: the widest width; ``used``: the elements the blocks' pre-activations fill.
+    Each block runs its grouped GEMMs and elementwise passes on its own pairs and columns only,
+    so every weight column is read once per projection and per-token widths cost what their mean
+    width costs.
     """
 
     def __init__(self, topk_ids, n_act: int, ffn: int, width_int: int, width_t):
@@ -163,118 +146,111 @@ class _Plan:
             key = torch.where(wp > 0, flat * (ffn + 1) + (ffn - wp), n_act * (ffn + 1))
             order = torch.argsort(key, stable=True)[:int((wp > 0).sum())]
             widths = wp[order]
-        self.pairs, self.tokens = order, order // top_k
-        experts = flat[order]
-        counts = torch.bincount(experts, minlength=n_act)
-        self.blocks = []
-        if not len(order):
-            self.d = 0
-            return
-        if widths is None:
-            self.d = d
-            self.blocks.append((0, d, None, counts.tolist(), torch.cumsum(counts, 0).to(torch.int32)))
-            return
-        c0 = 0
-        for j, c1 in enumerate(torch.unique(widths).tolist()):
-            rows = None if j == 0 else (widths >= c1).nonzero().flatten()
-            cnt = counts if rows is None else torch.bincount(experts[rows], minlength=n_act)
-            self.blocks.append((c0, c1, rows, cnt.tolist(), torch.cumsum(cnt, 0).to(torch.int32)))
+        tokens, experts = order // top_k, flat[order]
+        cuts = [] if not len(order) else [d] if widths is None else torch.unique(widths).tolist()
+        self.blocks, c0, start = [], 0, 0
+        for j, c1 in enumerate(cuts):
+            rows = None
+            if j == 0:  # every pair reaches the narrowest width
+                tk, pr, ex = tokens, order, experts
+            else:  # within each expert a prefix of its pairs (widest first)
+                rows = (widths >= c1).nonzero().flatten()
+                tk, pr, ex = tokens[rows], order[rows], experts[rows]
+            counts = torch.bincount(ex, minlength=n_act)
+            blk = _Block(c0, c1, rows, tk, pr, counts.tolist(), torch.cumsum(counts, 0).to(torch.int32), start)
+            self.blocks.append(blk)
+            start += len(blk.tokens) * (c1 - c0)
             c0 = c1
-        self.d = c0
+        self.d, self.used = c0, start
 
 
-def _rows(t: torch.Tensor, rows, cols: slice = slice(None)):
-    """``t[rows, cols]`` (rows None: all rows, a view)."""
-    return t[:, cols] if rows is None else t[rows, cols]
+def _block_view(w, n_act: int, axis: int, blk: _Block):
+    """``w[:n_act]`` with its FFN axis (1 for w1/w3, 2 for w2) narrowed to the block's columns."""
+    return w[:n_act, blk.c0:blk.c1] if axis == 1 else w[:n_act, :, blk.c0:blk.c1]
 
 
-def _up(xs, w, plan: _Plan, n_act: int, out: torch.Tensor | None = None) -> torch.Tensor:
-    """``out[r, :width_r] = xs[r] @ w[e_r, :width_r].T`` block by block (w: (E, F, hidden));
-    ``out`` None (one block only): the grouped GEMM's own result."""
+def _gmm(a: torch.Tensor, w, blk: _Block, transpose: bool, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Grouped GEMM over experts: the rows of ``a: (R_b, K)`` of expert e times ``w[e].T``
+    (``transpose``, w: (E', N, K)) or ``w[e]`` (w: (E', K, N)), into ``out: (R_b, N)`` if given.
+    ``torch._grouped_mm`` for plain fp32/bf16/fp16 operands without ``out``; otherwise one
+    matmul per expert (as fast on the CPU), decoding a quantized weight's expert slice to a's dtype."""
+    wt = w.transpose(-2, -1) if transpose and not isinstance(w, QuantizedTensor) else w
+    if out is None and _grouped_ok(a, wt):
+        return torch._grouped_mm(a, wt, offs=blk.offs)
     if out is None:
-        _, _, _, counts, offs = plan.blocks[0]
-        return _gmm(xs, _block_view(w, n_act, 1, 0, plan.d), counts, offs, True)
-    for c0, c1, rows, counts, offs in plan.blocks:
-        part = _gmm(_rows(xs, rows), _block_view(w, n_act, 1, c0, c1), counts, offs, True)
-        if rows is None:
-            out[:, c0:c1] = part
-        else:
-            out[rows, c0:c1] = part
+        out = a.new_empty(a.shape[0], w.shape[-2 if transpose else -1])
+    start = 0
+    for e, n in enumerate(blk.counts):
+        if n:
+            we = expert_weight(w, e, slice(None), slice(None), a.dtype)
+            torch.mm(a[start:start + n], we.T if transpose else we, out=out[start:start + n])
+        start += n
     return out
 
 
-def _down(a, w, plan: _Plan, n_act: int) -> torch.Tensor:
-    """``a[r, :width_r] @ w[e_r, :, :width_r].T`` summed over blocks (w: (E, hidden, F))."""
-    out = None
-    for c0, c1, rows, counts, offs in plan.blocks:
-        part = _gmm(_rows(a, rows, slice(c0, c1)), _block_view(w, n_act, 2, c0, c1), counts, offs, True)
-        if rows is None:
-            out = part if out is None else out.add_(part)
-        else:
-            out.index_add_(0, rows, part)
-    return out
+class _WeightGrad:
+    """The gradient of one expert weight (axis 1: w1/w3 (E, F, hidden); axis 2: w2 (E, hidden, F)),
+    exact zeros outside ``w[:E', :d]``, written block by block: ``g[rows_e].T @ a[rows_e]`` per
+    expert. A plan of one block over the whole weight takes the grouped GEMM's own result."""
 
+    def __init__(self, w, plan: _Plan, n_act: int, axis: int, dtype: torch.dtype):
+        self.axis, self.n_act = axis, n_act
+        shape = tuple(w.shape)
+        self.whole = len(plan.blocks) == 1 and n_act == shape[0] and plan.d == shape[axis]
+        self.full = None
+        if not self.whole:
+            self.full = torch.empty(shape, dtype=dtype, device=w.device)
+            self.full[n_act:].zero_()
+            (self.full[:n_act, plan.d:] if axis == 1 else self.full[:n_act, :, plan.d:]).zero_()
 
-def _back_through(g, w, plan: _Plan, n_act: int, axis: int, width: int) -> torch.Tensor:
-    """The input gradient of :func:`_up` (axis 1: ``g`` (R, d) -> (R, hidden)) or of
-    :func:`_down` (axis 2: ``g`` (R, hidden) -> (R, d), zeros beyond each row's width)."""
-    out = None if axis == 1 else g.new_zeros(g.shape[0], width) if len(plan.blocks) > 1 else None
-    for c0, c1, rows, counts, offs in plan.blocks:
-        src = _rows(g, rows, slice(c0, c1) if axis == 1 else slice(None))
-        part = _gmm(src, _block_view(w, n_act, axis, c0, c1), counts, offs, False)
-        if axis == 2:
-            if out is None:
-                out = part
-            elif rows is None:
-                out[:, c0:c1] = part
-            else:
-                out[rows, c0:c1] = part
-        elif rows is None:
-            out = part if out is None else out.add_(part)
-        else:
-            out.index_add_(0, rows, part)
-    return out
-
-
-def _weight_grad(g, a, w, plan: _Plan, n_act: int, axis: int) -> torch.Tensor:
-    """The gradient of ``w`` (exact zeros outside ``w[:E', :d]``) from per-block GEMMs:
-    axis 1 (w1/w3): ``g`` (R, d) pre-activation grads, ``a`` (R, hidden) inputs; axis 2 (w2):
-    ``g`` (R, hidden) output grads, ``a`` (R, d) activations. One block covering the whole
-    weight is one grouped GEMM; otherwise each expert's block is written in place, once."""
-    shape = tuple(w.shape)
-    if len(plan.blocks) == 1 and n_act == shape[0] and plan.d == shape[axis]:
-        _, _, _, counts, offs = plan.blocks[0]
-        return _gmm_weight_grad(g, a, counts, offs)
-    full = g.new_empty(shape)
-    full[n_act:].zero_()
-    (full[:n_act, plan.d:] if axis == 1 else full[:n_act, :, plan.d:]).zero_()
-    for c0, c1, rows, counts, offs in plan.blocks:
-        gs = _rows(g, rows, slice(c0, c1) if axis == 1 else slice(None))
-        as_ = _rows(a, rows, slice(None) if axis == 1 else slice(c0, c1))
-        start = 0
-        for e, n in enumerate(counts):
-            dst = _block_view(full, n_act, axis, c0, c1)[e]
+    def add(self, g: torch.Tensor, a: torch.Tensor, blk: _Block) -> None:
+        """Write the block's columns from ``g: (R_b, N)`` and ``a: (R_b, K)``."""
+        if self.whole and _grouped_ok(g.t(), a):
+            self.full = torch._grouped_mm(g.t(), a, offs=blk.offs)
+            return
+        if self.full is None:
+            self.full = g.new_empty(len(blk.counts), g.shape[1], a.shape[1])
+        dst, start = self.full if self.whole else _block_view(self.full, self.n_act, self.axis, blk), 0
+        for e, n in enumerate(blk.counts):
             if n:
-                torch.mm(gs[start:start + n].T, as_[start:start + n], out=dst)
+                torch.mm(g[start:start + n].T, a[start:start + n], out=dst[e])
             else:
-                dst.zero_()
+                dst[e].zero_()
             start += n
-    return full
 
 
-def _channel_scale(channel_scale, tokens, d, dtype):
+def _channel_scale(channel_scale, blk: _Block, dtype):
+    """The block's channel scales: (c1 - c0,) or, per token, (R_b, c1 - c0); None without."""
     if channel_scale is None:
         return None
-    cs = channel_scale[:d] if channel_scale.dim() == 1 else channel_scale[tokens, :d]
+    cs = channel_scale[blk.c0:blk.c1] if channel_scale.dim() == 1 else \
+        channel_scale[:, blk.c0:blk.c1].index_select(0, blk.tokens)
     return cs.to(dtype)
 
 
 def saved_shape(tokens: int, top_k: int, ffn: int, width_int: int, per_token: bool, gated: bool) -> tuple:
     """Shape of what :func:`moe_experts_reference_fwd` saves for the backward: the pre-activation
-    ``h`` (and the up projection ``u`` when gated) of every (token, slot) pair, in sorted order,
-    at the widest width a call can use: (1 or 2, tokens * top_k, d)."""
+    ``h`` (``relu(h)`` for relu2, all its backward needs) and the up projection ``u`` when gated
+    of every (token, slot) pair, at most ``tokens * top_k * d`` elements each, for the widest
+    width ``d`` a call can use: (1 or 2, tokens * top_k, d)."""
     d = ffn if per_token or width_int < 0 else width_int
     return (2 if gated else 1, tokens * top_k, d)
+
+
+def _saved_views(saved: torch.Tensor, blk: _Block):
+    """The block's (R_b, c1 - c0) pre-activations ``h`` and (gated) ``u`` in ``saved``: rows of
+    the block packed one after another in each projection's flattened buffer."""
+    n = len(blk.tokens) * (blk.c1 - blk.c0)
+    flat = saved.view(saved.shape[0], -1)[:, blk.start:blk.start + n].view(saved.shape[0], -1, blk.c1 - blk.c0)
+    return flat[0], (flat[1] if saved.shape[0] == 2 else None)
+
+
+def _activate(h: torch.Tensor, activation: str) -> torch.Tensor:
+    """``act(h)`` as a new tensor; relu2 first replaces ``h`` by ``relu(h)`` in place (what the
+    backward then reads: relu(relu(h)) = relu(h))."""
+    if activation == "relu2":
+        return h.relu_().square()
+    return activation_fn(h, activation)
 
 
 def moe_experts_reference_fwd(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
@@ -283,8 +259,8 @@ def moe_experts_reference_fwd(x: torch.Tensor, topk_weights: torch.Tensor, topk_
                               width_int: int = -1, width_t: torch.Tensor | None = None,
                               channel_scale: torch.Tensor | None = None):
     """:func:`moe_experts_reference` that also returns what :func:`moe_experts_reference_bwd`
-    needs: ``(y, saved)`` with ``saved`` of :func:`saved_shape` (the sorted pairs' rows first,
-    each row's first ``width`` columns; zeros elsewhere for per-token widths)."""
+    needs: ``(y, saved)`` with ``saved`` of :func:`saved_shape` (each block's pre-activations
+    packed from the start of each projection's flattened buffer, zeros after them)."""
     tokens, hidden = x.shape
     n_exp, ffn = w1.shape[0], w1.shape[1]
     n_act = n_exp if num_experts_active is None else num_experts_active
@@ -294,24 +270,26 @@ def moe_experts_reference_fwd(x: torch.Tensor, topk_weights: torch.Tensor, topk_
     plan = _Plan(topk_ids, n_act, ffn, width_int, width_t) if tokens else None
     if plan is None or not plan.blocks:
         return y.to(x.dtype), x.new_zeros(shape)
-    d, n = plan.d, len(plan.pairs)
-    xs = x[plan.tokens]
-    if width_t is None:  # one block over every pair: save the grouped GEMMs' results themselves
-        h = _up(xs, w1, plan, n_act)
-        u = None if w3 is None else _up(xs, w3, plan, n_act)
-        saved = h[None] if u is None else torch.stack((h, u))
-    else:  # per-token widths: each row fills its first `width` columns, zeros elsewhere
-        saved = x.new_zeros(shape)
-        h = _up(xs, w1, plan, n_act, saved[0, :n, :d])
-        u = None if w3 is None else _up(xs, w3, plan, n_act, saved[1, :n, :d])
-    a = activation_fn(h, activation)
-    if u is not None:
-        a.mul_(u)
-    cs = _channel_scale(channel_scale, plan.tokens, d, a.dtype)
-    if cs is not None:
-        a.mul_(cs)
-    out = _down(a, w2, plan, n_act)
-    y.index_add_(0, plan.tokens, out.to(acc_dtype).mul_(topk_weights.reshape(-1)[plan.pairs].to(acc_dtype)[:, None]))
+    saved = x.new_empty(shape)
+    saved.view(shape[0], -1)[:, plan.used:].zero_()
+    out = None  # (pairs, hidden): each pair's expert output, weighted once all blocks are in
+    for blk in plan.blocks:
+        xb = x.index_select(0, blk.tokens)
+        h, u = _saved_views(saved, blk)
+        _gmm(xb, _block_view(w1, n_act, 1, blk), blk, True, out=h)
+        if u is not None:
+            _gmm(xb, _block_view(w3, n_act, 1, blk), blk, True, out=u)
+        a = _activate(h, activation)
+        if u is not None:
+            a.mul_(u)
+        cs = _channel_scale(channel_scale, blk, a.dtype)
+        if cs is not None:
+            a.mul_(cs)
+        o = _gmm(a, _block_view(w2, n_act, 2, blk), blk, True, out=xb)  # xb is spent: reuse it
+        out = o if out is None else out.index_add_(0, blk.rows, o)
+    first = plan.blocks[0]
+    p = topk_weights.reshape(-1)[first.pairs].to(acc_dtype)[:, None]
+    y.index_add_(0, first.tokens, out.to(acc_dtype).mul_(p))
     return y.to(x.dtype), saved
 
 
@@ -338,10 +316,11 @@ def moe_experts_reference(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids:
                                      width_t=width_t, channel_scale=channel_scale)[0]
 
 
-def _activation_grad(g: torch.Tensor, v: torch.Tensor, activation: str) -> torch.Tensor:
-    """``g * act'(v)``."""
+def _activation_grad_(g: torch.Tensor, v: torch.Tensor, activation: str) -> torch.Tensor:
+    """``g * act'(h)`` from what the forward saved (``v = relu(h)`` for relu2, else ``h``);
+    relu2 overwrites ``g``."""
     if activation == "relu2":
-        return g * 2 * torch.relu(v)
+        return g.mul_(v).mul_(2)
     if activation == "silu":
         return torch.ops.aten.silu_backward(g, v)
     return torch.ops.aten.gelu_backward(g, v)
@@ -353,10 +332,10 @@ def moe_experts_reference_bwd(grad_y: torch.Tensor, x: torch.Tensor, topk_weight
                               width_t: torch.Tensor | None = None, channel_scale: torch.Tensor | None = None,
                               saved: torch.Tensor | None = None):
     """Hand-written backward of :func:`moe_experts_reference_fwd` on the same grouped GEMMs
-    (``grad_y: (tokens, hidden)``; ``saved`` its saved pre-activations, or None to recompute them).
-    With ``a = act(h) [* u] * cs`` per pair and its output ``o = a w2^T`` weighted by ``p``:
-    ``dp = a . (g w2)``, ``da = p g w2``, ``dW2 = (p g)^T a``, ``dh = da cs [u] act'(h)``,
-    ``dW1 = dh^T x``, ``dx = dh w1 [+ du w3]``.
+    (``grad_y: (tokens, hidden)``; ``saved`` the forward's saved pre-activations, or None to
+    recompute them), block by block of its plan. With ``a = act(h) [* u] * cs`` per pair and its
+    output ``o = a w2^T`` weighted by ``p``: ``dp = a . (g w2)``, ``da = p g w2``,
+    ``dW2 = (p g)^T a``, ``dh = da cs [u] act'(h)``, ``dW1 = dh^T x``, ``dx = dh w1 [+ du w3]``.
 
     Returns the gradients of x, topk_weights, w1, w2, w3, channel_scale (None for absent inputs
     and for quantized weights, which are frozen). Experts >= E' and channels >= d' (or >= a
@@ -373,47 +352,44 @@ def moe_experts_reference_bwd(grad_y: torch.Tensor, x: torch.Tensor, topk_weight
     zero = lambda w: torch.zeros(w.shape, dtype=w.dtype, device=x.device) if trainable(w) else None  # noqa: E731
     if plan is None or not plan.blocks:
         return [gx, gtw.reshape(topk_weights.shape), zero(w1), zero(w2), zero(w3), gcs]
-    d, n, tok = plan.d, len(plan.pairs), plan.tokens
-    xs = x[tok]
     if saved is None:
-        per_token = width_t is not None
-        buf = (x.new_zeros if per_token else x.new_empty)(saved_shape(tokens, topk_ids.shape[1], ffn, width_int,
-                                                                        per_token, w3 is not None))
-        h = _up(xs, w1, plan, n_act, buf[0, :n, :d])
-        u = None if w3 is None else _up(xs, w3, plan, n_act, buf[1, :n, :d])
-    else:
-        h = saved[0, :n, :d]
-        u = None if w3 is None else saved[1, :n, :d]
-    act = activation_fn(h, activation)
-    a_pre = act if u is None else act * u
-    cs = _channel_scale(channel_scale, tok, d, a_pre.dtype)
-    a = a_pre if cs is None else a_pre * cs
-    g = grad_y[tok].to(x.dtype)
-    p = topk_weights.reshape(-1)[plan.pairs]
-    g_w2 = _back_through(g, w2, plan, n_act, 2, d)                        # g w2: (R, d)
-    gtw.index_add_(0, plan.pairs, (a.to(g_w2.dtype) * g_w2).sum(-1).to(gtw.dtype))
-    ga = g_w2.mul_(p.to(g_w2.dtype)[:, None])
-    gw = [None, None, None]
-    if trainable(w2):
-        gw[1] = _weight_grad(g * p.to(g.dtype)[:, None], a, w2, plan, n_act, 2)
-    if gcs is not None:
-        gc = (ga * a_pre).to(gcs.dtype)
-        if gcs.dim() == 1:
-            gcs[:d] = gc.sum(0)
-        else:
-            gcs[:, :d].index_add_(0, tok, gc)
-    if cs is not None:
-        ga = ga * cs
-    if u is not None:
-        gu = ga * act
-        ga = ga * u
-    gh = _activation_grad(ga, h, activation)
-    gxs = _back_through(gh, w1, plan, n_act, 1, d)
-    if trainable(w1):
-        gw[0] = _weight_grad(gh, xs, w1, plan, n_act, 1)
-    if u is not None:
-        gxs = gxs.add_(_back_through(gu, w3, plan, n_act, 1, d))
-        if trainable(w3):
-            gw[2] = _weight_grad(gu, xs, w3, plan, n_act, 1)
-    gx.index_add_(0, tok, gxs.to(gx.dtype))
-    return [gx, gtw.reshape(topk_weights.shape), *(None if gr is None else gr.contiguous() for gr in gw), gcs]
+        saved = moe_experts_reference_fwd(x, topk_weights, topk_ids, w1, w2, w3, activation=activation,
+                                          num_experts_active=n_act, width_int=width_int, width_t=width_t,
+                                          channel_scale=channel_scale)[1]
+    gw = [_WeightGrad(w, plan, n_act, axis, x.dtype) if trainable(w) else None
+          for w, axis in ((w1, 1), (w2, 2), (w3, 1))]
+    p = topk_weights.reshape(-1)
+    for blk in plan.blocks:
+        h, u = _saved_views(saved, blk)
+        act = h.square() if activation == "relu2" else activation_fn(h, activation)
+        a_pre = act if u is None else act * u
+        cs = _channel_scale(channel_scale, blk, a_pre.dtype)
+        a = a_pre if cs is None else a_pre * cs
+        g = grad_y.index_select(0, blk.tokens).to(x.dtype)
+        g_w2 = _gmm(g, _block_view(w2, n_act, 2, blk), blk, False)            # g w2: (R_b, c1 - c0)
+        pb = p[blk.pairs].to(g_w2.dtype)[:, None]
+        if gw[1] is not None:
+            gw[1].add(g.mul_(pb), a, blk)                                     # (p g)^T a
+        gtw.index_add_(0, blk.pairs, a.mul_(g_w2).sum(-1).to(gtw.dtype))    # a is spent
+        ga = g_w2.mul_(pb)
+        if gcs is not None:
+            gc = (ga * a_pre).to(gcs.dtype)
+            if gcs.dim() == 1:
+                gcs[blk.c0:blk.c1] = gc.sum(0)
+            else:
+                gcs[:, blk.c0:blk.c1].index_add_(0, blk.tokens, gc)
+            ga.mul_(cs)
+        gu = None
+        if u is not None:
+            gu = ga * act
+            ga.mul_(u)
+        gh = _activation_grad_(ga, h, activation)
+        xb = x.index_select(0, blk.tokens)
+        gx.index_add_(0, blk.tokens, _gmm(gh, _block_view(w1, n_act, 1, blk), blk, False, out=g).to(gx.dtype))
+        if gw[0] is not None:
+            gw[0].add(gh, xb, blk)
+        if gu is not None:
+            gx.index_add_(0, blk.tokens, _gmm(gu, _block_view(w3, n_act, 1, blk), blk, False, out=g).to(gx.dtype))
+            if gw[2] is not None:
+                gw[2].add(gu, xb, blk)
+    return [gx, gtw.reshape(topk_weights.shape), *(None if gr is None else gr.full.contiguous() for gr in gw), gcs]
