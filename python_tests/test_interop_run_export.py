@@ -95,3 +95,25 @@ def test_default_architecture_run_exports_every_budget(tmp_path):
             gen = loaded.generate(p, max_new_tokens=12, do_sample=False, pad_token_id=0)[:, p.shape[1]:]
             assert torch.equal(gen, our_greedy(sub, p, 12)), (name, gen, our_greedy(sub, p, 12))
 
+
+
+def test_nested_parent_keeps_its_nested_choices(tmp_path):
+    """``--parent`` one of our nested checkpoints: the parent keeps the checkpoint's nested choices
+    (so its axes are routed), ``parent_config`` (what FSDP2 ranks > 0 read instead of the weights)
+    agrees with it, and the weights are the checkpoint's full budget."""
+    from elastic_kernels.interop import load_parent, parent_config
+    from elastic_kernels.models import Budget, ElasticHybridLM, load_nested, save_nested
+    from elastic_kernels.train.elastic import axis_specs
+
+    torch.manual_seed(0)
+    config = ElasticHybridConfig(pattern="M*E-", nested_choices={"hidden": (1.0, 0.5), "mamba_heads": (1.0, 0.5)})
+    save_nested(ElasticHybridLM(config), tmp_path / "ck", {"0.5": Budget(hidden=32, mamba_heads=4)})
+    model, got = load_parent(tmp_path / "ck")
+    assert got.nested_choices == config.nested_choices and got == parent_config(tmp_path / "ck")
+    assert [s.name for s in axis_specs(got)] == ["hidden", "mamba_heads"]
+    ids = torch.randint(0, config.vocab_size, (2, 9))
+    assert torch.equal(model(ids), load_nested(tmp_path / "ck")(ids))
+    other = {"ffn": (1.0, 0.25)}
+    assert load_parent(tmp_path / "ck", nested_choices=other)[1] == parent_config(tmp_path / "ck", nested_choices=other)
+    with pytest.raises(ValueError, match="nothing to route"):
+        BudgetRouters(axis_specs(ElasticHybridConfig(nested_choices={})), [1.0, 0.5])

@@ -101,18 +101,27 @@ def from_hf(path: str | os.PathLike, *, dtype: torch.dtype | None = None, nested
 
 def load_parent(path: str | os.PathLike, *, nested_choices=None) -> tuple[ElasticHybridLM, ElasticHybridConfig]:
     """A parent to train from: a Hugging Face NemotronH / Mamba2 directory (:func:`from_hf`) or a
-    nested checkpoint directory of ours (:func:`elastic_kernels.models.load_nested`, full budget;
-    ``nested_choices`` then replaces the saved ones)."""
+    nested checkpoint directory of ours (its full budget, with the checkpoint's nested choices or
+    ``nested_choices``); its config is :func:`parent_config`'s."""
     hf = read_hf_config(path)
     if hf.get("format") == NESTED_FORMAT:
-        model = load_nested(path)
-        if nested_choices is not None:
-            config = ElasticHybridConfig.from_dict({**model.config.to_dict(), "nested_choices": nested_choices})
-            fresh = ElasticHybridLM(config).to(model.embed.weight.dtype)
-            fresh.load_state_dict(model.state_dict(), strict=True)
-            model = fresh
-        return model, model.config
+        full = load_nested(path)  # the full budget's standalone model: no nested choices left
+        config = parent_config(path, nested_choices=nested_choices)
+        model = ElasticHybridLM(config).to(full.embed.weight.dtype)
+        model.load_state_dict(full.state_dict(), strict=True)
+        return model, config
     return from_hf(path, nested_choices=nested_choices)
+
+
+def parent_config(path: str | os.PathLike, *, nested_choices=None) -> ElasticHybridConfig:
+    """The config :func:`load_parent` gives for ``path``, read without the weights."""
+    hf = read_hf_config(path)
+    if hf.get("format") != NESTED_FORMAT:
+        return config_from_hf(hf, nested_choices)[0]
+    config = read_nested_config(path)[0]
+    if nested_choices is None:
+        return config
+    return ElasticHybridConfig.from_dict({**config.to_dict(), "nested_choices": nested_choices})
 
 
 def hf_state_of(model: ElasticHybridLM, budget: Budget | None, architecture: str | None = None,

@@ -15,8 +15,8 @@ def run(runner: Runner, i: int) -> None:
     cfg = runner.cfg
     row = runner.results["budgets"][i]
     stage = f"baseline-{row['target']:g}"
-    bcfg = runner.new_model().sliced_config(Budget.from_dict(row["budget"]))
-    model = runner.new_model(bcfg, seed=cfg.seed + 100 + i)
+    bcfg = runner.new_model(shardable=True).sliced_config(Budget.from_dict(row["budget"]))
+    model = runner.new_model(bcfg, seed=cfg.seed + 100 + i, shardable=True)
     steps = cfg.resolved_baseline_steps()
     tokens = train_supervised(runner, stage, model, steps, stream=2 + i)
     row["baseline"] = runner.final_eval(stage, model, steps, tokens)

@@ -56,9 +56,11 @@ def save_checkpoint(path: str | os.PathLike, tensors: dict[str, torch.Tensor], m
     atomic_write_bytes(path, data)
 
 
-def load_checkpoint(path: str | os.PathLike, *, verify: bool = True) -> tuple[dict[str, torch.Tensor], dict]:
+def load_checkpoint(path: str | os.PathLike, *, verify: bool = True,
+                    with_tensors: bool = True) -> tuple[dict[str, torch.Tensor], dict]:
     """Read a checkpoint written by :func:`save_checkpoint`: ``(tensors, meta)``; every tensor and
-    the header verified unless ``verify=False``. CheckpointError when missing or corrupt."""
+    the header verified unless ``verify=False``; ``with_tensors=False`` reads the header alone
+    (``tensors`` empty). CheckpointError when missing or corrupt."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
@@ -71,7 +73,7 @@ def load_checkpoint(path: str | os.PathLike, *, verify: bool = True) -> tuple[di
             raise f.error(f"has unreadable metadata ({e})") from None
         if not isinstance(meta, dict):
             raise f.error("has metadata that is not a JSON object")
-        tensors = {name: f.read(name) for name in sorted(f.entries)}
+        tensors = {name: f.read(name) for name in sorted(f.entries)} if with_tensors else {}
     return tensors, meta
 
 

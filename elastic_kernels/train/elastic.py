@@ -101,7 +101,7 @@ def chosen_budgets(routers: BudgetRouters, specs: list[AxisSpec], targets) -> li
 
 def run(runner: Runner) -> None:
     cfg = runner.cfg
-    teacher = runner.new_model()
+    teacher = runner.new_model(shardable=True)  # FSDP2: ranks > 0 receive their shards in wrap / shard_frozen
     runner.load_model("permuted", {"model": teacher})
     teacher.eval().requires_grad_(False)
     student = copy.deepcopy(teacher).train().requires_grad_(True)

@@ -33,9 +33,8 @@ def train_supervised(runner: Runner, stage: str, model: nn.Module, steps: int, s
 
 
 def run(runner: Runner) -> None:
-    model = runner.new_model()
+    model = runner.new_model(shardable=True, state=runner.parent_state)
     if runner.parent_state is not None:  # --parent: the imported model is stage 0 (no training)
-        model.load_state_dict(runner.parent_state, strict=True)
         tokens = 0
     else:
         tokens = train_supervised(runner, "parent", model, runner.cfg.parent_steps, stream=0)

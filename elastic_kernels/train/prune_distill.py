@@ -26,7 +26,7 @@ def run(runner: Runner, i: int) -> None:
     cfg = runner.cfg
     row = runner.results["budgets"][i]
     stage = f"prune-{row['target']:g}"
-    teacher = runner.new_model()
+    teacher = runner.new_model(shardable=True)  # FSDP2: ranks > 0 receive their shards in wrap / shard_frozen
     runner.load_model("permuted", {"model": teacher})
     teacher.eval().requires_grad_(False)
     student = teacher.slice(Budget.from_dict(row["budget"])).train().requires_grad_(True)

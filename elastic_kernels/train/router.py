@@ -123,6 +123,9 @@ class BudgetRouters(nn.Module):
 
     def __init__(self, specs: Sequence[AxisSpec], budgets: Sequence[float], hidden: int = 64) -> None:
         super().__init__()
+        if not specs:
+            raise ValueError("BudgetRouters: specs is empty: no elastic axis has two or more nested choices (the "
+                             "model's nested_choices keep only the full size), so there is nothing to route")
         self.specs = {s.name: s for s in specs}
         self.budgets = [float(b) for b in budgets]
         self.routers = nn.ModuleDict({s.name: AxisRouter(s, len(self.budgets), hidden) for s in specs})

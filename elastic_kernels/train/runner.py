@@ -158,14 +158,20 @@ class Runner:
             if cfg.threads > 0:
                 torch.set_num_threads(cfg.threads)
             self.task = tasks.get(cfg.resolved_task(), **cfg.task_kwargs())
-            self.parent_state = None  # --parent: the imported weights, stage 0 of the run
+            # --parent: the imported weights, stage 0 of the run (under FSDP2 rank 0 alone reads them:
+            # {} elsewhere, whose shards come from rank 0)
+            self.parent_state = None
             if cfg.parent:
-                from ..interop import load_parent
-                parent, self.model_config = load_parent(cfg.parent, nested_choices=cfg.model.get("nested_choices"))
+                from ..interop import load_parent, parent_config
+                choices = cfg.model.get("nested_choices")
+                if self.sharded and not self.dist.main:
+                    self.model_config, self.parent_state = parent_config(cfg.parent, nested_choices=choices), {}
+                else:
+                    parent, self.model_config = load_parent(cfg.parent, nested_choices=choices)
+                    self.parent_state = {k: v.float() for k, v in parent.state_dict().items()}
                 if self.task.vocab_size > self.model_config.vocab_size:
                     raise RunError(f"--parent: the task's tokenizer has {self.task.vocab_size} tokens, more than the "
                                    f"parent's vocab_size {self.model_config.vocab_size}")
-                self.parent_state = {k: v.float() for k, v in parent.state_dict().items()}
             else:
                 self.model_config = ElasticHybridConfig(**{"vocab_size": self.task.vocab_size, **cfg.model})
             self.metrics = MetricsLog(self.dir / "metrics.jsonl", enabled=self.dist.main)
@@ -271,12 +277,20 @@ class Runner:
         return self._shard(module) if self.sharded else module
 
     def _shard(self, module: nn.Module) -> nn.Module:
-        from .sharding import shard
+        """Shard ``module``; when ranks > 0 built it on the meta device (:meth:`new_model`
+        ``shardable``), each rank then receives its shards from rank 0 (:func:`.sharding.materialize`)."""
+        from .sharding import has_meta, materialize, shard
+        lazy = self._any_rank(has_meta(module))
+        full = dict(module.state_dict()) if lazy and self.dist.main else None
         shard(module)
+        if lazy:
+            materialize(module, full, self.device)
+            del full
         local = sum(p.to_local().numel() for p in module.parameters())
         total = sum(p.numel() for p in module.parameters())
-        log.info("FSDP2: %s sharded over %d ranks; rank 0 holds %d of its %d parameters",
-                 type(module).__name__.removeprefix("FSDP"), self.dist.world, local, total)
+        log.info("FSDP2: %s sharded over %d ranks; rank 0 holds %d of its %d parameters%s",
+                 type(module).__name__.removeprefix("FSDP"), self.dist.world, local, total,
+                 "; the other ranks built it on the meta device and received their shards from rank 0" if lazy else "")
         return module
 
     def gathered(self, module: nn.Module, everywhere: bool = False) -> nn.Module | None:
@@ -320,11 +334,22 @@ class Runner:
         return bool(t.item() > 0)
 
     # ---- models and data ----------------------------------------------------------------------
-    def new_model(self, config=None, seed: int | None = None) -> nn.Module:
-        """A freshly initialized ``ElasticHybridLM`` (default: the run's model config and seed)."""
+    def new_model(self, config=None, seed: int | None = None, *, shardable: bool = False,
+                  state: dict | None = None) -> nn.Module:
+        """A freshly initialized ``ElasticHybridLM`` (default: the run's model config and seed),
+        with ``state`` loaded when given. ``shardable``: a model that ranks > 0 use only through
+        :meth:`wrap` / :meth:`shard_frozen` (or sizes and parameter counts): under FSDP2 only rank 0
+        builds it whole; the other ranks build it on the meta device (no memory; ``state`` and
+        :meth:`load_model` skip it) and receive their shards from rank 0 when it is sharded."""
         from ..models import ElasticHybridLM
         torch.manual_seed(self.cfg.seed if seed is None else seed)
-        return ElasticHybridLM(config or self.model_config).to(self.device)
+        if shardable and self.sharded and not self.dist.main:
+            with torch.device("meta"):
+                return ElasticHybridLM(config or self.model_config)
+        model = ElasticHybridLM(config or self.model_config).to(self.device)
+        if state is not None:
+            model.load_state_dict(state, strict=True)
+        return model
 
     def train_batch(self, step: int, *, difficulty: int | None = None, stream: int = 0) -> tuple[Batch, int, float]:
         """This rank's rows of global training batch ``step`` of ``stream``, the global count of
@@ -362,10 +387,14 @@ class Runner:
         self.barrier()
 
     def load_model(self, name: str, modules: dict[str, nn.Module]) -> dict:
-        """Load :meth:`save_model`'s artifact into ``modules``; returns its metadata."""
+        """Load :meth:`save_model`'s artifact into ``modules``; returns its metadata. Modules on the
+        meta device (ranks > 0 of a :meth:`new_model` ``shardable`` model) are left to
+        :meth:`wrap` / :meth:`shard_frozen`, which fill them from rank 0."""
+        from .sharding import has_meta
         path = self.dir / f"{name}.safetensors"
-        tensors, meta = load_checkpoint(path)
-        _load_state_tensors(modules, tensors, path, self.sharded)
+        real = {k: m for k, m in modules.items() if not has_meta(m)}
+        tensors, meta = load_checkpoint(path, with_tensors=bool(real))
+        _load_state_tensors(real, tensors, path, self.sharded)
         return meta
 
     # ---- one optimizer step -------------------------------------------------------------------

@@ -7,6 +7,11 @@ always gathered to plain full tensors — checkpoints, evaluation copies, nested
 checkpoint written by an FSDP2 run is the same file a single-process or DDP run writes and
 resumes under any of them.
 
+Meta-device init: a model the runner builds ``shardable`` exists whole on rank 0 only; the other
+ranks build it on the meta device and, once :func:`shard` has laid out the shards, receive theirs
+from rank 0 (:func:`materialize`), one tensor at a time. The values are rank 0's, so the sharded
+run starts from exactly the single-process model.
+
 Sharding units: the mixer of every layer of each :class:`~elastic_kernels.models.ElasticHybridLM`
 inside the wrapped module (the model calls ``block.norm`` and ``block.mixer`` itself, so a mixer
 is the smallest unit whose ``__call__`` runs), then the wrapped module as the root (embedding,
@@ -15,12 +20,14 @@ norms, LM head, routers).
 from __future__ import annotations
 
 import copy
+import itertools
 
 import torch
 from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-__all__ = ["gather_state", "gather_tensors", "is_sharded", "like", "meta_copy", "plain", "shard", "shard_optimizer_state"]
+__all__ = ["gather_state", "gather_tensors", "has_meta", "is_sharded", "like", "materialize", "meta_copy", "plain", "shard",
+           "shard_optimizer_state"]
 
 
 def shard(module: nn.Module) -> nn.Module:
@@ -35,6 +42,35 @@ def shard(module: nn.Module) -> nn.Module:
                 fully_shard(block.mixer)
     fully_shard(module)
     return module
+
+
+def has_meta(module: nn.Module) -> bool:
+    """Whether any parameter or buffer of ``module`` lives on the meta device."""
+    return any(t.is_meta for t in itertools.chain(module.parameters(), module.buffers()))
+
+
+def materialize(module: nn.Module, full: dict[str, torch.Tensor] | None, device: torch.device, src: int = 0) -> None:
+    """Fill a module :func:`shard` just sharded whose tensors live on the meta device on every rank
+    but ``src`` (meta-device init: only ``src`` ever held the whole model). ``full``: on rank
+    ``src`` the module's state dict taken before sharding, None elsewhere. Each rank allocates its
+    shards, then receives them tensor by tensor (``distribute_tensor`` from ``src``: one full
+    tensor at a time in flight, never the whole model); unsharded tensors (buffers) are
+    broadcast. A collective: every rank calls it."""
+    import torch.distributed as dist
+
+    if has_meta(module):
+        module.to_empty(device=device)
+    own = module.state_dict()
+    for k in sorted(own):  # the same order on every rank
+        ref = own[k]
+        shape = ref.shape  # a DTensor's global shape
+        t = full[k].to(device=device, dtype=ref.dtype) if full is not None else torch.empty(
+            shape, dtype=ref.dtype, device=device)
+        if isinstance(ref, DTensor):
+            ref.to_local().copy_(distribute_tensor(t, ref.device_mesh, ref.placements, src_data_rank=src).to_local())
+        else:
+            dist.broadcast(t, src)
+            ref.copy_(t)
 
 
 def meta_copy(module: nn.Module) -> nn.Module:
