@@ -36,9 +36,32 @@ from .generate import CACHE_MODES, Generation, generate
 from .latency import BudgetLatency, percentile, request_latency
 
 __all__ = ["Setting", "build_settings", "evaluate_settings", "pareto_frontier", "analyze",
-           "default_caps", "budget_order", "COST_AXES"]
+           "default_caps", "budget_order", "COST_AXES", "Workers"]
 
 COST_AXES = ("latency_s", "flops", "bytes", "wall_s")
+
+
+class Workers:
+    """How independent evaluation work is spread over processes; this one is a single process.
+
+    ``map(fn, items)`` returns ``fn``'s per-item results for ``items``, in order (``fn`` takes a
+    list of items and returns one result per item); ``once(fn)`` returns ``fn()``. The training
+    runner's data-parallel ranks provide the same two methods (``world`` processes: each rank
+    applies ``fn`` to ``items[rank::world]``, the results are gathered back in order; ``once``
+    runs on rank 0 and is broadcast), so every caller gets the single-process result.
+    """
+
+    world = 1
+
+    def map(self, fn: Callable[[list], Sequence], items: Sequence) -> list:
+        items = list(items)
+        out = list(fn(items)) if items else []
+        if len(out) != len(items):
+            raise ValueError(f"Workers.map: fn returned {len(out)} results for {len(items)} items")
+        return out
+
+    def once(self, fn: Callable[[], object]):
+        return fn()
 
 
 @dataclass(frozen=True)

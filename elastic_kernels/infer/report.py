@@ -26,7 +26,7 @@ from typing import Sequence
 from .._io import atomic_path, atomic_write_text
 from .claims import pair_swap, pairs_vs_singles, think_curves
 from .cost import CostModel
-from .evaluate import analyze, budget_order, build_settings, default_caps, evaluate_settings
+from .evaluate import Workers, analyze, budget_order, build_settings, default_caps, evaluate_settings
 from .latency import profile_budgets
 from .stats import wilson_interval
 
@@ -73,15 +73,21 @@ def latency_inputs(task, problems: Sequence) -> dict:
 
 def budget_control(nested_dir: str | os.PathLike, task, problems: Sequence, *, caps: Sequence[int] | None = None,
                    batch_size: int = 64, reuse: bool = False, device: str = "cpu", repeats: int = 1,
-                   latency: bool = True, latency_repeats: int = 7) -> dict:
+                   latency: bool = True, latency_repeats: int = 7, workers: Workers | None = None) -> dict:
     """Evaluate every budget-control setting of the nested checkpoint ``nested_dir`` on ``problems``.
 
     caps: thinking-token caps of the single models (default :func:`~.evaluate.default_caps`).
     reuse: also run the pairs in the experimental cache-reuse mode. latency: time every budget's
     physically sliced submodel (``load_nested`` per budget; :func:`~.latency.profile_budgets`, a
     wider random-weight clone when the model is overhead-bound) and give every setting its
-    measured per-request latency. Returns the report dict (see :func:`budget_control_markdown`).
+    measured per-request latency. workers: the processes the settings are spread over (default:
+    this one; :class:`~.evaluate.Workers`): each runs its share of the settings (rows merged in
+    setting order; every row's outcomes are the single-process ones), the latency profile is
+    measured once (``workers.once``) and shared. Returns the report dict (see
+    :func:`budget_control_markdown`); ``processes`` says how many processes ran the settings
+    concurrently (their ``wall_s`` were measured in different processes).
     """
+    workers = workers or Workers()
     from ..models import load_nested, read_nested_config
 
     _, table = read_nested_config(nested_dir)
@@ -91,20 +97,24 @@ def budget_control(nested_dir: str | os.PathLike, task, problems: Sequence, *, c
     settings = build_settings(names, caps, reuse=reuse)
     lat = None
     if latency:
-        subs = {n: load_nested(nested_dir, n, device=device).eval() for n in names}
-        lat = profile_budgets(model, table, subs, repeats=latency_repeats, **latency_inputs(task, problems))
+        def measure() -> dict:
+            subs = {n: load_nested(nested_dir, n, device=device).eval() for n in names}
+            return profile_budgets(model, table, subs, repeats=latency_repeats, **latency_inputs(task, problems))
+        lat = workers.once(measure)
 
     def progress(i, n, s):
         log.info("budget control %d/%d: %s", i + 1, n, s.label)
 
-    rows = evaluate_settings(model, task, problems, table, settings, batch_size=batch_size, repeats=repeats,
-                             latency=None if lat is None else lat["profiles"], progress=progress)
+    rows = workers.map(lambda part: evaluate_settings(
+        model, task, problems, table, part, batch_size=batch_size, repeats=repeats,
+        latency=None if lat is None else lat["profiles"], progress=progress), settings)
     cost = CostModel(model, table)
     rep = {
         "checkpoint": str(nested_dir),
         "task": {**task.to_dict(), "description": task.describe(), "split": "test", "n_problems": len(problems)},
         "budgets": {n: {"budget": table[n].to_dict(), **cost.per_budget[n]} for n in names},
         "budget_order": names, "caps": caps, "batch_size": batch_size, "device": device, "repeats": repeats,
+        "processes": workers.world,
         "rows": rows, "analysis": analyze(rows),
         "think_curves": think_curves(rows, names),
         "pair_swap": pair_swap(rows, names[-1], names[0]) if len(names) > 1 else None,
@@ -199,7 +209,9 @@ def budget_control_markdown(rep_or_dir) -> str:
              "trained for). Accuracy with its 95% Wilson interval. Latency: measured per request at batch 1 on one "
              "thread from each request's token counts (median and p90 over the problems). FLOPs and bytes: cost "
              f"model. Throughput: batched generation (batch {rep['batch_size']}, {rep['device']}), problems per "
-             "second — a throughput, not a latency.", "",
+             "second — a throughput, not a latency"
+             + (f"; the settings ran split over {rep['processes']} concurrent processes, so throughputs of different "
+                "settings were measured in different processes" if rep.get("processes", 1) > 1 else "") + ".", "",
              "| setting | kind | test acc [95% CI] | think tok | median ms | p90 ms | MFLOPs | KB (batch 1) | "
              "throughput /s | frontier (" + " / ".join(axes) + ") |",
              "|---|---|---|---|---|---|---|---|---|---|"]

@@ -6,7 +6,9 @@ and help come from the dataclass; booleans are bare flags with a ``--no-`` form)
 :meth:`TrainConfig.validate` before torch is imported: every bad value is a usage error (exit
 status 2, the option named, no traceback). ``--resume --run-dir X`` alone continues the run in
 ``X`` with its saved configuration; options given with it must agree with that configuration
-(except ``--threads``, ``--device``, ``--stop-after`` and ``--progress``).
+(except ``--threads``, ``--device``, ``--stop-after``, ``--progress``, ``--parallel`` and ``--procs``).
+``--procs N`` (N > 1, not under torchrun) starts N data-parallel worker processes running this
+same command line and waits for them (:mod:`.launch`).
 """
 from __future__ import annotations
 
@@ -105,6 +107,18 @@ def _check_environment(cfg: TrainConfig) -> None:
         raise UsageError("--device", "cuda was requested but torch sees no CUDA device")
 
 
+def _worker_processes(cfg: TrainConfig) -> int:
+    """How many processes :func:`main` starts: ``--procs`` (at most one per GPU on CUDA), or 1
+    under torchrun (which started them) and for ``--procs 1``."""
+    if cfg.procs == 1 or "WORLD_SIZE" in os.environ:
+        return 1
+    import torch
+
+    if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()):
+        return max(1, min(cfg.procs, torch.cuda.device_count()))
+    return cfg.procs
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     rank = int(os.environ.get("RANK", "0"))
     try:
@@ -114,10 +128,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         if rank == 0:
             usage_exit(PROG, e)
         raise SystemExit(2) from None
-    # under torchrun only rank 0 logs; the other ranks keep errors
+    # under torchrun or --procs only rank 0 logs; the other ranks keep errors
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.ERROR,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log = logging.getLogger("elastic_kernels.train")
+    procs = _worker_processes(cfg)
+    if procs > 1:
+        from .launch import launch
+        return launch(list(sys.argv[1:] if argv is None else argv), procs, threads=cfg.threads)
     from .checkpoint import CheckpointError
     from .lock import RunLockedError
     from .pipeline import run

@@ -18,7 +18,7 @@ __all__ = ["TrainConfig", "PRESETS", "ConfigError", "make_config", "preset_confi
 # the elastic axes (elastic_kernels.models.AXES, spelled out: this module imports no torch)
 ELASTIC_AXES = ("hidden", "mamba_heads", "experts", "expert_ffn", "ffn")
 # config fields that may differ between a run and its resumption
-RESUME_FREE = frozenset({"resume", "stop_after", "progress", "threads", "device", "run_dir", "parallel"})
+RESUME_FREE = frozenset({"resume", "stop_after", "progress", "threads", "device", "run_dir", "parallel", "procs"})
 
 
 class ConfigError(ValueError):
@@ -52,9 +52,12 @@ class TrainConfig:
     """torch device (under torchrun, cuda:<local rank>)"""
     threads: int = 1
     """torch CPU threads per process (0 = torch default); the tiny model runs fastest on one"""
+    procs: int = 1
+    """data-parallel worker processes elastic-train starts itself on this machine (gloo on CPU, one --threads
+    each; on CUDA at most one per GPU); ignored under torchrun, which starts the processes itself"""
     parallel: Literal["ddp", "fsdp"] = "ddp"
-    """scale-out under torchrun: ddp (replicated model, averaged gradients) | fsdp (FSDP2: parameters, gradients
-    and optimizer state sharded across ranks; checkpoints stay full and resumable by either)"""
+    """scale-out over processes (--procs or torchrun): ddp (replicated model, averaged gradients) | fsdp (FSDP2:
+    parameters, gradients and optimizer state sharded across ranks; checkpoints stay full and resumable by either)"""
     resume: bool = False
     """continue the interrupted run in --run-dir from its last checkpoint, with its saved configuration"""
     stop_after: int = 0
@@ -242,7 +245,7 @@ class TrainConfig:
 
 # (min, max, min inclusive, max inclusive); floats must also be finite
 _RANGES: dict[str, tuple] = {
-    "seed": (0, None, True, True), "threads": (0, None, True, True), "stop_after": (0, None, True, True),
+    "seed": (0, None, True, True), "procs": (1, None, True, True), "threads": (0, None, True, True), "stop_after": (0, None, True, True),
     "modulus": (2, None, True, True), "val_size": (1, None, True, True), "test_size": (1, None, True, True),
     "batch_size": (1, None, True, True), "parent_steps": (1, None, True, True), "lr": (0, None, False, True),
     "weight_decay": (0, None, True, True), "warmup_steps": (0, None, True, True),
@@ -303,7 +306,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     ),
     # the default: fused task, 2048 test problems (a 3-point difference is significant), curriculum stage B
     # on longer chains, a router size loss strong enough to hold the targets against the distillation
-    "tiny": dict(test_size=2048, stage_b_difficulty=3, router_loss_weight=10.0, router_tolerance=0.01, model={}),
+    "tiny": dict(procs=2, test_size=2048, stage_b_difficulty=3, router_loss_weight=10.0, router_tolerance=0.01, model={}),
     "small": dict(
         difficulty=4, val_size=1024, test_size=2048, batch_size=128, parent_steps=4000, elastic_steps=3000,
         importance_batches=32, eval_every=500, ckpt_every=500, lr=1e-3,

@@ -156,15 +156,13 @@ def run(runner: Runner) -> None:
         return rec
 
     def eval_fn(step: int) -> dict:
-        full, plain_routers = runner.gathered(student), runner.gathered(routers)
-        if full is None:  # FSDP2, ranks > 0: the gather is all they take part in
-            return {}
+        full, plain_routers = runner.gathered(student, everywhere=True), runner.gathered(routers, everywhere=True)
         return {f"{t:g}": runner.evaluate(full.slice(bud), test=False)
                 for t, bud in zip(cfg.budgets, chosen_budgets(plain_routers, specs, cfg.budgets))}
 
     tokens = runner.train("elastic", steps, {"student": student, "router": routers}, opt, step_fn, eval_fn)
     plain_routers = runner.gathered(routers, everywhere=True)
-    full = runner.gathered(student)  # the plain student (rank 0; FSDP2 gathers it, None elsewhere)
+    full = runner.gathered(student, everywhere=True)  # the plain student (FSDP2 gathers it on every rank)
     chosen = chosen_budgets(plain_routers, specs, cfg.budgets)
     runner.save_model("elastic", {"student": student, "router": routers},
                       {"budgets": [c.to_dict() for c in chosen]})
@@ -175,8 +173,7 @@ def run(runner: Runner) -> None:
         got = (active if cfg.budget_metric == "active" else total) / full_params
         row = {"target": t, "budget": bud.to_dict(), "params_total": total, "params_active": active,
                "achieved": got, "baseline": None}
-        if runner.is_main:
-            row |= runner.evaluate(full.slice(bud))
+        row |= runner.evaluate(full.slice(bud))
         rows.append(row)
     runner.results["budgets"] = rows
     # in-between targets: the router's blended input picks sizes no trained budget asked for

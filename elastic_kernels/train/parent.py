@@ -26,8 +26,7 @@ def train_supervised(runner: Runner, stage: str, model: nn.Module, steps: int, s
         return {"loss": float(loss.detach()), "grad_norm": gn, "lr": lr, "tokens": tokens}
 
     def eval_fn(step: int) -> dict:
-        full = runner.gathered(model)
-        return runner.evaluate(full, test=False) if full is not None else {}
+        return runner.evaluate(runner.gathered(model, everywhere=True), test=False)
 
     return runner.train(stage, steps, {"model": model}, opt, step_fn, eval_fn)
 
@@ -38,8 +37,7 @@ def run(runner: Runner) -> None:
         tokens = 0
     else:
         tokens = train_supervised(runner, "parent", model, runner.cfg.parent_steps, stream=0)
-    full = runner.gathered(model)
-    res = runner.evaluate(full) if runner.is_main else {}
+    res = runner.evaluate(runner.gathered(model, everywhere=True))
     res |= {"params_total": model.param_count(None), "params_active": model.param_count(None, active=True)}
     runner.results["parent"] = res
     runner.metrics.log({"stage": "parent", "step": runner.cfg.parent_steps, "final": True, "eval": res})

@@ -103,22 +103,21 @@ def run(runner: Runner) -> None:
     runner.save_model("qad_student", {"model": model}, {"format": cfg.qad_format})
     table = {f"{t:g}": bud for t, bud in zip(cfg.budgets, budgets)}
     out_dir = runner.dir / "qad"
-    rows = []
+    ptq_dir = runner.dir / "ptq"  # post-training quantization of the unquantized stage-2 model, for comparison
     if runner.is_main:
-        # post-training quantization of the unquantized stage-2 model, for comparison
-        ptq_dir = runner.dir / "ptq"
         save_nested(teacher, ptq_dir, table, quantization=cfg.qad_format)
         save_nested(model, out_dir, table, quantization=cfg.qad_format)
-        ref_rows = {r["target"]: r for r in runner.results["budgets"]}
-        for t in cfg.budgets:
-            sub = load_nested(out_dir, f"{t:g}", device=runner.device)
-            res = runner.evaluate(sub)
-            ptq = runner.evaluate(load_nested(ptq_dir, f"{t:g}", device=runner.device))
-            rows.append({"target": t, "ref_test_acc": ref_rows[t].get("test_acc"), "test_acc": res["test_acc"],
-                         "val_loss": res["val_loss"], "val_acc": res["val_acc"],
-                         "ptq_test_acc": ptq["test_acc"], "ptq_val_loss": ptq["val_loss"],
-                         "params_total": sub.param_count(None)})
     runner.barrier()
+    rows = []
+    ref_rows = {r["target"]: r for r in runner.results["budgets"]}
+    for t in cfg.budgets:  # every rank evaluates its share of the problems (Runner.evaluate)
+        sub = load_nested(out_dir, f"{t:g}", device=runner.device)
+        res = runner.evaluate(sub)
+        ptq = runner.evaluate(load_nested(ptq_dir, f"{t:g}", device=runner.device))
+        rows.append({"target": t, "ref_test_acc": ref_rows[t].get("test_acc"), "test_acc": res["test_acc"],
+                     "val_loss": res["val_loss"], "val_acc": res["val_acc"],
+                     "ptq_test_acc": ptq["test_acc"], "ptq_val_loss": ptq["val_loss"],
+                     "params_total": sub.param_count(None)})
     runner.results["qad"] = {
         "format": cfg.qad_format, "checkpoint": str(out_dir), "budgets": rows, "quantized_tensors": len(layouts),
         "quantized_params": int(sum(math.prod(p.shape) for n, p in model.named_parameters() if n in layouts))}

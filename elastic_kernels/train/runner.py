@@ -6,14 +6,17 @@ assembled by :mod:`.pipeline`) use only this module's public API: a :class:`Runn
 config, the task and its splits, fresh models, DDP or FSDP2 wrapping (:meth:`Runner.wrap`) and the
 plain full copies evaluation and export need (:meth:`Runner.gathered`), sharded training batches,
 :meth:`Runner.optimizer_step` (non-finite guard), :meth:`Runner.train` (the resumable loop),
-model artifacts (:meth:`Runner.save_model` / :meth:`Runner.load_model`), evaluation and
+model artifacts (:meth:`Runner.save_model` / :meth:`Runner.load_model`), evaluation
+(:meth:`Runner.evaluate`, and :attr:`Runner.workers` for any per-problem or per-setting work) and
 :meth:`Runner.finish_stage`.
 
 Determinism: every batch, budget draw and Gumbel sample is a pure function of (seed, stage, step),
 so a run stopped at any step and resumed with ``--resume`` logs exactly the metrics of an
-uninterrupted run. Under ``torchrun`` each rank takes its shard of the same global batch and
-``DistributedDataParallel`` averages gradients (``--parallel fsdp``: FSDP2 shards parameters,
-gradients and optimizer state instead, :mod:`.sharding`); rank 0 evaluates and writes files.
+uninterrupted run. Under ``torchrun`` or ``--procs`` (:mod:`.launch`) each rank takes its shard of
+the same global batch and ``DistributedDataParallel`` averages gradients (``--parallel fsdp``: FSDP2 shards parameters,
+gradients and optimizer state instead, :mod:`.sharding`); every evaluation is split too (each rank
+runs its share of the problems, :class:`RankWorkers`, and the per-problem results are gathered
+back in order, so the numbers are the single-process ones); rank 0 writes files.
 Checkpoints always hold full (gathered) tensors, so any of the three resumes any other's run.
 """
 from __future__ import annotations
@@ -36,6 +39,7 @@ import torch.nn as nn
 
 from .. import tasks
 from .._io import atomic_write_text
+from ..infer.evaluate import Workers
 from ..tasks import Batch
 from .checkpoint import (CheckpointError, load_checkpoint, load_latest_good, optimizer_from_tensors,
                          optimizer_to_tensors, remove_checkpoint, save_checkpoint)
@@ -46,7 +50,8 @@ from .metrics import MetricsLog
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Runner", "StopRun", "RunError", "NonFiniteError", "DistInfo", "setup_distributed", "STATE_NAME"]
+__all__ = ["Runner", "StopRun", "RunError", "NonFiniteError", "DistInfo", "RankWorkers", "setup_distributed",
+           "STATE_NAME"]
 
 STATE_NAME = "state.safetensors"
 _EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
@@ -111,6 +116,36 @@ def setup_distributed(cfg: TrainConfig) -> DistInfo:
     return DistInfo(rank, world, device, owns)
 
 
+class RankWorkers(Workers):
+    """:class:`~elastic_kernels.infer.evaluate.Workers` over the ranks of the process group:
+    ``map(fn, items)`` applies ``fn`` to ``items[rank::world]`` on each rank and returns every
+    rank's results in the order of ``items``, on every rank (``all_gather_object``); ``once(fn)``
+    runs ``fn`` on rank 0 and returns its result on every rank (``broadcast_object_list``). Both
+    are collectives: every rank calls them with the same ``items``."""
+
+    def __init__(self, info: DistInfo) -> None:
+        self.rank, self.world = info.rank, info.world
+
+    def map(self, fn, items) -> list:
+        items = list(items)
+        if self.world == 1:
+            return super().map(fn, items)
+        mine = super().map(fn, items[self.rank::self.world])
+        parts: list = [None] * self.world
+        dist.all_gather_object(parts, mine)
+        out: list = [None] * len(items)
+        for r, part in enumerate(parts):
+            out[r::self.world] = part
+        return out
+
+    def once(self, fn):
+        if self.world == 1:
+            return fn()
+        box = [fn() if self.rank == 0 else None]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+
 def _state_tensors(modules: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
     return {f"{prefix}.{k}": v for prefix, m in modules.items() for k, v in m.state_dict().items()}
 
@@ -136,7 +171,8 @@ class Runner:
     Public attributes: ``cfg``, ``dist`` (:class:`DistInfo`), ``device``, ``dir`` (the run
     directory), ``task`` (:class:`elastic_kernels.tasks.Task`), ``model_config``, ``metrics``
     (:class:`~.metrics.MetricsLog`), ``val`` / ``test`` (evaluation problems), ``progress`` (the
-    ``progress.json`` dict; ``results`` is its per-stage results).
+    ``progress.json`` dict; ``results`` is its per-stage results), ``workers``
+    (:class:`RankWorkers`: independent evaluation work split across the ranks).
     """
 
     def __init__(self, cfg: TrainConfig) -> None:
@@ -150,6 +186,7 @@ class Runner:
                            "start a new run there")
         self._lock: RunLock | None = None
         self.dist = setup_distributed(cfg)
+        self.workers = RankWorkers(self.dist)
         self.sharded = cfg.parallel == "fsdp" and self.dist.world > 1  # FSDP2 (else DDP when world > 1)
         # sharded module or submodule -> its meta-device copy (weak: a finished stage's modules drop out)
         self._templates: weakref.WeakKeyDictionary[nn.Module, nn.Module] = weakref.WeakKeyDictionary()
@@ -364,18 +401,19 @@ class Runner:
         return b, tokens, denom
 
     def evaluate(self, model, *, test: bool = True) -> dict:
-        """``{"val_loss", "val_acc", "test_acc"}`` of ``model`` (test_acc None unless ``test``)."""
-        return evaluate_model(model, self.task, self.val, self.test if test else None, device=self.device)
+        """``{"val_loss", "val_acc", "test_acc"}`` of ``model`` (test_acc None unless ``test``),
+        the problems split across the ranks (:attr:`workers`): every rank calls it with a full
+        model (under FSDP2 ``gathered(module, everywhere=True)``) and gets the same result."""
+        return evaluate_model(model, self.task, self.val, self.test if test else None, device=self.device,
+                              workers=self.workers)
 
     def final_eval(self, stage: str, model: nn.Module, steps: int, tokens: int) -> dict:
         """The finished stage's record of a trained model: its parameter counts, ``steps``,
-        ``tokens`` and (rank 0) :meth:`evaluate` of its gathered copy, logged as the stage's final
-        metrics line. Every rank must call it (the gather is collective)."""
+        ``tokens`` and :meth:`evaluate` of its full copy, logged as the stage's final metrics
+        line. Every rank must call it (gather and evaluation are collective)."""
         res = {"params_total": model.param_count(None), "params_active": model.param_count(None, active=True),
                "steps": steps, "tokens": tokens}
-        full = self.gathered(model)
-        if self.is_main:
-            res |= self.evaluate(full)
+        res |= self.evaluate(self.gathered(model, everywhere=True))
         self.metrics.log({"stage": stage, "step": steps, "final": True, "eval": res})
         return res
 
@@ -444,8 +482,8 @@ class Runner:
               step_fn: Callable[[int], dict], eval_fn: Callable[[int], dict] | None = None) -> int:
         """Run ``step_fn(step)`` for ``step`` in ``[start, steps)``, resuming from this stage's
         checkpoint; returns the tokens of the stage. ``step_fn`` returns the step's metrics and its
-        ``"tokens"``; ``eval_fn(step)`` (rank 0; under FSDP2 on every rank, which gather with
-        :meth:`gathered` and return {} off rank 0) runs every ``cfg.eval_every`` steps. ``modules``
+        ``"tokens"``; ``eval_fn(step)`` runs on every rank every ``cfg.eval_every`` steps (it
+        evaluates with :meth:`evaluate`, which splits the work; rank 0 logs its result). ``modules``
         and ``opt`` are what a checkpoint holds. Each save keeps the one it replaces; a resume
         whose newest checkpoint is corrupt falls back to that previous one (a warning), and
         refuses with a :class:`CheckpointError` naming both when neither is good."""
@@ -507,17 +545,14 @@ class Runner:
                     if bar is not None:
                         bar.set_postfix({k: f"{v:.3g}" for k, v in vals.items() if k in ("loss", "kd", "router")})
                 if eval_fn is not None and cfg.eval_every and done % cfg.eval_every == 0 and done < steps:
-                    if self.dist.main or self.sharded:
-                        res = eval_fn(done)
-                        if self.dist.main:
-                            self.metrics.log({"stage": stage, "step": done, "eval": res})
-                    self.barrier()
+                    self.metrics.log({"stage": stage, "step": done, "eval": eval_fn(done)})
                 if bar is not None:
                     bar.update(1)
                 stop = self._should_stop()
                 if stop or done % cfg.ckpt_every == 0:
                     save(done)
                 if stop and done < steps:
+                    self.barrier()  # rank 0 has written the checkpoint before any rank exits
                     raise StopRun(f"stopped in stage {stage} at step {done}/{steps}; continue with "
                                   f"elastic-train --resume --run-dir {self.dir}", self._stop_signal)
         finally:

@@ -7,6 +7,11 @@ router interpolates, the from-scratch and prune+distill baselines of every budge
 with ``--qad``, the QAD and PTQ exports per budget. Budget control (pairs, thinking caps, measured
 latency) comes from :func:`elastic_kernels.infer.report.budget_control`.
 
+Under data parallelism every rank runs this stage: each model's test problems are split across
+the ranks and the budget-control settings too (:attr:`Runner.workers`); the per-problem outcomes
+are gathered back in order, so ``evaluation.json`` is the single-process one (greedy decoding is
+deterministic) except for its timings.
+
 The claims (:func:`claims`) are computed from these outcomes; each ``yes``/``no`` is a
 comparison of measured numbers, whichever way it comes out.
 """
@@ -15,10 +20,8 @@ from __future__ import annotations
 import json
 from typing import Sequence
 
-import torch
-
 from ..infer.stats import accuracy_summary, compare_paired, intervals_overlap
-from .evaluate import greedy_completions
+from .evaluate import greedy_outcomes
 
 __all__ = ["run", "run_evaluation", "claims", "ROUTER_TOLERANCE"]
 
@@ -26,15 +29,17 @@ ROUTER_TOLERANCE = 0.03
 EVAL_BATCH = 256  # requests decoded together by every evaluation of this stage
 
 
-def _outcomes(model, task, problems: Sequence) -> list[int]:
+def _outcomes(runner, model, problems: Sequence) -> list[int]:
+    """0/1 per problem of ``model``'s greedy completions, the problems split across the ranks."""
     model.eval()
-    with torch.no_grad():
-        comps = greedy_completions(model, task, problems, batch_size=EVAL_BATCH)
-    return [int(task.score(p, c)) for p, c in zip(problems, comps)]
+    max_new = runner.task.max_new_tokens(problems)
+    return runner.workers.map(lambda ps: greedy_outcomes(model, runner.task, ps, batch_size=EVAL_BATCH,
+                                                         max_new=max_new), problems)
 
 
 def run_evaluation(runner) -> dict:
-    """Per-problem test outcomes of every model of the run and the budget-control report."""
+    """Per-problem test outcomes of every model of the run and the budget-control report (every
+    rank calls it and gets the same result)."""
     from ..infer.report import budget_control
     from ..models import Budget, ElasticHybridConfig, ElasticHybridLM, load_nested
     from .checkpoint import load_checkpoint
@@ -46,12 +51,12 @@ def run_evaluation(runner) -> dict:
     out: dict = {"n": len(test)}
     parent = runner.new_model()
     runner.load_model("parent", {"model": parent})
-    out["parent"] = _outcomes(parent, task, test)
+    out["parent"] = _outcomes(runner, parent, test)
     permuted = runner.new_model()
     runner.load_model("permuted", {"model": permuted})
     full = load_nested(nested, None, device=device)
-    out["interpolated"] = [{"target": r["target"], "correct": _outcomes(full.slice(Budget.from_dict(r["budget"])), task,
-                                                                        test)}
+    out["interpolated"] = [{"target": r["target"],
+                            "correct": _outcomes(runner, full.slice(Budget.from_dict(r["budget"])), test)}
                            for r in res.get("interpolated", [])]
     out["scratch"], out["prune_distill"] = {}, {}
     for row in res["budgets"]:
@@ -61,22 +66,23 @@ def run_evaluation(runner) -> dict:
             _, meta = load_checkpoint(path)
             m = ElasticHybridLM(ElasticHybridConfig.from_dict(meta["config"])).to(device)
             runner.load_model(f"baseline-{key}", {"model": m})
-            out["scratch"][key] = _outcomes(m, task, test)
+            out["scratch"][key] = _outcomes(runner, m, test)
         path = runner.dir / f"prune-{key}.safetensors"
         if row.get("prune_distill") and path.is_file():
             m = permuted.slice(Budget.from_dict(row["budget"]))
             runner.load_model(f"prune-{key}", {"model": m})
-            out["prune_distill"][key] = _outcomes(m, task, test)
+            out["prune_distill"][key] = _outcomes(runner, m, test)
     if res.get("qad"):
         out["qad"], out["ptq"] = {}, {}
         for row in res["budgets"]:
             key = f"{row['target']:g}"
-            out["qad"][key] = _outcomes(load_nested(runner.dir / "qad", key, device=device), task, test)
-            out["ptq"][key] = _outcomes(load_nested(runner.dir / "ptq", key, device=device), task, test)
+            out["qad"][key] = _outcomes(runner, load_nested(runner.dir / "qad", key, device=device), test)
+            out["ptq"][key] = _outcomes(runner, load_nested(runner.dir / "ptq", key, device=device), test)
     # batch 256 like greedy_completions: the tiny models are overhead-bound per decode step, so a
     # wider batch cuts the CPU time of the settings by a quarter; greedy outcomes do not depend on it
     out["budget_control"] = budget_control(nested, task, test, caps=cfg.eval_caps or None, reuse=False,
-                                           batch_size=EVAL_BATCH, device=str(device), latency=cfg.eval_latency)
+                                           batch_size=EVAL_BATCH, device=str(device), latency=cfg.eval_latency,
+                                           workers=runner.workers)
     return out
 
 
@@ -87,14 +93,13 @@ def run(runner) -> None:
     from ..models import Budget
 
     res = runner.results
+    ev = run_evaluation(runner)
     if runner.is_main:
-        ev = run_evaluation(runner)
         atomic_write_text(runner.dir / "evaluation.json", json.dumps(ev, sort_keys=True))
-        parent = runner.new_model()
-        full = next(r for r in res["budgets"] if r["target"] == 1.0)
-        same = parent.resolve_budget(Budget.from_dict(full["budget"])) == parent.resolve_budget(None)
-        res["claims"] = claims(ev, res["budgets"], parent_params=parent.param_count(None), full_is_parent=same)
-    runner.barrier()
+    parent = runner.new_model()
+    full = next(r for r in res["budgets"] if r["target"] == 1.0)
+    same = parent.resolve_budget(Budget.from_dict(full["budget"])) == parent.resolve_budget(None)
+    res["claims"] = claims(ev, res["budgets"], parent_params=parent.param_count(None), full_is_parent=same)
     runner.finish_stage("evaluate")
 
 
