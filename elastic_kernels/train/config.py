@@ -245,7 +245,8 @@ class TrainConfig:
 
 # (min, max, min inclusive, max inclusive); floats must also be finite
 _RANGES: dict[str, tuple] = {
-    "seed": (0, None, True, True), "procs": (1, None, True, True), "threads": (0, None, True, True), "stop_after": (0, None, True, True),
+    "seed": (0, None, True, True), "procs": (1, None, True, True), "threads": (0, None, True, True),
+    "stop_after": (0, None, True, True),
     "modulus": (2, None, True, True), "val_size": (1, None, True, True), "test_size": (1, None, True, True),
     "batch_size": (1, None, True, True), "parent_steps": (1, None, True, True), "lr": (0, None, False, True),
     "weight_decay": (0, None, True, True), "warmup_steps": (0, None, True, True),
