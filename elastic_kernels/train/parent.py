@@ -34,6 +34,7 @@ def train_supervised(runner: Runner, stage: str, model: nn.Module, steps: int, s
 def run(runner: Runner) -> None:
     model = runner.new_model(shardable=True, state=runner.parent_state)
     if runner.parent_state is not None:  # --parent: the imported model is stage 0 (no training)
+        runner.shard_frozen(model)  # FSDP2: ranks > 0 built it on the meta device; all evaluate it
         tokens = 0
     else:
         tokens = train_supervised(runner, "parent", model, runner.cfg.parent_steps, stream=0)
