@@ -145,19 +145,6 @@ def check_against_truth(inp, width, activation, n_act, dtype, backend, device=to
     return y, g
 
 
-@pytest.fixture
-def poison_empty():
-    """torch.empty returns NaN-filled memory, so a kernel reading unwritten memory fails."""
-    import torch.utils.deterministic as det
-    prev = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
-            det.fill_uninitialized_memory)
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    det.fill_uninitialized_memory = True
-    yield
-    torch.use_deterministic_algorithms(prev[0], warn_only=prev[1])
-    det.fill_uninitialized_memory = prev[2]
-
-
 # ---------------------------------------------------------------------------------------------
 # the reference backend (the CPU path) in float64 against the plain truth
 # ---------------------------------------------------------------------------------------------

@@ -65,6 +65,17 @@ def test_features_match_sequential(feature):
         _check_fwd_bwd(inp, opts, dtype)
 
 
+@pytest.mark.parametrize("layout", ["blocked", "interleaved"])
+@pytest.mark.parametrize("active", [0, 2, 4, "mixed"])
+def test_partial_widths_write_every_output(layout, active, poison_empty):
+    """Partial widths allocate outputs, saved states and gradients uninitialized and zero only the
+    inactive heads: with uninitialized memory poisoned (NaN), every output and gradient still
+    matches the float64 truth (inactive heads exactly 0)."""
+    inp = make_inputs(seqlen=23, nheads=6, ngroups=2, initial_states=True, head_scale=True)
+    widths = torch.tensor([2, 6]) if active == "mixed" else active
+    _check_fwd_bwd(inp, dict(chunk_size=8, dt_softplus=True, head_layout=layout, active_heads=widths), torch.float32)
+
+
 def test_float64_exact_and_chunk_independent():
     inp = make_inputs(seqlen=37, nheads=4, ngroups=2, initial_states=True, seq_idx=True, dtype=torch.float64)
     truth = sequential_ssd(**inp, dt_softplus=True)

@@ -306,6 +306,16 @@ def _compute_dtype(x):
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
+def _heads_out(shape, dim: int, G: int, interleaved: bool, ra: int, dtype, device) -> torch.Tensor:
+    """A new tensor whose head axis ``dim`` the caller fills for the first ``ra`` heads of every
+    group: only the other heads are zeroed (the active ones are written once, not zeroed first)."""
+    t = torch.empty(shape, dtype=dtype, device=device)
+    R = shape[dim] // G
+    if ra < R:
+        _by_group(t, G, interleaved, dim).narrow(dim + 1, ra, R - ra).zero_()
+    return t
+
+
 def _fwd_int(x, dt, A, B, C, *, chunk_size, D, z, dt_bias, dt_softplus, dt_lo, dt_hi,
              initial_states, seq_idx, interleaved, active_int, head_scale):
     """One int width over the whole batch. Returns y (x.dtype) and, in the compute dtype, the
@@ -317,13 +327,12 @@ def _fwd_int(x, dt, A, B, C, *, chunk_size, D, z, dt_bias, dt_softplus, dt_lo, d
     ra = R if active_int < 0 else active_int // G
     cdt = _compute_dtype(x)
     nc = max(1, -(-l // chunk_size))
-    full = ra == R
-    alloc = torch.empty if full else torch.zeros
-    y = alloc(b, l, h, p, dtype=x.dtype, device=x.device)
-    fs = alloc(b, h, p, n, dtype=cdt, device=x.device)
+    alloc = lambda shape, dim, dtype: _heads_out(shape, dim, G, interleaved, ra, dtype, x.device)  # noqa: E731
+    y = alloc((b, l, h, p), 2, x.dtype)
+    fs = alloc((b, h, p, n), 1, cdt)
     keep_u = z is not None or head_scale is not None
-    u_res = alloc(b, l, h, p, dtype=cdt, device=x.device) if keep_u else x.new_empty(0, dtype=cdt)
-    p_res = alloc(b, nc, h, p, n, dtype=cdt, device=x.device)
+    u_res = alloc((b, l, h, p), 2, cdt) if keep_u else x.new_empty(0, dtype=cdt)
+    p_res = alloc((b, nc, h, p, n), 2, cdt)
     if ra == 0:
         return y, fs, u_res, p_res
 
@@ -360,8 +369,13 @@ def _bwd_int(gy, g_fs, x, dt, A, B, C, *, chunk_size, D, z, dt_bias, dt_softplus
     R = h // G
     ra = R if active_int < 0 else active_int // G
     cdt = _compute_dtype(x)
-    zeros = lambda t: None if t is None else torch.zeros(t.shape, dtype=cdt, device=x.device)  # noqa: E731
-    grads = [zeros(t) for t in (x, dt, A, B, C, D, z, dt_bias, initial_states, head_scale)]
+    # head axis of every gradient (None: B and C, written whole); only inactive heads are zeroed
+    head_dims = (2, 2, 0, None, None, 0, 2, 0, 1, 1)
+    grads = [None if t is None else
+             torch.zeros(t.shape, dtype=cdt, device=x.device) if ra == 0 else
+             torch.empty(t.shape, dtype=cdt, device=x.device) if dim is None else
+             _heads_out(t.shape, dim, G, interleaved, ra, cdt, x.device)
+             for t, dim in zip((x, dt, A, B, C, D, z, dt_bias, initial_states, head_scale), head_dims)]
     gx, gdt, gA, gB, gC, gD, gz, gbias, ginit, ghs = grads
     if ra == 0:
         return grads
