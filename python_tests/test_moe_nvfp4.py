@@ -13,7 +13,7 @@ import torch
 import elastic_kernels as ek
 from elastic_kernels.nvfp4 import NVFP4Tensor, quantize
 from helpers import assert_close_to_truth, assert_compile_matches_eager
-from test_moe import forward_backward, make_case, poison_empty, run_op, truth_experts  # noqa: F401 (fixture)
+from test_moe import forward_backward, make_case, run_op, truth_experts
 
 BF16, FP16, FP32, FP64 = torch.bfloat16, torch.float16, torch.float32, torch.float64
 WEIGHTS = ("w1", "w2", "w3")
