@@ -212,6 +212,46 @@ def test_router_learns_size_targets():
     assert torch.allclose(got, torch.tensor(budgets), atol=0.05), got
 
 
+def test_router_choose_within_band():
+    """The most probable joint choice in the band, checked against brute force over the grid."""
+    import itertools
+    torch.manual_seed(3)
+    specs = [AxisSpec("a", 1, (4, 8, 12, 16)), AxisSpec("b", 3, (1, 2, 3, 4)), AxisSpec("c", 2, (2, 4), shared=True)]
+    routers = BudgetRouters(specs, [1.0, 0.5], hidden=8)
+    for r in routers.routers.values():  # spread the logits so the joint choices have distinct probabilities
+        torch.nn.init.normal_(r.net[2].weight, std=2.0)
+
+    def frac(w):  # widths {axis: (slots,)} -> a toy additive size, as a fraction of the full one
+        return float(10 * w["a"].sum() + 5 * w["b"].sum() + 3 * w["c"].sum()) / (10 * 16 + 5 * 12 + 3 * 8)
+
+    targets = [0.5, 0.62, 0.71, 1.0]
+    logp = {k: torch.log_softmax(v.double(), -1) for k, v in routers.logits(torch.tensor(targets)).items()}
+    for tol in (0.0, 0.01, 0.05):
+        picks = routers.choose_within(targets, frac, tol)
+        for i, t in enumerate(targets):
+            if t == 1.0:
+                assert frac(routers.widths(picks[i])) == 1.0
+                continue
+            best = None  # brute force: every joint choice, its log-probability and size
+            for ia, ib0, ib1, ib2, ic in itertools.product(range(4), range(4), range(4), range(4), range(2)):
+                idx = {"a": torch.tensor([ia]), "b": torch.tensor([ib0, ib1, ib2]), "c": torch.tensor([ic, ic])}
+                lp = float(logp["a"][i, 0, ia] + logp["b"][i, 0, ib0] + logp["b"][i, 1, ib1] + logp["b"][i, 2, ib2]
+                           + logp["c"][i, 0, ic])
+                dev = abs(frac(routers.widths(idx)) / t - 1)
+                key = (0, 0.0, -lp) if dev <= tol else (1, dev, -lp)  # nearest: ties to the more probable
+                if best is None or key < best[0]:
+                    best = (key, idx)
+            got = picks[i]
+            assert all(torch.equal(got[k], best[1][k]) for k in got), (t, tol, got, best)
+            if best[0][0] == 0:
+                assert abs(frac(routers.widths(got)) / t - 1) <= tol
+    # the argmax itself when it is in the band
+    am = routers.choose(torch.tensor(targets))
+    wide = routers.choose_within(targets, frac, 1.0)
+    for i in range(len(targets)):
+        assert all(torch.equal(wide[i][k], am[k][i]) for k in am)
+
+
 def test_router_size_loss_band():
     p = torch.tensor([100.0, 104.0, 90.0])
     t = torch.tensor([100.0, 100.0, 100.0])

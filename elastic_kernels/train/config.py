@@ -131,6 +131,9 @@ class TrainConfig:
     """random in-between targets per step that train the routers' blended inputs on the size loss alone"""
     router_tolerance: float = 0.02
     """tolerance band of the router size loss |params/target - 1|"""
+    router_decode: Literal["feasible", "argmax"] = "feasible"
+    """each budget's final shape: feasible (the routers' most probable shape within --router-tolerance of the
+    target, docs/design.md §1) | argmax (the routers' argmax, which may sit outside the band)"""
     kd_temperature: float = 1.0
     """distillation temperature of the forward KL (> 0)"""
     tau_start: float = 1.0
@@ -306,8 +309,12 @@ PRESETS: dict[str, dict[str, Any]] = {
                    attn_kv_heads=1, ffn_size=64),
     ),
     # the default: fused task, 2048 test problems (a 3-point difference is significant), curriculum stage B
-    # on longer chains, a router size loss strong enough to hold the targets against the distillation
-    "tiny": dict(procs=2, test_size=2048, stage_b_difficulty=3, router_loss_weight=10.0, router_tolerance=0.01, model={}),
+    # on longer chains, a router size loss strong enough to hold the targets against the distillation;
+    # budgets 1.0 / 0.75 / 0.4 of the total parameters (the paper's 30B / 23B / 12B family); a parent trained
+    # 1400 steps (at 1000 it stopped in the middle of its learning curve); NemotronH's sigmoid routing, so every
+    # budget of the run exports to Hugging Face (docs/interop.md); two data-parallel processes
+    "tiny": dict(procs=2, test_size=2048, stage_b_difficulty=3, router_loss_weight=10.0, router_tolerance=0.01,
+                 parent_steps=1400, budgets=[1.0, 0.75, 0.4], model=dict(moe_score="sigmoid")),
     "small": dict(
         difficulty=4, val_size=1024, test_size=2048, batch_size=128, parent_steps=4000, elastic_steps=3000,
         importance_batches=32, eval_every=500, ckpt_every=500, lr=1e-3,

@@ -83,20 +83,30 @@ def make_routers(runner: Runner) -> tuple[BudgetRouters, list[AxisSpec]]:
     return BudgetRouters(specs, runner.cfg.budgets, hidden=runner.cfg.router_hidden).to(runner.device), specs
 
 
-def chosen_budgets(routers: BudgetRouters, specs: list[AxisSpec], targets) -> list:
-    """The argmax nested submodel of every target as ``models.Budget``; a target between two
-    trained budgets uses the blended router input."""
+def _budget(specs: list[AxisSpec], widths: dict[str, torch.Tensor]):
     from ..models import Budget
+    kw = {}
+    for spec in specs:
+        w = [int(x) for x in widths[spec.name].tolist()]
+        kw[spec.name] = w[0] if spec.name == "hidden" else tuple(w)
+    return Budget(**kw)
+
+
+def chosen_budgets(routers: BudgetRouters, specs: list[AxisSpec], targets, *, model: nn.Module | None = None,
+                   metric: str = "total", tolerance: float | None = None) -> list:
+    """The nested submodel of every target as ``models.Budget``; a target between two trained
+    budgets uses the blended router input. Without ``tolerance``: the routers' argmax choice.
+    With it (and ``model``, whose ``param_count`` in ``metric`` measures the sizes): the most
+    probable choice within ``tolerance`` of the target (:meth:`BudgetRouters.choose_within`)."""
     targets = list(targets)
-    widths = routers.widths(routers.choose(torch.tensor(targets, dtype=torch.float32)))
-    out = []
-    for i in range(len(targets)):
-        kw = {}
-        for spec in specs:
-            w = [int(x) for x in widths[spec.name][i].tolist()]
-            kw[spec.name] = w[0] if spec.name == "hidden" else tuple(w)
-        out.append(Budget(**kw))
-    return out
+    if tolerance is None:
+        widths = routers.widths(routers.choose(torch.tensor(targets, dtype=torch.float32)))
+        return [_budget(specs, {k: v[i] for k, v in widths.items()}) for i in range(len(targets))]
+    active = metric == "active"
+    full = float(model.param_count(None, active=active))
+    picks = routers.choose_within(
+        targets, lambda w: model.param_count(_budget(specs, w), active=active) / full, tolerance)
+    return [_budget(specs, routers.widths(p)) for p in picks]
 
 
 def run(runner: Runner) -> None:
@@ -163,16 +173,20 @@ def run(runner: Runner) -> None:
     tokens = runner.train("elastic", steps, {"student": student, "router": routers}, opt, step_fn, eval_fn)
     plain_routers = runner.gathered(routers, everywhere=True)
     full = runner.gathered(student, everywhere=True)  # the plain student (FSDP2 gathers it on every rank)
-    chosen = chosen_budgets(plain_routers, specs, cfg.budgets)
+    decode = dict(model=student, metric=cfg.budget_metric,
+                  tolerance=cfg.router_tolerance if cfg.router_decode == "feasible" else None)
+    argmax = chosen_budgets(plain_routers, specs, cfg.budgets)
+    chosen = chosen_budgets(plain_routers, specs, cfg.budgets, **decode)
     runner.save_model("elastic", {"student": student, "router": routers},
                       {"budgets": [c.to_dict() for c in chosen]})
     rows = []
-    for t, bud in zip(cfg.budgets, chosen):
+    for t, bud, am in zip(cfg.budgets, chosen, argmax):
         total = student.param_count(bud)
         active = student.param_count(bud, active=True)
         got = (active if cfg.budget_metric == "active" else total) / full_params
         row = {"target": t, "budget": bud.to_dict(), "params_total": total, "params_active": active,
-               "achieved": got, "baseline": None}
+               "achieved": got, "baseline": None, "argmax_budget": am.to_dict(),
+               "argmax_achieved": student.param_count(am, active=cfg.budget_metric == "active") / full_params}
         row |= runner.evaluate(full.slice(bud))
         rows.append(row)
     runner.results["budgets"] = rows
@@ -182,7 +196,7 @@ def run(runner: Runner) -> None:
     runner.results["interpolated"] = [
         {"target": t, "budget": bud.to_dict(),
          "achieved": student.param_count(bud, active=cfg.budget_metric == "active") / full_params}
-        for t, bud in zip(mids, chosen_budgets(plain_routers, specs, mids))]
+        for t, bud in zip(mids, chosen_budgets(plain_routers, specs, mids, **decode))]
     runner.metrics.log({"stage": "elastic", "step": steps, "final": True,
                         "eval": {f"{r['target']:g}": r for r in rows}})
     if runner.is_main:

@@ -15,8 +15,11 @@ elastification router (Flextron): temperature ``tau = tau_init * tau_decay ** st
 over the stage, and with probability ``hard_sample_prob`` per step a *hard* sample (the one-hot of
 the Gumbel argmax in the forward pass, the soft probabilities' gradient in the backward pass).
 The resulting probabilities ``p`` over choices (widths ``c_1..c_K`` of a ``full``-unit axis) make
-the differentiable *soft mask* ``mask[u] = sum_k p_k * [u < c_k]``. At the end the argmax choice
-is taken.
+the differentiable *soft mask* ``mask[u] = sum_k p_k * [u < c_k]``. At the end each budget takes
+the argmax choice (``router_decode="argmax"``) or, by default, the most probable choice whose size
+is within the size loss' tolerance of the target (:meth:`BudgetRouters.choose_within`,
+docs/design.md §1): late in the stage the logit scale saturates the softmax, and a router whose
+argmax sits a few percent off its target no longer receives a gradient that moves it.
 
 **The full budget is the parent.** Budget 1.0 is never routed: its samples run the full model
 (:func:`pin_full`), it is drawn with probability ``full_prob`` (the reference's
@@ -28,7 +31,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn as nn
@@ -155,6 +158,54 @@ class BudgetRouters(nn.Module):
         for name, lg in self.logits(targets).items():
             idx = lg.argmax(-1)
             out[name] = torch.where(full[:, None], torch.full_like(idx, lg.shape[-1] - 1), idx)
+        return out
+
+    @torch.no_grad()
+    def choose_within(self, targets: Sequence[float], count: Callable[[dict[str, torch.Tensor]], float],
+                      tolerance: float, beam: int = 4096) -> list[dict[str, torch.Tensor]]:
+        """The most probable choice of every target whose size lies in the target's band.
+
+        The routers' logits give a log-probability to every joint choice (the sum over axes and
+        independent slots of the log-softmax of the chosen entry). A beam search (width ``beam``,
+        exact when the joint space is smaller) lists joint choices in decreasing probability;
+        ``count(widths)`` (``{axis: (slots,)}`` sizes in units -> the size the budgets measure, as
+        a fraction of the full model) is evaluated on the finished beam, and the most probable
+        choice with ``|count / target - 1| <= tolerance`` is kept — the argmax itself when it is in
+        the band. With none in the band, the beam's choice nearest to the target. A target of 1.0
+        takes the full-size choice. Returns one ``{axis: (slots,) choice indices}`` per target.
+        """
+        tg = torch.tensor([float(t) for t in targets], dtype=torch.float32)
+        logp = {name: F.log_softmax(lg[:, :self.routers[name].independent_slots].double(), -1)
+                for name, lg in self.logits(tg).items()}
+        units = [(name, s) for name in self.specs for s in range(self.routers[name].independent_slots)]
+        out = []
+        for i, t in enumerate(tg.tolist()):
+            if t >= 1.0:
+                out.append({name: torch.full((spec.slots,), len(spec.choices) - 1, dtype=torch.long)
+                            for name, spec in self.specs.items()})
+                continue
+            beams: list[tuple[float, tuple[int, ...]]] = [(0.0, ())]
+            for name, s in units:
+                lp = logp[name][i, s].tolist()
+                beams = sorted(((sc + lp[k], pick + (k,)) for sc, pick in beams for k in range(len(lp))),
+                               key=lambda b: -b[0])[:beam]
+
+            def as_idx(pick):
+                it = iter(pick)
+                idx = {name: [next(it) for _ in range(self.routers[name].independent_slots)] for name in self.specs}
+                return {name: torch.tensor(v * (self.specs[name].slots // len(v)), dtype=torch.long)
+                        for name, v in idx.items()}
+
+            best, nearest = None, None
+            for _, pick in beams:  # decreasing probability
+                idx = as_idx(pick)
+                dev = abs(count(self.widths(idx)) / t - 1.0)
+                if dev <= tolerance:
+                    best = idx
+                    break
+                if nearest is None or dev < nearest[0]:
+                    nearest = (dev, idx)
+            out.append(best if best is not None else nearest[1])
         return out
 
     def widths(self, choice_idx: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
