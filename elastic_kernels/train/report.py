@@ -147,9 +147,19 @@ def render_markdown(rep: dict) -> str:
     lines.append("")
     lines.append("## Router choices (sizes per axis; per layer where the axis is per layer)")
     lines.append("")
+    decode = rep["config"].get("router_decode", "argmax")
+    if decode == "feasible":
+        lines.append(f"Each budget takes the routers' most probable shape within ±{100 * rep['config']['router_tolerance']:g}% "
+                     "of its target (docs/design.md §1); where that is not the plain argmax, the argmax is listed too.")
+        lines.append("")
     for r in rep["budgets"]:
         sizes = ", ".join(f"{a}={v}" for a, v in r["budget"].items())
-        lines.append(f"- budget {r['target']:.2f}: {sizes}")
+        am = r.get("argmax_budget")
+        alt = ""
+        if am is not None and am != r["budget"]:
+            alt = (f" (argmax: {', '.join(f'{a}={v}' for a, v in am.items())}, achieved "
+                   f"{r['argmax_achieved']:.3f})")
+        lines.append(f"- budget {r['target']:.2f}: {sizes}{alt}")
     if rep.get("interpolated"):
         lines.append("")
         lines.append("In-between targets (router input blended between the two neighbouring budgets; the "
