@@ -270,6 +270,28 @@ def test_reference_fp32_per_token_widths_match_truth(widths, activation, gated, 
             assert not g[k][n_act:].any(), k
 
 
+def test_reference_fp32_pair_major_down_projection():
+    """Experts with few rows at a large FFN width take the pair-major down projection
+    ``(w2[e] @ a_e.T).T`` (reference/moe.py ``_PAIR_MAJOR_ROWS``), those with many the row form:
+    both against the float64 truth, w2 a strided prefix view."""
+    tokens, hidden, ffn, n_exp, top_k = 40, 16, 1024, 4, 2
+    inp, _ = make_case(tokens, hidden, ffn, n_exp, n_exp, top_k, gated=False, width=None, cs=None)
+    ids = torch.stack([torch.zeros(tokens, dtype=torch.int64), torch.arange(tokens) % 3 + 1], 1)  # 40 / 14 / 13 / 13
+    big2 = torch.randn(n_exp, hidden, ffn + 16)
+    big2[:, :, 16:] = inp["w2"]
+    case = dict(inp, topk_ids=ids, w2=big2[:, :, 16:])
+    names = grad_names(case)
+    gy = torch.randn(tokens, hidden)
+    exact = {k: (v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v) for k, v in case.items()}
+    truth = lambda **kw: truth_experts(**kw, activation="relu2", n_act=n_exp, width=None)  # noqa: E731
+    y64, g64 = forward_backward(truth, exact, names, gy.double())
+    y, g = forward_backward(run_op("reference", "relu2", n_exp, None), case, names, gy)
+    for name, got, want in [("y", y, y64)] + [(f"grad {k}", g[k], g64[k]) for k in names]:
+        scale = max(want.abs().max().item(), 1e-6)
+        err = (got.double() - want).abs().max().item()
+        assert err <= 1e-5 * scale, f"{name}: max error {err:.3e} > 1e-5 x scale {scale:.3e}"
+
+
 def _interpreting():
     import os
     return os.environ.get("TRITON_INTERPRET") == "1"
