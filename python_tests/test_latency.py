@@ -119,6 +119,7 @@ def test_fit_time_vs_bytes_and_percentile():
     assert f["slope"] == pytest.approx(3e-9) and f["intercept"] == pytest.approx(2e-5) and f["r2"] == pytest.approx(1)
     assert f["n"] == 5
     assert fit_time_vs_bytes([(1.0, 2.0), (1.0, 4.0)])["r2"] is None
+    assert fit_time_vs_bytes([(1.0, 2.0), (3.0, 2.0)]) == {"intercept": 2.0, "slope": 0.0, "r2": None, "n": 2}
     assert percentile([3, 1, 2, 4], 50) == pytest.approx(2.5)
     assert percentile(list(range(11)), 90) == pytest.approx(9.0)
     with pytest.raises(ValueError):

@@ -328,27 +328,27 @@ def test_fake_quant_fp8(dtype):
 
 
 def test_opcheck():
-    from elastic_kernels.ops import nvfp4 as opsmod
+    opsmod = torch.ops.elastic_kernels
     w = torch.randn(9, 32)
     q = nvfp4.quantize(w)
     x = torch.randn(4, 32, requires_grad=True)
     b = torch.randn(9, requires_grad=True)
     g = q.global_scale
-    torch.library.opcheck(opsmod._quantize_op, (w, g, "reference"))
-    torch.library.opcheck(opsmod._fake_nvfp4_op, (x, g, "reference"))
-    torch.library.opcheck(opsmod._fake_fp8_op, (x, torch.tensor(0.01)))
+    torch.library.opcheck(opsmod.nvfp4_quantize.default, (w, g, "reference"))
+    torch.library.opcheck(opsmod.fake_quant_nvfp4.default, (x, g, "reference"))
+    torch.library.opcheck(opsmod.fake_quant_fp8.default, (x, torch.tensor(0.01)))
     for aq in (False, True):
-        torch.library.opcheck(opsmod._linear_op, (x, q.data, q.scales.view(torch.uint8), g, b, aq, "reference"))
-    torch.library.opcheck(opsmod._linear_op, (x, q.data, q.scales.view(torch.uint8), g, None, False, "reference"))
+        torch.library.opcheck(opsmod.nvfp4_linear.default, (x, q.data, q.scales.view(torch.uint8), g, b, aq, "reference"))
+    torch.library.opcheck(opsmod.nvfp4_linear.default, (x, q.data, q.scales.view(torch.uint8), g, None, False, "reference"))
 
 
 def test_opcheck_triton(triton_device):
-    from elastic_kernels.ops import nvfp4 as opsmod
+    opsmod = torch.ops.elastic_kernels
     q = nvfp4.quantize(torch.randn(9, 32)).to(triton_device)
     x = torch.randn(4, 32, device=triton_device, requires_grad=True)
-    torch.library.opcheck(opsmod._linear_op, (x, q.data, q.scales.view(torch.uint8), q.global_scale, None, False, "triton"),
+    torch.library.opcheck(opsmod.nvfp4_linear.default, (x, q.data, q.scales.view(torch.uint8), q.global_scale, None, False, "triton"),
                           test_utils=("test_schema", "test_faketensor"))
-    torch.library.opcheck(opsmod._fake_nvfp4_op, (x, q.global_scale, "triton"),
+    torch.library.opcheck(opsmod.fake_quant_nvfp4.default, (x, q.global_scale, "triton"),
                           test_utils=("test_schema", "test_faketensor"))
 
 

@@ -55,12 +55,13 @@ def _one_thread():
 
 
 def _linfit(xs: Sequence[float], ys: Sequence[float]) -> dict:
-    from scipy import stats as sps  # the [train] extra
-
+    """Least squares ``y = intercept + slope * x``; ``r2`` (the squared correlation) is None
+    where it is undefined: fewer than two distinct ``xs`` (then the slope is 0) or constant ``ys``."""
     if len(set(xs)) < 2:
         return {"intercept": float(statistics.fmean(ys)), "slope": 0.0, "r2": None}
-    r = sps.linregress(xs, ys)
-    return {"intercept": float(r.intercept), "slope": float(r.slope), "r2": float(r.rvalue ** 2)}
+    fit = statistics.linear_regression(xs, ys)
+    r2 = None if len(set(ys)) < 2 else statistics.correlation(xs, ys) ** 2
+    return {"intercept": float(fit.intercept), "slope": float(fit.slope), "r2": r2}
 
 
 @dataclass
@@ -224,7 +225,8 @@ def wider_clone(config: ElasticHybridConfig, factor: int, *, seed: int = 0) -> E
 
 def fit_time_vs_bytes(points: Sequence[tuple[float, float]]) -> dict:
     """Least-squares ``seconds = intercept + slope * bytes`` over ``(bytes, seconds)`` points:
-    ``{"intercept", "slope", "r2", "n"}`` (``r2`` None with fewer than two distinct byte counts)."""
+    ``{"intercept", "slope", "r2", "n"}`` (``r2`` None with fewer than two distinct byte counts or
+    equal seconds)."""
     if not points:
         raise ValueError("fit_time_vs_bytes: points must not be empty")
     fit = _linfit([float(b) for b, _ in points], [float(s) for _, s in points])

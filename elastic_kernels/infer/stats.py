@@ -12,15 +12,20 @@ the *same* problems are compared with paired tests, which use that the problems 
 - :func:`paired_bootstrap`: a percentile bootstrap interval of the accuracy difference, resampling
   problems (both models' outcomes of a problem stay together).
 
-The numbers come from :mod:`scipy.stats` (``binomtest``, ``bootstrap``).
+The interval and the test are closed forms: Wilson's formula with the normal quantile of
+:class:`statistics.NormalDist`, and the binomial tail summed exactly over integers (``math.comb``).
+The bootstrap is the one of ``scipy.stats.bootstrap(method="percentile")``, drawn the same way
+(``numpy.random.Generator.integers``, linear quantiles), so it gives scipy's numbers for the same
+seed (``python_tests/test_stats.py`` checks both against scipy) without importing
+:mod:`scipy.stats`, which costs about 0.8 s of every run's start-up.
 """
 from __future__ import annotations
 
 import math
+from statistics import NormalDist
 from typing import Sequence
 
 import numpy as np
-from scipy import stats as _sps
 
 __all__ = ["wilson_interval", "accuracy_summary", "mcnemar_exact", "paired_bootstrap", "compare_paired",
            "min_detectable_difference", "intervals_overlap"]
@@ -29,6 +34,11 @@ __all__ = ["wilson_interval", "accuracy_summary", "mcnemar_exact", "paired_boots
 def _check_level(confidence: float) -> None:
     if not 0 < confidence < 1:
         raise ValueError(f"confidence must be in (0, 1), got {confidence!r}")
+
+
+def _z(confidence: float) -> float:
+    """The two-sided normal quantile ``Phi^-1((1 + confidence) / 2)`` (1.959964 at 0.95)."""
+    return NormalDist().inv_cdf(0.5 + 0.5 * confidence)
 
 
 def _outcomes(x: Sequence, name: str) -> np.ndarray:
@@ -50,8 +60,12 @@ def wilson_interval(successes: int, n: int, confidence: float = 0.95) -> tuple[f
         raise ValueError(f"wilson_interval: n must be an int >= 1, got {n!r}")
     if isinstance(successes, bool) or not isinstance(successes, (int, np.integer)) or not 0 <= successes <= n:
         raise ValueError(f"wilson_interval: successes must be an int in [0, n={n}], got {successes!r}")
-    ci = _sps.binomtest(int(successes), int(n)).proportion_ci(confidence, method="wilson")
-    return float(ci.low), float(ci.high)
+    k, n = int(successes), int(n)
+    z, p = _z(confidence), k / n
+    denom = 2 * (n + z * z)
+    centre = (2 * n * p + z * z) / denom
+    half = z / denom * math.sqrt(4 * n * p * (1 - p) + z * z)
+    return (0.0 if k == 0 else centre - half), (1.0 if k == n else centre + half)
 
 
 def accuracy_summary(correct: Sequence, confidence: float = 0.95) -> dict:
@@ -84,7 +98,9 @@ def mcnemar_exact(a: Sequence, b: Sequence) -> dict:
     only_a = int(((x == 1) & (y == 0)).sum())
     only_b = int(((x == 0) & (y == 1)).sum())
     n = only_a + only_b
-    p = 1.0 if n == 0 else float(_sps.binomtest(only_a, n, 0.5).pvalue)
+    k = min(only_a, only_b)
+    # two-sided at 1/2: both tails as far out as k, i.e. 2 P(X <= k), in exact integers
+    p = 1.0 if 2 * k == n else min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n)
     return {"a_only": only_a, "b_only": only_b, "p_value": p}
 
 
@@ -94,7 +110,9 @@ def paired_bootstrap(a: Sequence, b: Sequence, *, n_resamples: int = 2000, confi
 
     Returns ``{"diff", "ci_low", "ci_high", "p_value"}``; ``p_value`` is the two-sided bootstrap
     p-value ``min(1, 2 * min(P*(d <= 0), P*(d >= 0)))`` of the resampled differences ``d``.
-    Deterministic for a given ``seed``.
+    Deterministic for a given ``seed``: ``n_resamples`` resamples of the problems drawn by
+    ``numpy.random.default_rng(seed).integers(0, n, (n_resamples, n))``, the interval their linear
+    quantiles at ``(1 -/+ confidence) / 2``, as ``scipy.stats.bootstrap(..., method="percentile")``.
     """
     _check_level(confidence)
     if isinstance(n_resamples, bool) or not isinstance(n_resamples, int) or n_resamples < 100:
@@ -104,12 +122,11 @@ def paired_bootstrap(a: Sequence, b: Sequence, *, n_resamples: int = 2000, confi
     d = x - y
     if np.all(d == d[0]):  # no variation: every resample gives the same difference
         return {"diff": diff, "ci_low": diff, "ci_high": diff, "p_value": 1.0 if diff == 0 else 0.0}
-    res = _sps.bootstrap((d,), lambda v, axis=-1: v.mean(axis=axis), vectorized=True, method="percentile",
-                         n_resamples=n_resamples, confidence_level=confidence, rng=np.random.default_rng(seed))
-    dist = res.bootstrap_distribution
+    dist = d[np.random.default_rng(seed).integers(0, d.size, (n_resamples, d.size))].mean(axis=-1)
+    alpha = (1 - confidence) / 2
+    low, high = np.quantile(dist, [alpha, 1 - alpha])
     p = min(1.0, 2.0 * min(float((dist <= 0).mean()), float((dist >= 0).mean())))
-    return {"diff": diff, "ci_low": float(res.confidence_interval.low), "ci_high": float(res.confidence_interval.high),
-            "p_value": p}
+    return {"diff": diff, "ci_low": float(low), "ci_high": float(high), "p_value": p}
 
 
 def compare_paired(a: Sequence, b: Sequence, *, seed: int = 0, confidence: float = 0.95) -> dict:
@@ -132,7 +149,7 @@ def min_detectable_difference(n: int, accuracy: float, *, discordant: float | No
     _check_level(confidence)
     if n < 1 or not 0 <= accuracy <= 1:
         raise ValueError(f"min_detectable_difference: need n >= 1 and accuracy in [0, 1], got {n}, {accuracy}")
-    z = float(_sps.norm.ppf(0.5 + confidence / 2))
+    z = _z(confidence)
     if discordant is None:
         return z * math.sqrt(2 * accuracy * (1 - accuracy) / n)
     if not 0 <= discordant <= 1:

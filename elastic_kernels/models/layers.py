@@ -32,6 +32,19 @@ from ..ops.weights import linear as _linear
 from .cache import AttentionLayerCache, MambaLayerCache
 from .protocol import ElasticLayer, LayerAxis, check_score, descending, permute_rows_, unit_weights
 
+def _shapes_only() -> bool:
+    """Whether parameters are being created on the meta device (a model built for its shapes, as
+    checkpoint loading does): torch runs randn and most pointwise ops on meta tensors through
+    Python reference kernels whose first call imports ``torch._dynamo`` and sympy (~1.5 s), so
+    initial values are skipped there (``torch.empty``)."""
+    return torch.get_default_device().type == "meta"
+
+
+def _normal(*shape: int, std: float) -> Tensor:
+    """Initial weights ``torch.randn(*shape) * std`` (only the shape on the meta device)."""
+    return torch.empty(*shape) if _shapes_only() else torch.randn(*shape) * std
+
+
 def _compute_dtype(t: Tensor) -> torch.dtype:
     """Normalization statistics run in float32 at least (float64 stays float64)."""
     return torch.promote_types(t.dtype, torch.float32)
@@ -178,19 +191,22 @@ class ElasticMamba2Mixer(ElasticLayer):
         self.hidden, self.nheads, self.head_dim, self.ngroups = hidden, nheads, head_dim, ngroups
         self.d_state, self.conv_kernel, self.chunk_size = d_state, conv_kernel, chunk_size
         P, H, GN = head_dim, nheads, ngroups * d_state
-        self.in_heads = nn.Parameter(torch.randn(H, 2 * P + 1, hidden) * init_std)   # z, x, dt
-        self.in_bc = nn.Parameter(torch.randn(2 * GN, hidden) * init_std)            # B, C
+        self.in_heads = nn.Parameter(_normal(H, 2 * P + 1, hidden, std=init_std))   # z, x, dt
+        self.in_bc = nn.Parameter(_normal(2 * GN, hidden, std=init_std))            # B, C
         bound = 1.0 / math.sqrt(conv_kernel)
         self.conv_x_weight = nn.Parameter(torch.empty(H, P, conv_kernel).uniform_(-bound, bound))
         self.conv_x_bias = nn.Parameter(torch.zeros(H, P))
         self.conv_bc_weight = nn.Parameter(torch.empty(2 * GN, conv_kernel).uniform_(-bound, bound))
         self.conv_bc_bias = nn.Parameter(torch.zeros(2 * GN))
-        dt = torch.exp(torch.empty(H).uniform_(math.log(1e-3), math.log(1e-1)))
-        self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
-        self.A_log = nn.Parameter(torch.log(torch.empty(H).uniform_(1.0, 16.0)))
+        if _shapes_only():
+            self.dt_bias, self.A_log = nn.Parameter(torch.empty(H)), nn.Parameter(torch.empty(H))
+        else:
+            dt = torch.exp(torch.empty(H).uniform_(math.log(1e-3), math.log(1e-1)))
+            self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
+            self.A_log = nn.Parameter(torch.log(torch.empty(H).uniform_(1.0, 16.0)))
         self.D = nn.Parameter(torch.ones(H))
         self.norm = ElasticGatedRMSNorm(H, P, ngroups, eps)
-        self.out_proj = nn.Parameter(torch.randn(hidden, H * P) * init_std)
+        self.out_proj = nn.Parameter(_normal(hidden, H * P, std=init_std))
 
     def new_cache(self, batch: int, device=None, dtype=torch.float32) -> MambaLayerCache:
         P, K1 = self.head_dim, self.conv_kernel - 1
@@ -430,10 +446,10 @@ class GQAAttention(ElasticLayer):
         if nheads % nkv_heads:
             raise ValueError(f"GQAAttention: nheads ({nheads}) must be a multiple of nkv_heads ({nkv_heads})")
         self.hidden, self.nheads, self.nkv_heads, self.head_dim = hidden, nheads, nkv_heads, head_dim
-        self.q_proj = nn.Parameter(torch.randn(nheads * head_dim, hidden) * init_std)
-        self.k_proj = nn.Parameter(torch.randn(nkv_heads * head_dim, hidden) * init_std)
-        self.v_proj = nn.Parameter(torch.randn(nkv_heads * head_dim, hidden) * init_std)
-        self.o_proj = nn.Parameter(torch.randn(hidden, nheads * head_dim) * init_std)
+        self.q_proj = nn.Parameter(_normal(nheads * head_dim, hidden, std=init_std))
+        self.k_proj = nn.Parameter(_normal(nkv_heads * head_dim, hidden, std=init_std))
+        self.v_proj = nn.Parameter(_normal(nkv_heads * head_dim, hidden, std=init_std))
+        self.o_proj = nn.Parameter(_normal(hidden, nheads * head_dim, std=init_std))
 
     def new_cache(self, batch: int, device=None, dtype=torch.float32) -> AttentionLayerCache:
         empty = torch.zeros(batch, self.nkv_heads, 0, self.head_dim, device=device, dtype=dtype)
@@ -553,8 +569,8 @@ class ElasticFFN(ElasticLayer):
     def __init__(self, hidden: int, ffn: int, activation: str = "relu2", init_std: float = 0.02) -> None:
         super().__init__()
         self.hidden, self.ffn, self.activation = hidden, ffn, activation
-        self.up = nn.Parameter(torch.randn(ffn, hidden) * init_std)
-        self.down = nn.Parameter(torch.randn(hidden, ffn) * init_std)
+        self.up = nn.Parameter(_normal(ffn, hidden, std=init_std))
+        self.down = nn.Parameter(_normal(hidden, ffn, std=init_std))
 
     def forward(self, x: Tensor, width=None, mask: Tensor | None = None, max_width: int | None = None) -> Tensor:
         k = x.shape[-1]
@@ -594,7 +610,7 @@ class ElasticEmbedding(ElasticLayer):
     def __init__(self, vocab: int, hidden: int, init_std: float = 0.02) -> None:
         super().__init__()
         self.vocab, self.hidden = vocab, hidden
-        self.weight = nn.Parameter(torch.randn(vocab, hidden) * init_std)
+        self.weight = nn.Parameter(_normal(vocab, hidden, std=init_std))
 
     def forward(self, ids: Tensor, k: int | None = None) -> Tensor:
         k = self.hidden if k is None else k
@@ -614,7 +630,7 @@ class ElasticLMHead(ElasticLayer):
     def __init__(self, vocab: int, hidden: int, init_std: float = 0.02) -> None:
         super().__init__()
         self.vocab, self.hidden = vocab, hidden
-        self.weight = nn.Parameter(torch.randn(vocab, hidden) * init_std)
+        self.weight = nn.Parameter(_normal(vocab, hidden, std=init_std))
 
     def forward(self, x: Tensor) -> Tensor:
         return _linear(x, self.weight[:, :x.shape[-1]])
@@ -675,11 +691,11 @@ class ElasticMoE(ElasticLayer):
         self.score, self.activation = score, activation
         self.n_group, self.topk_group, self.norm_topk = n_group, topk_group, norm_topk
         self.routed_scaling, self.router_fp32 = float(routed_scaling), router_fp32
-        self.router = nn.Parameter(torch.randn(num_experts, hidden) * init_std)
+        self.router = nn.Parameter(_normal(num_experts, hidden, std=init_std))
         self.register_buffer("correction_bias", torch.zeros(num_experts) if score == "sigmoid" else None)
-        self.w1 = nn.Parameter(torch.randn(num_experts, ffn, hidden) * init_std)
-        self.w2 = nn.Parameter(torch.randn(num_experts, hidden, ffn) * init_std)
-        self.w3 = nn.Parameter(torch.randn(num_experts, ffn, hidden) * init_std) if gated else None
+        self.w1 = nn.Parameter(_normal(num_experts, ffn, hidden, std=init_std))
+        self.w2 = nn.Parameter(_normal(num_experts, hidden, ffn, std=init_std))
+        self.w3 = nn.Parameter(_normal(num_experts, ffn, hidden, std=init_std)) if gated else None
         self.shared = ElasticFFN(hidden, shared_ffn, activation, init_std) if shared_ffn > 0 else None
 
     def _apply(self, fn, recurse=True):

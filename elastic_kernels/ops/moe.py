@@ -32,7 +32,7 @@ from ..formats import NVFP4Tensor
 from ..formats.nvfp4 import BLOCK
 from ..reference.moe import (ACTIVATIONS, SCORES, moe_experts_reference_bwd, moe_experts_reference_fwd,
                              moe_route_reference, saved_shape)
-from ._autograd import OpArgs, fake_grads, unpack_grads
+from ._autograd import OpArgs, custom_op, fake_grads, unpack_grads
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -187,8 +187,8 @@ def _moe_experts_backward(grad_y: Tensor, x: Tensor, topk_weights: Tensor, topk_
     return [g if g is not None else torch.empty(0, device=x.device) for g in grads]
 
 
-_moe_experts_op = torch.library.custom_op("elastic_kernels::moe_experts", _moe_experts, mutates_args=())
-_moe_experts_bwd_op = torch.library.custom_op("elastic_kernels::moe_experts_backward", _moe_experts_backward,
+_moe_experts_op = custom_op("elastic_kernels::moe_experts", _moe_experts, mutates_args=())
+_moe_experts_bwd_op = custom_op("elastic_kernels::moe_experts_backward", _moe_experts_backward,
                                               mutates_args=())
 _ARGS, _BWD_ARGS = OpArgs(_moe_experts), OpArgs(_moe_experts_backward)
 

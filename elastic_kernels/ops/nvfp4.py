@@ -24,6 +24,7 @@ from ..cuda import nvfp4 as cuda_nvfp4
 from ..formats.fp8 import fp8_scale_of
 from ..formats.nvfp4 import BLOCK, WEIGHT_DTYPES, NVFP4Tensor, global_scale_of, resolve_global_scale, scaled_values
 from ..reference import nvfp4 as ref
+from ._autograd import custom_op
 
 X_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -82,7 +83,7 @@ _LINEAR = Backends("nvfp4_linear", dtypes={"cuda": (torch.bfloat16, torch.float1
 # quantize (no gradient)
 # ---------------------------------------------------------------------------------------------
 
-@torch.library.custom_op("elastic_kernels::nvfp4_quantize", mutates_args=())
+@custom_op("elastic_kernels::nvfp4_quantize", mutates_args=())
 def _quantize_op(w: Tensor, g: Tensor, backend: str) -> tuple[Tensor, Tensor]:
     """-> (data uint8, scale bytes uint8); custom ops carry e4m3 scales as their bytes."""
     data, scales = _QUANTIZE[backend](w, g)
@@ -133,7 +134,7 @@ def quantize(w: Tensor, *, global_scale: Tensor | float | None = None, backend: 
 # fake quantization (straight-through gradient)
 # ---------------------------------------------------------------------------------------------
 
-@torch.library.custom_op("elastic_kernels::fake_quant_nvfp4", mutates_args=())
+@custom_op("elastic_kernels::fake_quant_nvfp4", mutates_args=())
 def _fake_nvfp4_op(x: Tensor, g: Tensor, backend: str) -> Tensor:
     return _FAKE_QUANT[backend](x, g)
 
@@ -178,7 +179,7 @@ def fake_quant_nvfp4(x: Tensor, *, global_scale: Tensor | float | None = None,
     return _fake_nvfp4_op(x, g, _FAKE_QUANT.resolve(backend, x.device))
 
 
-@torch.library.custom_op("elastic_kernels::fake_quant_fp8", mutates_args=())
+@custom_op("elastic_kernels::fake_quant_fp8", mutates_args=())
 def _fake_fp8_op(x: Tensor, scale: Tensor) -> Tensor:
     return ref.fake_quant_fp8_reference(x, scale)
 
@@ -217,7 +218,7 @@ def fake_quant_fp8(x: Tensor, *, scale: Tensor | float | None = None) -> Tensor:
 # nvfp4_linear
 # ---------------------------------------------------------------------------------------------
 
-@torch.library.custom_op("elastic_kernels::nvfp4_linear", mutates_args=())
+@custom_op("elastic_kernels::nvfp4_linear", mutates_args=())
 def _linear_op(x: Tensor, data: Tensor, scales: Tensor, g: Tensor, bias: Optional[Tensor],
                act_quant: bool, backend: str) -> Tensor:
     """``scales`` are the e4m3 block scales' bytes (uint8)."""

@@ -17,7 +17,7 @@ from .._validation import (FLOAT_DTYPES, Dims, check_choice, check_int, check_no
                            check_tensor, check_width)
 from ..cuda import ssd as cuda_ssd
 from ..reference.ssd import ssd_scan_reference_bwd, ssd_scan_reference_fwd, ssd_state_update_reference
-from ._autograd import OpArgs, fake_grads, unpack_grads
+from ._autograd import OpArgs, custom_op, fake_grads, unpack_grads
 
 HEAD_LAYOUTS = ("blocked", "interleaved")
 
@@ -103,8 +103,8 @@ def _ssd_scan_backward(grad_y: Tensor, grad_states: Tensor, x: Tensor, dt: Tenso
     return [g.contiguous() if g is not None else torch.empty(0, device=x.device) for g in grads]
 
 
-_ssd_scan_op = torch.library.custom_op("elastic_kernels::ssd_scan", _ssd_scan, mutates_args=())
-_ssd_scan_bwd_op = torch.library.custom_op("elastic_kernels::ssd_scan_backward", _ssd_scan_backward,
+_ssd_scan_op = custom_op("elastic_kernels::ssd_scan", _ssd_scan, mutates_args=())
+_ssd_scan_bwd_op = custom_op("elastic_kernels::ssd_scan_backward", _ssd_scan_backward,
                                            mutates_args=())
 _ARGS, _BWD_ARGS = OpArgs(_ssd_scan), OpArgs(_ssd_scan_backward)
 
@@ -228,7 +228,7 @@ _STATE_UPDATE = Backends("ssd_state_update", cuda_preference=("cuda",), dtypes={
                          reference=ssd_state_update_reference, cuda=cuda_ssd.ssd_state_update)
 
 
-@torch.library.custom_op("elastic_kernels::ssd_state_update", mutates_args=("state",))
+@custom_op("elastic_kernels::ssd_state_update", mutates_args=("state",))
 def _ssd_state_update_op(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor,
                          D: Optional[Tensor], z: Optional[Tensor], dt_bias: Optional[Tensor],
                          active_t: Optional[Tensor], dt_softplus: bool, interleaved: bool,
