@@ -656,11 +656,12 @@ def test_cli_parses_before_importing_torch():
 
 
 def test_startup_imports_no_compiler_or_plotting(tmp_path):
-    """The optimizer and the ops do not pull in torch._dynamo (no compile asked for), nor the run
-    scipy.stats, and matplotlib and tqdm's progress bars are imported only when a plot or a bar is
-    made: a run stopped before its report, without progress bars, imports none of them. (torch
-    itself imports the top-level ``tqdm`` module from torch.hub when it is installed, so the check
-    is on ``tqdm.auto``.)"""
+    """The optimizer and the ops do not pull in torch._dynamo (no compile asked for), nor an
+    unsharded run torch.distributed.tensor or sympy, nor the run scipy.stats; matplotlib and tqdm's
+    progress bars are imported only when a plot or a bar is made: a run stopped in its elastic
+    stage (after the importance stage loaded the parent), without progress bars, imports none of
+    them. (torch itself imports the top-level ``tqdm`` module from torch.hub when it is installed,
+    so the check is on ``tqdm.auto``.)"""
     import subprocess
     import sys
     code = ("import sys\nimport torch\nfrom elastic_kernels.train.optim import AdamW\n"
@@ -668,10 +669,10 @@ def test_startup_imports_no_compiler_or_plotting(tmp_path):
             "opt.step()\nopt.zero_grad()\nopt.load_state_dict(opt.state_dict())\n"
             "assert 'torch._dynamo' not in sys.modules, 'the optimizer imported torch._dynamo'\n"
             "from elastic_kernels.train import make_config, run\nfrom elastic_kernels.train.runner import StopRun\n"
-            f"cfg = make_config('smoke', run_dir={str(tmp_path / 'r')!r}, baselines=False, threads=1, stop_after=2)\n"
+            f"cfg = make_config('smoke', run_dir={str(tmp_path / 'r')!r}, baselines=False, threads=1, stop_after=8)\n"
             "try:\n    run(cfg)\nexcept StopRun:\n    pass\n"
             "print(sorted(m for m in sys.modules if m.startswith(('matplotlib', 'tqdm.auto', 'torch._dynamo', "
-            "'scipy.stats'))))\n")
+            "'scipy.stats', 'sympy', 'torch.distributed.tensor'))))\n")
     env = dict(__import__("os").environ, OMP_NUM_THREADS="1")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
     assert res.returncode == 0, res.stderr[-3000:]

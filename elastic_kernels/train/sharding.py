@@ -21,13 +21,21 @@ from __future__ import annotations
 
 import copy
 import itertools
+import sys
 
 import torch
 from torch import nn
-from torch.distributed.tensor import DTensor, distribute_tensor
 
 __all__ = ["gather_state", "gather_tensors", "has_meta", "is_sharded", "like", "materialize", "meta_copy", "plain", "shard",
            "shard_optimizer_state"]
+
+
+def _is_dtensor(t) -> bool:
+    """``isinstance(t, DTensor)`` without importing ``torch.distributed.tensor`` (about 1.3 s:
+    sympy, torch.fx's symbolic shapes) in runs that shard nothing: no DTensor exists before that
+    module is imported (``fully_shard`` imports it)."""
+    mod = sys.modules.get("torch.distributed.tensor")
+    return mod is not None and isinstance(t, mod.DTensor)
 
 
 def shard(module: nn.Module) -> nn.Module:
@@ -57,6 +65,7 @@ def materialize(module: nn.Module, full: dict[str, torch.Tensor] | None, device:
     tensor at a time in flight, never the whole model); unsharded tensors (buffers) are
     broadcast. A collective: every rank calls it."""
     import torch.distributed as dist
+    from torch.distributed.tensor import distribute_tensor
 
     if has_meta(module):
         module.to_empty(device=device)
@@ -66,7 +75,7 @@ def materialize(module: nn.Module, full: dict[str, torch.Tensor] | None, device:
         shape = ref.shape  # a DTensor's global shape
         t = full[k].to(device=device, dtype=ref.dtype) if full is not None else torch.empty(
             shape, dtype=ref.dtype, device=device)
-        if isinstance(ref, DTensor):
+        if _is_dtensor(ref):
             ref.to_local().copy_(distribute_tensor(t, ref.device_mesh, ref.placements, src_data_rank=src).to_local())
         else:
             dist.broadcast(t, src)
@@ -82,12 +91,12 @@ def meta_copy(module: nn.Module) -> nn.Module:
 
 def is_sharded(t: torch.Tensor) -> bool:
     """Whether ``t`` is a DTensor (an FSDP2 parameter, gradient or optimizer state shard)."""
-    return isinstance(t, DTensor)
+    return _is_dtensor(t)
 
 
 def plain(t: torch.Tensor) -> torch.Tensor:
     """``t`` as a plain full tensor (all-gathers a DTensor: every rank must call it)."""
-    return t.full_tensor() if isinstance(t, DTensor) else t
+    return t.full_tensor() if _is_dtensor(t) else t
 
 
 def gather_tensors(tensors: dict[str, torch.Tensor], keep: bool) -> dict[str, torch.Tensor]:
@@ -110,8 +119,9 @@ def gather_state(module: nn.Module, keep: bool) -> dict[str, torch.Tensor]:
 def like(full: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     """``full`` (a full tensor, identical on every rank) laid out as ``ref``: this rank's shard
     when ``ref`` is a DTensor (no communication), else ``full`` itself."""
-    if not isinstance(ref, DTensor):
+    if not _is_dtensor(ref):
         return full
+    from torch.distributed.tensor import distribute_tensor
     return distribute_tensor(full.to(device=ref.device, dtype=ref.dtype), ref.device_mesh, ref.placements,
                              src_data_rank=None)
 
@@ -121,9 +131,9 @@ def shard_optimizer_state(opt: torch.optim.Optimizer) -> None:
     tensor of a sharded parameter out as that parameter (scalars such as AdamW's ``step`` stay)."""
     for group in opt.param_groups:
         for p in group["params"]:
-            if not isinstance(p, DTensor):
+            if not _is_dtensor(p):
                 continue
             st = opt.state.get(p, {})
             for k, v in st.items():
-                if isinstance(v, torch.Tensor) and not isinstance(v, DTensor) and v.shape == p.shape and v.dim():
+                if isinstance(v, torch.Tensor) and not _is_dtensor(v) and v.shape == p.shape and v.dim():
                     st[k] = like(v, p)
