@@ -257,7 +257,8 @@ def test_reference_fp32_per_token_widths_match_truth(widths, activation, gated, 
     strided = dict(inp, x=xt, w1=big1[:n_exp, 8:, 16:], w2=big2[:, :, 4:])
     names = grad_names(strided)
     gy = torch.randn(tokens, hidden)
-    exact = {k: (v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v) for k, v in strided.items()}
+    exact = {k: (v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
+             for k, v in strided.items()}
     truth = lambda **kw: truth_experts(**kw, activation=activation, n_act=n_act, width=w)  # noqa: E731
     y64, g64 = forward_backward(truth, exact, names, gy.double())
     y, g = forward_backward(run_op("reference", activation, n_act, w), strided, names, gy)

@@ -19,16 +19,19 @@ Experts >= E' and channels >= d' take no part (zero gradients).
 
 The reference sorts the (token, slot) pairs by expert and, within an expert, widest first, and
 cuts the FFN axis into column blocks between consecutive distinct widths (one block without
-per-token widths). Each block runs on its own pairs and columns only: one grouped GEMM
-(``torch._grouped_mm``, or one matmul per expert into a preallocated buffer) per projection on
-the prefix views ``w1[:E', c0:c1]`` / ``w2[:E', :, c0:c1]`` (no weight copies) and the
-elementwise passes on exactly those pairs and columns, so per-token widths cost what their mean
-width costs. The forward saves the blocks' pre-activations packed into one buffer and writes
-its temporaries in place where it can (fresh large buffers are costly on the CPU: page faults);
-the backward is written by hand on the same GEMMs (no forward re-run) and writes each
-weight-gradient block once. Float64 (which ``torch._grouped_mm`` does not take) and NVFP4
-weights (:class:`elastic_kernels.formats.NVFP4Tensor`, W4A16, frozen) use one matmul per
-expert; NVFP4 weights decode only their experts' prefix views, to x's dtype.
+per-token widths). Each block runs on its own pairs and columns only: per projection one matmul
+per expert on the prefix views ``w1[:E', c0:c1]`` / ``w2[:E', :, c0:c1]`` (no weight copies),
+reading its inputs from and accumulating its outputs (``addmm_``) into contiguous row slices of
+the first block's buffers, and the elementwise passes on exactly its pairs and columns, so
+per-token widths cost what their mean width costs in FLOPs (experts with few pairs stay bound
+by their weight reads). On the CPU ``torch._grouped_mm`` is one matmul per group as well; the
+reference calls them itself to write into preallocated buffers and accumulate, and takes
+``torch._grouped_mm`` for a weight gradient of one block over the whole weight. The forward
+saves the blocks' pre-activations packed into one buffer and writes its temporaries in place
+where it can (fresh large buffers are costly on the CPU: page faults); the backward is written by
+hand on the same GEMMs (no forward re-run) and writes each weight-gradient block once. NVFP4
+weights (:class:`elastic_kernels.formats.NVFP4Tensor`, W4A16, frozen) decode only their experts'
+prefix views, to x's dtype.
 """
 from __future__ import annotations
 
@@ -108,17 +111,17 @@ def _grouped_ok(*ts) -> bool:
 
 class _Block(NamedTuple):
     """One FFN column block ``[c0, c1)`` of a :class:`_Plan` and the (token, slot) pairs whose
-    width reaches ``c1``, grouped by expert: ``rows`` (R_b,) their positions among the first
-    block's pairs (None for the first block: all of them), ``tokens``/``pairs`` (R_b,) their
-    tokens and flat (token * top_k + slot) indices, ``counts`` their number per expert (``offs`` the int32
-    cumulative sum, as ``torch._grouped_mm`` takes it), ``start`` the offset of the block's
-    (R_b, c1 - c0) pre-activations in the saved buffer's flat rows."""
+    width reaches ``c1``, grouped by expert: ``tokens``/``pairs`` (R_b,) their tokens and flat
+    (token * top_k + slot) indices, ``counts`` their number per expert and ``starts`` where each
+    expert's pairs begin, ``offs`` the int32 cumulative counts (as ``torch._grouped_mm`` takes
+    them), ``start`` the offset of the block's (R_b, c1 - c0) pre-activations in the saved
+    buffer's flat rows."""
     c0: int
     c1: int
-    rows: torch.Tensor | None
     tokens: torch.Tensor
     pairs: torch.Tensor
     counts: list
+    starts: list
     offs: torch.Tensor
     start: int
 
@@ -127,11 +130,13 @@ class _Plan:
     """The (token, slot) pairs with a nonzero width, sorted by expert and, within an expert, by
     width (widest first), cut into FFN column blocks between consecutive distinct widths.
 
-    ``blocks``: one :class:`_Block` per distinct width, narrowest first (the first block holds
-    every pair); ``d``: the widest width; ``used``: the elements the blocks' pre-activations fill.
-    Each block runs its grouped GEMMs and elementwise passes on its own pairs and columns only,
-    so every weight column is read once per projection and per-token widths cost what their mean
-    width costs.
+    ``blocks``: one :class:`_Block` per distinct width, narrowest first; the first holds every
+    pair, and within each expert a block's pairs are the first ones of the first block's, so every
+    block reads its inputs and accumulates its outputs in contiguous row slices of first-block
+    buffers (:meth:`experts`). ``d``: the widest width; ``used``: the elements the blocks'
+    pre-activations fill. Each block runs its GEMMs and elementwise passes on its own pairs and
+    columns only, so every weight column is read once per projection and per-token widths cost
+    what their mean width costs.
     """
 
     def __init__(self, topk_ids, n_act: int, ffn: int, width_int: int, width_t):
@@ -150,23 +155,36 @@ class _Plan:
         cuts = [] if not len(order) else [d] if widths is None else torch.unique(widths).tolist()
         self.blocks, c0, start = [], 0, 0
         for j, c1 in enumerate(cuts):
-            rows = None
             if j == 0:  # every pair reaches the narrowest width
                 tk, pr, ex = tokens, order, experts
             else:  # within each expert a prefix of its pairs (widest first)
                 rows = (widths >= c1).nonzero().flatten()
                 tk, pr, ex = tokens[rows], order[rows], experts[rows]
             counts = torch.bincount(ex, minlength=n_act)
-            blk = _Block(c0, c1, rows, tk, pr, counts.tolist(), torch.cumsum(counts, 0).to(torch.int32), start)
+            cum = torch.cumsum(counts, 0)
+            blk = _Block(c0, c1, tk, pr, counts.tolist(), (cum - counts).tolist(), cum.to(torch.int32), start)
             self.blocks.append(blk)
             start += len(blk.tokens) * (c1 - c0)
             c0 = c1
         self.d, self.used = c0, start
 
+    def experts(self, blk: _Block):
+        """``(e, s, n, s0)`` for every expert e with n > 0 pairs in ``blk``: its pairs are rows
+        ``[s, s + n)`` of the block and ``[s0, s0 + n)`` of the first block."""
+        first = self.blocks[0]
+        for e, (n, s, s0) in enumerate(zip(blk.counts, blk.starts, first.starts)):
+            if n:
+                yield e, s, n, s0
+
 
 def _block_view(w, n_act: int, axis: int, blk: _Block):
     """``w[:n_act]`` with its FFN axis (1 for w1/w3, 2 for w2) narrowed to the block's columns."""
     return w[:n_act, blk.c0:blk.c1] if axis == 1 else w[:n_act, :, blk.c0:blk.c1]
+
+
+def _weight(w, e: int, dtype: torch.dtype) -> torch.Tensor:
+    """Expert e's slice of a (block view of a) weight; a quantized one decodes to ``dtype``."""
+    return expert_weight(w, e, slice(None), slice(None), dtype)
 
 
 # ``a_e @ w[e].T`` for an expert with few rows runs faster on the CPU BLAS as ``(w[e] @ a_e.T).T``
@@ -176,63 +194,48 @@ def _block_view(w, n_act: int, axis: int, blk: _Block):
 _PAIR_MAJOR_ROWS, _PAIR_MAJOR_K = 32, 1024
 
 
-def _gmm(a: torch.Tensor, w, blk: _Block, transpose: bool, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Grouped GEMM over experts: the rows of ``a: (R_b, K)`` of expert e times ``w[e].T``
-    (``transpose``, w: (E', N, K)) or ``w[e]`` (w: (E', K, N)), into ``out: (R_b, N)`` if given.
-    ``torch._grouped_mm`` for plain fp32/bf16/fp16 operands without ``out``; otherwise one
-    matmul per expert (as fast on the CPU; the pair-major form for experts with few rows, see
-    ``_PAIR_MAJOR_ROWS``), decoding a quantized weight's expert slice to a's dtype."""
-    wt = w.transpose(-2, -1) if transpose and not isinstance(w, QuantizedTensor) else w
-    if out is None and _grouped_ok(a, wt):
-        return torch._grouped_mm(a, wt, offs=blk.offs)
-    n_out = w.shape[-2 if transpose else -1]
-    if out is None:
-        out = a.new_empty(a.shape[0], n_out)
-    pair_major = transpose and a.shape[1] >= _PAIR_MAJOR_K
-    scratch = a.new_empty(n_out * _PAIR_MAJOR_ROWS) if pair_major else None
-    start = 0
-    for e, n in enumerate(blk.counts):
-        if n:
-            we = expert_weight(w, e, slice(None), slice(None), a.dtype)
-            if pair_major and n <= _PAIR_MAJOR_ROWS:
-                out_t = scratch[:n_out * n].view(n_out, n)
-                torch.mm(we, a[start:start + n].T, out=out_t)
-                out[start:start + n].copy_(out_t.T)
-            else:
-                torch.mm(a[start:start + n], we.T if transpose else we, out=out[start:start + n])
-        start += n
-    return out
+def _mm(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate: bool) -> None:
+    """``out = a @ b`` (or ``out += a @ b``) for one expert: ``a`` (n, K) pair rows, ``b`` (K, N)
+    (a weight slice or its transpose), ``out`` a contiguous (n, N) row slice."""
+    n, k = a.shape
+    if n <= _PAIR_MAJOR_ROWS and k >= _PAIR_MAJOR_K:
+        prod = (b.T @ a.T).T  # pair-major (see _PAIR_MAJOR_ROWS)
+        out.add_(prod) if accumulate else out.copy_(prod)
+    elif accumulate:
+        out.addmm_(a, b)
+    else:
+        torch.mm(a, b, out=out)
 
 
 class _WeightGrad:
     """The gradient of one expert weight (axis 1: w1/w3 (E, F, hidden); axis 2: w2 (E, hidden, F)),
-    exact zeros outside ``w[:E', :d]``, written block by block: ``g[rows_e].T @ a[rows_e]`` per
-    expert. A plan of one block over the whole weight takes the grouped GEMM's own result."""
+    exact zeros outside ``w[:E', :d]``, written block by block: ``g_e.T @ a_e`` per expert. A plan
+    of one block over the whole weight takes ``torch._grouped_mm``'s result."""
 
     def __init__(self, w, plan: _Plan, n_act: int, axis: int, dtype: torch.dtype):
-        self.axis, self.n_act = axis, n_act
+        self.plan, self.axis, self.n_act = plan, axis, n_act
         shape = tuple(w.shape)
         self.whole = len(plan.blocks) == 1 and n_act == shape[0] and plan.d == shape[axis]
-        self.full = None
+        self.full = torch.empty(shape, dtype=dtype, device=w.device) if not self.whole else None
         if not self.whole:
-            self.full = torch.empty(shape, dtype=dtype, device=w.device)
             self.full[n_act:].zero_()
             (self.full[:n_act, plan.d:] if axis == 1 else self.full[:n_act, :, plan.d:]).zero_()
 
-    def add(self, g: torch.Tensor, a: torch.Tensor, blk: _Block) -> None:
-        """Write the block's columns from ``g: (R_b, N)`` and ``a: (R_b, K)``."""
-        if self.whole and _grouped_ok(g.t(), a):
+    def add(self, blk: _Block, g: torch.Tensor, g_first: bool, a: torch.Tensor, a_first: bool) -> None:
+        """Write the block's columns from ``g`` (pairs, N) and ``a`` (pairs, K), each in the
+        block's row order or (``*_first``) the first block's."""
+        if self.whole and _grouped_ok(g.t(), a):  # one block: both row orders agree
             self.full = torch._grouped_mm(g.t(), a, offs=blk.offs)
             return
         if self.full is None:
             self.full = g.new_empty(len(blk.counts), g.shape[1], a.shape[1])
-        dst, start = self.full if self.whole else _block_view(self.full, self.n_act, self.axis, blk), 0
+        dst = self.full if self.whole else _block_view(self.full, self.n_act, self.axis, blk)
         for e, n in enumerate(blk.counts):
-            if n:
-                torch.mm(g[start:start + n].T, a[start:start + n], out=dst[e])
-            else:
+            if not n:
                 dst[e].zero_()
-            start += n
+        for e, s, n, s0 in self.plan.experts(blk):
+            gs, as_ = (s0 if g_first else s), (s0 if a_first else s)
+            torch.mm(g[gs:gs + n].T, a[as_:as_ + n], out=dst[e])
 
 
 def _channel_scale(channel_scale, blk: _Block, dtype):
@@ -288,22 +291,28 @@ def moe_experts_reference_fwd(x: torch.Tensor, topk_weights: torch.Tensor, topk_
         return y.to(x.dtype), x.new_zeros(shape)
     saved = x.new_empty(shape)
     saved.view(shape[0], -1)[:, plan.used:].zero_()
-    out = None  # (pairs, hidden): each pair's expert output, weighted once all blocks are in
-    for blk in plan.blocks:
-        xb = x.index_select(0, blk.tokens)
+    first = plan.blocks[0]
+    xs = x.index_select(0, first.tokens)  # (pairs, hidden), first-block order
+    acts = []
+    for blk in plan.blocks:  # up projections and activations of every block, then the down ones
         h, u = _saved_views(saved, blk)
-        _gmm(xb, _block_view(w1, n_act, 1, blk), blk, True, out=h)
-        if u is not None:
-            _gmm(xb, _block_view(w3, n_act, 1, blk), blk, True, out=u)
+        for w, hu in ((w1, h), (w3, u)):
+            if hu is not None:
+                wb = _block_view(w, n_act, 1, blk)
+                for e, s, n, s0 in plan.experts(blk):
+                    _mm(hu[s:s + n], xs[s0:s0 + n], _weight(wb, e, x.dtype).T, False)
         a = _activate(h, activation)
         if u is not None:
             a.mul_(u)
         cs = _channel_scale(channel_scale, blk, a.dtype)
         if cs is not None:
             a.mul_(cs)
-        o = _gmm(a, _block_view(w2, n_act, 2, blk), blk, True, out=xb)  # xb is spent: reuse it
-        out = o if out is None else out.index_add_(0, blk.rows, o)
-    first = plan.blocks[0]
+        acts.append(a)
+    out = xs  # xs is spent: its memory takes each pair's expert output, weighted once all blocks are in
+    for blk, a in zip(plan.blocks, acts):
+        w2b = _block_view(w2, n_act, 2, blk)
+        for e, s, n, s0 in plan.experts(blk):
+            _mm(out[s0:s0 + n], a[s:s + n], _weight(w2b, e, x.dtype).T, blk is not first)
     p = topk_weights.reshape(-1)[first.pairs].to(acc_dtype)[:, None]
     y.index_add_(0, first.tokens, out.to(acc_dtype).mul_(p))
     return y.to(x.dtype), saved
@@ -347,7 +356,7 @@ def moe_experts_reference_bwd(grad_y: torch.Tensor, x: torch.Tensor, topk_weight
                               num_experts_active: int | None = None, width_int: int = -1,
                               width_t: torch.Tensor | None = None, channel_scale: torch.Tensor | None = None,
                               saved: torch.Tensor | None = None):
-    """Hand-written backward of :func:`moe_experts_reference_fwd` on the same grouped GEMMs
+    """Hand-written backward of :func:`moe_experts_reference_fwd` on the same per-expert GEMMs
     (``grad_y: (tokens, hidden)``; ``saved`` the forward's saved pre-activations, or None to
     recompute them), block by block of its plan. With ``a = act(h) [* u] * cs`` per pair and its
     output ``o = a w2^T`` weighted by ``p``: ``dp = a . (g w2)``, ``da = p g w2``,
@@ -374,20 +383,29 @@ def moe_experts_reference_bwd(grad_y: torch.Tensor, x: torch.Tensor, topk_weight
                                           channel_scale=channel_scale)[1]
     gw = [_WeightGrad(w, plan, n_act, axis, x.dtype) if trainable(w) else None
           for w, axis in ((w1, 1), (w2, 2), (w3, 1))]
+    first = plan.blocks[0]
     p = topk_weights.reshape(-1)
-    for blk in plan.blocks:
+    xs = x.index_select(0, first.tokens)  # first-block order, as g and gxs
+    g = grad_y.index_select(0, first.tokens).to(x.dtype)
+    blocks = []
+    for blk in plan.blocks:  # g w2 of every block while g is unweighted
         h, u = _saved_views(saved, blk)
         act = h.square() if activation == "relu2" else activation_fn(h, activation)
         a_pre = act if u is None else act * u
         cs = _channel_scale(channel_scale, blk, a_pre.dtype)
         a = a_pre if cs is None else a_pre * cs
-        g = grad_y.index_select(0, blk.tokens).to(x.dtype)
-        g_w2 = _gmm(g, _block_view(w2, n_act, 2, blk), blk, False)            # g w2: (R_b, c1 - c0)
-        pb = p[blk.pairs].to(g_w2.dtype)[:, None]
+        g_w2 = a.new_empty(a.shape)                                           # g w2: (R_b, c1 - c0)
+        w2b = _block_view(w2, n_act, 2, blk)
+        for e, s, n, s0 in plan.experts(blk):
+            _mm(g_w2[s:s + n], g[s0:s0 + n], _weight(w2b, e, x.dtype), False)
+        blocks.append((blk, h, u, act, a_pre, cs, a, g_w2))
+    gp = g.mul_(p[first.pairs].to(g.dtype)[:, None])                          # p g, in place
+    grads_h = []
+    for blk, h, u, act, a_pre, cs, a, g_w2 in blocks:
         if gw[1] is not None:
-            gw[1].add(g.mul_(pb), a, blk)                                     # (p g)^T a
+            gw[1].add(blk, gp, True, a, False)                                # (p g)^T a
         gtw.index_add_(0, blk.pairs, a.mul_(g_w2).sum(-1).to(gtw.dtype))    # a is spent
-        ga = g_w2.mul_(pb)
+        ga = g_w2.mul_(p[blk.pairs].to(g_w2.dtype)[:, None])
         if gcs is not None:
             gc = (ga * a_pre).to(gcs.dtype)
             if gcs.dim() == 1:
@@ -399,13 +417,17 @@ def moe_experts_reference_bwd(grad_y: torch.Tensor, x: torch.Tensor, topk_weight
         if u is not None:
             gu = ga * act
             ga.mul_(u)
-        gh = _activation_grad_(ga, h, activation)
-        xb = x.index_select(0, blk.tokens)
-        gx.index_add_(0, blk.tokens, _gmm(gh, _block_view(w1, n_act, 1, blk), blk, False, out=g).to(gx.dtype))
+        grads_h.append((blk, _activation_grad_(ga, h, activation), gu))
+    gxs = gp  # gp is spent: its memory takes dx of each pair
+    for blk, gh, gu in grads_h:
+        w1b, w3b = (None if w is None else _block_view(w, n_act, 1, blk) for w in (w1, w3))
+        for e, s, n, s0 in plan.experts(blk):
+            _mm(gxs[s0:s0 + n], gh[s:s + n], _weight(w1b, e, x.dtype), blk is not first)
+            if gu is not None:
+                _mm(gxs[s0:s0 + n], gu[s:s + n], _weight(w3b, e, x.dtype), True)
         if gw[0] is not None:
-            gw[0].add(gh, xb, blk)
-        if gu is not None:
-            gx.index_add_(0, blk.tokens, _gmm(gu, _block_view(w3, n_act, 1, blk), blk, False, out=g).to(gx.dtype))
-            if gw[2] is not None:
-                gw[2].add(gu, xb, blk)
+            gw[0].add(blk, gh, False, xs, True)
+        if gu is not None and gw[2] is not None:
+            gw[2].add(blk, gu, False, xs, True)
+    gx.index_add_(0, first.tokens, gxs.to(gx.dtype))
     return [gx, gtw.reshape(topk_weights.shape), *(None if gr is None else gr.full.contiguous() for gr in gw), gcs]
