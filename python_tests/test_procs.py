@@ -188,3 +188,56 @@ def test_procs_option():
     assert parse_args(["--preset", "smoke", "--procs", "3"]).procs == 3
     with pytest.raises(UsageError, match="--procs"):
         parse_args(["--preset", "smoke", "--procs", "0"])
+
+
+def test_concurrent_baseline_stages_equal_one_process_and_resume(tmp_path):
+    """``--procs 2`` runs the baseline and prune+distill stages one per process (full batch, no
+    gradient exchange): on the same elastic-stage checkpoints their metrics and results equal the
+    single-process run's exactly; a ``--stop-after`` inside them stops both processes with
+    resumable checkpoints, and the resumed run logs every step once."""
+    from elastic_kernels.train.config import make_config
+    from elastic_kernels.train.metrics import read_metrics
+    from elastic_kernels.train.pipeline import run
+
+    one = tmp_path / "one"
+    run(make_config("smoke", run_dir=str(one)))
+    two = tmp_path / "two"
+    shutil.copytree(one, two)
+    keep = ("parent", "importance", "elastic")
+    prog = json.loads((two / "progress.json").read_text())
+    prog["done"] = [s for s in prog["done"] if s in keep]
+    for row in prog["results"]["budgets"]:
+        row["baseline"] = None
+        row.pop("prune_distill", None)
+    prog["results"].pop("claims", None)
+    (two / "progress.json").write_text(json.dumps(prog))
+    for f in list(two.glob("baseline-*")) + list(two.glob("prune-*")) + [two / "evaluation.json"]:
+        f.unlink()
+    lines = [r for r in read_metrics(two / "metrics.jsonl") if r["stage"] in keep]
+    (two / "metrics.jsonl").write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in lines))
+
+    res = _train("--resume", "--run-dir", str(two), "--procs", "2", "--stop-after", "2")
+    assert res.returncode == 0 and "--resume --run-dir" in res.stderr, res.stdout[-3000:] + res.stderr[-3000:]
+    held = sorted(p.name for p in two.glob("state.*.safetensors"))
+    assert len(held) == 2, held  # each process stopped inside its own stage, with its own checkpoint
+    res = _train("--resume", "--run-dir", str(two), "--procs", "2")
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert not list(two.glob("stages/*")) and not list(two.glob("state*.safetensors"))
+
+    names = [n for n in json.loads((one / "progress.json").read_text())["done"] if n.startswith(("baseline", "prune"))]
+    assert len(names) == 4
+    p2 = json.loads((two / "progress.json").read_text())
+    assert [n for n in p2["done"] if n in names] == names  # merged in stage order
+
+    def stage_lines(run_dir):
+        return [{k: v for k, v in r.items() if k != "time"} for r in read_metrics(run_dir / "metrics.jsonl")
+                if r["stage"] in names]
+
+    assert stage_lines(two) == stage_lines(one)
+    b1 = json.loads((one / "report.json").read_text())["budgets"]
+    b2 = json.loads((two / "report.json").read_text())["budgets"]
+    for a, b in zip(b1, b2):
+        assert a.get("baseline") == b.get("baseline") and a.get("prune_distill") == b.get("prune_distill")
+    ev1 = json.loads((one / "evaluation.json").read_text())
+    ev2 = json.loads((two / "evaluation.json").read_text())
+    assert ev2["scratch"] == ev1["scratch"] and ev2["prune_distill"] == ev1["prune_distill"]

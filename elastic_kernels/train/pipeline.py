@@ -7,7 +7,8 @@ Stages (each resumable; a finished stage leaves an artifact in the run directory
 2. ``elastic``      (:mod:`.elastic`) routers + curriculum distillation of every nested budget.
 3. ``qad``          (:mod:`.qad`, ``--qad``) quantization-aware distillation, nested NVFP4/FP8 export.
 4. ``baseline-<b>`` (:mod:`.baselines`) an independent model of each nested size from scratch, and
-   ``prune-<b>`` (:mod:`.prune_distill`) the permuted parent sliced to that size and distilled alone.
+   ``prune-<b>`` (:mod:`.prune_distill`) the permuted parent sliced to that size and distilled alone;
+   with several processes these run at the same time, one per process (:func:`concurrent`).
 5. ``evaluate``     (:mod:`.science`) every model on the same test problems, budget control with
    measured latency, the claims.
 6. ``report``       report.md / report.json / report.png (:mod:`.report`), budget_control.*.
@@ -23,7 +24,7 @@ from .config import TrainConfig
 from .report import write_report
 from .runner import Runner
 
-__all__ = ["stages", "assemble_report", "run"]
+__all__ = ["stages", "concurrent", "assemble_report", "run"]
 
 
 def stages(runner: Runner) -> list[tuple[str, Callable[[], object]]]:
@@ -77,10 +78,17 @@ def report_stage(runner: Runner) -> dict:
     return rep
 
 
+def concurrent(names) -> frozenset[str]:
+    """The stages independent of each other that may run at the same time, one per process: the
+    baselines (each reads only the parent / permuted parent and the elastic stage's shapes)."""
+    return frozenset(n for n in names if n.startswith(("baseline-", "prune-")))
+
+
 def run(cfg: TrainConfig) -> dict:
     """Run (or resume) the whole pipeline; returns the report dict (rank 0; {} on other ranks)."""
     runner = Runner(cfg)
     try:
-        return runner.run(stages(runner))
+        plan = stages(runner)
+        return runner.run(plan, concurrent=concurrent(n for n, _ in plan))
     finally:
         runner.close()

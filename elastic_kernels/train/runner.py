@@ -146,6 +146,22 @@ class RankWorkers(Workers):
         return box[0]
 
 
+def _merge_missing(into: dict, part: dict) -> None:
+    """Copy into ``into`` what ``part`` (a concurrent stage's copy of the results) adds: keys
+    ``into`` lacks or holds as None, recursively through dicts and equal-length lists of dicts."""
+    for k, v in part.items():
+        cur = into.get(k)
+        if cur is None:
+            if v is not None:
+                into[k] = v
+        elif isinstance(cur, dict) and isinstance(v, dict):
+            _merge_missing(cur, v)
+        elif isinstance(cur, list) and isinstance(v, list) and len(cur) == len(v):
+            for a, b in zip(cur, v):
+                if isinstance(a, dict) and isinstance(b, dict):
+                    _merge_missing(a, b)
+
+
 def _state_tensors(modules: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
     return {f"{prefix}.{k}": v for prefix, m in modules.items() for k, v in m.state_dict().items()}
 
@@ -186,7 +202,9 @@ class Runner:
                            "start a new run there")
         self._lock: RunLock | None = None
         self.dist = setup_distributed(cfg)
+        self.rank = self.dist.rank  # the process's rank (self.dist is a one-process view in a concurrent stage)
         self.workers = RankWorkers(self.dist)
+        self._solo: str | None = None  # the concurrent stage this process runs alone (run_concurrent)
         self.sharded = cfg.parallel == "fsdp" and self.dist.world > 1  # FSDP2 (else DDP when world > 1)
         # sharded module or submodule -> its meta-device copy (weak: a finished stage's modules drop out)
         self._templates: weakref.WeakKeyDictionary[nn.Module, nn.Module] = weakref.WeakKeyDictionary()
@@ -454,7 +472,7 @@ class Runner:
         if bad:
             stage, step, saved = self._where
             if self.cfg.on_nonfinite == "stop":
-                kept = (f"the last good checkpoint {self.dir / STATE_NAME} (step {saved}) is kept" if saved
+                kept = (f"the last good checkpoint {self.checkpoint_path} (step {saved}) is kept" if saved
                         else "no checkpoint of this stage was written yet")
                 raise NonFiniteError(
                     f"stage {stage} step {step + 1}: non-finite loss ({float(loss.detach())}) or gradient norm "
@@ -494,7 +512,7 @@ class Runner:
             if stale:
                 raise RunError(f"stage {stage}: the optimizer holds {len(stale)} parameters FSDP2 does not shard "
                                f"(shapes {stale[:3]}...): build it after Runner.wrap, which replaces them")
-        ck = self.dir / STATE_NAME
+        ck = self.checkpoint_path
         start, tokens, elapsed = 0, 0, 0.0
         found = load_latest_good(ck)
         if found is not None:
@@ -528,7 +546,7 @@ class Runner:
             self._where = (stage, step, step)
 
         bar = None
-        if cfg.progress and self.dist.main and start < steps:
+        if cfg.progress and self.rank == 0 and start < steps:
             from tqdm.auto import tqdm
             bar = tqdm(total=steps, initial=start, desc=stage, leave=False, dynamic_ncols=True)
         try:
@@ -573,13 +591,114 @@ class Runner:
         if tokens is not None:
             self.progress["tokens"][stage] = tokens
         self.progress["done"].append(stage)
-        if self.dist.main:
+        if self._solo == stage:  # a concurrent stage: its record waits in stages/ for run_concurrent
+            rec = {"stage": stage, "time_s": self.progress["time_s"][stage], "cpu_s": self.progress["cpu_s"][stage],
+                   "tokens": self.progress["tokens"].get(stage), "results": self.progress["results"],
+                   "skipped_steps": self.progress.get("skipped_steps", {}).get(stage)}
+            atomic_write_text(self._part(stage, ".json"), json.dumps(rec, sort_keys=True))
+            remove_checkpoint(self.checkpoint_path)
+        elif self.dist.main:
             self._write_progress(self.progress)
-            remove_checkpoint(self.dir / STATE_NAME)
+            remove_checkpoint(self.checkpoint_path)
         self.barrier()
         if self._should_stop() and stage != "report":
             raise StopRun(f"stopped after stage {stage}; continue with elastic-train --resume --run-dir {self.dir}",
                           self._stop_signal)
+
+    @property
+    def checkpoint_path(self) -> Path:
+        """The resumable checkpoint of the stage being run: ``state.safetensors``, or
+        ``state.<stage>.safetensors`` for a concurrent stage (two run at once)."""
+        return self.dir / (STATE_NAME if self._solo is None else f"state.{self._solo}.safetensors")
+
+    def _part(self, stage: str, suffix: str) -> Path:
+        return self.dir / "stages" / f"{stage}{suffix}"
+
+    def run_concurrent(self, group: list[tuple[str, Callable[[], object]]]) -> None:
+        """Run independent stages at the same time, one process each (docs/design.md §10).
+
+        With several DDP processes, each process takes the next unclaimed stage of ``group`` (in
+        order; a claim is an exclusive file create in ``<run_dir>/stages/``) and runs it alone:
+        full batches, no gradient exchange, no collectives, its own checkpoint
+        (``state.<stage>.safetensors``) and metrics (``stages/<stage>.metrics.jsonl``), exactly the
+        single-process computation. A finished stage leaves its record in ``stages/<stage>.json``;
+        when every process is done, rank 0 merges the records (in ``group`` order) into
+        ``progress.json`` and ``metrics.jsonl`` and the others reread it. A stop (signal,
+        ``--stop-after``) in any process stops all of them after their current stage's checkpoint;
+        a resumed run keeps the finished records and resumes the others from their checkpoints.
+        Without a process group (or under FSDP2) the stages simply run in order.
+        """
+        todo = [(n, f) for n, f in group if n not in self.progress["done"]]
+        if not todo:
+            return
+        if self.dist.world == 1 or self.sharded or not self.cfg.concurrent_stages:
+            for name, fn in todo:
+                self._run_stage(name, fn)
+            return
+        parts = self.dir / "stages"
+        if self.dist.main:
+            parts.mkdir(exist_ok=True)
+            for stale in parts.glob("*.claim"):  # claims of an interrupted run
+                stale.unlink()
+        self.barrier()
+        saved = (self.dist, self.workers, self.metrics, self.progress)
+        stop: StopRun | None = None
+        try:
+            for name, fn in todo:
+                if self._part(name, ".json").exists():
+                    continue  # finished before an interruption, not merged yet
+                try:
+                    os.close(os.open(self._part(name, ".claim"), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+                except FileExistsError:
+                    continue
+                self.dist = DistInfo(0, 1, self.device)
+                self.workers = RankWorkers(self.dist)
+                self.metrics = MetricsLog(self._part(name, ".metrics.jsonl"))
+                self.progress = copy.deepcopy(saved[3])  # this stage's record goes to stages/<stage>.json
+                self._solo = name
+                self._run_stage(name, fn)
+        except StopRun as e:
+            stop = e
+        finally:
+            self.dist, self.workers, self.metrics, self.progress = saved
+            self._solo = None
+        stopping = self._any_rank(stop is not None)
+        if self.dist.main:
+            self._merge_concurrent([n for n, _ in todo])
+        self.barrier()
+        if not self.dist.main:
+            self.progress = self._read_progress(self.dir / "progress.json")
+        if stopping:
+            raise stop or StopRun(f"stopped in the concurrent stages {[n for n, _ in todo]}; continue with "
+                                  f"elastic-train --resume --run-dir {self.dir}", self._stop_signal)
+
+    def _merge_concurrent(self, names: list[str]) -> None:
+        """Rank 0: fold the finished concurrent stages' records into progress and metrics."""
+        for name in names:
+            path = self._part(name, ".json")
+            if not path.exists():
+                continue
+            rec = json.loads(path.read_text())
+            log_path = self._part(name, ".metrics.jsonl")
+            if log_path.exists():
+                with open(self.metrics.path, "a") as f:
+                    f.write(log_path.read_text())
+            _merge_missing(self.progress["results"], rec["results"])
+            for key in ("time_s", "cpu_s", "tokens", "skipped_steps"):
+                if rec.get(key) is not None:
+                    self.progress.setdefault(key, {})[name] = rec[key]
+            self.progress["done"].append(name)
+            self._write_progress(self.progress)
+            path.unlink()
+            log_path.unlink(missing_ok=True)
+            self._part(name, ".claim").unlink(missing_ok=True)
+
+    def _run_stage(self, name: str, fn: Callable[[], object]) -> None:
+        log.info("stage %s%s", name, "" if self._solo is None else f" (concurrent, process {self.rank})")
+        # a stage that died after its training loop logged its final record: drop it
+        self.metrics.truncate_after(lambda r, n=name: not (r.get("stage") == n and r.get("final")))
+        self._clock = (time.perf_counter(), 0.0, time.process_time(), 0.0)
+        fn()
 
     # ---- driver -------------------------------------------------------------------------------
     def _on_signal(self, signum, frame) -> None:
@@ -589,8 +708,10 @@ class Runner:
         log.warning("%s: finishing the current step and writing a resumable checkpoint (send it again to abort "
                     "without one)", signal.Signals(signum).name)
 
-    def run(self, stages: list[tuple[str, Callable[[], object]]]) -> dict:
+    def run(self, stages: list[tuple[str, Callable[[], object]]], concurrent: frozenset[str] = frozenset()) -> dict:
         """Run every stage not yet done, in order; returns ``report.json`` (rank 0; {} elsewhere).
+        Consecutive stages named in ``concurrent`` (independent of each other) form a group that
+        :meth:`run_concurrent` runs one stage per process.
 
         SIGINT (when Python's default handler is installed) and SIGTERM (when at its default)
         finish the current step, write a resumable checkpoint and raise :class:`StopRun`.
@@ -604,14 +725,19 @@ class Runner:
             except ValueError:  # not the main thread
                 pass
         try:
-            for name, fn in stages:
-                if name in self.progress["done"]:
+            i = 0
+            while i < len(stages):
+                j = i
+                while j < len(stages) and stages[j][0] in concurrent:
+                    j += 1
+                if j > i:
+                    self.run_concurrent(stages[i:j])
+                    i = j
                     continue
-                log.info("stage %s", name)
-                # a stage that died after its training loop logged its final record: drop it
-                self.metrics.truncate_after(lambda r, n=name: not (r.get("stage") == n and r.get("final")))
-                self._clock = (time.perf_counter(), 0.0, time.process_time(), 0.0)
-                fn()
+                name, fn = stages[i]
+                i += 1
+                if name not in self.progress["done"]:
+                    self._run_stage(name, fn)
             self.barrier()
             return json.loads((self.dir / "report.json").read_text()) if self.dist.main else {}
         finally:
