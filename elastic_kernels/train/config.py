@@ -315,8 +315,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     # the default: fused task, 2048 test problems (a 3-point difference is significant), curriculum stage B
     # on longer chains, a router size loss strong enough to hold the targets against the distillation;
     # budgets 1.0 / 0.75 / 0.4 of the total parameters (the paper's 30B / 23B / 12B family); a parent trained
-    # 1200 steps (at 1000 it stopped in the middle of its learning curve, 0.67; at 1400 it reached 0.94); NemotronH's sigmoid routing, so every
-    # budget of the run exports to Hugging Face (docs/interop.md); two data-parallel processes
+    # 1200 steps (at 1000 it stopped in the middle of its learning curve, 0.67; at 1400 it reached 0.94);
+    # NemotronH's sigmoid routing, so every budget of the run exports to Hugging Face (docs/interop.md);
+    # two processes (data-parallel parent and elastic stages, the baselines one per process)
     "tiny": dict(procs=2, test_size=2048, stage_b_difficulty=3, router_loss_weight=10.0, router_tolerance=0.01,
                  parent_steps=1200, budgets=[1.0, 0.75, 0.4], model=dict(moe_score="sigmoid")),
     "small": dict(
