@@ -28,6 +28,10 @@ Rows (the ours / peer ratios, then ours-only ratios):
 
 Usage: ``python bench/cpu_peers.py [--rows ssd,moe,...] [--reps 7] [--json PATH]``; the JSON
 (default ``bench/results/cpu_peers.json``) holds every median, ratio, shape and the environment.
+Fresh buffers of 32 MB and more (glibc maps them anew on every allocation) cost page faults
+that dominate elementwise passes and full-size gradients of partial widths on a loaded machine;
+PyTorch's ``THP_MEM_ALLOC_ENABLE=1`` (set before start: transparent huge pages for large CPU
+allocations) cuts that cost, and the JSON records whether it was set.
 """
 from __future__ import annotations
 
@@ -302,7 +306,9 @@ def main(argv=None) -> int:
     from elastic_kernels.env import collect
     path = Path(args.json)
     path.parent.mkdir(parents=True, exist_ok=True)
+    allocator = {k: os.environ.get(k) for k in ("THP_MEM_ALLOC_ENABLE", "MALLOC_MMAP_THRESHOLD_")}
     path.write_text(json.dumps({"date": str(datetime.datetime.now()), "env": collect(), "threads": 1,
+                                "allocator_env": allocator,
                                 "timer": "time.thread_time, interleaved, median", "reps": args.reps,
                                 "results": out}, indent=1, default=str))
     print(f"results: {path}")

@@ -187,10 +187,11 @@ def _weight(w, e: int, dtype: torch.dtype) -> torch.Tensor:
     return expert_weight(w, e, slice(None), slice(None), dtype)
 
 
-# ``a_e @ w[e].T`` for an expert with few rows runs faster on the CPU BLAS as ``(w[e] @ a_e.T).T``
-# (its rows on the GEMM's inner side) when K is large. Measured (MKL, AVX-512, one thread, 16
-# experts, N 512): at K 1024, 0.77-0.83x the time for 16-32 rows, even at 64-128, slower at 192;
-# at K 256 and 512 no gain. Hence the pair-major form for at most 32 rows and K >= 1024.
+# ``a_e @ w[e].T`` (w[e] (N, K) with K contiguous) for an expert with few rows runs faster on the
+# CPU BLAS as ``(w[e] @ a_e.T).T`` (its rows on the GEMM's inner side) when K is large. Measured
+# (MKL, AVX-512, one thread, 16 experts, N 512): at K 1024, 0.77-0.83x the time for 16-32 rows,
+# even at 64-128, slower at 192; at K 256 and 512 no gain; ``a_e @ w[e]`` (w[e] (K, N)) is slower
+# in that form (up to 1.9x). Hence the pair-major form for at most 32 rows, K >= 1024, w[e].T.
 _PAIR_MAJOR_ROWS, _PAIR_MAJOR_K = 32, 1024
 
 
@@ -198,7 +199,7 @@ def _mm(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate: bool) -
     """``out = a @ b`` (or ``out += a @ b``) for one expert: ``a`` (n, K) pair rows, ``b`` (K, N)
     (a weight slice or its transpose), ``out`` a contiguous (n, N) row slice."""
     n, k = a.shape
-    if n <= _PAIR_MAJOR_ROWS and k >= _PAIR_MAJOR_K:
+    if n <= _PAIR_MAJOR_ROWS and k >= _PAIR_MAJOR_K and b.stride(0) == 1:
         prod = (b.T @ a.T).T  # pair-major (see _PAIR_MAJOR_ROWS)
         out.add_(prod) if accumulate else out.copy_(prod)
     elif accumulate:
