@@ -192,14 +192,18 @@ def test_state_update_cuda_matches_reference(cuda_device, dtype):
     torch.testing.assert_close(s_cuda, s_ref, atol=1e-5, rtol=1e-5)
 
 
-def test_opcheck():
+@pytest.mark.parametrize("active_t,active_int", [(torch.tensor([2, 4]), -1), (None, 2)])
+def test_opcheck(active_t, active_int):
+    """Per-sample widths save every head, an int width below full only the active ones."""
     inp = make_inputs(batch=2, seqlen=9, nheads=4, ngroups=2, initial_states=True, head_scale=True)
     args = (inp["x"], inp["dt"], inp["A"], inp["B"], inp["C"], inp["D"], inp["z"], inp["dt_bias"],
-            inp["initial_states"], None, inp["head_scale"], torch.tensor([2, 4]), 4, True, 0.0,
-            float("inf"), True, -1, "reference")
+            inp["initial_states"], None, inp["head_scale"], active_t, 4, True, 0.0,
+            float("inf"), True, active_int, "reference")
     args = tuple(a.requires_grad_(True) if isinstance(a, torch.Tensor) and a.is_floating_point() else a
                  for a in args)
     torch.library.opcheck(torch.ops.elastic_kernels.ssd_scan.default, args)
+    saved = torch.ops.elastic_kernels.ssd_scan.default(*args)[3]
+    assert saved.shape[2] == (4 if active_t is not None else active_int)
     inp = {k: v.detach() for k, v in inp.items()}  # the decode step is inference-only
     state = inp["initial_states"].float().clone()
     torch.library.opcheck(torch.ops.elastic_kernels.ssd_state_update.default,

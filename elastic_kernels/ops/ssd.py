@@ -16,7 +16,7 @@ from .._dispatch import Backends, lazy
 from .._validation import (FLOAT_DTYPES, Dims, check_choice, check_int, check_nondecreasing, check_scale,
                            check_tensor, check_width)
 from ..cuda import ssd as cuda_ssd
-from ..reference.ssd import ssd_scan_reference_bwd, ssd_scan_reference_fwd, ssd_state_update_reference
+from ..reference.ssd import saved_heads, ssd_scan_reference_bwd, ssd_scan_reference_fwd, ssd_state_update_reference
 from ._autograd import OpArgs, custom_op, fake_grads, unpack_grads
 
 HEAD_LAYOUTS = ("blocked", "interleaved")
@@ -124,8 +124,9 @@ def _(*args, **kwargs):
         return x.new_empty(x.shape), fs, x.new_empty(0, dtype=sd), x.new_empty(0, dtype=sd)
     keep_u = a["z"] is not None or a["head_scale"] is not None
     nc = max(1, -(-l // a["chunk_size"]))
-    return (x.new_empty(x.shape), fs, x.new_empty(x.shape if keep_u else (0,), dtype=sd),
-            x.new_empty((b, nc, h, p, n), dtype=sd))
+    hs = saved_heads(h, a["active_int"], a["active_t"] is not None)
+    return (x.new_empty(x.shape), fs, x.new_empty((b, l, hs, p) if keep_u else (0,), dtype=sd),
+            x.new_empty((b, nc, hs, p, n), dtype=sd))
 
 
 @_ssd_scan_bwd_op.register_fake

@@ -306,6 +306,21 @@ def _compute_dtype(x):
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
+def _saved_heads(t, dim: int, G: int, ra: int, interleaved: bool, nheads: int) -> torch.Tensor:
+    """The (group, first ``ra`` ranks) view of a saved state's head axis ``dim``: a saved state
+    holds all ``nheads`` heads (layout order, inactive heads 0) or, for an int width below full,
+    only the ``G * ra`` active ones, group-major (see :func:`saved_heads`)."""
+    if t.shape[dim] != nheads:
+        return t.unflatten(dim, (G, ra))
+    return _by_group(t, G, interleaved, dim).narrow(dim + 1, 0, ra)
+
+
+def saved_heads(nheads: int, active_int: int, per_sample: bool) -> int:
+    """Heads of the saved ``u`` and ``chunk_states`` of :func:`ssd_scan_reference_fwd`: the
+    active ones for an int width below ``nheads``, else all."""
+    return active_int if not per_sample and 0 <= active_int < nheads else nheads
+
+
 def _heads_out(shape, dim: int, G: int, interleaved: bool, ra: int, dtype, device) -> torch.Tensor:
     """A new tensor whose head axis ``dim`` the caller fills for the first ``ra`` heads of every
     group: only the other heads are zeroed (the active ones are written once, not zeroed first)."""
@@ -317,10 +332,11 @@ def _heads_out(shape, dim: int, G: int, interleaved: bool, ra: int, dtype, devic
 
 
 def _fwd_int(x, dt, A, B, C, *, chunk_size, D, z, dt_bias, dt_softplus, dt_lo, dt_hi,
-             initial_states, seq_idx, interleaved, active_int, head_scale):
+             initial_states, seq_idx, interleaved, active_int, head_scale, compact=False):
     """One int width over the whole batch. Returns y (x.dtype) and, in the compute dtype, the
-    final states, the pre-gate output u = y_core + D x (full heads, or an empty tensor when no
-    gate and no head scale need it) and the chunk-entry states (b, nc, nheads, headdim, dstate)."""
+    final states, the pre-gate output u = y_core + D x (an empty tensor when no gate and no head
+    scale need it) and the chunk-entry states (b, nc, heads, headdim, dstate): all heads, or with
+    ``compact`` and a width below full only the active ones (see :func:`saved_heads`)."""
     b, l, h, p = x.shape
     G, n = B.shape[2], B.shape[3]
     R = h // G
@@ -331,8 +347,13 @@ def _fwd_int(x, dt, A, B, C, *, chunk_size, D, z, dt_bias, dt_softplus, dt_lo, d
     y = alloc((b, l, h, p), 2, x.dtype)
     fs = alloc((b, h, p, n), 1, cdt)
     keep_u = z is not None or head_scale is not None
-    u_res = alloc((b, l, h, p), 2, cdt) if keep_u else x.new_empty(0, dtype=cdt)
-    p_res = alloc((b, nc, h, p, n), 2, cdt)
+    compact = compact and ra < R  # saved states of the active heads only (see _saved_heads)
+    if compact:
+        u_res = x.new_empty((b, l, G * ra, p) if keep_u else (0,), dtype=cdt)
+        p_res = x.new_empty(b, nc, G * ra, p, n, dtype=cdt)
+    else:
+        u_res = alloc((b, l, h, p), 2, cdt) if keep_u else x.new_empty(0, dtype=cdt)
+        p_res = alloc((b, nc, h, p, n), 2, cdt)
     if ra == 0:
         return y, fs, u_res, p_res
 
@@ -349,14 +370,14 @@ def _fwd_int(x, dt, A, B, C, *, chunk_size, D, z, dt_bias, dt_softplus, dt_lo, d
         Dg = grp(D, 0).to(cdt)
         yg.addcmul_(Dg[..., None] if Dg.dim() == 2 else Dg, xg)
     if keep_u:
-        grp(u_res, 2).copy_(yg)
+        _saved_heads(u_res, 2, G, ra, interleaved, h).copy_(yg)
     if z is not None:
         yg.mul_(F.silu(grp(z, 2).to(cdt)))
     if head_scale is not None:
         yg.mul_(grp(head_scale, 1).to(cdt)[:, None, :, :, None])
     grp(y, 2).copy_(yg)
     grp(fs, 1).copy_(P[:, nc])
-    grp(p_res, 2).copy_(P[:, :nc])
+    _saved_heads(p_res, 2, G, ra, interleaved, h).copy_(P[:, :nc])
     return y, fs, u_res, p_res
 
 
@@ -387,7 +408,7 @@ def _bwd_int(gy, g_fs, x, dt, A, B, C, *, chunk_size, D, z, dt_bias, dt_softplus
     xg = grp(x, 2).to(cdt)
     g = grp(gy, 2).to(cdt)
     if head_scale is not None or z is not None:
-        ug = grp(u_res, 2)
+        ug = _saved_heads(u_res, 2, G, ra, interleaved, h)
         gate = None if z is None else F.silu(grp(z, 2).to(cdt))
         if head_scale is not None:
             gu_hs = ug if gate is None else ug * gate
@@ -402,7 +423,7 @@ def _bwd_int(gy, g_fs, x, dt, A, B, C, *, chunk_size, D, z, dt_bias, dt_softplus
     dtp = process_dt(v, None, dt_softplus, dt_lo, dt_hi, cdt)
     gfs = None if g_fs is None else grp(g_fs, 1).to(cdt)
     cx, cdtp, cA, cB, cC, cinit = _core_bwd(g, gfs, xg, dtp, grp(A, 0).to(cdt), B.to(cdt), C.to(cdt),
-                                            chunk_size, grp(p_res, 2), seq_idx)
+                                            chunk_size, _saved_heads(p_res, 2, G, ra, interleaved, h), seq_idx)
     if D is not None:
         Dg = grp(D, 0).to(cdt)
         gDg = g * xg
@@ -438,14 +459,16 @@ def ssd_scan_reference_fwd(x, dt, A, B, C, *, chunk_size=64, D=None, z=None, dt_
     y like x; final_states (batch, nheads, headdim, dstate); u (batch, seqlen, nheads, headdim),
     the output before gate and head scale (empty when neither is given); chunk_states
     (batch, nchunks, nheads, headdim, dstate), the state entering every chunk. All but y are in
-    fp32 (fp64 for fp64 x); inactive heads hold zeros.
+    fp32 (fp64 for fp64 x); inactive heads hold zeros. For an int width below nheads, ``u`` and
+    ``chunk_states`` hold only the active heads (:func:`saved_heads` of them, group-major): the
+    backward reads nothing else.
     """
     kw = dict(chunk_size=chunk_size, D=D, dt_bias=dt_bias, dt_softplus=dt_softplus, dt_lo=dt_lo,
               dt_hi=dt_hi, interleaved=interleaved)
     per = dict(x=x, dt=dt, B=B, C=C, z=z, initial_states=initial_states, seq_idx=seq_idx,
                head_scale=head_scale)
     if active_t is None:
-        return _fwd_int(A=A, active_int=active_int, **per, **kw)
+        return _fwd_int(A=A, active_int=active_int, compact=True, **per, **kw)
     b, l, h, p = x.shape
     n, cdt = B.shape[3], _compute_dtype(x)
     nc = max(1, -(-l // chunk_size))
