@@ -241,3 +241,17 @@ def test_concurrent_baseline_stages_equal_one_process_and_resume(tmp_path):
     ev1 = json.loads((one / "evaluation.json").read_text())
     ev2 = json.loads((two / "evaluation.json").read_text())
     assert ev2["scratch"] == ev1["scratch"] and ev2["prune_distill"] == ev1["prune_distill"]
+
+
+def test_seeds_share_one_process_group(tmp_path):
+    """``--procs 2 --seeds 2``: every seed's run uses the one process group (a group created and
+    destroyed per run raced into the previous run's rendezvous and hung); rank 0 alone writes the
+    spread; every rank's CPU time of every stage is recorded."""
+    run_dir = tmp_path / "seeds"
+    res = _train("--preset", "smoke", "--procs", "2", "--seeds", "2", "--no-baselines", "--no-eval-latency",
+                 "--run-dir", str(run_dir), timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert res.stdout.count("seeds [0, 1]") == 1
+    assert json.loads((run_dir / "seeds.json").read_text())["seeds"] == [0, 1]
+    prog = json.loads((run_dir / "seed-1" / "progress.json").read_text())
+    assert all(len(v) == 2 for v in prog["cpu_s_ranks"].values()) and "evaluate" in prog["cpu_s_ranks"]

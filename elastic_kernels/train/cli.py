@@ -144,7 +144,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if cfg.seeds > 1:
             from .seeds import run_seeds
             summary = run_seeds(cfg)
-            print(f"seeds {summary['seeds']}: {cfg.resolved_run_dir()}/seeds.md (seeds.json)")
+            if summary:
+                print(f"seeds {summary['seeds']}: {cfg.resolved_run_dir()}/seeds.md (seeds.json)")
             return 0
         rep = run(cfg)
     except StopRun as e:

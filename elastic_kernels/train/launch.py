@@ -47,11 +47,14 @@ def free_port() -> int:
 
 def worker_env(rank: int, world: int, port: int, threads: int) -> dict[str, str]:
     """The environment of worker ``rank`` of ``world``: this process's, plus the rendezvous
-    variables torchrun sets and (``threads`` > 0) ``OMP_NUM_THREADS=threads``."""
+    variables torchrun sets, (``threads`` > 0) ``OMP_NUM_THREADS=threads`` and, for ranks > 0
+    unless it is set, ``TORCH_CPP_LOG_LEVEL=ERROR`` (torch's C++ warnings once, from rank 0)."""
     env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world))
     if threads > 0:
         env["OMP_NUM_THREADS"] = str(threads)
+    if rank > 0:
+        env.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
     return env
 
 

@@ -21,6 +21,7 @@ Checkpoints always hold full (gathered) tensors, so any of the three resumes any
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -31,7 +32,7 @@ import time
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -51,7 +52,7 @@ from .metrics import MetricsLog
 log = logging.getLogger(__name__)
 
 __all__ = ["Runner", "StopRun", "RunError", "NonFiniteError", "DistInfo", "RankWorkers", "setup_distributed",
-           "STATE_NAME"]
+           "process_group", "STATE_NAME"]
 
 STATE_NAME = "state.safetensors"
 _EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
@@ -114,6 +115,20 @@ def setup_distributed(cfg: TrainConfig) -> DistInfo:
     if owns:
         dist.init_process_group("nccl" if want_cuda else "gloo")
     return DistInfo(rank, world, device, owns)
+
+
+@contextlib.contextmanager
+def process_group(cfg: TrainConfig) -> Iterator[DistInfo]:
+    """Hold the torchrun / ``--procs`` process group (:func:`setup_distributed`) for several runs
+    in one process (``--seeds``): the runners inside use it instead of creating and destroying
+    their own, which would race (a rank that finished first would rendezvous with the previous
+    run's store). Destroyed on exit when created here."""
+    info = setup_distributed(cfg)
+    try:
+        yield info
+    finally:
+        if info.owns_group and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 class RankWorkers(Workers):
@@ -584,10 +599,14 @@ class Runner:
                               or (cfg.stop_after > 0 and self.steps_done_here >= cfg.stop_after))
 
     def finish_stage(self, stage: str, tokens: int | None = None) -> None:
-        """Record the stage as done (time, CPU time, tokens) and drop its training checkpoint."""
+        """Record the stage as done (time, CPU time of rank 0 and of every rank, tokens) and drop its
+        training checkpoint. Every rank calls it."""
         st0, prior, cpu0, cpu_prior = self._clock
         self.progress["time_s"][stage] = round(prior + time.perf_counter() - st0, 2)
-        self.progress.setdefault("cpu_s", {})[stage] = round(cpu_prior + time.process_time() - cpu0, 2)
+        cpu = round(cpu_prior + time.process_time() - cpu0, 2)
+        self.progress.setdefault("cpu_s", {})[stage] = cpu  # rank 0's
+        self.progress.setdefault("cpu_s_ranks", {})[stage] = self.workers.map(lambda ranks: [cpu for _ in ranks],
+                                                                              range(self.dist.world))
         if tokens is not None:
             self.progress["tokens"][stage] = tokens
         self.progress["done"].append(stage)

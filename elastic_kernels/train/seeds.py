@@ -69,15 +69,20 @@ def _markdown(summary: dict) -> str:
 
 
 def run_seeds(cfg: TrainConfig) -> dict:
-    """Run ``cfg.seeds`` seeds (``cfg.seed`` upward) and write the spread; returns the summary."""
+    """Run ``cfg.seeds`` seeds (``cfg.seed`` upward) and write the spread; returns the summary
+    (rank 0; {} on the other ranks of a data-parallel run)."""
     from .pipeline import run
+    from .runner import process_group
 
     base = Path(cfg.resolved_run_dir())
     reports = {}
-    for k in range(cfg.seeds):
-        seed = cfg.seed + k
-        one = dataclasses.replace(cfg, seed=seed, seeds=1, run_dir=str(base / f"seed-{seed}"))
-        reports[seed] = run(one)
+    with process_group(cfg) as info:  # one process group for every seed's run (torchrun / --procs)
+        for k in range(cfg.seeds):
+            seed = cfg.seed + k
+            one = dataclasses.replace(cfg, seed=seed, seeds=1, run_dir=str(base / f"seed-{seed}"))
+            reports[seed] = run(one)
+    if not info.main:
+        return {}
     summary = seed_summary(reports)
     base.mkdir(parents=True, exist_ok=True)
     atomic_write_text(base / "seeds.json", json.dumps(summary, indent=2, sort_keys=True))
