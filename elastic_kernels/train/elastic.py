@@ -174,7 +174,7 @@ def run(runner: Runner) -> None:
     plain_routers = runner.gathered(routers, everywhere=True)
     full = runner.gathered(student, everywhere=True)  # the plain student (FSDP2 gathers it on every rank)
     decode = dict(model=student, metric=cfg.budget_metric,
-                  tolerance=cfg.router_tolerance if cfg.router_decode == "feasible" else None)
+                  tolerance=cfg.router_decode_tolerance if cfg.router_decode == "feasible" else None)
     argmax = chosen_budgets(plain_routers, specs, cfg.budgets)
     chosen = chosen_budgets(plain_routers, specs, cfg.budgets, **decode)
     runner.save_model("elastic", {"student": student, "router": routers},

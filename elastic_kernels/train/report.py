@@ -149,8 +149,10 @@ def render_markdown(rep: dict) -> str:
     lines.append("")
     decode = rep["config"].get("router_decode", "argmax")
     if decode == "feasible":
-        lines.append(f"Each budget takes the routers' most probable shape within ±{100 * rep['config']['router_tolerance']:g}% "
-                     "of its target (docs/design.md §1); where that is not the plain argmax, the argmax is listed too.")
+        band = 100 * rep["config"]["router_decode_tolerance"]
+        lines.append(f"Each budget takes the routers' argmax shape if it is within ±{band:g}% "
+                     "of its target, else their most probable shape within that band (docs/design.md §1); where the chosen shape "
+                     "is not the argmax, the argmax is listed too.")
         lines.append("")
     for r in rep["budgets"]:
         sizes = ", ".join(f"{a}={v}" for a, v in r["budget"].items())

@@ -16,10 +16,11 @@ over the stage, and with probability ``hard_sample_prob`` per step a *hard* samp
 the Gumbel argmax in the forward pass, the soft probabilities' gradient in the backward pass).
 The resulting probabilities ``p`` over choices (widths ``c_1..c_K`` of a ``full``-unit axis) make
 the differentiable *soft mask* ``mask[u] = sum_k p_k * [u < c_k]``. At the end each budget takes
-the argmax choice (``router_decode="argmax"``) or, by default, the most probable choice whose size
-is within the size loss' tolerance of the target (:meth:`BudgetRouters.choose_within`,
-docs/design.md §1): late in the stage the logit scale saturates the softmax, and a router whose
-argmax sits a few percent off its target no longer receives a gradient that moves it.
+the argmax choice (``router_decode="argmax"``) or, by default, the argmax when its size is within
+``router_decode_tolerance`` of the target and else the most probable choice within it
+(:meth:`BudgetRouters.choose_within`, docs/design.md §1): late in the stage the logit scale
+saturates the softmax, and a router whose argmax sits off its target no longer receives a
+gradient that moves it.
 
 **The full budget is the parent.** Budget 1.0 is never routed: its samples run the full model
 (:func:`pin_full`), it is drawn with probability ``full_prob`` (the reference's
