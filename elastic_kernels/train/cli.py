@@ -115,7 +115,11 @@ def _worker_processes(cfg: TrainConfig) -> int:
     import torch
 
     if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()):
-        return max(1, min(cfg.procs, torch.cuda.device_count()))
+        n = max(1, min(cfg.procs, torch.cuda.device_count()))
+        if n < cfg.procs:
+            logging.getLogger("elastic_kernels.train").warning(
+                "--procs %d on CUDA: one process per GPU, %d here", cfg.procs, n)
+        return n
     return cfg.procs
 
 
