@@ -191,15 +191,9 @@ class BudgetRouters(nn.Module):
                 beams = sorted(((sc + lp[k], pick + (k,)) for sc, pick in beams for k in range(len(lp))),
                                key=lambda b: -b[0])[:beam]
 
-            def as_idx(pick):
-                it = iter(pick)
-                idx = {name: [next(it) for _ in range(self.routers[name].independent_slots)] for name in self.specs}
-                return {name: torch.tensor(v * (self.specs[name].slots // len(v)), dtype=torch.long)
-                        for name, v in idx.items()}
-
             best, nearest = None, None
             for _, pick in beams:  # decreasing probability
-                idx = as_idx(pick)
+                idx = self._choice_indices(pick)
                 dev = abs(count(self.widths(idx)) / t - 1.0)
                 if dev <= tolerance:
                     best = idx
@@ -207,6 +201,16 @@ class BudgetRouters(nn.Module):
                 if nearest is None or dev < nearest[0]:
                     nearest = (dev, idx)
             out.append(best if best is not None else nearest[1])
+        return out
+
+    def _choice_indices(self, pick: Sequence[int]) -> dict[str, torch.Tensor]:
+        """One joint choice (a choice index per independent slot, axes in order) as
+        ``{axis: (slots,) choice indices}``, a shared axis' choice repeated over its slots."""
+        it = iter(pick)
+        out = {}
+        for name, spec in self.specs.items():
+            own = [next(it) for _ in range(self.routers[name].independent_slots)]
+            out[name] = torch.tensor(own * (spec.slots // len(own)), dtype=torch.long)
         return out
 
     def widths(self, choice_idx: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
