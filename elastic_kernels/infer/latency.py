@@ -3,7 +3,8 @@
 Each budget is timed on its *physically sliced* submodel (``models.load_nested`` per budget, or
 ``ElasticHybridLM.slice``): really smaller tensors, not the parent run at a narrower width. One
 request at a time, one CPU thread, after warm-up; every timing is the min and the median of
-``repeats`` (>= 7) runs:
+``repeats`` (>= 7) runs, the budgets timed interleaved (one run of each per round) on the thread's
+CPU clock, which other load on a shared machine disturbs far less than the wall clock:
 
 - **prefill**: one forward over ``L`` prompt tokens into a fresh cache, at several ``L``; the
   median times are fitted with ``a + b * L``.
@@ -95,64 +96,84 @@ class BudgetLatency:
         return dataclasses.asdict(self)
 
 
-def _time(fn, repeats: int) -> tuple[float, float]:
-    ts = []
+def _check_inputs(fn: str, repeats, prefill_lengths, decode_contexts) -> None:
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 7:
+        raise ValueError(f"{fn}: repeats must be an int >= 7, got {repeats!r}")
+    if not prefill_lengths or min(prefill_lengths) < 1 or not decode_contexts or min(decode_contexts) < 1:
+        raise ValueError(f"{fn}: prefill_lengths and decode_contexts must be non-empty lists of ints >= 1, "
+                         f"got {list(prefill_lengths)} and {list(decode_contexts)}")
+
+
+def _interleaved(fns: Mapping[str, object], repeats: int, warmup: int) -> dict[str, tuple[float, float]]:
+    """``{name: (min, median)}`` thread-CPU seconds of every zero-argument ``fns[name]``: each warmed
+    up ``warmup`` times, then timed in rounds (one run of every function per round, ``repeats``
+    rounds), so a slow spell of the machine lands on every function alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    ts: dict[str, list[float]] = {n: [] for n in fns}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return min(ts), statistics.median(ts)
+        for n, fn in fns.items():
+            t0 = time.thread_time()
+            fn()
+            ts[n].append(time.thread_time() - t0)
+    return {n: (min(v), statistics.median(v)) for n, v in ts.items()}
 
 
 @torch.no_grad()
-def measure_budget(model: ElasticHybridLM, name: str, *, prefill_lengths: Sequence[int],
-                   decode_contexts: Sequence[int], repeats: int = 7, warmup: int = 2, seed: int = 0) -> BudgetLatency:
-    """Time one standalone submodel at batch 1 on one thread (see the module docstring).
+def measure_budgets(submodels: Mapping[str, ElasticHybridLM], *, prefill_lengths: Sequence[int],
+                    decode_contexts: Sequence[int], repeats: int = 7, warmup: int = 2,
+                    seed: int = 0) -> dict[str, BudgetLatency]:
+    """Time every standalone ``{name: submodel}`` at batch 1 on one thread (see the module docstring).
 
     prefill_lengths: prompt lengths ``L`` (>= 1); decode_contexts: cache lengths ``c`` (>= 1) of
-    the timed one-token decodes. Token ids are random (timing does not depend on them).
+    the timed one-token decodes; repeats (>= 7) timed runs per point after ``warmup`` untimed ones.
+    The submodels are timed interleaved (one run of each per round) on the thread's CPU clock
+    (``time.thread_time``: on an idle core the wall time of the request; unlike wall time, hardly
+    moved by other processes on a shared machine). Token ids are random (timing does not depend
+    on them) and the same for every submodel.
     """
-    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 7:
-        raise ValueError(f"measure_budget: repeats must be an int >= 7, got {repeats!r}")
-    if not prefill_lengths or min(prefill_lengths) < 1 or not decode_contexts or min(decode_contexts) < 1:
-        raise ValueError(f"measure_budget: prefill_lengths and decode_contexts must be non-empty lists of ints >= 1, "
-                         f"got {list(prefill_lengths)} and {list(decode_contexts)}")
-    model = model.eval()
-    device = next(model.parameters()).device
+    _check_inputs("measure_budgets", repeats, prefill_lengths, decode_contexts)
+    models = {n: m.eval() for n, m in submodels.items()}
+    devices = {n: next(m.parameters()).device for n, m in models.items()}
+    vocab = min(m.config.vocab_size for m in models.values())
     gen = torch.Generator().manual_seed(seed)
-    vocab = model.config.vocab_size
-    out = BudgetLatency(name, model.param_count(None))
+    out = {n: BudgetLatency(n, m.param_count(None)) for n, m in models.items()}
     with _one_thread():
         for length in sorted(set(int(x) for x in prefill_lengths)):
-            ids = torch.randint(0, vocab, (1, length), generator=gen).to(device)
+            ids = torch.randint(0, vocab, (1, length), generator=gen)
 
-            def prefill():
-                model(ids, cache=model.new_cache(1, device=device))
-            for _ in range(warmup):
-                prefill()
-            lo, med = _time(prefill, repeats)
-            out.prefill.append({"tokens": length, "min_s": lo, "median_s": med})
+            def prefill(m, dev):
+                x = ids.to(dev)
+                return lambda: m(x, cache=m.new_cache(1, device=dev))
+            times = _interleaved({n: prefill(m, devices[n]) for n, m in models.items()}, repeats, warmup)
+            for n, (lo, med) in times.items():
+                out[n].prefill.append({"tokens": length, "min_s": lo, "median_s": med})
         for ctx in sorted(set(int(x) for x in decode_contexts)):
-            cache = model.new_cache(1, device=device)
-            model(torch.randint(0, vocab, (1, ctx), generator=gen).to(device), cache=cache)
-            one = torch.randint(0, vocab, (1, 1), generator=gen).to(device)
-            copies = [copy.deepcopy(cache) for _ in range(warmup + repeats)]
-            it = iter(copies)
+            prompt = torch.randint(0, vocab, (1, ctx), generator=gen)
+            one = torch.randint(0, vocab, (1, 1), generator=gen)
 
-            def decode():
-                model(one, cache=next(it))
-            for _ in range(warmup):
-                decode()
-            lo, med = _time(decode, repeats)
-            out.decode.append({"context": ctx, "min_s": lo, "median_s": med})
-    out.prefill_fit = _linfit([p["tokens"] for p in out.prefill], [p["median_s"] for p in out.prefill])
-    out.decode_fit = _linfit([d["context"] for d in out.decode], [d["median_s"] for d in out.decode])
+            def decode(m, dev):
+                cache = m.new_cache(1, device=dev)
+                m(prompt.to(dev), cache=cache)
+                it = iter([copy.deepcopy(cache) for _ in range(warmup + repeats)])
+                x = one.to(dev)
+                return lambda: m(x, cache=next(it))
+            times = _interleaved({n: decode(m, devices[n]) for n, m in models.items()}, repeats, warmup)
+            for n, (lo, med) in times.items():
+                out[n].decode.append({"context": ctx, "min_s": lo, "median_s": med})
+    for lat in out.values():
+        lat.prefill_fit = _linfit([p["tokens"] for p in lat.prefill], [p["median_s"] for p in lat.prefill])
+        lat.decode_fit = _linfit([d["context"] for d in lat.decode], [d["median_s"] for d in lat.decode])
     return out
 
 
-def measure_budgets(submodels: Mapping[str, ElasticHybridLM], **kw) -> dict[str, BudgetLatency]:
-    """:func:`measure_budget` of every ``{name: standalone submodel}``, round-robin warm order."""
-    return {name: measure_budget(m, name, **kw) for name, m in submodels.items()}
+def measure_budget(model: ElasticHybridLM, name: str, *, prefill_lengths: Sequence[int],
+                   decode_contexts: Sequence[int], repeats: int = 7, warmup: int = 2, seed: int = 0) -> BudgetLatency:
+    """:func:`measure_budgets` of one standalone submodel."""
+    _check_inputs("measure_budget", repeats, prefill_lengths, decode_contexts)
+    return measure_budgets({name: model}, prefill_lengths=prefill_lengths, decode_contexts=decode_contexts,
+                           repeats=repeats, warmup=warmup, seed=seed)[name]
 
 
 def overhead_bound(lat: Mapping[str, BudgetLatency], largest: str, smallest: str, context: int) -> dict:

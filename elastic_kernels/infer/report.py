@@ -265,7 +265,8 @@ def budget_control_markdown(rep_or_dir) -> str:
         ob = lat["overhead"]["checkpoint"]
         lines += ["### Latency measurement", "",
                   f"Each budget timed on its physically sliced submodel (`load_nested`), batch 1, one thread, after "
-                  f"warm-up, min and median of >= 7 runs. Smallest/largest budget decode time on the trained model: "
+                  f"warm-up, min and median of >= 7 runs, the budgets interleaved run by run, on the thread's CPU "
+                  f"clock (on an idle core the wall time; other load on the machine hardly moves it). Smallest/largest budget decode time on the trained model: "
                   f"{ob['ratio']:.2f}."]
         if lat["timed_on"] == "wider clone":
             oc = lat["overhead"]["clone"]
