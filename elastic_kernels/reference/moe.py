@@ -25,11 +25,12 @@ reading its inputs from and accumulating its outputs (``addmm_``) into contiguou
 the first block's buffers, and the elementwise passes on exactly its pairs and columns, so
 per-token widths cost what their mean width costs in FLOPs (experts with few pairs stay bound
 by their weight reads). On the CPU ``torch._grouped_mm`` is one matmul per group as well; the
-reference calls them itself to write into preallocated buffers and accumulate, and takes
-``torch._grouped_mm`` for a weight gradient of one block over the whole weight. The forward
+reference calls them itself to write into preallocated buffers and accumulate. The forward
 saves the blocks' pre-activations packed into one buffer and writes its temporaries in place
 where it can (fresh large buffers are costly on the CPU: page faults); the backward is written by
-hand on the same GEMMs (no forward re-run) and writes each weight-gradient block once. NVFP4
+hand on the same GEMMs (no forward re-run) and writes each weight-gradient block once, into
+lazily zeroed memory (:func:`elastic_kernels._memory.zeros`), so the zeros of experts >= E' and
+channels >= d' are never written. NVFP4
 weights (:class:`elastic_kernels.formats.NVFP4Tensor`, W4A16, frozen) decode only their experts'
 prefix views, to x's dtype.
 """
@@ -40,6 +41,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from .._memory import zeros
 from ..formats import QuantizedTensor
 
 ACTIVATIONS = ("relu2", "silu", "gelu")
@@ -94,27 +96,11 @@ def moe_route_reference(router_logits: torch.Tensor, top_k: int, num_experts_act
     return weights, topk_ids
 
 
-_GROUPED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what torch._grouped_mm takes
-
-
-def _grouped_ok(*ts) -> bool:
-    """Whether ``torch._grouped_mm`` takes these operands: one of its dtypes, 16-byte aligned
-    pointers, one of the last two strides 1 and every other stride a 16-byte multiple."""
-    def ok(t):
-        if not isinstance(t, torch.Tensor) or t.dtype not in _GROUPED_DTYPES or t.dtype != ts[0].dtype:
-            return False
-        es, st = t.element_size(), t.stride()
-        inner = (st[-1] == 1 and st[-2] * es % 16 == 0) or (st[-2] == 1 and st[-1] * es % 16 == 0)
-        return inner and t.data_ptr() % 16 == 0 and all(s * es % 16 == 0 for s in st[:-2])
-    return all(ok(t) for t in ts)
-
-
 class _Block(NamedTuple):
     """One FFN column block ``[c0, c1)`` of a :class:`_Plan` and the (token, slot) pairs whose
     width reaches ``c1``, grouped by expert: ``tokens``/``pairs`` (R_b,) their tokens and flat
     (token * top_k + slot) indices, ``counts`` their number per expert and ``starts`` where each
-    expert's pairs begin, ``offs`` the int32 cumulative counts (as ``torch._grouped_mm`` takes
-    them), ``start`` the offset of the block's (R_b, c1 - c0) pre-activations in the saved
+    expert's pairs begin, ``start`` the offset of the block's (R_b, c1 - c0) pre-activations in the saved
     buffer's flat rows."""
     c0: int
     c1: int
@@ -122,7 +108,6 @@ class _Block(NamedTuple):
     pairs: torch.Tensor
     counts: list
     starts: list
-    offs: torch.Tensor
     start: int
 
 
@@ -162,7 +147,7 @@ class _Plan:
                 tk, pr, ex = tokens[rows], order[rows], experts[rows]
             counts = torch.bincount(ex, minlength=n_act)
             cum = torch.cumsum(counts, 0)
-            blk = _Block(c0, c1, tk, pr, counts.tolist(), (cum - counts).tolist(), cum.to(torch.int32), start)
+            blk = _Block(c0, c1, tk, pr, counts.tolist(), (cum - counts).tolist(), start)
             self.blocks.append(blk)
             start += len(blk.tokens) * (c1 - c0)
             c0 = c1
@@ -210,30 +195,18 @@ def _mm(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate: bool) -
 
 class _WeightGrad:
     """The gradient of one expert weight (axis 1: w1/w3 (E, F, hidden); axis 2: w2 (E, hidden, F)),
-    exact zeros outside ``w[:E', :d]``, written block by block: ``g_e.T @ a_e`` per expert. A plan
-    of one block over the whole weight takes ``torch._grouped_mm``'s result."""
+    exact zeros outside ``w[:E', :d]``, written block by block: ``g_e.T @ a_e`` per expert into a
+    buffer of :func:`elastic_kernels._memory.zeros` (its zeros are never written: a prefix costs
+    its own pages, not the whole weight's)."""
 
     def __init__(self, w, plan: _Plan, n_act: int, axis: int, dtype: torch.dtype):
         self.plan, self.axis, self.n_act = plan, axis, n_act
-        shape = tuple(w.shape)
-        self.whole = len(plan.blocks) == 1 and n_act == shape[0] and plan.d == shape[axis]
-        self.full = torch.empty(shape, dtype=dtype, device=w.device) if not self.whole else None
-        if not self.whole:
-            self.full[n_act:].zero_()
-            (self.full[:n_act, plan.d:] if axis == 1 else self.full[:n_act, :, plan.d:]).zero_()
+        self.full = zeros(tuple(w.shape), dtype, w.device)
 
     def add(self, blk: _Block, g: torch.Tensor, g_first: bool, a: torch.Tensor, a_first: bool) -> None:
         """Write the block's columns from ``g`` (pairs, N) and ``a`` (pairs, K), each in the
         block's row order or (``*_first``) the first block's."""
-        if self.whole and _grouped_ok(g.t(), a):  # one block: both row orders agree
-            self.full = torch._grouped_mm(g.t(), a, offs=blk.offs)
-            return
-        if self.full is None:
-            self.full = g.new_empty(len(blk.counts), g.shape[1], a.shape[1])
-        dst = self.full if self.whole else _block_view(self.full, self.n_act, self.axis, blk)
-        for e, n in enumerate(blk.counts):
-            if not n:
-                dst[e].zero_()
+        dst = _block_view(self.full, self.n_act, self.axis, blk)
         for e, s, n, s0 in self.plan.experts(blk):
             gs, as_ = (s0 if g_first else s), (s0 if a_first else s)
             torch.mm(g[gs:gs + n].T, a[as_:as_ + n], out=dst[e])
