@@ -41,7 +41,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from .._memory import zeros
+from .._memory import empty, zeros
 from ..formats import QuantizedTensor
 
 ACTIVATIONS = ("relu2", "silu", "gelu")
@@ -101,7 +101,8 @@ class _Block(NamedTuple):
     width reaches ``c1``, grouped by expert: ``tokens``/``pairs`` (R_b,) their tokens and flat
     (token * top_k + slot) indices, ``counts`` their number per expert and ``starts`` where each
     expert's pairs begin, ``start`` the offset of the block's (R_b, c1 - c0) pre-activations in the saved
-    buffer's flat rows."""
+    buffer's flat rows, ``runs`` ``(e, s, n, s0)`` for every expert e with n > 0 pairs in the block:
+    rows ``[s, s + n)`` of the block and ``[s0, s0 + n)`` of the plan's first block."""
     c0: int
     c1: int
     tokens: torch.Tensor
@@ -109,6 +110,7 @@ class _Block(NamedTuple):
     counts: list
     starts: list
     start: int
+    runs: list
 
 
 class _Plan:
@@ -118,7 +120,7 @@ class _Plan:
     ``blocks``: one :class:`_Block` per distinct width, narrowest first; the first holds every
     pair, and within each expert a block's pairs are the first ones of the first block's, so every
     block reads its inputs and accumulates its outputs in contiguous row slices of first-block
-    buffers (:meth:`experts`). ``d``: the widest width; ``used``: the elements the blocks'
+    buffers (``runs``). ``d``: the widest width; ``used``: the elements the blocks'
     pre-activations fill. Each block runs its GEMMs and elementwise passes on its own pairs and
     columns only, so every weight column is read once per projection and per-token widths cost
     what their mean width costs.
@@ -146,20 +148,14 @@ class _Plan:
                 rows = (widths >= c1).nonzero().flatten()
                 tk, pr, ex = tokens[rows], order[rows], experts[rows]
             counts = torch.bincount(ex, minlength=n_act)
-            cum = torch.cumsum(counts, 0)
-            blk = _Block(c0, c1, tk, pr, counts.tolist(), (cum - counts).tolist(), start)
+            cnt, sts = counts.tolist(), (torch.cumsum(counts, 0) - counts).tolist()
+            starts0 = sts if j == 0 else self.blocks[0].starts
+            runs = [(e, s, n, s0) for e, (n, s, s0) in enumerate(zip(cnt, sts, starts0)) if n]
+            blk = _Block(c0, c1, tk, pr, cnt, sts, start, runs)
             self.blocks.append(blk)
             start += len(blk.tokens) * (c1 - c0)
             c0 = c1
         self.d, self.used = c0, start
-
-    def experts(self, blk: _Block):
-        """``(e, s, n, s0)`` for every expert e with n > 0 pairs in ``blk``: its pairs are rows
-        ``[s, s + n)`` of the block and ``[s0, s0 + n)`` of the first block."""
-        first = self.blocks[0]
-        for e, (n, s, s0) in enumerate(zip(blk.counts, blk.starts, first.starts)):
-            if n:
-                yield e, s, n, s0
 
 
 def _block_view(w, n_act: int, axis: int, blk: _Block):
@@ -167,9 +163,16 @@ def _block_view(w, n_act: int, axis: int, blk: _Block):
     return w[:n_act, blk.c0:blk.c1] if axis == 1 else w[:n_act, :, blk.c0:blk.c1]
 
 
-def _weight(w, e: int, dtype: torch.dtype) -> torch.Tensor:
-    """Expert e's slice of a (block view of a) weight; a quantized one decodes to ``dtype``."""
-    return expert_weight(w, e, slice(None), slice(None), dtype)
+def _experts(w, blk: _Block, dtype: torch.dtype, transpose: bool) -> list:
+    """Expert e's slice (or its transpose) of a block view of a weight at index e, for the experts
+    with pairs in ``blk`` (None elsewhere); a quantized weight decodes only those, to ``dtype``."""
+    if not isinstance(w, QuantizedTensor):
+        return list((w.transpose(1, 2) if transpose else w).unbind(0))
+    views = [None] * len(blk.counts)
+    for e, *_ in blk.runs:
+        v = expert_weight(w, e, slice(None), slice(None), dtype)
+        views[e] = v.T if transpose else v
+    return views
 
 
 # ``a_e @ w[e].T`` (w[e] (N, K) with K contiguous) for an expert with few rows runs faster on the
@@ -206,8 +209,8 @@ class _WeightGrad:
     def add(self, blk: _Block, g: torch.Tensor, g_first: bool, a: torch.Tensor, a_first: bool) -> None:
         """Write the block's columns from ``g`` (pairs, N) and ``a`` (pairs, K), each in the
         block's row order or (``*_first``) the first block's."""
-        dst = _block_view(self.full, self.n_act, self.axis, blk)
-        for e, s, n, s0 in self.plan.experts(blk):
+        dst = _block_view(self.full, self.n_act, self.axis, blk).unbind(0)
+        for e, s, n, s0 in blk.runs:
             gs, as_ = (s0 if g_first else s), (s0 if a_first else s)
             torch.mm(g[gs:gs + n].T, a[as_:as_ + n], out=dst[e])
 
@@ -238,12 +241,19 @@ def _saved_views(saved: torch.Tensor, blk: _Block):
     return flat[0], (flat[1] if saved.shape[0] == 2 else None)
 
 
-def _activate(h: torch.Tensor, activation: str) -> torch.Tensor:
-    """``act(h)`` as a new tensor; relu2 first replaces ``h`` by ``relu(h)`` in place (what the
-    backward then reads: relu(relu(h)) = relu(h))."""
+def _new(t: torch.Tensor) -> torch.Tensor:
+    """An uninitialized contiguous tensor like ``t`` (:func:`elastic_kernels._memory.empty`)."""
+    return empty(t.shape, t.dtype, t.device)
+
+
+def _activate(h: torch.Tensor, activation: str, relu_in_place: bool) -> torch.Tensor:
+    """``act(h)`` as a new tensor; relu2 with ``relu_in_place`` first replaces ``h`` by
+    ``relu(h)`` (what the backward then reads: relu(relu(h)) = relu(h))."""
+    out = _new(h)
     if activation == "relu2":
-        return h.relu_().square()
-    return activation_fn(h, activation)
+        return torch.square(h.relu_() if relu_in_place else h, out=out)
+    op = torch.ops.aten.silu if activation == "silu" else torch.ops.aten.gelu
+    return op.out(h, out=out)
 
 
 def moe_experts_reference_fwd(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
@@ -263,7 +273,7 @@ def moe_experts_reference_fwd(x: torch.Tensor, topk_weights: torch.Tensor, topk_
     plan = _Plan(topk_ids, n_act, ffn, width_int, width_t) if tokens else None
     if plan is None or not plan.blocks:
         return y.to(x.dtype), x.new_zeros(shape)
-    saved = x.new_empty(shape)
+    saved = empty(shape, x.dtype, x.device)
     saved.view(shape[0], -1)[:, plan.used:].zero_()
     first = plan.blocks[0]
     xs = x.index_select(0, first.tokens)  # (pairs, hidden), first-block order
@@ -272,10 +282,10 @@ def moe_experts_reference_fwd(x: torch.Tensor, topk_weights: torch.Tensor, topk_
         h, u = _saved_views(saved, blk)
         for w, hu in ((w1, h), (w3, u)):
             if hu is not None:
-                wb = _block_view(w, n_act, 1, blk)
-                for e, s, n, s0 in plan.experts(blk):
-                    _mm(hu[s:s + n], xs[s0:s0 + n], _weight(wb, e, x.dtype).T, False)
-        a = _activate(h, activation)
+                ws = _experts(_block_view(w, n_act, 1, blk), blk, x.dtype, True)
+                for e, s, n, s0 in blk.runs:
+                    _mm(hu[s:s + n], xs[s0:s0 + n], ws[e], False)
+        a = _activate(h, activation, True)
         if u is not None:
             a.mul_(u)
         cs = _channel_scale(channel_scale, blk, a.dtype)
@@ -284,9 +294,9 @@ def moe_experts_reference_fwd(x: torch.Tensor, topk_weights: torch.Tensor, topk_
         acts.append(a)
     out = xs  # xs is spent: its memory takes each pair's expert output, weighted once all blocks are in
     for blk, a in zip(plan.blocks, acts):
-        w2b = _block_view(w2, n_act, 2, blk)
-        for e, s, n, s0 in plan.experts(blk):
-            _mm(out[s0:s0 + n], a[s:s + n], _weight(w2b, e, x.dtype).T, blk is not first)
+        ws = _experts(_block_view(w2, n_act, 2, blk), blk, x.dtype, True)
+        for e, s, n, s0 in blk.runs:
+            _mm(out[s0:s0 + n], a[s:s + n], ws[e], blk is not first)
     p = topk_weights.reshape(-1)[first.pairs].to(acc_dtype)[:, None]
     y.index_add_(0, first.tokens, out.to(acc_dtype).mul_(p))
     return y.to(x.dtype), saved
@@ -348,7 +358,7 @@ def moe_experts_reference_bwd(grad_y: torch.Tensor, x: torch.Tensor, topk_weight
     gtw = torch.zeros(topk_weights.numel(), dtype=topk_weights.dtype, device=x.device)
     gcs = None if channel_scale is None else torch.zeros_like(channel_scale, memory_format=torch.contiguous_format)
     plan = _Plan(topk_ids, n_act, ffn, width_int, width_t) if tokens else None
-    zero = lambda w: torch.zeros(w.shape, dtype=w.dtype, device=x.device) if trainable(w) else None  # noqa: E731
+    zero = lambda w: zeros(w.shape, w.dtype, x.device) if trainable(w) else None  # noqa: E731
     if plan is None or not plan.blocks:
         return [gx, gtw.reshape(topk_weights.shape), zero(w1), zero(w2), zero(w3), gcs]
     if saved is None:
@@ -364,14 +374,14 @@ def moe_experts_reference_bwd(grad_y: torch.Tensor, x: torch.Tensor, topk_weight
     blocks = []
     for blk in plan.blocks:  # g w2 of every block while g is unweighted
         h, u = _saved_views(saved, blk)
-        act = h.square() if activation == "relu2" else activation_fn(h, activation)
-        a_pre = act if u is None else act * u
+        act = _activate(h, activation, False)
+        a_pre = act if u is None else torch.mul(act, u, out=_new(act))
         cs = _channel_scale(channel_scale, blk, a_pre.dtype)
-        a = a_pre if cs is None else a_pre * cs
-        g_w2 = a.new_empty(a.shape)                                           # g w2: (R_b, c1 - c0)
-        w2b = _block_view(w2, n_act, 2, blk)
-        for e, s, n, s0 in plan.experts(blk):
-            _mm(g_w2[s:s + n], g[s0:s0 + n], _weight(w2b, e, x.dtype), False)
+        a = a_pre if cs is None else torch.mul(a_pre, cs, out=_new(a_pre))
+        g_w2 = _new(a)                                                        # g w2: (R_b, c1 - c0)
+        ws = _experts(_block_view(w2, n_act, 2, blk), blk, x.dtype, False)
+        for e, s, n, s0 in blk.runs:
+            _mm(g_w2[s:s + n], g[s0:s0 + n], ws[e], False)
         blocks.append((blk, h, u, act, a_pre, cs, a, g_w2))
     gp = g.mul_(p[first.pairs].to(g.dtype)[:, None])                          # p g, in place
     grads_h = []
@@ -394,11 +404,12 @@ def moe_experts_reference_bwd(grad_y: torch.Tensor, x: torch.Tensor, topk_weight
         grads_h.append((blk, _activation_grad_(ga, h, activation), gu))
     gxs = gp  # gp is spent: its memory takes dx of each pair
     for blk, gh, gu in grads_h:
-        w1b, w3b = (None if w is None else _block_view(w, n_act, 1, blk) for w in (w1, w3))
-        for e, s, n, s0 in plan.experts(blk):
-            _mm(gxs[s0:s0 + n], gh[s:s + n], _weight(w1b, e, x.dtype), blk is not first)
+        ws1 = _experts(_block_view(w1, n_act, 1, blk), blk, x.dtype, False)
+        ws3 = None if gu is None else _experts(_block_view(w3, n_act, 1, blk), blk, x.dtype, False)
+        for e, s, n, s0 in blk.runs:
+            _mm(gxs[s0:s0 + n], gh[s:s + n], ws1[e], blk is not first)
             if gu is not None:
-                _mm(gxs[s0:s0 + n], gu[s:s + n], _weight(w3b, e, x.dtype), True)
+                _mm(gxs[s0:s0 + n], gu[s:s + n], ws3[e], True)
         if gw[0] is not None:
             gw[0].add(blk, gh, False, xs, True)
         if gu is not None and gw[2] is not None:
