@@ -25,13 +25,19 @@ Rows (the ours / peer ratios, then ours-only ratios):
 - ``nvfp4``: nvfp4_linear (reference, W4A16) over bf16 F.linear on the dense weight, M=1 and
   M=512, N=K=4096; nvfp4.quantize 4096x4096 over torchao nvfp4_quantize;
 - ``widths``: ssd_scan and moe_experts fwd+bwd at 25/50/75 % width over full (ideal = width).
+  The MoE rows also time, interleaved with them, the fresh pages of the full-size w1 and w2
+  gradients the op must hand back at any width (every page touched once, the memory
+  :func:`elastic_kernels._memory.zeros` gives), and report ``floor`` = w + (1 - w) * that / full:
+  the ratio at width w if everything but those pages scaled with the width.
 
 Usage: ``python bench/cpu_peers.py [--rows ssd,moe,...] [--reps 7] [--json PATH]``; the JSON
 (default ``bench/results/cpu_peers.json``) holds every median, ratio, shape and the environment.
-Fresh buffers of 32 MB and more (glibc maps them anew on every allocation) cost page faults
-that dominate elementwise passes and full-size gradients of partial widths on a loaded machine;
-PyTorch's ``THP_MEM_ALLOC_ENABLE=1`` (set before start: transparent huge pages for large CPU
-allocations) cuts that cost, and the JSON records whether it was set.
+Fresh buffers of 32 MB and more (glibc maps them anew on every allocation) cost page faults;
+the MoE reference takes its large gradients and temporaries from huge-page memory itself
+(elastic_kernels/_memory.py), while the peers' buffers come from torch's allocator. PyTorch's
+``THP_MEM_ALLOC_ENABLE=1`` (set before start: transparent huge pages for every large CPU
+allocation) changes that for all candidates; the JSON records whether it was set, and the load
+average before and after the run (the machine may be shared).
 """
 from __future__ import annotations
 
@@ -258,9 +264,22 @@ def row_widths(reps, out):
     moe = _moe_inputs(512, 512, 1024, 16, 2)
     fns = {"1.0": _moe_ours(moe, True)}
     fns.update({str(w): _moe_ours(moe, True, int(1024 * w)) for w in WIDTHS})
+    fns["grad_pages"] = _grad_pages(moe["w1"], moe["w2"])
     m = interleaved_medians(fns, reps)
     for w in WIDTHS:
-        _add(out, f"moe_experts fwd+bwd d' {w} / full (T512 E16 k2)", m, str(w), "1.0", target=w + 0.1)
+        _add(out, f"moe_experts fwd+bwd d' {w} / full (T512 E16 k2)", m, str(w), "1.0", target=w + 0.1,
+             floor=w + (1 - w) * m["grad_pages"] / m["1.0"])
+
+
+def _grad_pages(*weights):
+    """Fresh zero memory of every weight's shape with each 4 KB page touched once: what handing
+    back full-size gradients costs at any width, beside the writes of the active prefix."""
+    from elastic_kernels._memory import zeros
+
+    def run():
+        for w in weights:
+            zeros(w.shape, w.dtype, w.device).view(-1)[::1024].zero_()
+    return run
 
 
 # ---- report --------------------------------------------------------------------------------
@@ -282,7 +301,8 @@ def _print(row):
         print(f"{row['name']:<78} skipped: {row['skipped']}", flush=True)
         return
     tgt = "" if row.get("target") is None else f"(target <= {row['target']:.2f}{'' if row['ratio'] <= row['target'] else ', MISSED'})"
-    print(f"{row['name']:<78} {row['ratio']:6.2f}  {row.get('ratio_of', '')} {tgt}", flush=True)
+    floor = "" if row.get("floor") is None else f" floor {row['floor']:.2f}"
+    print(f"{row['name']:<78} {row['ratio']:6.2f}  {row.get('ratio_of', '')} {tgt}{floor}", flush=True)
 
 
 def main(argv=None) -> int:
@@ -300,6 +320,7 @@ def main(argv=None) -> int:
     if bad or args.reps < 7:
         ap.error(f"--rows must name {ROWS}, got {bad}" if bad else f"--reps must be >= 7, got {args.reps}")
     torch.set_num_threads(1)
+    load0 = os.getloadavg()[0]
     out: list = []
     for r in rows:
         globals()[f"row_{r}"](args.reps, out)
@@ -308,10 +329,10 @@ def main(argv=None) -> int:
     path.parent.mkdir(parents=True, exist_ok=True)
     allocator = {k: os.environ.get(k) for k in ("THP_MEM_ALLOC_ENABLE", "MALLOC_MMAP_THRESHOLD_")}
     path.write_text(json.dumps({"date": str(datetime.datetime.now()), "env": collect(), "threads": 1,
-                                "allocator_env": allocator,
+                                "allocator_env": allocator, "loadavg_1min": {"start": load0, "end": os.getloadavg()[0]},
                                 "timer": "time.thread_time, interleaved, median", "reps": args.reps,
                                 "results": out}, indent=1, default=str))
-    print(f"results: {path}")
+    print(f"results: {path} (load average {load0:.2f} at the start, {os.getloadavg()[0]:.2f} at the end)")
     return 0
 
 

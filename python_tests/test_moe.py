@@ -236,10 +236,9 @@ def test_zero_width_and_strided_prefix_views(backend, poison_empty):
 @pytest.mark.parametrize("activation,gated,cs", [("relu2", False, None), ("silu", True, "token"),
                                                   ("gelu", False, "channel"), ("relu2", True, "channel")])
 def test_reference_fp32_per_token_widths_match_truth(widths, activation, gated, cs, poison_empty):
-    """The fp32 reference (``torch._grouped_mm`` per column block where the blocks are 16-byte
-    aligned, one matmul per expert elsewhere) with per-token widths against the float64 truth, on
-    strided views: "classes" draws widths from a few multiples of 8 (aligned column blocks, the
-    grouped path), "odd" any width in [0, F] (misaligned blocks, the per-expert path)."""
+    """The fp32 reference (one matmul per expert and FFN column block) with per-token widths
+    against the float64 truth, on strided views: "classes" draws widths from a few multiples of 8
+    (16-byte aligned column blocks), "odd" any width in [0, F] (misaligned blocks)."""
     tokens, hidden, ffn, n_exp, n_act, top_k = 37, 32, 48, 6, 5, 3
     inp, _ = make_case(tokens, hidden, ffn, n_exp, n_act, top_k, gated=gated, width=None, cs=cs, skip_experts=(2,))
     gen = torch.Generator().manual_seed(7)

@@ -27,7 +27,8 @@ per-token widths cost what their mean width costs in FLOPs (experts with few pai
 by their weight reads). On the CPU ``torch._grouped_mm`` is one matmul per group as well; the
 reference calls them itself to write into preallocated buffers and accumulate. The forward
 saves the blocks' pre-activations packed into one buffer and writes its temporaries in place
-where it can (fresh large buffers are costly on the CPU: page faults); the backward is written by
+where it can (fresh large buffers are costly on the CPU: page faults; those of 32 MB and more
+come from huge-page memory, :func:`elastic_kernels._memory.empty`); the backward is written by
 hand on the same GEMMs (no forward re-run) and writes each weight-gradient block once, into
 lazily zeroed memory (:func:`elastic_kernels._memory.zeros`), so the zeros of experts >= E' and
 channels >= d' are never written. NVFP4
