@@ -359,6 +359,16 @@ def test_smoke_end_to_end(tmp_path):
         assert (r["baseline"] is None) == (r["target"] == 1.0)
     full = rep["budgets"][0]
     assert full["params_total"] <= rep["parent"]["params_total"]
+    # every test accuracy is the mean of the evaluate stage's per-problem outcomes (decoded once there)
+    ev = json.loads((d / "evaluation.json").read_text())
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    assert rep["parent"]["test_acc"] == mean(ev["parent"]) and len(ev["parent"]) == cfg.test_size
+    for r in rep["budgets"][1:]:
+        key = f"{r['target']:g}"
+        assert r["baseline"]["test_acc"] == mean(ev["scratch"][key])
+        assert r["prune_distill"]["test_acc"] == mean(ev["prune_distill"][key])
+    for r, got in zip(rep["interpolated"], ev["interpolated"]):
+        assert r["test_acc"] == mean(got["correct"])
     assert set(rep["tokens"]) >= {"parent", "importance", "elastic", "baseline-0.75", "baseline-0.5"}
     stages = {r["stage"] for r in read_metrics(d / "metrics.jsonl")}
     assert stages >= {"parent", "importance", "elastic", "baseline-0.5"}
@@ -513,6 +523,11 @@ def test_qad_smoke_nested_quantized_checkpoint(tmp_path, fmt):
     assert [r["target"] for r in q["budgets"]] == [1.0, 0.75, 0.5]
     assert all(0.0 <= r["test_acc"] <= 1.0 for r in q["budgets"])
     d = tmp_path / "q"
+    ev = json.loads((d / "evaluation.json").read_text())
+    for r in q["budgets"]:
+        key = f"{r['target']:g}"
+        assert r["test_acc"] == sum(ev["qad"][key]) / len(ev["qad"][key])
+        assert r["ptq_test_acc"] == sum(ev["ptq"][key]) / len(ev["ptq"][key])
     cfg = json.loads((d / "qad" / "config.json").read_text())
     assert cfg["quantization"]["format"] == fmt
     tensors, _ = load_checkpoint(d / "qad_student.safetensors")

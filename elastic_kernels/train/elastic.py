@@ -187,7 +187,7 @@ def run(runner: Runner) -> None:
         row = {"target": t, "budget": bud.to_dict(), "params_total": total, "params_active": active,
                "achieved": got, "baseline": None, "argmax_budget": am.to_dict(),
                "argmax_achieved": student.param_count(am, active=cfg.budget_metric == "active") / full_params}
-        row |= runner.evaluate(full.slice(bud))
+        row |= runner.evaluate(full.slice(bud), test=False)  # test accuracy: the evaluate stage
         rows.append(row)
     runner.results["budgets"] = rows
     # in-between targets: the router's blended input picks sizes no trained budget asked for

@@ -38,7 +38,7 @@ def run(runner: Runner) -> None:
         tokens = 0
     else:
         tokens = train_supervised(runner, "parent", model, runner.cfg.parent_steps, stream=0)
-    res = runner.evaluate(runner.gathered(model, everywhere=True))
+    res = runner.evaluate(runner.gathered(model, everywhere=True), test=False)  # test: the evaluate stage
     res |= {"params_total": model.param_count(None), "params_active": model.param_count(None, active=True)}
     runner.results["parent"] = res
     runner.metrics.log({"stage": "parent", "step": runner.cfg.parent_steps, "final": True, "eval": res})

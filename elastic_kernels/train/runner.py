@@ -442,11 +442,12 @@ class Runner:
 
     def final_eval(self, stage: str, model: nn.Module, steps: int, tokens: int) -> dict:
         """The finished stage's record of a trained model: its parameter counts, ``steps``,
-        ``tokens`` and :meth:`evaluate` of its full copy, logged as the stage's final metrics
+        ``tokens`` and the validation numbers of :meth:`evaluate` of its full copy (the test
+        accuracy is the evaluate stage's, :mod:`.science`), logged as the stage's final metrics
         line. Every rank must call it (gather and evaluation are collective)."""
         res = {"params_total": model.param_count(None), "params_active": model.param_count(None, active=True),
                "steps": steps, "tokens": tokens}
-        res |= self.evaluate(self.gathered(model, everywhere=True))
+        res |= self.evaluate(self.gathered(model, everywhere=True), test=False)
         self.metrics.log({"stage": stage, "step": steps, "final": True, "eval": res})
         return res
 

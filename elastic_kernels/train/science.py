@@ -5,7 +5,9 @@ can be compared with paired tests (:mod:`elastic_kernels.infer.stats`): the pare
 budget (its physically sliced submodel from the nested checkpoint), the in-between targets the
 router interpolates, the from-scratch and prune+distill baselines of every budget below 1.0 and,
 with ``--qad``, the QAD and PTQ exports per budget. Budget control (pairs, thinking caps, measured
-latency) comes from :func:`elastic_kernels.infer.report.budget_control`.
+latency) comes from :func:`elastic_kernels.infer.report.budget_control`. This is the one place the
+test problems are decoded: the training stages record validation numbers only, and
+:func:`fill_test_accuracies` writes every model's test accuracy into the run's results.
 
 Under data parallelism every rank runs this stage: each model's test problems are split across
 the ranks and the budget-control settings too (:attr:`Runner.workers`); the per-problem outcomes
@@ -23,7 +25,7 @@ from typing import Sequence
 from ..infer.stats import accuracy_summary, compare_paired, intervals_overlap
 from .evaluate import greedy_outcomes
 
-__all__ = ["run", "run_evaluation", "claims", "ROUTER_TOLERANCE"]
+__all__ = ["run", "run_evaluation", "claims", "fill_test_accuracies", "ROUTER_TOLERANCE"]
 
 ROUTER_TOLERANCE = 0.03
 EVAL_BATCH = 256  # requests decoded together by every evaluation of this stage
@@ -96,11 +98,35 @@ def run(runner) -> None:
     ev = run_evaluation(runner)
     if runner.is_main:
         atomic_write_text(runner.dir / "evaluation.json", json.dumps(ev, sort_keys=True))
+    fill_test_accuracies(res, ev)
     parent = runner.new_model()
     full = next(r for r in res["budgets"] if r["target"] == 1.0)
     same = parent.resolve_budget(Budget.from_dict(full["budget"])) == parent.resolve_budget(None)
     res["claims"] = claims(ev, res["budgets"], parent_params=parent.param_count(None), full_is_parent=same)
     runner.finish_stage("evaluate")
+
+
+def _mean(correct: Sequence[int]) -> float:
+    return sum(correct) / len(correct) if correct else 0.0
+
+
+def fill_test_accuracies(results: dict, ev: dict) -> None:
+    """Write every model's ``test_acc`` into the run's ``results`` from the evaluate stage's
+    per-problem outcomes ``ev``: the training stages record validation numbers only, so each
+    model's test problems are decoded once, here."""
+    results["parent"]["test_acc"] = _mean(ev["parent"])
+    for row in results["budgets"]:
+        key = f"{row['target']:g}"
+        row["test_acc"] = _mean(_single(ev["budget_control"], key))
+        for field, outcomes in (("baseline", ev["scratch"]), ("prune_distill", ev["prune_distill"])):
+            if row.get(field) and key in outcomes:
+                row[field]["test_acc"] = _mean(outcomes[key])
+    for row, got in zip(results.get("interpolated", []), ev["interpolated"]):
+        row["test_acc"] = _mean(got["correct"])
+    ref = {f"{r['target']:g}": r["test_acc"] for r in results["budgets"]}
+    for row in (results.get("qad") or {}).get("budgets", []):
+        key = f"{row['target']:g}"
+        row |= {"ref_test_acc": ref[key], "test_acc": _mean(ev["qad"][key]), "ptq_test_acc": _mean(ev["ptq"][key])}
 
 
 def _single(bc: dict, name: str) -> list[int]:
