@@ -14,7 +14,7 @@ __all__ = ["train_supervised", "run"]
 def train_supervised(runner: Runner, stage: str, model: nn.Module, steps: int, stream: int) -> int:
     """Next-token cross-entropy on the completions, AdamW with warmup + cosine; returns the tokens."""
     cfg = runner.cfg
-    net = runner.wrap(model)  # before the optimizer: FSDP2 replaces the parameters
+    net = runner.wrap(model, every_parameter_used=True)  # before the optimizer: FSDP2 replaces the parameters
     opt = AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
     def step_fn(step: int) -> dict:

@@ -30,7 +30,7 @@ def run(runner: Runner, i: int) -> None:
     runner.load_model("permuted", {"model": teacher})
     teacher.eval().requires_grad_(False)
     student = teacher.slice(Budget.from_dict(row["budget"])).train().requires_grad_(True)
-    net = runner.wrap(student)  # before the optimizer: FSDP2 replaces the parameters
+    net = runner.wrap(student, every_parameter_used=True)  # before the optimizer: FSDP2 replaces the parameters
     runner.shard_frozen(teacher)
     opt = AdamW(student.parameters(), lr=cfg.elastic_lr, weight_decay=cfg.weight_decay)
     steps = cfg.elastic_steps

@@ -325,10 +325,12 @@ class Runner:
         if self.dist.world > 1:
             dist.barrier()
 
-    def wrap(self, module: nn.Module) -> nn.Module:
+    def wrap(self, module: nn.Module, *, every_parameter_used: bool = False) -> nn.Module:
         """``module`` itself, or wrapped in ``DistributedDataParallel`` under torchrun, or (``--parallel
         fsdp``) sharded in place with FSDP2 and returned. Build optimizers after this call (FSDP2
-        replaces the parameters); read a sharded module's weights through :meth:`gathered`."""
+        replaces the parameters); read a sharded module's weights through :meth:`gathered`.
+        ``every_parameter_used``: every step's forward uses every parameter (a whole model, not a
+        budget of it), so DDP skips its search of the graph for unused ones."""
         if self.dist.world == 1:
             return module
         if self.sharded:
@@ -339,7 +341,7 @@ class Runner:
             return self._shard(module)
         from torch.nn.parallel import DistributedDataParallel as DDP
         ids = [self.device.index] if self.device.type == "cuda" else None
-        return DDP(module, device_ids=ids, find_unused_parameters=True)
+        return DDP(module, device_ids=ids, find_unused_parameters=not every_parameter_used)
 
     def shard_frozen(self, module: nn.Module) -> nn.Module:
         """A frozen module every rank runs forward only (the stage-2 teacher): sharded in place under
