@@ -122,3 +122,16 @@ def test_seed_summary_spread():
     assert s["claims"]["strictly_decreasing"] == {"yes": 2, "of": 2}
     assert s["claims"]["caps_strictly_increasing"] == {"yes": 0, "of": 2}
     assert s["quantities"]["scratch@0.5"]["values"] == [0.5, 0.5]
+
+
+def test_seed_summary_counts_qad_against_ptq():
+    """With QAD, every seed's QAD accuracy, its gain over PTQ and whether it is significant per budget."""
+    from elastic_kernels.train.seeds import seed_summary
+    ev, budgets = _synthetic()
+    # budget 1: QAD 150 vs PTQ 100 correct of 200 (50 discordant problems, all for QAD); budget 0.5: a tie
+    ev["qad"], ev["ptq"] = {"1": _ok(150), "0.5": _ok(120)}, {"1": _ok(100), "0.5": _ok(120)}
+    s = seed_summary({0: {"claims": claims(ev, budgets, parent_params=1000, full_is_parent=True)}})
+    assert s["quantities"]["qad@1"]["values"] == [0.75] and s["quantities"]["qad-ptq@1"]["values"] == [0.25]
+    assert s["quantities"]["qad-ptq@0.5"]["values"] == [0.0]
+    assert s["claims"]["qad>ptq@1 (p<0.05)"] == {"yes": 1, "of": 1}
+    assert s["claims"]["qad>ptq@0.5 (p<0.05)"] == {"yes": 0, "of": 1}

@@ -31,6 +31,10 @@ def _quantities(rep: dict) -> tuple[dict[str, float], dict[str, bool]]:
             if r[base]:
                 nums[f"{base}@{t}"] = r[base]["accuracy"]
                 flags[f"nested>{base}@{t} (p<0.05)"] = r[base]["diff"] > 0 and r[base]["mcnemar_p"] < 0.05
+        if r.get("qad"):  # science.claims: the paired test of PTQ minus QAD
+            nums[f"qad@{t}"] = r["qad"]["accuracy"]
+            nums[f"qad-ptq@{t}"] = -r["qad"]["diff"]
+            flags[f"qad>ptq@{t} (p<0.05)"] = r["qad"]["diff"] < 0 and r["qad"]["mcnemar_p"] < 0.05
     if c["pair_swap"]:
         nums["pair_swap_diff"] = c["pair_swap"]["diff"]
         flags["pair_swap_differ"] = c["pair_swap"]["differ"]
