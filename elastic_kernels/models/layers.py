@@ -462,7 +462,6 @@ class GQAAttention(ElasticLayer):
         q = _linear(x, self.q_proj[:, :k]).view(b, l, self.nheads, hd).transpose(1, 2)
         kk = _linear(x, self.k_proj[:, :k]).view(b, l, self.nkv_heads, hd).transpose(1, 2)
         vv = _linear(x, self.v_proj[:, :k]).view(b, l, self.nkv_heads, hd).transpose(1, 2)
-        rep = self.nheads // self.nkv_heads
         if seq_lens is not None:
             return self._forward_packed(q, kk, vv, cache, seq_lens, k)
         if cache is not None and cache.lengths is not None:
@@ -473,13 +472,15 @@ class GQAAttention(ElasticLayer):
             kk = torch.cat([cache.k.to(kk.dtype), kk], 2)
             vv = torch.cat([cache.v.to(vv.dtype), vv], 2)
             cache.k, cache.v = kk, vv
-        kk, vv = kk.repeat_interleave(rep, 1), vv.repeat_interleave(rep, 1)
+        # enable_gqa: query head i reads kv head i // (nheads / nkv_heads) without copying the kv heads
         if past == 0:
-            o = F.scaled_dot_product_attention(q, kk, vv, is_causal=True)
+            o = F.scaled_dot_product_attention(q, kk, vv, is_causal=True, enable_gqa=True)
+        elif l == 1:  # one new token attends to every cached key
+            o = F.scaled_dot_product_attention(q, kk, vv, enable_gqa=True)
         else:
             qpos = torch.arange(past, past + l, device=x.device)[:, None]
             mask = torch.arange(past + l, device=x.device)[None, :] <= qpos
-            o = F.scaled_dot_product_attention(q, kk, vv, attn_mask=mask)
+            o = F.scaled_dot_product_attention(q, kk, vv, attn_mask=mask, enable_gqa=True)
         return self._out(o, k)
 
     def _out(self, o: Tensor, k: int) -> Tensor:
@@ -491,26 +492,24 @@ class GQAAttention(ElasticLayer):
         """Packed prefill: ``q: (1, nheads, T, hd)`` etc. hold ``len(seq_lens)`` fresh sequences
         back to back; each attends causally within itself only. The cache (batch =
         ``len(seq_lens)``, empty) receives each sequence's keys/values in its own row."""
-        dev, T = q.device, q.shape[2]
+        dev, T, n = q.device, q.shape[2], len(seq_lens)
+        if cache is not None and (cache.k.shape[2] or cache.k.shape[0] != n):
+            raise ValueError(f"GQAAttention: a packed prefill needs an empty cache of batch {n}, "
+                             f"got batch {cache.k.shape[0]} holding {cache.k.shape[2]} keys")
         lens = torch.tensor(seq_lens, dtype=torch.int64, device=dev)
-        seq = torch.repeat_interleave(torch.arange(len(seq_lens), device=dev), lens)
-        pos = torch.arange(T, device=dev)
-        mask = (seq[:, None] == seq[None, :]) & (pos[None, :] <= pos[:, None])
-        rep = self.nheads // self.nkv_heads
-        o = F.scaled_dot_product_attention(q, kk.repeat_interleave(rep, 1), vv.repeat_interleave(rep, 1),
-                                           attn_mask=mask)
+        seq = torch.repeat_interleave(torch.arange(n, device=dev), lens)
+        slot = torch.arange(T, device=dev) - (torch.cumsum(lens, 0) - lens)[seq]  # position within its sequence
+
+        def padded(t: Tensor) -> Tensor:  # (1, heads, T, hd) -> (n, heads, longest, hd), zeros after each sequence
+            out = t.new_zeros(n, max(seq_lens), t.shape[1], t.shape[3])
+            out[seq, slot] = t[0].transpose(0, 1)
+            return out.transpose(1, 2)
+        # one padded row per sequence (causal: a real query never sees its row's padding), not a T x T mask
+        qb, kb, vb = padded(q), padded(kk), padded(vv)
+        o = F.scaled_dot_product_attention(qb, kb, vb, is_causal=True, enable_gqa=True)
+        o = o.transpose(1, 2)[seq, slot].transpose(0, 1)[None]   # back to (1, nheads, T, hd)
         if cache is not None:
-            if cache.k.shape[2] or cache.k.shape[0] != len(seq_lens):
-                raise ValueError(f"GQAAttention: a packed prefill needs an empty cache of batch {len(seq_lens)}, "
-                                 f"got batch {cache.k.shape[0]} holding {cache.k.shape[2]} keys")
-            starts = torch.cumsum(lens, 0) - lens
-            slot = pos - starts[seq]
-            kb = kk.new_zeros(len(seq_lens), max(seq_lens), self.nkv_heads, self.head_dim)
-            vb = kb.clone()
-            kb[seq, slot] = kk[0].transpose(0, 1).to(kb.dtype)
-            vb[seq, slot] = vv[0].transpose(0, 1).to(vb.dtype)
-            cache.k, cache.v = kb.transpose(1, 2).to(cache.k.dtype), vb.transpose(1, 2).to(cache.v.dtype)
-            cache.lengths = lens
+            cache.k, cache.v, cache.lengths = kb.to(cache.k.dtype), vb.to(cache.v.dtype), lens
         return self._out(o, k)
 
     def _forward_ragged(self, q: Tensor, kk: Tensor, vv: Tensor, cache: AttentionLayerCache, k: int) -> Tensor:
@@ -531,10 +530,8 @@ class GQAAttention(ElasticLayer):
         cache.v.transpose(1, 2)[rows, pos] = vv.transpose(1, 2).to(cache.v.dtype)
         cache.lengths = lengths + l
         mask = torch.arange(cache.k.shape[2], device=dev)[None, None, :] <= pos[:, :, None]  # (b, l, slots)
-        rep = self.nheads // self.nkv_heads
-        ks = cache.k.to(q.dtype).repeat_interleave(rep, 1)
-        vs = cache.v.to(q.dtype).repeat_interleave(rep, 1)
-        o = F.scaled_dot_product_attention(q, ks, vs, attn_mask=mask[:, None])
+        o = F.scaled_dot_product_attention(q, cache.k.to(q.dtype), cache.v.to(q.dtype), attn_mask=mask[:, None],
+                                           enable_gqa=True)
         return self._out(o, k)
 
     def sliced_shapes(self, k: int, sizes: Mapping[str, int] | None = None, active: bool = False) -> dict[str, tuple]:

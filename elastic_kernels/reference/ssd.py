@@ -561,20 +561,25 @@ def ssd_state_update_reference(state, x, dt, A, B, C, *, D=None, z=None, dt_bias
     dtp = process_dt(dt, dt_bias, dt_softplus, 0.0, float("inf"), cdt)  # (b, h)
     xf = x.to(cdt)
     Bh, Ch = B.to(cdt)[:, group], C.to(cdt)[:, group]  # (b, h, n)
-    new = state * torch.exp(dtp * A.to(cdt))[..., None, None] + (dtp[..., None] * xf)[..., None] * Bh[:, :, None, :]
-    y = torch.einsum("bhpn,bhn->bhp", new, Ch)
-    if D is not None:
-        y = y + (D[:, None] if D.dim() == 1 else D).to(cdt) * xf
-    if z is not None:
-        y = y * F.silu(z.to(cdt))
+    decay = torch.exp(dtp * A.to(cdt))[..., None, None]
+    dx, Bn = (dtp[..., None] * xf)[..., None], Bh[:, :, None, :]  # (b, h, p, 1), (b, h, 1, n)
     if active_t is not None:
         mask = active_heads_mask(h, g, interleaved, active_t)
     elif active_int >= 0:
         mask = (head_rank(h, g, interleaved, x.device) < active_int // g)[None].expand(b, h)
     else:
         mask = None
+    if mask is None:  # every head: one pass over the state, in place
+        state.mul_(decay).addcmul_(dx, Bn)
+        new = state
+    else:
+        new = (state * decay).addcmul_(dx, Bn)
+    y = torch.einsum("bhpn,bhn->bhp", new, Ch)
+    if D is not None:
+        y = y + (D[:, None] if D.dim() == 1 else D).to(cdt) * xf
+    if z is not None:
+        y = y * F.silu(z.to(cdt))
     if mask is not None:
         y = y * mask[..., None]
-        new = torch.where(mask[..., None, None], new, state)
-    state.copy_(new)
+        state.copy_(torch.where(mask[..., None, None], new, state))
     return y.to(x.dtype).contiguous()
