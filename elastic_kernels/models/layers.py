@@ -63,6 +63,15 @@ def _per_sample(m: Tensor, batch_dims: int) -> Tensor:
     return m.reshape(m.shape[0], *([1] * (batch_dims - 1)), m.shape[-1])
 
 
+def balanced_chunk(seqlen: int, chunk_size: int) -> int:
+    """The scan chunk length for ``seqlen`` steps: as many chunks as ``chunk_size`` gives, of equal
+    length ``ceil(seqlen / nchunks)`` (<= ``chunk_size``). The scan's result does not depend on
+    where its chunks end; equal chunks pad the least (seqlen 37 at chunk 32: two chunks of 19, not
+    32 and 5 padded to 64), which is what a short training sequence costs on the CPU path."""
+    nchunks = max(1, -(-seqlen // chunk_size))
+    return max(1, -(-seqlen // nchunks))
+
+
 def _hard_int(width, full: int, name: str) -> int:
     """Units to compute for a hard width (int: itself; None or per-sample tensor: ``full``)."""
     if width is None or isinstance(width, Tensor):
@@ -283,8 +292,9 @@ class ElasticMamba2Mixer(ElasticLayer):
                 y = y * scale[:, None, :, None].to(y.dtype)
         else:
             init = cache.ssm[:, :hh] if cache is not None and cache.has_state else None
-            y, final = ssd_scan(xs, dt, A, Bm, Cm, chunk_size=self.chunk_size, initial_states=init,
-                                dt_limit=self.dt_limit, head_scale=scale, return_final_states=True, **common)
+            y, final = ssd_scan(xs, dt, A, Bm, Cm, chunk_size=balanced_chunk(l, self.chunk_size),
+                                initial_states=init, dt_limit=self.dt_limit, head_scale=scale,
+                                return_final_states=True, **common)
             if cache is not None:
                 cache.ssm[:, :hh] = final.to(cache.ssm.dtype)
         if cache is not None:
@@ -337,7 +347,8 @@ class ElasticMamba2Mixer(ElasticLayer):
         dt = dt.contiguous()
         cd = _compute_dtype(x)
         A = -torch.exp(self.A_log[:hh].to(cd))
-        y = ssd_scan(xs, dt, A, Bm, Cm, chunk_size=self.chunk_size, D=self.D[:hh], dt_bias=self.dt_bias[:hh],
+        y = ssd_scan(xs, dt, A, Bm, Cm, chunk_size=balanced_chunk(T, self.chunk_size), D=self.D[:hh],
+                     dt_bias=self.dt_bias[:hh],
                      dt_softplus=True, dt_limit=self.dt_limit, seq_idx=seq.to(torch.int32)[None],
                      head_layout="interleaved")
         hw = (torch.arange(hh, device=dev)[None, :] < width[:, None]).to(cd)  # (T, hh)

@@ -8,8 +8,7 @@ Math (per batch b, head h in group g, step t; dt already biased/softplused/clamp
 with ``h_{-1} = initial_states`` and ``seq_{-1} = 0`` (as mamba_ssm: the initial state belongs
 to sequence index 0).
 
-Chunked algorithm (``nc = ceil(seqlen / chunk_size)`` chunks of equal length ``L = ceil(seqlen / nc)``,
-the last zero padded; within a chunk ``a_t = cumsum(dt A)``):
+Chunked algorithm (chunks of ``L = chunk_size`` steps; within a chunk ``a_t = cumsum(dt A)``):
 
     intra-chunk:  y_t  = sum_{s<=t} (C_t . B_s) exp(a_t - a_s) dt_s x_s            (L x L per head)
     chunk states: S_c  = sum_s exp(a_L - a_s) dt_s x_s \otimes B_s
@@ -118,12 +117,9 @@ class _Seq:
 
     def __init__(self, x, dt, B, C, chunk_size, seq_idx, *extra):
         b, l = x.shape[:2]
-        # as many chunks as chunk_size gives, of equal length ceil(l / nc): the result does not
-        # depend on where the chunks end, and equal chunks pad the least (seqlen 37, chunk 32:
-        # two chunks of 19, not 32 + 5 padded to 64)
-        self.nc = nc = max(1, -(-l // chunk_size))
-        L = max(1, -(-l // nc))
+        L = chunk_size
         self.l, self.L = l, L
+        self.nc = nc = max(1, -(-l // L))
         pad = nc * L - l
 
         def chunked(t):
