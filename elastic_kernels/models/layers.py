@@ -256,6 +256,9 @@ class ElasticMamba2Mixer(ElasticLayer):
             return x.new_zeros(b, 0, k)
 
         z, xs, dt, bc = self.project_in(x, hh)
+        if cache is not None and l == 1:
+            xs, Bm, Cm = self._conv_step(xs[:, 0], bc[:, 0], hh, cache)
+            return self._mix(x, z, xs, Bm, Cm, dt.contiguous(), hh, per_sample, head_mask, cache)
 
         # causal depthwise conv over (x heads, B, C), continuing the cached window
         u = torch.cat([xs.reshape(b, l, hh * P), bc], dim=-1).transpose(1, 2)  # (b, ch, l)
@@ -276,8 +279,29 @@ class ElasticMamba2Mixer(ElasticLayer):
         xs = conv[..., :hh * P].reshape(b, l, hh, P).contiguous()
         Bm = conv[..., hh * P:hh * P + G * N].reshape(b, l, G, N).contiguous()
         Cm = conv[..., hh * P + G * N:].reshape(b, l, G, N).contiguous()
-        dt = dt.contiguous()
+        return self._mix(x, z, xs, Bm, Cm, dt.contiguous(), hh, per_sample, head_mask, cache)
 
+    def _conv_step(self, xs: Tensor, bc: Tensor, hh: int, cache: MambaLayerCache) -> tuple[Tensor, Tensor, Tensor]:
+        """The causal conv + SiLU of one new token against the cached window (a decode step), each
+        part (x heads, B and C) on its own, so nothing is concatenated but the window itself.
+        xs: (b, hh, P); bc: (b, 2 G N). Returns xs (b, 1, hh, P), B and C (b, 1, G, N); the window
+        in the cache moves on by one."""
+        b, G, N = xs.shape[0], self.ngroups, self.d_state
+        wx = torch.cat([cache.conv_x[:, :hh].to(xs.dtype), xs[..., None]], -1)        # (b, hh, P, K)
+        wbc = torch.cat([cache.conv_bc.to(bc.dtype), bc[..., None]], -1)               # (b, 2GN, K)
+        cx = F.silu((wx * self.conv_x_weight[:hh].to(xs.dtype)).sum(-1) + self.conv_x_bias[:hh].to(xs.dtype))
+        cbc = F.silu((wbc * self.conv_bc_weight.to(bc.dtype)).sum(-1) + self.conv_bc_bias.to(bc.dtype))
+        cache.conv_x[:, :hh] = wx[..., 1:].to(cache.conv_x.dtype)
+        cache.conv_bc.copy_(wbc[..., 1:].to(cache.conv_bc.dtype))
+        return (cx[:, None].contiguous(), cbc[:, None, :G * N].reshape(b, 1, G, N).contiguous(),
+                cbc[:, None, G * N:].reshape(b, 1, G, N).contiguous())
+
+    def _mix(self, x: Tensor, z: Tensor, xs: Tensor, Bm: Tensor, Cm: Tensor, dt: Tensor, hh: int,
+             per_sample: Tensor | None, head_mask: Tensor | None, cache: MambaLayerCache | None) -> Tensor:
+        """The scan (or, with a cached state and one token, the state update), gate norm and out
+        projection of the conv outputs xs (b, l, hh, P), B / C (b, l, G, N) and dt (b, l, hh)."""
+        b, l, k = x.shape
+        P = self.head_dim
         A = -torch.exp(self.A_log[:hh].to(_compute_dtype(x)))
         scale = None
         if head_mask is not None:
