@@ -473,6 +473,34 @@ def test_decode_with_caches_equals_full_forward(name):
         close(torch.cat(parts, 1), want)
 
 
+def test_decode_from_one_token_prompts_equals_full_forward():
+    """A one-token first step (the decode path's conv against an empty cached window) and then
+    one token at a time give the full forward's logits."""
+    model = make_model("softmax")
+    ids = ids_for(model.config, batch=2, seqlen=7)
+    cache = model.new_cache(ids.shape[0])
+    parts = [model(ids[:, t:t + 1], cache=cache) for t in range(ids.shape[1])]
+    close(torch.cat(parts, 1), model(ids))
+
+
+def test_balanced_chunks_keep_the_count_and_the_result():
+    """balanced_chunk: as many chunks as chunk_size gives, equal lengths <= chunk_size; the model's
+    output does not depend on the chunk size it is configured with."""
+    from elastic_kernels.models.layers import balanced_chunk
+    for seqlen in range(1, 80):
+        for chunk in (1, 3, 8, 16, 32, 64):
+            got = balanced_chunk(seqlen, chunk)
+            assert 1 <= got <= chunk and -(-seqlen // got) == -(-seqlen // chunk), (seqlen, chunk, got)
+    assert balanced_chunk(37, 32) == 19 and balanced_chunk(64, 32) == 32 and balanced_chunk(5, 64) == 5
+    ids = ids_for(CONFIGS["softmax"], batch=2, seqlen=13)
+    outs = []
+    for chunk in (4, 5, 8, 64):
+        torch.manual_seed(0)
+        outs.append(ElasticHybridLM(small_config(mamba_chunk_size=chunk))(ids))
+    for o in outs[1:]:
+        close(o, outs[0])
+
+
 def test_sliced_model_decodes_like_masked_model():
     model = make_model()
     budget = budgets_for(model.config)["per-layer"]

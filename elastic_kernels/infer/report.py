@@ -266,8 +266,8 @@ def budget_control_markdown(rep_or_dir) -> str:
         lines += ["### Latency measurement", "",
                   f"Each budget timed on its physically sliced submodel (`load_nested`), batch 1, one thread, after "
                   f"warm-up, min and median of >= 7 runs, the budgets interleaved run by run, on the thread's CPU "
-                  f"clock (on an idle core the wall time; other load on the machine hardly moves it). Smallest/largest budget decode time on the trained model: "
-                  f"{ob['ratio']:.2f}."]
+                  f"clock (on an idle core the wall time; other load on the machine hardly moves it). "
+                  f"Smallest/largest budget decode time on the trained model: {ob['ratio']:.2f}."]
         if lat["timed_on"] == "wider clone":
             oc = lat["overhead"]["clone"]
             lines.append(f"That is above 0.9 (framework overhead dominates the tiny model), so **latency is timed on "

@@ -372,9 +372,8 @@ class ElasticMamba2Mixer(ElasticLayer):
         cd = _compute_dtype(x)
         A = -torch.exp(self.A_log[:hh].to(cd))
         y = ssd_scan(xs, dt, A, Bm, Cm, chunk_size=balanced_chunk(T, self.chunk_size), D=self.D[:hh],
-                     dt_bias=self.dt_bias[:hh],
-                     dt_softplus=True, dt_limit=self.dt_limit, seq_idx=seq.to(torch.int32)[None],
-                     head_layout="interleaved")
+                     dt_bias=self.dt_bias[:hh], dt_softplus=True, dt_limit=self.dt_limit,
+                     seq_idx=seq.to(torch.int32)[None], head_layout="interleaved")
         hw = (torch.arange(hh, device=dev)[None, :] < width[:, None]).to(cd)  # (T, hh)
         y = y[0] * hw[:, :, None].to(y.dtype)
         if cache is not None:
