@@ -121,12 +121,32 @@ def forward_backward(fn, inputs, names, grad_out, device=torch.device("cpu")):
                                 for k in names}
 
 
+def to_float64(inp):
+    """``inp`` with every floating-point tensor in float64 (the truth's inputs)."""
+    return {k: (v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v) for k, v in inp.items()}
+
+
+def check_fp32_reference(case, activation, n_act, width):
+    """The fp32 reference's output and every gradient (for a random output gradient) against the
+    float64 truth, each within 1e-5 x max |truth|; returns the reference's (y, grads)."""
+    names = grad_names(case)
+    gy = torch.randn(case["x"].shape)
+    truth = lambda **kw: truth_experts(**kw, activation=activation, n_act=n_act, width=width)  # noqa: E731
+    y64, g64 = forward_backward(truth, to_float64(case), names, gy.double())
+    y, g = forward_backward(run_op("reference", activation, n_act, width), case, names, gy)
+    for name, got, want in [("y", y, y64)] + [(f"grad {k}", g[k], g64[k]) for k in names]:
+        scale = max(want.abs().max().item(), 1e-6)
+        err = (got.double() - want).abs().max().item()
+        assert err <= 1e-5 * scale, f"{name}: max error {err:.3e} > 1e-5 x scale {scale:.3e}"
+    return y, g
+
+
 def check_against_truth(inp, width, activation, n_act, dtype, backend, device=torch.device("cpu")):
     """Forward and every gradient of ``backend`` at ``dtype`` on ``device`` vs the float64 truth
     (truth and same-precision reference on the CPU)."""
     names = grad_names(inp)
     low = {k: (v.to(dtype) if k in ("x", "w1", "w2", "w3") and v is not None else v) for k, v in inp.items()}
-    exact = {k: (v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v) for k, v in low.items()}
+    exact = to_float64(low)
     gy = torch.randn(inp["x"].shape).to(dtype)
     truth = lambda **kw: truth_experts(**kw, activation=activation, n_act=n_act, width=width)  # noqa: E731
     y64, g64 = forward_backward(truth, exact, names, gy.double())
@@ -155,7 +175,7 @@ def check_against_truth(inp, width, activation, n_act, dtype, backend, device=to
 def test_reference_float64_matches_truth(top_k, activation, gated):
     width, cs = [(None, None), ("int", "channel"), ("tensor", "token"), ("tensor", "channel")][top_k % 4]
     inp, w = make_case(11, 12, 10, 10, 9, top_k, gated=gated, width=width, cs=cs, skip_experts=(3,))
-    inp = {k: (v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v) for k, v in inp.items()}
+    inp = to_float64(inp)
     names = grad_names(inp)
     gy = torch.randn(11, 12, dtype=FP64)
     truth = lambda **kw: truth_experts(**kw, activation=activation, n_act=9, width=w)  # noqa: E731
@@ -254,19 +274,9 @@ def test_reference_fp32_per_token_widths_match_truth(widths, activation, gated, 
     xt = torch.empty(hidden, tokens).T  # column-major x
     xt.copy_(inp["x"])
     strided = dict(inp, x=xt, w1=big1[:n_exp, 8:, 16:], w2=big2[:, :, 4:])
-    names = grad_names(strided)
-    gy = torch.randn(tokens, hidden)
-    exact = {k: (v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
-             for k, v in strided.items()}
-    truth = lambda **kw: truth_experts(**kw, activation=activation, n_act=n_act, width=w)  # noqa: E731
-    y64, g64 = forward_backward(truth, exact, names, gy.double())
-    y, g = forward_backward(run_op("reference", activation, n_act, w), strided, names, gy)
-    for name, got, want in [("y", y, y64)] + [(f"grad {k}", g[k], g64[k]) for k in names]:
-        scale = max(want.abs().max().item(), 1e-6)
-        err = (got.double() - want).abs().max().item()
-        assert err <= 1e-5 * scale, f"{name}: max error {err:.3e} > 1e-5 x scale {scale:.3e}"
+    _, g = check_fp32_reference(strided, activation, n_act, w)
     for k in ("w1", "w2", "w3"):
-        if k in names:
+        if k in g:
             assert not g[k][n_act:].any(), k
 
 
@@ -279,17 +289,7 @@ def test_reference_fp32_pair_major_down_projection():
     ids = torch.stack([torch.zeros(tokens, dtype=torch.int64), torch.arange(tokens) % 3 + 1], 1)  # 40 / 14 / 13 / 13
     big2 = torch.randn(n_exp, hidden, ffn + 16)
     big2[:, :, 16:] = inp["w2"]
-    case = dict(inp, topk_ids=ids, w2=big2[:, :, 16:])
-    names = grad_names(case)
-    gy = torch.randn(tokens, hidden)
-    exact = {k: (v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v) for k, v in case.items()}
-    truth = lambda **kw: truth_experts(**kw, activation="relu2", n_act=n_exp, width=None)  # noqa: E731
-    y64, g64 = forward_backward(truth, exact, names, gy.double())
-    y, g = forward_backward(run_op("reference", "relu2", n_exp, None), case, names, gy)
-    for name, got, want in [("y", y, y64)] + [(f"grad {k}", g[k], g64[k]) for k in names]:
-        scale = max(want.abs().max().item(), 1e-6)
-        err = (got.double() - want).abs().max().item()
-        assert err <= 1e-5 * scale, f"{name}: max error {err:.3e} > 1e-5 x scale {scale:.3e}"
+    check_fp32_reference(dict(inp, topk_ids=ids, w2=big2[:, :, 16:]), "relu2", n_exp, None)
 
 
 def _interpreting():

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from elastic_kernels._memory import LARGE_BYTES, zeros
-from test_moe import forward_backward, grad_names, make_case, run_op, truth_experts
+from test_moe import check_fp32_reference, make_case
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
@@ -41,16 +41,8 @@ def test_large_partial_width_gradients_match_truth(width):
                        cs=None)
     w = width if isinstance(width, int) else w
     assert inp["w1"].numel() * 4 >= LARGE_BYTES
-    names = grad_names(inp)
-    gy = torch.randn(tokens, hidden)
-    exact = {k: (v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v) for k, v in inp.items()}
-    truth = lambda **kw: truth_experts(**kw, activation="silu", n_act=n_act, width=w)  # noqa: E731
-    _, g64 = forward_backward(truth, exact, names, gy.double())
-    _, g = forward_backward(run_op("reference", "silu", n_act, w), inp, names, gy)
-    for k in names:
-        scale = max(g64[k].abs().max().item(), 1e-6)
-        err = (g[k].double() - g64[k]).abs().max().item()
-        assert err <= 1e-5 * scale, f"grad {k}: max error {err:.3e} > 1e-5 x scale {scale:.3e}"
+    _, g = check_fp32_reference(inp, "silu", n_act, w)
+    for k in g:
         if k in ("w1", "w2", "w3"):
             assert not g[k][n_act:].any(), k
             if isinstance(w, int):
