@@ -107,7 +107,7 @@ def run(runner) -> None:
 
 
 def _mean(correct: Sequence[int]) -> float:
-    return sum(correct) / len(correct) if correct else 0.0
+    return accuracy_summary(correct)["accuracy"]  # the claims' accuracy of the same outcomes
 
 
 def fill_test_accuracies(results: dict, ev: dict) -> None:
