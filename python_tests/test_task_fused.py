@@ -109,3 +109,45 @@ def test_registry_roundtrip_and_validation():
     with pytest.raises(ValueError, match="split"):
         t.problems("dev", 3, seed=0)
     assert t.vocab_size == len(t.tokenizer.itos) and t.tokenizer.decode(t.tokenizer.encode("1|2,3")) == "1|2,3"
+
+
+def test_table_answer_is_the_keyed_permutation_entry():
+    """answer="table": T[f,g] is a fixed permutation of [0, m) per key pair, the answer T[f,g][r] of the
+    chain value r (checked by an independent chain evaluation), the same table for the same task seed."""
+    t = FusedAnswerTask(answer="table", key_zipf=1.0, ops="+-", seed=4, modulus=7)
+    same, other = FusedAnswerTask(answer="table", seed=4, modulus=7), FusedAnswerTask(answer="table", seed=5, modulus=7)
+    assert len(t.tables) == 49 and all(sorted(v) == list(range(7)) for v in t.tables.values())
+    assert t.tables == same.tables and t.tables != other.tables
+    for p in t.problems("train", 300, seed=2):
+        vals, _ = _evaluate(p.question, 7)
+        assert set(p.ops) <= {"+", "-"} and p.chain_value == vals[-1]
+        assert p.answer == t.tables[(p.f, p.g)][vals[-1]]
+        assert t.score(p, t.completion_ids(p))
+        assert p.text.endswith(f"</think>{p.answer}<eos>")
+    assert tasks.from_dict(t.to_dict()).tables == t.tables
+
+
+def test_zipf_keys_follow_their_weights_in_every_split():
+    """key_zipf: the key pair of rank k is drawn with probability proportional to 1 / (k+1)**s, in every split
+    (the test set measures the same frequency-weighted recall the training set teaches)."""
+    t = FusedAnswerTask(answer="table", key_zipf=1.0, seed=0)
+    shares = [t.key_share(k) for k in range(len(t.keys))]
+    assert abs(sum(shares) - 1) < 1e-12 and shares[0] / shares[9] == pytest.approx(10)
+    for split, n in (("train", 8000), ("test", 4000)):
+        counts: dict = {}
+        for p in t.problems(split, n, seed=0):
+            counts[(p.f, p.g)] = counts.get((p.f, p.g), 0) + 1
+        top = counts.get(t.keys[0], 0) / n
+        assert abs(top - shares[0]) < 4 * (shares[0] * (1 - shares[0]) / n) ** 0.5, (split, top, shares[0])
+        assert counts.get(t.keys[0], 0) > counts.get(t.keys[50], 0)
+    uniform = FusedAnswerTask(answer="table", seed=0)
+    assert uniform.key_share(0) == uniform.key_share(99) == pytest.approx(0.01)
+    assert "Zipf" in t.describe() and "fact table" in t.premise() and "uniform" in uniform.describe()
+
+
+@pytest.mark.parametrize("kw,msg", [({"answer": "lookup"}, "answer"), ({"key_zipf": -1}, "key_zipf"),
+                                    ({"key_zipf": True}, "key_zipf"), ({"ops": "+/"}, "ops"), ({"ops": ""}, "ops"),
+                                    ({"ops": "++"}, "ops")])
+def test_table_options_validated(kw, msg):
+    with pytest.raises(ValueError, match=msg):
+        FusedAnswerTask(**kw)

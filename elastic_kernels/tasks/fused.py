@@ -45,10 +45,12 @@ import torch
 from .arithmetic import Tokenizer
 from .base import SPLITS, Batch, Task, draw_split, hash_split
 
-__all__ = ["FusedTokenizer", "FusedProblem", "FusedAnswerTask", "FUSED_OPS"]
+__all__ = ["FusedTokenizer", "FusedProblem", "FusedAnswerTask", "FUSED_OPS", "ANSWERS"]
 
 # difficulty level -> (min, max) chained operations per problem
 FUSED_OPS = {1: (1, 2), 2: (1, 3), 3: (2, 4), 4: (3, 6), 5: (4, 8)}
+# the answer step: "affine" computes (r*f + g) mod m, "table" recalls a fixed random table entry T[f,g][r]
+ANSWERS = ("affine", "table")
 
 
 class FusedTokenizer(Tokenizer):
@@ -62,7 +64,8 @@ class FusedTokenizer(Tokenizer):
 class FusedProblem:
     """One problem: the chain (``operands``, ``ops``), the answer keys ``f, g`` and the modulus.
     ``keys_in_trace``: the trace ends by restating the keys (``...;r|f,g``), so the answer step
-    reads all three inputs next to it."""
+    reads all three inputs next to it. ``table``: the answer table of the key pair ``(f, g)``
+    (``modulus`` entries, answer = ``table[r]``); None: the affine answer ``(r*f + g) mod modulus``."""
 
     operands: tuple[int, ...]
     ops: tuple[str, ...]
@@ -70,6 +73,7 @@ class FusedProblem:
     g: int
     modulus: int
     keys_in_trace: bool = False
+    table: tuple[int, ...] | None = None
 
     @property
     def question(self) -> str:
@@ -95,7 +99,9 @@ class FusedProblem:
 
     @property
     def answer(self) -> int:
-        """``(r * f + g) mod modulus``."""
+        """``table[r]`` with a table, else ``(r * f + g) mod modulus``."""
+        if self.table is not None:
+            return self.table[self.chain_value]
         return (self.chain_value * self.f + self.g) % self.modulus
 
     @property
@@ -128,7 +134,8 @@ class FusedAnswerTask(Task):
     name = "fused"
 
     def __init__(self, *, modulus: int = 10, difficulty: int = 2, seed: int = 0, truncate_prob: float = 0.25,
-                 keys_in_trace: bool = True, val_fraction: float = 0.05, test_fraction: float = 0.05) -> None:
+                 keys_in_trace: bool = True, answer: str = "affine", key_zipf: float = 0.0, ops: str = "+-*",
+                 val_fraction: float = 0.05, test_fraction: float = 0.05) -> None:
         if isinstance(modulus, bool) or not isinstance(modulus, int) or not 2 <= modulus <= 10:
             raise ValueError(f"FusedAnswerTask: modulus must be an int in [2, 10] (one digit per number), "
                              f"got {modulus!r}")
@@ -136,12 +143,31 @@ class FusedAnswerTask(Task):
             raise ValueError(f"FusedAnswerTask: difficulty must be one of {tuple(FUSED_OPS)}, got {difficulty!r}")
         if not 0 <= truncate_prob < 1:
             raise ValueError(f"FusedAnswerTask: truncate_prob must be in [0, 1), got {truncate_prob!r}")
+        if answer not in ANSWERS:
+            raise ValueError(f"FusedAnswerTask: answer must be one of {ANSWERS}, got {answer!r}")
+        if isinstance(key_zipf, bool) or not isinstance(key_zipf, (int, float)) or not 0 <= key_zipf <= 4:
+            raise ValueError(f"FusedAnswerTask: key_zipf must be a number in [0, 4], got {key_zipf!r}")
+        if not isinstance(ops, str) or not ops or set(ops) - set("+-*") or len(set(ops)) != len(ops):
+            raise ValueError(f"FusedAnswerTask: ops must be distinct characters of '+-*', got {ops!r}")
         if not (0 < val_fraction < 1 and 0 < test_fraction < 1 and val_fraction + test_fraction < 1):
             raise ValueError("FusedAnswerTask: val_fraction and test_fraction must be in (0, 1) with a sum below 1, "
                              f"got {val_fraction} and {test_fraction}")
         self.modulus, self.difficulty, self.seed = modulus, difficulty, seed
         self.truncate_prob = truncate_prob
         self.keys_in_trace = bool(keys_in_trace)
+        self.answer, self.key_zipf, self.ops = answer, float(key_zipf), ops
+        # key pairs (f, g) in a seeded random rank order, drawn with weight 1 / rank**key_zipf
+        rng = random.Random(f"fused-keys/{seed}/{modulus}")
+        self.keys = [(f, g) for f in range(modulus) for g in range(modulus)]
+        rng.shuffle(self.keys)
+        self.key_weights = [1.0 / (rank + 1) ** self.key_zipf for rank in range(len(self.keys))]
+        # answer = tables[(f, g)][r]: a seeded random permutation of [0, modulus) per key pair
+        self.tables: dict[tuple[int, int], tuple[int, ...]] = {}
+        if answer == "table":
+            for key in sorted(self.keys):
+                perm = list(range(modulus))
+                rng.shuffle(perm)
+                self.tables[key] = tuple(perm)
         self.val_fraction, self.test_fraction = val_fraction, test_fraction
         self.tokenizer = FusedTokenizer()
         tok = self.tokenizer
@@ -150,19 +176,40 @@ class FusedAnswerTask(Task):
 
     def to_dict(self) -> dict:
         return {"name": self.name, "modulus": self.modulus, "difficulty": self.difficulty, "seed": self.seed,
-                "truncate_prob": self.truncate_prob, "keys_in_trace": self.keys_in_trace, "val_fraction": self.val_fraction,
+                "truncate_prob": self.truncate_prob, "keys_in_trace": self.keys_in_trace, "answer": self.answer,
+                "key_zipf": self.key_zipf, "ops": self.ops, "val_fraction": self.val_fraction,
                 "test_fraction": self.test_fraction}
+
+    def key_share(self, rank: int) -> float:
+        """The probability of the key pair of frequency rank ``rank`` (0 = most frequent)."""
+        return self.key_weights[rank] / sum(self.key_weights)
 
     def describe(self) -> str:
         lo, hi = FUSED_OPS[self.difficulty]
         keys = "restated at the end of the trace" if self.keys_in_trace else "only in the prompt"
-        return (f"fused-answer chain arithmetic mod {self.modulus} ({lo}-{hi} chained + - * steps written in the "
-                f"thinking trace; the answer (r*f + g) mod {self.modulus} of the trace's last value r and two keys "
-                f"f, g ({keys}) is computed in one token without a trace); {100 * self.truncate_prob:.0f}% of "
-                "training traces cut at a random token with a forced </think>")
+        ops = " ".join(self.ops)
+        if self.answer == "table":
+            n = len(self.keys)
+            freq = ("uniform" if self.key_zipf == 0 else
+                    f"Zipf-distributed with exponent {self.key_zipf:g}: the most frequent pair {100 * self.key_share(0):.1f}%"
+                    f" of problems, the rarest {100 * self.key_share(n - 1):.2f}%")
+            rule = (f"the answer T[f,g][r] looks the trace's last value r up in a fixed random permutation table "
+                    f"of the key pair f, g ({keys}; {n} pairs, {freq}), in one token without a trace")
+        else:
+            rule = (f"the answer (r*f + g) mod {self.modulus} of the trace's last value r and two keys f, g ({keys}) "
+                    "is computed in one token without a trace")
+        return (f"fused-answer chain arithmetic mod {self.modulus} ({lo}-{hi} chained {ops} steps written in the "
+                f"thinking trace; {rule}); {100 * self.truncate_prob:.0f}% of training traces cut at a random "
+                "token with a forced </think>")
 
     def premise(self) -> str:
         """The premise the task encodes, one sentence for reports."""
+        if self.answer == "table":
+            return ("thinking is a long chain of easy steps written out token by token, the answer one step of "
+                    "recall from knowledge stored in the weights (a fact table whose facts are seen with Zipfian "
+                    "frequencies, so a model holds more of them the more capacity and training it has): model "
+                    "capacity matters most in the answer phase, and a thinking trace cut short leaves the rest of "
+                    "the chain to that one step")
         return ("thinking is a long chain of easy steps written out token by token, the answer one short hard "
                 "step done in a single token without a trace: model capacity matters most in the answer phase, "
                 "and a thinking trace cut short leaves the rest of the chain to that one step")
@@ -176,8 +223,13 @@ class FusedAnswerTask(Task):
         lo, hi = FUSED_OPS[difficulty]
         n = rng.randint(lo, hi)
         m = self.modulus
-        return FusedProblem(tuple(rng.randrange(m) for _ in range(n + 1)), tuple(rng.choice("+-*") for _ in range(n)),
-                            rng.randrange(m), rng.randrange(m), m, self.keys_in_trace)
+        operands = tuple(rng.randrange(m) for _ in range(n + 1))
+        ops = tuple(rng.choice(self.ops) for _ in range(n))
+        if self.key_zipf == 0:
+            f, g = rng.randrange(m), rng.randrange(m)
+        else:
+            f, g = rng.choices(self.keys, weights=self.key_weights)[0]
+        return FusedProblem(operands, ops, f, g, m, self.keys_in_trace, self.tables.get((f, g)))
 
     def problems(self, split: str, n: int, *, seed: int, difficulty: int | None = None) -> list[FusedProblem]:
         """``n`` problems of ``split``, a pure function of ``(task seed, split, seed, difficulty)``.
