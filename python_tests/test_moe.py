@@ -280,6 +280,44 @@ def test_reference_fp32_per_token_widths_match_truth(widths, activation, gated, 
             assert not g[k][n_act:].any(), k
 
 
+@pytest.mark.parametrize("activation,gated,cs", [("relu2", False, None), ("silu", True, "token"),
+                                                  ("gelu", True, "channel")])
+def test_reference_fp32_experts_in_some_width_blocks_match_truth(activation, gated, cs, poison_empty):
+    """Per-token widths where experts reach different FFN column blocks (the reference runs its
+    GEMMs expert by expert over the blocks an expert has pairs in): expert 0 takes only the
+    widest tokens, expert 1 only the narrowest, expert 2 every width, expert 3 the middle ones,
+    expert 4 none; every argument a strided view; output and gradients against the float64 truth."""
+    tokens, hidden, ffn, n_exp, top_k = 40, 24, 40, 6, 2
+    inp, _ = make_case(tokens, hidden, ffn, n_exp, n_exp, top_k, gated=gated, width=None, cs=cs)
+    w = torch.tensor([8, 16, 24, 40])[torch.arange(tokens) % 4]
+    first = torch.tensor([1, 3, 3, 0])[torch.arange(tokens) % 4]  # narrow -> 1, middle -> 3, widest -> 0
+    ids = torch.stack([first, torch.full((tokens,), 2)], 1)
+    ids[::8, 1] = 5
+    big_x = torch.randn(tokens, 2, hidden)[:, 1]  # row stride 2 * hidden
+    big_x.copy_(inp["x"])
+    big_tw = torch.randn(top_k, tokens).T  # column-major
+    big_tw.copy_(inp["topk_weights"])
+    big1 = torch.randn(n_exp, ffn + 3, hidden + 5)[:, 3:, 5:]
+    big1.copy_(inp["w1"])
+    big2 = torch.randn(n_exp, ffn, hidden).transpose(1, 2)  # (E, hidden, F), hidden-major storage
+    big2.copy_(inp["w2"])
+    strided = dict(inp, x=big_x, topk_weights=big_tw, topk_ids=torch.empty(top_k, tokens, dtype=torch.int64).T,
+                   w1=big1, w2=big2)
+    strided["topk_ids"].copy_(ids)
+    if gated:
+        big3 = torch.randn(n_exp + 2, ffn, hidden)[1:-1]
+        big3.copy_(inp["w3"])
+        strided["w3"] = big3
+    if cs == "token":
+        big_cs = torch.randn(ffn, tokens).T
+        big_cs.copy_(inp["channel_scale"])
+        strided["channel_scale"] = big_cs
+    _, g = check_fp32_reference(strided, activation, n_exp, w)
+    assert not g["w1"][4].any() and not g["w2"][4].any()
+    assert not g["w1"][1, 8:].any() and not g["w2"][1, :, 8:].any()  # expert 1: narrowest tokens only
+    assert not g["w1"][3, 24:].any() and g["w1"][0, 24:].any()
+
+
 def test_reference_fp32_pair_major_down_projection():
     """Experts with few rows at a large FFN width take the pair-major down projection
     ``(w2[e] @ a_e.T).T`` (reference/moe.py ``_PAIR_MAJOR_ROWS``), those with many the row form:

@@ -24,16 +24,18 @@ per expert on the prefix views ``w1[:E', c0:c1]`` / ``w2[:E', :, c0:c1]`` (no we
 reading its inputs from and accumulating its outputs (``addmm_``) into contiguous row slices of
 the first block's buffers, and the elementwise passes on exactly its pairs and columns, so
 per-token widths cost what their mean width costs in FLOPs (experts with few pairs stay bound
-by their weight reads). On the CPU ``torch._grouped_mm`` is one matmul per group as well; the
-reference calls them itself to write into preallocated buffers and accumulate. The forward
-saves the blocks' pre-activations packed into one buffer and writes its temporaries in place
-where it can (fresh large buffers are costly on the CPU: page faults; those of 32 MB and more
-come from huge-page memory, :func:`elastic_kernels._memory.empty`); the backward is written by
-hand on the same GEMMs (no forward re-run) and writes each weight-gradient block once, into
-lazily zeroed memory (:func:`elastic_kernels._memory.zeros`), so the zeros of experts >= E' and
-channels >= d' are never written. NVFP4
-weights (:class:`elastic_kernels.formats.NVFP4Tensor`, W4A16, frozen) decode only their experts'
-prefix views, to x's dtype.
+by their weight reads). The GEMMs of one projection run expert by expert and, within an
+expert, block by block, so an expert's pair rows stay in cache across its blocks. On the CPU
+``torch._grouped_mm`` is one matmul per group as well; the reference calls them itself to write
+into preallocated buffers and accumulate. The forward saves the blocks' pre-activations packed
+into one buffer and writes its temporaries in place where it can (fresh large buffers are
+costly on the CPU: page faults; those of 32 MB and more come from huge-page memory,
+:func:`elastic_kernels._memory.empty`); the backward is written by hand on the same GEMMs (no
+forward re-run) and writes each weight-gradient block once, into lazily zeroed memory
+(:func:`elastic_kernels._memory.zeros`), so the zeros of experts >= E' and channels >= d' are
+never written. NVFP4 weights (:class:`elastic_kernels.formats.NVFP4Tensor`, W4A16, frozen)
+decode only their experts' prefix views, to x's dtype (every block's views of a projection at
+once).
 """
 from __future__ import annotations
 
@@ -124,7 +126,11 @@ class _Plan:
     buffers (``runs``). ``d``: the widest width; ``used``: the elements the blocks'
     pre-activations fill. Each block runs its GEMMs and elementwise passes on its own pairs and
     columns only, so every weight column is read once per projection and per-token widths cost
-    what their mean width costs.
+    what their mean width costs. ``expert_runs``: ``(j, e, s, n, s0)`` for every run of every
+    block j, expert by expert (within an expert, block by block): the order the GEMMs run in, so
+    an expert's pair rows stay in cache across its blocks (measured at four per-token widths,
+    T512 H512 F1024 E16 k2, one thread: fwd+bwd 5-8 % faster than block by block, full width
+    unchanged).
     """
 
     def __init__(self, topk_ids, n_act: int, ffn: int, width_int: int, width_t):
@@ -157,6 +163,8 @@ class _Plan:
             start += len(blk.tokens) * (c1 - c0)
             c0 = c1
         self.d, self.used = c0, start
+        self.expert_runs = sorted(((j, *r) for j, b in enumerate(self.blocks) for r in b.runs),
+                                  key=lambda r: (r[1], r[0]))
 
 
 def _block_view(w, n_act: int, axis: int, blk: _Block):
@@ -207,13 +215,13 @@ class _WeightGrad:
         self.plan, self.axis, self.n_act = plan, axis, n_act
         self.full = zeros(tuple(w.shape), dtype, w.device)
 
-    def add(self, blk: _Block, g: torch.Tensor, g_first: bool, a: torch.Tensor, a_first: bool) -> None:
-        """Write the block's columns from ``g`` (pairs, N) and ``a`` (pairs, K), each in the
-        block's row order or (``*_first``) the first block's."""
-        dst = _block_view(self.full, self.n_act, self.axis, blk).unbind(0)
-        for e, s, n, s0 in blk.runs:
+    def add(self, g: list, g_first: bool, a: list, a_first: bool) -> None:
+        """Write every block's columns, expert by expert: block j's from ``g[j]`` (pairs, N) and
+        ``a[j]`` (pairs, K), each in the block's row order or (``*_first``) the first block's."""
+        dst = [_block_view(self.full, self.n_act, self.axis, blk).unbind(0) for blk in self.plan.blocks]
+        for j, e, s, n, s0 in self.plan.expert_runs:
             gs, as_ = (s0 if g_first else s), (s0 if a_first else s)
-            torch.mm(g[gs:gs + n].T, a[as_:as_ + n], out=dst[e])
+            torch.mm(g[j][gs:gs + n].T, a[j][as_:as_ + n], out=dst[j][e])
 
 
 def _channel_scale(channel_scale, blk: _Block, dtype):
@@ -278,14 +286,14 @@ def moe_experts_reference_fwd(x: torch.Tensor, topk_weights: torch.Tensor, topk_
     saved.view(shape[0], -1)[:, plan.used:].zero_()
     first = plan.blocks[0]
     xs = x.index_select(0, first.tokens)  # (pairs, hidden), first-block order
+    views = [_saved_views(saved, blk) for blk in plan.blocks]
+    for w, k in ((w1, 0), (w3, 1)):  # up projections of every block, then activations, then the down ones
+        if w is not None:
+            ws = [_experts(_block_view(w, n_act, 1, blk), blk, x.dtype, True) for blk in plan.blocks]
+            for j, e, s, n, s0 in plan.expert_runs:
+                _mm(views[j][k][s:s + n], xs[s0:s0 + n], ws[j][e], False)
     acts = []
-    for blk in plan.blocks:  # up projections and activations of every block, then the down ones
-        h, u = _saved_views(saved, blk)
-        for w, hu in ((w1, h), (w3, u)):
-            if hu is not None:
-                ws = _experts(_block_view(w, n_act, 1, blk), blk, x.dtype, True)
-                for e, s, n, s0 in blk.runs:
-                    _mm(hu[s:s + n], xs[s0:s0 + n], ws[e], False)
+    for blk, (h, u) in zip(plan.blocks, views):
         a = _activate(h, activation, True)
         if u is not None:
             a.mul_(u)
@@ -294,10 +302,9 @@ def moe_experts_reference_fwd(x: torch.Tensor, topk_weights: torch.Tensor, topk_
             a.mul_(cs)
         acts.append(a)
     out = xs  # xs is spent: its memory takes each pair's expert output, weighted once all blocks are in
-    for blk, a in zip(plan.blocks, acts):
-        ws = _experts(_block_view(w2, n_act, 2, blk), blk, x.dtype, True)
-        for e, s, n, s0 in blk.runs:
-            _mm(out[s0:s0 + n], a[s:s + n], ws[e], blk is not first)
+    ws = [_experts(_block_view(w2, n_act, 2, blk), blk, x.dtype, True) for blk in plan.blocks]
+    for j, e, s, n, s0 in plan.expert_runs:  # block 0 writes an expert's rows, the others accumulate
+        _mm(out[s0:s0 + n], acts[j][s:s + n], ws[j][e], j > 0)
     p = topk_weights.reshape(-1)[first.pairs].to(acc_dtype)[:, None]
     y.index_add_(0, first.tokens, out.to(acc_dtype).mul_(p))
     return y.to(x.dtype), saved
@@ -351,7 +358,7 @@ def moe_experts_reference_bwd(grad_y: torch.Tensor, x: torch.Tensor, topk_weight
     and for quantized weights, which are frozen). Experts >= E' and channels >= d' (or >= a
     token's width) get exact zeros; every weight-gradient column block is written once.
     """
-    tokens, hidden = x.shape
+    tokens = x.shape[0]
     n_exp, ffn = w1.shape[0], w1.shape[1]
     n_act = n_exp if num_experts_active is None else num_experts_active
     trainable = lambda w: w is not None and not isinstance(w, QuantizedTensor)  # noqa: E731
@@ -372,23 +379,24 @@ def moe_experts_reference_bwd(grad_y: torch.Tensor, x: torch.Tensor, topk_weight
     p = topk_weights.reshape(-1)
     xs = x.index_select(0, first.tokens)  # first-block order, as g and gxs
     g = grad_y.index_select(0, first.tokens).to(x.dtype)
-    blocks = []
-    for blk in plan.blocks:  # g w2 of every block while g is unweighted
+    blocks, acts, g_w2s = [], [], []
+    for blk in plan.blocks:
         h, u = _saved_views(saved, blk)
         act = _activate(h, activation, False)
         a_pre = act if u is None else torch.mul(act, u, out=_new(act))
         cs = _channel_scale(channel_scale, blk, a_pre.dtype)
         a = a_pre if cs is None else torch.mul(a_pre, cs, out=_new(a_pre))
-        g_w2 = _new(a)                                                        # g w2: (R_b, c1 - c0)
-        ws = _experts(_block_view(w2, n_act, 2, blk), blk, x.dtype, False)
-        for e, s, n, s0 in blk.runs:
-            _mm(g_w2[s:s + n], g[s0:s0 + n], ws[e], False)
-        blocks.append((blk, h, u, act, a_pre, cs, a, g_w2))
+        blocks.append((blk, h, u, act, a_pre, cs))
+        acts.append(a)
+        g_w2s.append(_new(a))                                                 # g w2: (R_b, c1 - c0)
+    ws = [_experts(_block_view(w2, n_act, 2, blk), blk, x.dtype, False) for blk in plan.blocks]
+    for j, e, s, n, s0 in plan.expert_runs:  # g w2 of every block while g is unweighted
+        _mm(g_w2s[j][s:s + n], g[s0:s0 + n], ws[j][e], False)
     gp = g.mul_(p[first.pairs].to(g.dtype)[:, None])                          # p g, in place
+    if gw[1] is not None:                                                     # (p g)^T a
+        gw[1].add([gp] * len(blocks), True, acts, False)
     grads_h = []
-    for blk, h, u, act, a_pre, cs, a, g_w2 in blocks:
-        if gw[1] is not None:
-            gw[1].add(blk, gp, True, a, False)                                # (p g)^T a
+    for (blk, h, u, act, a_pre, cs), a, g_w2 in zip(blocks, acts, g_w2s):
         gtw.index_add_(0, blk.pairs, a.mul_(g_w2).sum(-1).to(gtw.dtype))    # a is spent
         ga = g_w2.mul_(p[blk.pairs].to(g_w2.dtype)[:, None])
         if gcs is not None:
@@ -402,18 +410,20 @@ def moe_experts_reference_bwd(grad_y: torch.Tensor, x: torch.Tensor, topk_weight
         if u is not None:
             gu = ga * act
             ga.mul_(u)
-        grads_h.append((blk, _activation_grad_(ga, h, activation), gu))
+        grads_h.append((_activation_grad_(ga, h, activation), gu))
     gxs = gp  # gp is spent: its memory takes dx of each pair
-    for blk, gh, gu in grads_h:
-        ws1 = _experts(_block_view(w1, n_act, 1, blk), blk, x.dtype, False)
-        ws3 = None if gu is None else _experts(_block_view(w3, n_act, 1, blk), blk, x.dtype, False)
-        for e, s, n, s0 in blk.runs:
-            _mm(gxs[s0:s0 + n], gh[s:s + n], ws1[e], blk is not first)
-            if gu is not None:
-                _mm(gxs[s0:s0 + n], gu[s:s + n], ws3[e], True)
-        if gw[0] is not None:
-            gw[0].add(blk, gh, False, xs, True)
-        if gu is not None and gw[2] is not None:
-            gw[2].add(blk, gu, False, xs, True)
+    gated = w3 is not None
+    ws1 = [_experts(_block_view(w1, n_act, 1, blk), blk, x.dtype, False) for blk in plan.blocks]
+    ws3 = [_experts(_block_view(w3, n_act, 1, blk), blk, x.dtype, False) for blk in plan.blocks] if gated else None
+    for j, e, s, n, s0 in plan.expert_runs:  # block 0 writes an expert's rows, the others accumulate
+        gh, gu = grads_h[j]
+        _mm(gxs[s0:s0 + n], gh[s:s + n], ws1[j][e], j > 0)
+        if gated:
+            _mm(gxs[s0:s0 + n], gu[s:s + n], ws3[j][e], True)
+    xs_all = [xs] * len(blocks)
+    if gw[0] is not None:
+        gw[0].add([gh for gh, _ in grads_h], False, xs_all, True)
+    if gated and gw[2] is not None:
+        gw[2].add([gu for _, gu in grads_h], False, xs_all, True)
     gx.index_add_(0, first.tokens, gxs.to(gx.dtype))
     return [gx, gtw.reshape(topk_weights.shape), *(None if gr is None else gr.full.contiguous() for gr in gw), gcs]
