@@ -21,7 +21,8 @@ Rows (the ours / peer ratios, then ours-only ratios):
 - ``moe``: moe_experts fwd and fwd+bwd vs the grouped-GEMM formulation, T 512/2048 x E 16/64 x
   k 2/6, hidden 512, FFN 1024 (relu2);
 - ``moe_widths``: per-token widths cycling 25/50/75/100 % (mean 0.625) over full width, and
-  d' = F/2 over full (T512 E16 k2), fwd and fwd+bwd;
+  d' = F/2 over full (T512 E16 k2), fwd and fwd+bwd (the fwd+bwd rows with the ``floor`` of
+  the fresh gradient pages, as the ``widths`` MoE rows below, w the mean width);
 - ``nvfp4``: nvfp4_linear (reference, W4A16) over bf16 F.linear on the dense weight, M=1 and
   M=512, N=K=4096; nvfp4.quantize 4096x4096 over torchao nvfp4_quantize;
 - ``widths``: ssd_scan and moe_experts fwd+bwd at 25/50/75 % width over full (ideal = width).
@@ -223,11 +224,15 @@ def row_moe_widths(reps, out):
     inp = _moe_inputs(t, 512, f, 16, 2)
     mixed = torch.tensor([int(f * (0.25, 0.5, 0.75, 1.0)[i % 4]) for i in range(t)])
     for mode, bwd in (("fwd", False), ("fwd+bwd", True)):
-        m = interleaved_medians({"full": _moe_ours(inp, bwd), "mixed": _moe_ours(inp, bwd, mixed),
-                                 "half": _moe_ours(inp, bwd, f // 2)}, reps)
+        fns = {"full": _moe_ours(inp, bwd), "mixed": _moe_ours(inp, bwd, mixed), "half": _moe_ours(inp, bwd, f // 2)}
+        if bwd:
+            fns["grad_pages"] = _grad_pages(inp["w1"], inp["w2"])
+        m = interleaved_medians(fns, reps)
+        floor = {w: w + (1 - w) * m["grad_pages"] / m["full"] for w in (0.625, 0.5)} if bwd else {}
         _add(out, f"moe_experts {mode} mixed per-token widths (mean 0.625) / full, T512 E16 k2", m, "mixed", "full",
-             target=0.75)
-        _add(out, f"moe_experts {mode} d'=F/2 / full, T512 E16 k2", m, "half", "full", target=0.6)
+             target=0.75, floor=floor.get(0.625))
+        _add(out, f"moe_experts {mode} d'=F/2 / full, T512 E16 k2", m, "half", "full", target=0.6,
+             floor=floor.get(0.5))
 
 
 # ---- NVFP4 ---------------------------------------------------------------------------------
