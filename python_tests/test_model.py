@@ -15,6 +15,7 @@ from elastic_kernels import fake_quant_fp8, nvfp4
 from elastic_kernels.models import (AXES, Budget, CheckpointError, ElasticGatedRMSNorm, ElasticHybridConfig,
                                     ElasticHybridLM, ElasticRMSNorm, estimate_importance, load_nested,
                                     load_nested_state, permute_by_importance, read_nested_config, save_nested)
+from elastic_kernels.models.layers import causal_conv_silu
 
 # fp32 "tight": masked and sliced forwards do the same arithmetic up to summation order
 ATOL, RTOL = 2e-5, 1e-5
@@ -196,6 +197,42 @@ def test_gated_rmsnorm_per_group_interleaved():
             want[:, :, heads] = g[:, :, heads] / torch.sqrt(ms + norm.eps) * norm.weight[heads].double()
         got = norm(y[:, :, :h].float(), z[:, :, :h].float())
         torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("with_prev", [False, True])
+@pytest.mark.parametrize("seqlen,K", [(1, 4), (7, 4), (17, 1), (5, 3)])
+def test_causal_conv_silu_matches_grouped_conv1d(with_prev, seqlen, K):
+    """Output and gradients of the written-out conv against the float64 grouped conv1d (the
+    truth), on strided-view inputs: fp32 within 1e-5 x scale, float64 to rounding."""
+    torch.manual_seed(seqlen * 10 + K)
+    b, c1, c2 = 3, 6, 5
+    ch = c1 + c2
+    base = torch.randn(b, seqlen, 2 * c1 + 1, dtype=torch.float64)
+    bc = torch.randn(b, seqlen, c2, dtype=torch.float64)
+    w = torch.randn(K, ch, dtype=torch.float64).t()                       # (ch, K), a transposed view
+    bias = torch.randn(ch, dtype=torch.float64)
+    prev = torch.randn(b, ch, K - 1, dtype=torch.float64).transpose(1, 2) if with_prev else None
+    g = torch.randn(b, seqlen, ch, dtype=torch.float64)
+
+    def truth():
+        leaves = [t.clone().requires_grad_(True) for t in (base, bc, w, bias)]
+        xb, bcb, wb, biasb = leaves
+        u = torch.cat([xb[..., 1:1 + c1], bcb], -1).transpose(1, 2)
+        p0 = torch.zeros(b, ch, K - 1, dtype=torch.float64) if prev is None else prev.transpose(1, 2)
+        out = F.silu(F.conv1d(torch.cat([p0, u], -1), wb[:, None], biasb, groups=ch)).transpose(1, 2)
+        return out, torch.autograd.grad(out, leaves, g)
+
+    want, want_grads = truth()
+    scale = max(want.abs().max().item(), 1.0)
+    for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 1e-5)):
+        leaves = [t.to(dtype).requires_grad_(True) for t in (base, bc, w, bias)]
+        xb, bcb, wb, biasb = leaves
+        got = causal_conv_silu(None if prev is None else prev.to(dtype), wb, biasb, xb[..., 1:1 + c1], bcb)
+        assert got.dtype == dtype and got.shape == (b, seqlen, ch)
+        grads = torch.autograd.grad(got, leaves, g.to(dtype))
+        torch.testing.assert_close(got.double(), want, atol=tol * scale, rtol=0)
+        for gg, wg in zip(grads, want_grads):
+            torch.testing.assert_close(gg.double(), wg, atol=tol * max(wg.abs().max().item(), 1.0), rtol=0)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -83,6 +83,65 @@ def _hard_int(width, full: int, name: str) -> int:
     return width
 
 
+class _CausalConvSiLU(torch.autograd.Function):
+    """See :func:`causal_conv_silu`; the backward is written out (``gp = silu'(pre) * grad``):
+    ``d window[:, t + k] += w[:, k] gp[:, t]``, ``dw[:, k] = sum_{batch, t} gp[:, t] window[:, t + k]``,
+    ``dbias = sum_{batch, t} gp``."""
+
+    @staticmethod
+    def forward(ctx, prev, w, bias, *parts):
+        u0 = parts[0]
+        b, l = u0.shape[:2]
+        K, cd = w.shape[1], _compute_dtype(u0)
+        widths = [t.shape[-1] for t in parts]
+        window = u0.new_empty((b, K - 1 + l, sum(widths)), dtype=cd)  # (batch, K - 1 + seqlen, ch)
+        if prev is None:
+            window[:, :K - 1].zero_()
+        else:
+            window[:, :K - 1] = prev
+        c = 0
+        for t, n in zip(parts, widths):
+            window[:, K - 1:, c:c + n] = t
+            c += n
+        wc, pre = w.to(cd), bias.to(cd).expand(b, l, -1).clone()
+        for k in range(K):
+            pre.addcmul_(window[:, k:k + l], wc[:, k])
+        ctx.save_for_backward(window, wc, pre)
+        ctx.meta = (widths, [t.dtype for t in parts], w.dtype, bias.dtype)
+        return F.silu(pre).to(u0.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        window, wc, pre = ctx.saved_tensors
+        widths, part_dtypes, w_dtype, b_dtype = ctx.meta
+        K, l = wc.shape[1], pre.shape[1]
+        gp = torch.ops.aten.silu_backward(grad.to(pre.dtype), pre)
+        gwin, gw = torch.empty_like(window), torch.empty_like(wc)
+        gwin[:, :K - 1].zero_()
+        torch.mul(gp, wc[:, K - 1], out=gwin[:, K - 1:])
+        for k in range(K):
+            if k < K - 1:
+                gwin[:, k:k + l].addcmul_(gp, wc[:, k])
+            gw[:, k] = (gp * window[:, k:k + l]).sum((0, 1))
+        gu, gparts, c = gwin[:, K - 1:], [], 0
+        for n, dt in zip(widths, part_dtypes):
+            gparts.append(gu[..., c:c + n].to(dt))
+            c += n
+        return (None, gw.to(w_dtype), gp.sum((0, 1)).to(b_dtype), *gparts)
+
+
+def causal_conv_silu(prev: Tensor | None, w: Tensor, bias: Tensor, *parts: Tensor) -> Tensor:
+    """Mamba2's causal depthwise convolution and SiLU over channels ``cat(parts, -1)``:
+    ``silu(bias + sum_k w[:, k] * window[:, t + k])`` with ``window = cat(prev, u)`` along time,
+    as ``K`` shifted multiply-adds in float32 at least (on the CPU path much cheaper than a
+    grouped ``conv1d`` and its backward), with a written-out backward.
+
+    parts: (batch, seqlen, ch_i) each; prev: (batch, K - 1, ch) the cached window (None: zeros;
+    no gradient); w: (ch, K); bias: (ch,). Returns (batch, seqlen, ch) in the parts' dtype.
+    """
+    return _CausalConvSiLU.apply(prev, w, bias, *parts)
+
+
 class ElasticRMSNorm(ElasticLayer):
     """RMSNorm over the active channel prefix: with ``k`` of ``dim`` channels active it
     normalizes over those ``k`` only, ``y = x / sqrt(mean_k(x^2) + eps) * weight[:k]``.
@@ -142,7 +201,7 @@ class ElasticGatedRMSNorm(nn.Module):
             raise ValueError(f"ElasticGatedRMSNorm: {h} heads must be a multiple of ngroups={g} "
                              f"and at most nheads={self.nheads}")
         cd = _compute_dtype(y)
-        gated = y.to(cd) * F.silu(z.to(cd))
+        gated = y.to(cd) * F.silu(z.to(cd).contiguous())  # silu of a strided view runs several times slower
         lead = gated.shape[:-2]
         sq = gated.square().reshape(*lead, h // g, g, p)
         if head_weights is None:
@@ -233,7 +292,8 @@ class ElasticMamba2Mixer(ElasticLayer):
         P = self.head_dim
         w_heads = self.in_heads[:heads, :, :k].reshape(heads * (2 * P + 1), k)
         zxdt = _linear(x, w_heads).view(b, l, heads, 2 * P + 1)
-        return zxdt[..., :P], zxdt[..., P:2 * P], zxdt[..., 2 * P], _linear(x, self.in_bc[:, :k])
+        z, xs, dt = zxdt.split([P, P, 1], dim=-1)  # one concatenation in backward, not three padded slices
+        return z, xs, dt.squeeze(-1), _linear(x, self.in_bc[:, :k])
 
     def forward(self, x: Tensor, active_heads=None, head_mask: Tensor | None = None,
                 cache: MambaLayerCache | None = None, max_active: int | None = None,
@@ -261,24 +321,22 @@ class ElasticMamba2Mixer(ElasticLayer):
             return self._mix(x, z, xs, Bm, Cm, dt.contiguous(), hh, per_sample, head_mask, cache)
 
         # causal depthwise conv over (x heads, B, C), continuing the cached window
-        u = torch.cat([xs.reshape(b, l, hh * P), bc], dim=-1).transpose(1, 2)  # (b, ch, l)
+        xs = xs.reshape(b, l, hh * P)
         w_conv = torch.cat([self.conv_x_weight[:hh].reshape(hh * P, K), self.conv_bc_weight], 0)
         bias = torch.cat([self.conv_x_bias[:hh].reshape(hh * P), self.conv_bc_bias], 0)
+        prev = None
         if cache is not None:
-            prev = torch.cat([cache.conv_x[:, :hh].reshape(b, hh * P, K - 1), cache.conv_bc], 1).to(u.dtype)
-        else:
-            prev = u.new_zeros(b, u.shape[1], K - 1)
-        full = torch.cat([prev, u], dim=-1)
-        conv = F.silu(F.conv1d(full, w_conv.to(u.dtype)[:, None, :], bias.to(u.dtype), groups=u.shape[1]))
+            prev = torch.cat([cache.conv_x[:, :hh].reshape(b, hh * P, K - 1), cache.conv_bc], 1).transpose(1, 2)
+        conv = causal_conv_silu(prev, w_conv, bias, xs, bc)  # (b, l, ch)
         if cache is not None and K > 1:
-            tail = full[..., -(K - 1):]
-            cache.conv_x[:, :hh] = tail[:, :hh * P].reshape(b, hh, P, K - 1).to(cache.conv_x.dtype)
-            cache.conv_bc.copy_(tail[:, hh * P:].to(cache.conv_bc.dtype))
-        conv = conv.transpose(1, 2)  # (b, l, ch)
+            tail = torch.cat([prev.to(xs.dtype), torch.cat([xs, bc], -1)[:, -(K - 1):]], 1)[:, -(K - 1):]
+            cache.conv_x[:, :hh] = tail[..., :hh * P].transpose(1, 2).reshape(b, hh, P, K - 1).to(cache.conv_x.dtype)
+            cache.conv_bc.copy_(tail[..., hh * P:].transpose(1, 2).to(cache.conv_bc.dtype))
+        xs, Bm, Cm = conv.split([hh * P, G * N, G * N], dim=-1)
         # contiguous operands: the scan's output strides then match its fake kernel under torch.compile
-        xs = conv[..., :hh * P].reshape(b, l, hh, P).contiguous()
-        Bm = conv[..., hh * P:hh * P + G * N].reshape(b, l, G, N).contiguous()
-        Cm = conv[..., hh * P + G * N:].reshape(b, l, G, N).contiguous()
+        xs = xs.reshape(b, l, hh, P).contiguous()
+        Bm = Bm.reshape(b, l, G, N).contiguous()
+        Cm = Cm.reshape(b, l, G, N).contiguous()
         return self._mix(x, z, xs, Bm, Cm, dt.contiguous(), hh, per_sample, head_mask, cache)
 
     def _conv_step(self, xs: Tensor, bc: Tensor, hh: int, cache: MambaLayerCache) -> tuple[Tensor, Tensor, Tensor]:
