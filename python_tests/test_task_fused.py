@@ -127,6 +127,25 @@ def test_table_answer_is_the_keyed_permutation_entry():
     assert tasks.from_dict(t.to_dict()).tables == t.tables
 
 
+def test_two_input_table_recalls_the_last_two_chain_values():
+    """recall_inputs=2: T[f,g] holds m rows, each a permutation; the answer is row p (the chain value before
+    r, the first operand for one step), entry r."""
+    m = 10
+    t = FusedAnswerTask(answer="table", key_zipf=1.4, ops="+", recall_inputs=2, seed=1)
+    assert all(len(v) == m * m and all(sorted(v[i * m:(i + 1) * m]) == list(range(m)) for i in range(m))
+               for v in t.tables.values())
+    seen_one_step = False
+    for p in t.problems("train", 300, seed=3):
+        vals, _ = _evaluate(p.question, m)
+        prev = vals[-2] if len(vals) > 1 else int(p.question[0])
+        seen_one_step |= len(vals) == 1
+        assert p.answer == t.tables[(p.f, p.g)][prev * m + vals[-1]] and t.score(p, t.completion_ids(p))
+    assert seen_one_step and "10000 facts" in t.describe()
+    assert tasks.from_dict(t.to_dict()).tables == t.tables
+    with pytest.raises(ValueError, match="recall_inputs"):
+        FusedAnswerTask(answer="table", recall_inputs=3)
+
+
 def test_zipf_keys_follow_their_weights_in_every_split():
     """key_zipf: the key pair of rank k is drawn with probability proportional to 1 / (k+1)**s, in every split
     (the test set measures the same frequency-weighted recall the training set teaches)."""

@@ -13,6 +13,16 @@ tokens before ``</think>``), so what limits it is the capacity to compute the ``
 function, not retrieval over a long trace (with ``keys_in_trace=False`` the keys stay only in the
 prompt, and the answer step must also fetch them).
 
+**Table recall** (``answer="table"``, the default preset's choice): the answer is instead
+``T[f,g][r]``, the entry ``r`` of a fixed random permutation of ``[0, m)`` that belongs to the key
+pair ``(f, g)`` (one table per task seed). Nothing about it can be computed; it is knowledge stored in
+the weights, ``m**3`` facts. With ``key_zipf = s > 0`` the key pairs are drawn with probability
+``1 / rank**s`` (a seeded random rank order, the same in every split), so a model recalls the frequent
+pairs first and holds more of the rare ones the more capacity and training it has: accuracy grows
+smoothly with both instead of jumping when one algorithm is learned. ``ops`` restricts the chain's
+operations (``"+"``: the trace is learned early and reliably, leaving the answer step as what
+separates models).
+
 The premise the task encodes (and which the reports state): **the thinking phase is a long,
 step-by-step computation whose steps are easy; the answer phase is one short, hard step.** So
 
@@ -64,8 +74,10 @@ class FusedTokenizer(Tokenizer):
 class FusedProblem:
     """One problem: the chain (``operands``, ``ops``), the answer keys ``f, g`` and the modulus.
     ``keys_in_trace``: the trace ends by restating the keys (``...;r|f,g``), so the answer step
-    reads all three inputs next to it. ``table``: the answer table of the key pair ``(f, g)``
-    (``modulus`` entries, answer = ``table[r]``); None: the affine answer ``(r*f + g) mod modulus``."""
+    reads all three inputs next to it. ``table``: the answer table of the key pair ``(f, g)``:
+    ``modulus`` entries (answer ``table[r]``) or ``modulus**2`` (answer ``table[p * modulus + r]``
+    with ``p`` the chain value before ``r``, the first operand for a one-step chain); None: the
+    affine answer ``(r*f + g) mod modulus``."""
 
     operands: tuple[int, ...]
     ops: tuple[str, ...]
@@ -99,9 +111,11 @@ class FusedProblem:
 
     @property
     def answer(self) -> int:
-        """``table[r]`` with a table, else ``(r * f + g) mod modulus``."""
+        """``table[r]`` or ``table[p * modulus + r]`` with a table, else ``(r * f + g) mod modulus``."""
         if self.table is not None:
-            return self.table[self.chain_value]
+            values = [self.operands[0]] + [r for *_, r in self.steps()]
+            index = values[-1] if len(self.table) == self.modulus else values[-2] * self.modulus + values[-1]
+            return self.table[index]
         return (self.chain_value * self.f + self.g) % self.modulus
 
     @property
@@ -134,7 +148,8 @@ class FusedAnswerTask(Task):
     name = "fused"
 
     def __init__(self, *, modulus: int = 10, difficulty: int = 2, seed: int = 0, truncate_prob: float = 0.25,
-                 keys_in_trace: bool = True, answer: str = "affine", key_zipf: float = 0.0, ops: str = "+-*",
+                 keys_in_trace: bool = True, answer: str = "affine", key_zipf: float = 0.0, recall_inputs: int = 1,
+                 ops: str = "+-*",
                  val_fraction: float = 0.05, test_fraction: float = 0.05) -> None:
         if isinstance(modulus, bool) or not isinstance(modulus, int) or not 2 <= modulus <= 10:
             raise ValueError(f"FusedAnswerTask: modulus must be an int in [2, 10] (one digit per number), "
@@ -147,6 +162,8 @@ class FusedAnswerTask(Task):
             raise ValueError(f"FusedAnswerTask: answer must be one of {ANSWERS}, got {answer!r}")
         if isinstance(key_zipf, bool) or not isinstance(key_zipf, (int, float)) or not 0 <= key_zipf <= 4:
             raise ValueError(f"FusedAnswerTask: key_zipf must be a number in [0, 4], got {key_zipf!r}")
+        if recall_inputs not in (1, 2) or isinstance(recall_inputs, bool):
+            raise ValueError(f"FusedAnswerTask: recall_inputs must be 1 or 2, got {recall_inputs!r}")
         if not isinstance(ops, str) or not ops or set(ops) - set("+-*") or len(set(ops)) != len(ops):
             raise ValueError(f"FusedAnswerTask: ops must be distinct characters of '+-*', got {ops!r}")
         if not (0 < val_fraction < 1 and 0 < test_fraction < 1 and val_fraction + test_fraction < 1):
@@ -155,19 +172,23 @@ class FusedAnswerTask(Task):
         self.modulus, self.difficulty, self.seed = modulus, difficulty, seed
         self.truncate_prob = truncate_prob
         self.keys_in_trace = bool(keys_in_trace)
-        self.answer, self.key_zipf, self.ops = answer, float(key_zipf), ops
+        self.answer, self.key_zipf, self.recall_inputs, self.ops = answer, float(key_zipf), recall_inputs, ops
         # key pairs (f, g) in a seeded random rank order, drawn with weight 1 / rank**key_zipf
         rng = random.Random(f"fused-keys/{seed}/{modulus}")
         self.keys = [(f, g) for f in range(modulus) for g in range(modulus)]
         rng.shuffle(self.keys)
         self.key_weights = [1.0 / (rank + 1) ** self.key_zipf for rank in range(len(self.keys))]
-        # answer = tables[(f, g)][r]: a seeded random permutation of [0, modulus) per key pair
+        # answer = tables[(f, g)][r] (or [p * modulus + r]): per key pair, recall_inputs == 1: a seeded random
+        # permutation of [0, modulus); 2: modulus of them, one per value p of the chain before r
         self.tables: dict[tuple[int, int], tuple[int, ...]] = {}
         if answer == "table":
             for key in sorted(self.keys):
-                perm = list(range(modulus))
-                rng.shuffle(perm)
-                self.tables[key] = tuple(perm)
+                rows = []
+                for _ in range(modulus ** (recall_inputs - 1)):
+                    perm = list(range(modulus))
+                    rng.shuffle(perm)
+                    rows += perm
+                self.tables[key] = tuple(rows)
         self.val_fraction, self.test_fraction = val_fraction, test_fraction
         self.tokenizer = FusedTokenizer()
         tok = self.tokenizer
@@ -177,7 +198,7 @@ class FusedAnswerTask(Task):
     def to_dict(self) -> dict:
         return {"name": self.name, "modulus": self.modulus, "difficulty": self.difficulty, "seed": self.seed,
                 "truncate_prob": self.truncate_prob, "keys_in_trace": self.keys_in_trace, "answer": self.answer,
-                "key_zipf": self.key_zipf, "ops": self.ops, "val_fraction": self.val_fraction,
+                "key_zipf": self.key_zipf, "recall_inputs": self.recall_inputs, "ops": self.ops, "val_fraction": self.val_fraction,
                 "test_fraction": self.test_fraction}
 
     def key_share(self, rank: int) -> float:
@@ -193,8 +214,12 @@ class FusedAnswerTask(Task):
             freq = ("uniform" if self.key_zipf == 0 else
                     f"Zipf-distributed with exponent {self.key_zipf:g}: the most frequent pair {100 * self.key_share(0):.1f}%"
                     f" of problems, the rarest {100 * self.key_share(n - 1):.2f}%")
-            rule = (f"the answer T[f,g][r] looks the trace's last value r up in a fixed random permutation table "
-                    f"of the key pair f, g ({keys}; {n} pairs, {freq}), in one token without a trace")
+            what = ("the trace's last value r" if self.recall_inputs == 1 else
+                    "the trace's last two values p, r")
+            idx = "r" if self.recall_inputs == 1 else "p,r"
+            facts = n * self.modulus ** self.recall_inputs
+            rule = (f"the answer T[f,g][{idx}] looks {what} up in a fixed random table of the key pair f, g "
+                    f"({keys}; {n} pairs, {facts} facts, {freq}), in one token without a trace")
         else:
             rule = (f"the answer (r*f + g) mod {self.modulus} of the trace's last value r and two keys f, g ({keys}) "
                     "is computed in one token without a trace")

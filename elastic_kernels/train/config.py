@@ -327,7 +327,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     # every budget of the run exports to Hugging Face (docs/interop.md); two processes (data-parallel parent and
     # elastic stages, the baselines one per process)
     "tiny": dict(procs=2, test_size=2048, stage_b_difficulty=3, router_loss_weight=10.0, router_tolerance=0.01,
-                 parent_steps=1000, budgets=[1.0, 0.75, 0.4], qad=True, model=dict(moe_score="sigmoid"),
+                 parent_steps=1000, budgets=[1.0, 0.75, 0.4], qad=True,
+                 model=dict(moe_score="sigmoid", hidden_size=48, mamba_head_dim=12, moe_ffn=48, ffn_size=96),
                  task_args=dict(answer="table", key_zipf=1.4, ops="+")),
     "small": dict(
         difficulty=4, val_size=1024, test_size=2048, batch_size=128, parent_steps=4000, elastic_steps=3000,
