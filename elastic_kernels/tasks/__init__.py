@@ -2,8 +2,9 @@
 
 ``get(name, **kwargs)`` builds a registered task; ``from_dict(task.to_dict())`` rebuilds the one a
 run saved. Registered: ``"arithmetic"`` (:class:`ArithmeticTask`, modular arithmetic with a
-thinking trace), ``"fused"`` (:class:`FusedAnswerTask`, the same chain with a hard fused answer
-step and training traces cut at random thinking caps), ``"jsonl"`` (:class:`JsonlTask`, prompt /
+thinking trace), ``"fused"`` (:class:`FusedAnswerTask`, the same chain with a hard one-token answer
+step — a computed function or the recall of a Zipf-weighted fact table — and training traces cut at random
+thinking caps), ``"jsonl"`` (:class:`JsonlTask`, prompt /
 thinking / answer text records tokenized with a Hugging Face tokenizer). A new task subclasses :class:`Task` and calls :func:`register`.
 """
 from __future__ import annotations
