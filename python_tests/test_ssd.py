@@ -76,6 +76,26 @@ def test_partial_widths_write_every_output(layout, active, poison_empty):
     _check_fwd_bwd(inp, dict(chunk_size=8, dt_softplus=True, head_layout=layout, active_heads=widths), torch.float32)
 
 
+@pytest.mark.parametrize("layout", ["blocked", "interleaved"])
+def test_blocks_of_chunks_match_sequential(monkeypatch, layout):
+    """Every chunk its own block, as a long sequence runs (dL/dP carried across blocks, the
+    results of several blocks joined): forward and every gradient match the float64 truth, with
+    seq_idx resets, initial states, gate, per-channel D, head scale and int / mixed widths."""
+    import elastic_kernels.reference.ssd as ref
+    inp = make_inputs(seqlen=29, nheads=6, ngroups=2, initial_states=True, seq_idx=True, head_scale=True,
+                      D="channel")
+    one_block = ek.ssd_scan(**cast(inp, torch.float64), chunk_size=8, dt_softplus=True, head_layout=layout,
+                            return_final_states=True)
+    monkeypatch.setattr(ref, "_BLOCK_BYTES", 1)
+    blocks = ek.ssd_scan(**cast(inp, torch.float64), chunk_size=8, dt_softplus=True, head_layout=layout,
+                         return_final_states=True)
+    for a, b in zip(blocks, one_block):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
+    for active in (None, 4, torch.tensor([2, 6])):
+        _check_fwd_bwd(inp, dict(chunk_size=8, dt_softplus=True, head_layout=layout, active_heads=active),
+                       torch.float32)
+
+
 def test_float64_exact_and_chunk_independent():
     inp = make_inputs(seqlen=37, nheads=4, ngroups=2, initial_states=True, seq_idx=True, dtype=torch.float64)
     truth = sequential_ssd(**inp, dt_softplus=True)

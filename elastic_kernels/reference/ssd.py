@@ -108,26 +108,20 @@ _BLOCK_BYTES = 1 << 20
 
 
 class _Seq:
-    """A scan's inputs split into chunks: (b, nc, L, ...) views, zero padded (dt = 0 on padding:
-    no decay, no input, states unchanged), and the seq_idx masks of every chunk.
-
-    x: (b, l, G, R, p); dt: (b, l, G, R) processed; B, C: (b, l, G, n); seq_idx: (b, l) or None;
-    extra: more (b, l, ...) tensors to chunk the same way (the output gradient).
+    """The chunking of a scan of ``l`` steps into ``nc`` chunks of ``L = chunk_size`` steps and
+    the seq_idx masks of every chunk. Tensors are moved once into the *chunk layout*, contiguous
+    with time next to the feature axis, in which every elementwise op and matmul of the scan runs
+    on dense operands: x-like (b, l, G, R, p) -> (b, nc, G, R, L, p); dt-like (b, l, G, R) ->
+    (b, nc, G, R, L); B/C-like (b, l, G, n) -> (b, nc, G, L, n). Padding is zero (dt = 0 on
+    padding: no decay, no input, states unchanged).
     """
 
-    def __init__(self, x, dt, B, C, chunk_size, seq_idx, *extra):
-        b, l = x.shape[:2]
+    def __init__(self, b: int, l: int, chunk_size: int, seq_idx, device):
         L = chunk_size
         self.l, self.L = l, L
         self.nc = nc = max(1, -(-l // L))
+        self.full = l // L  # chunks without padding
         pad = nc * L - l
-
-        def chunked(t):
-            if pad:
-                t = torch.cat([t, t.new_zeros(b, pad, *t.shape[2:])], dim=1)
-            return t.reshape(b, nc, L, *t.shape[2:])
-        self.x, self.dt, self.B, self.C = map(chunked, (x, dt, B, C))
-        self.extra = [chunked(t) for t in extra]
         self.masks = None
         if seq_idx is not None:
             if pad:
@@ -136,32 +130,54 @@ class _Seq:
             s = seq_idx.reshape(b, nc, L)
             seq_end = s[:, :, -1]
             seq_prev_end = torch.cat([torch.zeros_like(seq_end[:, :1]), seq_end[:, :-1]], dim=1)
-            causal = torch.ones(L, L, dtype=torch.bool, device=x.device).tril()
+            causal = torch.ones(L, L, dtype=torch.bool, device=device).tril()
             self.masks = ((causal & (s[:, :, :, None] == s[:, :, None, :]))[:, :, None, None],
                           (s == seq_end[:, :, None])[:, :, None, None],      # (b, nc, 1, 1, L)
                           (s == seq_prev_end[:, :, None])[:, :, None, None],
                           (seq_end == seq_prev_end)[:, :, None, None])       # (b, nc, 1, 1)
 
-    def blocks(self):
-        """Chunk ranges [c0, c1) of about _BLOCK_BYTES per x-sized tensor."""
-        per_chunk = self.x[:, :1].numel() * self.x.element_size()
+    def _time_view(self, t, time_last: bool):
+        """The chunk-layout tensor ``t`` viewed as (b, nc, L, ...) (time at dim 2)."""
+        return t.movedim(t.dim() - 1 if time_last else t.dim() - 2, 2)
+
+    def chunk(self, t, dtype, time_last: bool = False):
+        """(b, l, ...) of any strides -> the chunk layout in ``dtype``, zero padded: one copy."""
+        b, l, *rest = t.shape
+        nc, L, full = self.nc, self.L, self.full
+        shape = (b, nc, *rest, L) if time_last else (b, nc, *rest[:-1], L, rest[-1])
+        out = t.new_empty(shape, dtype=dtype)
+        view = self._time_view(out, time_last)                           # (b, nc, L, ...)
+        if full:
+            view[:, :full].copy_(t[:, :full * L].unflatten(1, (full, L)))
+        if full < nc:
+            rem = l - full * L
+            view[:, full, :rem].copy_(t[:, full * L:])
+            view[:, full, rem:].zero_()
+        return out
+
+    def unchunk_into(self, dest, t, time_last: bool = False):
+        """Copy the chunk-layout ``t`` into ``dest`` (b, l, ...) of any strides and dtype."""
+        view = self._time_view(t, time_last)
+        L, full, l = self.L, self.full, self.l
+        if full:
+            dest[:, :full * L].unflatten(1, (full, L)).copy_(view[:, :full])
+        if full < self.nc:
+            dest[:, full * L:].copy_(view[:, full, :l - full * L])
+        return dest
+
+    def blocks(self, x):
+        """Chunk ranges [c0, c1) of about _BLOCK_BYTES of the chunk-layout x."""
+        per_chunk = x[:, :1].numel() * x.element_size()
         k = max(1, _BLOCK_BYTES // max(per_chunk, 1))
         return [(c0, min(c0 + k, self.nc)) for c0 in range(0, self.nc, k)]
 
-    def unchunk(self, t):
-        """(b, nc, L, ...) -> (b, l, ...)."""
-        return t.reshape(t.shape[0], self.nc * self.L, *t.shape[3:])[:, :self.l]
-
 
 class _Block:
-    """Chunks [c0, c1) of a :class:`_Seq` in the compute layout: xt (b, k, G, R, L, p),
-    dt (b, k, G, R, L), Bt/Ct (b, k, G, L, n), a = cumsum(dt A) within each chunk, masks."""
+    """Chunks [c0, c1) of chunk-layout tensors: xt (b, k, G, R, L, p), dt (b, k, G, R, L),
+    Bt/Ct (b, k, G, L, n), a = cumsum(dt A) within each chunk, masks."""
 
-    def __init__(self, seq: _Seq, A, c0, c1):
-        self.xt = seq.x[:, c0:c1].permute(0, 1, 3, 4, 2, 5)
-        self.dt = seq.dt[:, c0:c1].permute(0, 1, 3, 4, 2)
-        self.Bt = seq.B[:, c0:c1].permute(0, 1, 3, 2, 4).contiguous()
-        self.Ct = seq.C[:, c0:c1].permute(0, 1, 3, 2, 4).contiguous()
+    def __init__(self, seq: _Seq, x, dt, B, C, A, c0, c1):
+        self.xt, self.dt, self.Bt, self.Ct = (t[:, c0:c1] for t in (x, dt, B, C))
         self.acs = torch.cumsum(self.dt * A[:, :, None], dim=-1)            # (b, k, G, R, L)
         L = seq.L
         self.resets = seq.masks is not None  # seq_idx given
@@ -185,6 +201,12 @@ class _Block:
         outside = ~self.same
         return seg.masked_fill_(outside, 0.0).exp_().masked_fill_(outside, 0.0)
 
+    @staticmethod
+    def per_head(v, w):
+        """A group's B or C ``v: (b, k, G, L, n)`` weighted per head and step by ``w: (b, k, G, R, L)``:
+        (b, k, G, R, L, n)."""
+        return v[:, :, :, None] * w[..., None]
+
     def cb(self):
         """C_t . B_s per group: (b, k, G, L, L)."""
         return self.Ct @ self.Bt.transpose(-1, -2)
@@ -202,61 +224,73 @@ class _Block:
         return self._masked(torch.exp(self.acs[..., -1]), self.chunk_mask)
 
 
-def _core_fwd(x, dt, A, B, C, chunk_size, initial_states, seq_idx):
-    """Chunked SSD without D/z on grouped heads. x: (b, l, G, R, p); dt: (b, l, G, R) processed;
-    A: (G, R); B, C: (b, l, G, n); initial_states: (b, G, R, p, n) or None.
-    Returns y: (b, l, G, R, p) and P: (b, nc + 1, G, R, p, n), the state entering every chunk
-    (P[:, nc] is the final state)."""
-    seq = _Seq(x, dt, B, C, chunk_size, seq_idx)
-    b, nc, L, G, R, p = seq.x.shape
+class _Joined:
+    """Per-block results in one chunk-layout tensor: a single block's result is kept as it is,
+    several are written into one tensor of ``nc`` chunks as they come."""
+
+    def __init__(self, nblocks: int, nc: int):
+        self.nblocks, self.nc, self.out = nblocks, nc, None
+
+    def put(self, c0: int, c1: int, t):
+        if self.nblocks == 1:
+            self.out = t
+            return
+        if self.out is None:
+            self.out = t.new_empty(t.shape[0], self.nc, *t.shape[2:])
+        self.out[:, c0:c1] = t
+
+
+def _core_fwd(seq: _Seq, x, dt, A, B, C, initial_states):
+    """Chunked SSD without D/z on grouped heads, in the chunk layout (:class:`_Seq`).
+    x: (b, nc, G, R, L, p); dt: (b, nc, G, R, L) processed; A: (G, R); B, C: (b, nc, G, L, n);
+    initial_states: (b, G, R, p, n) or None. Returns y like x and P: (b, nc + 1, G, R, p, n),
+    the state entering every chunk (P[:, nc] is the final state)."""
+    b, nc, G, R, _, p = x.shape
     n = B.shape[-1]
-    y = x.new_empty(b, nc, L, G, R, p)
     P = x.new_empty(b, nc + 1, G, R, p, n)
     if initial_states is None:
         P[:, 0].zero_()
     else:
         P[:, 0].copy_(initial_states)
-    for c0, c1 in seq.blocks():
-        blk = _Block(seq, A, c0, c1)
+    blocks = seq.blocks(x)
+    y = _Joined(len(blocks), nc)
+    for c0, c1 in blocks:
+        blk = _Block(seq, x, dt, B, C, A, c0, c1)
         xd = blk.xt * blk.dt[..., None]                                   # dt_s x_s
         yb = blk.decay().mul_(blk.cb()[:, :, :, None]) @ xd               # (b, k, G, R, L, p)
-        xd.mul_(blk.e_state()[..., None])                                 # exp(a_L - a_s) dt_s x_s
-        states = torch.einsum("bcgrlp,bcgln->bcgrpn", xd, blk.Bt)
+        # S_c = (dt x)^T (exp(a_L - a_s) B_s): the head's decay goes into B (b, k, G, R, L, n)
+        states = xd.transpose(-1, -2) @ blk.per_head(blk.Bt, blk.e_state())
         del xd
         cd = blk.chunk_decay()[..., None, None]
         for c in range(c1 - c0):
             torch.addcmul(states[:, c], P[:, c0 + c], cd[:, c], out=P[:, c0 + c + 1])
-        yb += torch.einsum("bcgln,bcgrpn->bcgrlp", blk.Ct, P[:, c0:c1]) * blk.e_off()[..., None]
-        y[:, c0:c1] = yb.permute(0, 1, 4, 2, 3, 5)
-    return seq.unchunk(y), P
+        yb += blk.per_head(blk.Ct, blk.e_off()) @ P[:, c0:c1].transpose(-1, -2)
+        y.put(c0, c1, yb)
+    return y.out, P
 
 
-def _core_bwd(gy, g_final, x, dt, A, B, C, chunk_size, P, seq_idx):
+def _core_bwd(seq: _Seq, gy, g_final, x, dt, A, B, C, P):
     """Backward of :func:`_core_fwd` from its saved chunk-entry states ``P: (b, nc, G, R, p, n)``.
 
-    gy: like x; g_final: (b, G, R, p, n). Returns the gradients of x, dt (processed), A, B, C and
-    initial_states, shaped as the inputs of :func:`_core_fwd`. Blocks of chunks run last to
-    first, carrying dL/dP across block boundaries.
+    gy: like x (chunk layout); g_final: (b, G, R, p, n) or None. Returns the gradients of x, dt
+    (processed), B, C in the chunk layout, of A (G, R) and of initial_states. Blocks of chunks
+    run last to first, carrying dL/dP across block boundaries.
     """
-    seq = _Seq(x, dt, B, C, chunk_size, seq_idx, gy)
-    b, nc, L, G, R, p = seq.x.shape
-    gx_all = torch.empty_like(seq.x)
-    gdt_all = torch.empty_like(seq.dt)
-    gB_all = torch.empty_like(seq.B)
-    gC_all = torch.empty_like(seq.C)
     gA = A.new_zeros(A.shape)
     run = g_final if g_final is not None else P.new_zeros(P[:, 0].shape)
-    for c0, c1 in reversed(seq.blocks()):
-        blk = _Block(seq, A, c0, c1)
-        gt = seq.extra[0][:, c0:c1].permute(0, 1, 3, 4, 2, 5).contiguous()   # (b, k, G, R, L, p)
+    blocks = seq.blocks(x)
+    outs = [_Joined(len(blocks), seq.nc) for _ in range(4)]
+    for c0, c1 in reversed(blocks):
+        blk = _Block(seq, x, dt, B, C, A, c0, c1)
+        gt = gy[:, c0:c1]                                                 # (b, k, G, R, L, p)
         Pb = P[:, c0:c1]
-        # inter-chunk term y_t += exp(a_t) C_t . P_c
+        # inter-chunk term y_t += exp(a_t) C_t . P_c, through gtP = G_t P_c (b, k, G, R, L, n)
         e_off = blk.e_off()
-        g_acs = (gt * torch.einsum("bcgln,bcgrpn->bcgrlp", blk.Ct, Pb)).sum(-1) * e_off
-        gtw = gt * e_off[..., None]
-        gC = torch.einsum("bcgrlp,bcgrpn->bcgln", gtw, Pb)
-        gP = torch.einsum("bcgrlp,bcgln->bcgrpn", gtw, blk.Ct)
-        del gtw
+        gtP = gt @ Pb
+        g_acs = (gtP * blk.Ct[:, :, :, None]).sum(-1).mul_(e_off)
+        gC = (gtP * e_off[..., None]).sum(3)
+        del gtP
+        gP = gt.transpose(-1, -2) @ blk.per_head(blk.Ct, e_off)
         # state passing, in reverse: gS[c] = dL/dP_{c+1}
         cd = blk.chunk_decay()
         cdx = cd[..., None, None]
@@ -267,14 +301,15 @@ def _core_bwd(gy, g_final, x, dt, A, B, C, chunk_size, P, seq_idx):
         del gP
         g_acs[..., -1] += (gS * Pb).sum((-1, -2)) * cd
         # chunk states S_c = sum_s exp(a_L - a_s) dt_s x_s (x) B_s
+        # through xgS = x_s dS_c (b, k, G, R, L, n)
         e_state = blk.e_state()
         w_state = e_state * blk.dt
-        Bg = torch.einsum("bcgln,bcgrpn->bcgrlp", blk.Bt, gS)
-        gx = Bg * w_state[..., None]
-        g_ws = (Bg * blk.xt).sum(-1)
-        del Bg
-        gB = torch.einsum("bcgrlp,bcgrpn->bcgln", blk.xt * w_state[..., None], gS)
+        gx = blk.per_head(blk.Bt, w_state) @ gS.transpose(-1, -2)
+        xgS = blk.xt @ gS
         del gS
+        g_ws = (xgS * blk.Bt[:, :, :, None]).sum(-1)
+        gB = (xgS * w_state[..., None]).sum(3)
+        del xgS
         g_dt = g_ws * e_state
         ge = g_ws * w_state
         g_acs -= ge
@@ -292,7 +327,7 @@ def _core_bwd(gy, g_final, x, dt, A, B, C, chunk_size, P, seq_idx):
         del q
         gxd = decay.mul_(cb).transpose(-1, -2) @ gt                       # dL/d(dt_s x_s)
         del decay
-        gx += gxd * blk.dt[..., None]
+        gx.addcmul_(gxd, blk.dt[..., None])
         g_dt += (gxd * blk.xt).sum(-1)
         del gxd
         gC += g_cb @ blk.Bt
@@ -301,11 +336,10 @@ def _core_bwd(gy, g_final, x, dt, A, B, C, chunk_size, P, seq_idx):
         g_a = g_acs.flip(-1).cumsum(-1).flip(-1)
         g_dt += g_a * A[:, :, None]
         gA += (g_a * blk.dt).sum((0, 1, 4))
-        gx_all[:, c0:c1] = gx.permute(0, 1, 4, 2, 3, 5)
-        gdt_all[:, c0:c1] = g_dt.permute(0, 1, 4, 2, 3)
-        gB_all[:, c0:c1] = gB.permute(0, 1, 3, 2, 4)
-        gC_all[:, c0:c1] = gC.permute(0, 1, 3, 2, 4)
-    return seq.unchunk(gx_all), seq.unchunk(gdt_all), gA, seq.unchunk(gB_all), seq.unchunk(gC_all), run
+        for o, t in zip(outs, (gx, g_dt, gB, gC)):
+            o.put(c0, c1, t)
+    gx, gdt, gB, gC = (o.out for o in outs)
+    return gx, gdt, gA, gB, gC, run
 
 
 def _compute_dtype(x):
@@ -367,31 +401,37 @@ def _fwd_int(x, dt, A, B, C, *, chunk_size, D, z, dt_bias, dt_softplus, dt_lo, d
         v = _by_group(t, G, interleaved, dim)
         return None if v is None else v.narrow(dim + 1, 0, ra)
 
-    xg = grp(x, 2).to(cdt)
+    seq = _Seq(b, l, chunk_size, seq_idx, x.device)
+    xc = seq.chunk(grp(x, 2), cdt)                                        # (b, nc, G, ra, L, p)
     dtp = process_dt(grp(dt, 2), grp(dt_bias, 0), dt_softplus, dt_lo, dt_hi, cdt)
     init = grp(initial_states, 1)
-    yg, P = _core_fwd(xg, dtp, grp(A, 0).to(cdt), B.to(cdt), C.to(cdt), chunk_size,
-                      None if init is None else init.to(cdt), seq_idx)
-    if D is not None:  # yg is a fresh tensor: the epilogue works in place
-        Dg = grp(D, 0).to(cdt)
-        yg.addcmul_(Dg[..., None] if Dg.dim() == 2 else Dg, xg)
+    yc, P = _core_fwd(seq, xc, seq.chunk(dtp, cdt, time_last=True), grp(A, 0).to(cdt), seq.chunk(B, cdt),
+                      seq.chunk(C, cdt), None if init is None else init.to(cdt))
+    if D is not None:  # yc is a fresh tensor: the epilogue works in place
+        yc.addcmul_(_d_chunked(grp(D, 0), cdt), xc)
     if keep_u:
-        _saved_heads(u_res, 2, G, ra, interleaved, h).copy_(yg)
+        seq.unchunk_into(_saved_heads(u_res, 2, G, ra, interleaved, h), yc)
     if z is not None:
-        yg.mul_(F.silu(grp(z, 2).to(cdt)))
+        yc.mul_(F.silu(seq.chunk(grp(z, 2), cdt)))
     if head_scale is not None:
-        yg.mul_(grp(head_scale, 1).to(cdt)[:, None, :, :, None])
-    grp(y, 2).copy_(yg)
+        yc.mul_(grp(head_scale, 1).to(cdt)[:, None, :, :, None, None])
+    seq.unchunk_into(grp(y, 2), yc)
     grp(fs, 1).copy_(P[:, nc])
     _saved_heads(p_res, 2, G, ra, interleaved, h).copy_(P[:, :nc])
     return y, fs, u_res, p_res
+
+
+def _d_chunked(Dg, cdt):
+    """The skip weight D: (G, R) or (G, R, p) of grouped heads, broadcast over the chunk layout."""
+    Dg = Dg.to(cdt)
+    return Dg[:, :, None, None] if Dg.dim() == 2 else Dg[:, :, None, :]
 
 
 def _bwd_int(gy, g_fs, x, dt, A, B, C, *, chunk_size, D, z, dt_bias, dt_softplus, dt_lo, dt_hi,
              initial_states, seq_idx, interleaved, active_int, head_scale, u_res, p_res):
     """Gradients (compute dtype, full shapes, exact zeros for inactive heads) of one int width:
     x, dt, A, B, C, D, z, dt_bias, initial_states, head_scale (None for absent inputs)."""
-    b, l, h, p = x.shape
+    b, l, h, _ = x.shape
     G = B.shape[2]
     R = h // G
     ra = R if active_int < 0 else active_int // G
@@ -411,38 +451,41 @@ def _bwd_int(gy, g_fs, x, dt, A, B, C, *, chunk_size, D, z, dt_bias, dt_softplus
         v = _by_group(t, G, interleaved, dim)
         return None if v is None else v.narrow(dim + 1, 0, ra)
 
-    xg = grp(x, 2).to(cdt)
-    g = grp(gy, 2).to(cdt)
+    seq = _Seq(b, l, chunk_size, seq_idx, x.device)
+    xc = seq.chunk(grp(x, 2), cdt)                                        # (b, nc, G, ra, L, p)
+    g = seq.chunk(grp(gy, 2), cdt)
     if head_scale is not None or z is not None:
-        ug = _saved_heads(u_res, 2, G, ra, interleaved, h)
-        gate = None if z is None else F.silu(grp(z, 2).to(cdt))
+        uc = seq.chunk(_saved_heads(u_res, 2, G, ra, interleaved, h), cdt)
+        zc = None if z is None else seq.chunk(grp(z, 2), cdt)
+        gate = None if z is None else F.silu(zc)
         if head_scale is not None:
-            gu_hs = ug if gate is None else ug * gate
-            grp(ghs, 1).copy_((g * gu_hs).sum((1, 4)))
-            g = g * grp(head_scale, 1).to(cdt)[:, None, :, :, None]
+            gu_hs = uc if gate is None else uc * gate
+            grp(ghs, 1).copy_((g * gu_hs).sum((1, 4, 5)))
+            g = g * grp(head_scale, 1).to(cdt)[:, None, :, :, None, None]
         if z is not None:
-            grp(gz, 2).copy_(torch.ops.aten.silu_backward(g * ug, grp(z, 2).to(cdt)))
+            seq.unchunk_into(grp(gz, 2), torch.ops.aten.silu_backward(g * uc, zc))
             g = g * gate
     v = grp(dt, 2).to(cdt)
     if dt_bias is not None:
         v = v + grp(dt_bias, 0).to(cdt)
     dtp = process_dt(v, None, dt_softplus, dt_lo, dt_hi, cdt)
     gfs = None if g_fs is None else grp(g_fs, 1).to(cdt)
-    cx, cdtp, cA, cB, cC, cinit = _core_bwd(g, gfs, xg, dtp, grp(A, 0).to(cdt), B.to(cdt), C.to(cdt),
-                                            chunk_size, _saved_heads(p_res, 2, G, ra, interleaved, h), seq_idx)
+    cx, cdtp, cA, cB, cC, cinit = _core_bwd(seq, g, gfs, xc, seq.chunk(dtp, cdt, time_last=True),
+                                            grp(A, 0).to(cdt), seq.chunk(B, cdt), seq.chunk(C, cdt),
+                                            _saved_heads(p_res, 2, G, ra, interleaved, h))
     if D is not None:
-        Dg = grp(D, 0).to(cdt)
-        gDg = g * xg
-        grp(gD, 0).copy_(gDg.sum((0, 1, 4)) if Dg.dim() == 2 else gDg.sum((0, 1)))
-        cx += g * (Dg[..., None] if Dg.dim() == 2 else Dg)
-    grp(gx, 2).copy_(cx)
-    graw = _process_dt_backward(cdtp, v, dt_softplus, dt_lo, dt_hi)
+        gDg = g * xc
+        grp(gD, 0).copy_(gDg.sum((0, 1, 4, 5)) if D.dim() == 1 else gDg.sum((0, 1, 4)))
+        cx.addcmul_(g, _d_chunked(grp(D, 0), cdt))
+    seq.unchunk_into(grp(gx, 2), cx)
+    graw = _process_dt_backward(seq.unchunk_into(torch.empty_like(v), cdtp, time_last=True), v, dt_softplus,
+                                dt_lo, dt_hi)
     grp(gdt, 2).copy_(graw)
     if dt_bias is not None:
         grp(gbias, 0).copy_(graw.sum((0, 1)))
     grp(gA, 0).copy_(cA)
-    gB.copy_(cB)
-    gC.copy_(cC)
+    seq.unchunk_into(gB, cB)
+    seq.unchunk_into(gC, cC)
     if ginit is not None:
         grp(ginit, 1).copy_(cinit)
     return grads
