@@ -456,11 +456,17 @@ class ElasticMamba2Mixer(ElasticLayer):
         decay = torch.exp(cum[ends][seq] - cum)                                    # to the end of each sequence
         hh, G = xs.shape[1], self.ngroups
         Bh = Bm.to(f64)[:, torch.arange(hh, device=xs.device) % G]                 # head h in group h % G
-        w, xf = decay * d * hw.to(f64), xs.to(f64)
-        bounds = [0] + (ends + 1).tolist()
-        # one contraction per sequence: no (tokens, heads, headdim, d_state) intermediate
-        return torch.stack([torch.einsum("th,thp,thn->hpn", w[a:b], xf[a:b], Bh[a:b])
-                            for a, b in zip(bounds[:-1], bounds[1:])])
+        wx = (decay * d * hw.to(f64))[..., None] * xs.to(f64)                      # (T, hh, P)
+        # every sequence's tokens in one zero-padded row (n, longest, ...): one batched contraction
+        # over the tokens, no (tokens, heads, headdim, d_state) intermediate
+        starts = torch.cat([ends.new_zeros(1), ends[:-1] + 1])
+        pos = torch.arange(xs.shape[0], device=xs.device) - starts[seq]
+        n, longest = ends.shape[0], int((ends - starts).max()) + 1
+        wx_rows = wx.new_zeros(n, longest, *wx.shape[1:])
+        wx_rows[seq, pos] = wx
+        b_rows = Bh.new_zeros(n, longest, *Bh.shape[1:])
+        b_rows[seq, pos] = Bh
+        return torch.einsum("slhp,slhn->shpn", wx_rows, b_rows)
 
     def sizes(self) -> dict[str, int]:
         return {"mamba_heads": self.nheads}
