@@ -103,9 +103,10 @@ class _CausalConvSiLU(torch.autograd.Function):
         for t, n in zip(parts, widths):
             window[:, K - 1:, c:c + n] = t
             c += n
-        wc, pre = w.to(cd), bias.to(cd).expand(b, l, -1).clone()
+        wc = w.to(cd).t().contiguous()                                   # (K, ch): rows unit-strided
+        pre = bias.to(cd).expand(b, l, -1).clone()
         for k in range(K):
-            pre.addcmul_(window[:, k:k + l], wc[:, k])
+            pre.addcmul_(window[:, k:k + l], wc[k])
         ctx.save_for_backward(window, wc, pre)
         ctx.meta = (widths, [t.dtype for t in parts], w.dtype, bias.dtype)
         return F.silu(pre).to(u0.dtype)
@@ -114,20 +115,20 @@ class _CausalConvSiLU(torch.autograd.Function):
     def backward(ctx, grad):
         window, wc, pre = ctx.saved_tensors
         widths, part_dtypes, w_dtype, b_dtype = ctx.meta
-        K, l = wc.shape[1], pre.shape[1]
+        K, l = wc.shape[0], pre.shape[1]
         gp = torch.ops.aten.silu_backward(grad.to(pre.dtype), pre)
-        gwin, gw = torch.empty_like(window), torch.empty_like(wc)
+        gwin, gw, prod = torch.empty_like(window), torch.empty_like(wc), torch.empty_like(gp)
         gwin[:, :K - 1].zero_()
-        torch.mul(gp, wc[:, K - 1], out=gwin[:, K - 1:])
+        torch.mul(gp, wc[K - 1], out=gwin[:, K - 1:])
         for k in range(K):
             if k < K - 1:
-                gwin[:, k:k + l].addcmul_(gp, wc[:, k])
-            gw[:, k] = (gp * window[:, k:k + l]).sum((0, 1))
+                gwin[:, k:k + l].addcmul_(gp, wc[k])
+            torch.sum(torch.mul(gp, window[:, k:k + l], out=prod), (0, 1), out=gw[k])  # one scratch for all k
         gu, gparts, c = gwin[:, K - 1:], [], 0
         for n, dt in zip(widths, part_dtypes):
             gparts.append(gu[..., c:c + n].to(dt))
             c += n
-        return (None, gw.to(w_dtype), gp.sum((0, 1)).to(b_dtype), *gparts)
+        return (None, gw.t().to(w_dtype), gp.sum((0, 1)).to(b_dtype), *gparts)
 
 
 def causal_conv_silu(prev: Tensor | None, w: Tensor, bias: Tensor, *parts: Tensor) -> Tensor:
