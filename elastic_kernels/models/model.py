@@ -308,13 +308,30 @@ class ElasticHybridLM(nn.Module):
                             f"(load the checkpoint with weights='dequantize' instead)")
 
     def _count(self, sizes, active: bool):
+        """Parameters at ``sizes``: an int, or a float32 tensor when a size is a tensor. The
+        shapes are grouped by the tensors among their sizes (``coefficient * prod(tensors)`` per
+        group), so a differentiable count costs a few ops per layer, not a few per parameter."""
         buffers = {n for n, _ in self.named_buffers()}
-        total = 0
+        const, groups = 0, {}  # ids of the tensor sizes -> [those tensors, summed integer coefficient]
         for name, shape in self.sliced_shapes(sizes, active).items():
-            if name not in buffers:
-                total = total + math.prod(shape) if not any(isinstance(s, Tensor) for s in shape) \
-                    else total + torch.stack([torch.as_tensor(s, dtype=torch.float32) for s in shape]).prod()
-        return total
+            if name in buffers:
+                continue
+            tensors = [s for s in shape if isinstance(s, Tensor)]
+            coef = math.prod(s for s in shape if not isinstance(s, Tensor))
+            if not tensors:
+                const += coef
+                continue
+            group = groups.setdefault(tuple(sorted(map(id, tensors))), [tensors, 0])
+            group[1] += coef
+        if not groups:
+            return const
+        terms = []
+        for tensors, coef in groups.values():
+            term = torch.as_tensor(tensors[0], dtype=torch.float32)
+            for t in tensors[1:]:
+                term = term * torch.as_tensor(t, dtype=torch.float32)
+            terms.append(term * coef)
+        return torch.stack(terms).sum(0) + const
 
     def param_count(self, budget: Budget | None = None, active: bool = False) -> int:
         """Parameters of the submodel at ``budget`` (== numel of ``slice(budget)``); ``active``
