@@ -32,7 +32,16 @@ def _compiler_loaded() -> bool:
 
 class AdamW(torch.optim.AdamW):
     """``torch.optim.AdamW`` (same arguments, same results) that does not pull in
-    ``torch._dynamo`` at construction and step (see the module docstring)."""
+    ``torch._dynamo`` at construction and step (see the module docstring). Parameter groups of
+    plain CPU tensors that choose no implementation get the multi-tensor (``foreach``) one, which
+    torch picks only for CUDA: the same arithmetic, bit for bit, in fewer kernel launches."""
+
+    def __init__(self, params, *args, **kwargs) -> None:
+        super().__init__(params, *args, **kwargs)
+        for group in self.param_groups:
+            if group["foreach"] is None and not (group["fused"] or group["differentiable"] or group["capturable"]) \
+                    and all(type(p.data) is torch.Tensor and p.device.type == "cpu" for p in group["params"]):
+                group["foreach"] = True
 
     def add_param_group(self, param_group: dict) -> None:
         name = "add_param_group"
