@@ -143,6 +143,22 @@ def causal_conv_silu(prev: Tensor | None, w: Tensor, bias: Tensor, *parts: Tenso
     return _CausalConvSiLU.apply(prev, w, bias, *parts)
 
 
+def _conv_window_step(window: Tensor, new: Tensor, w: Tensor, bias: Tensor) -> Tensor:
+    """One decode step of :func:`causal_conv_silu` on one part: ``window: (batch, ..., K - 1)``
+    the cached inputs (moved on by one, in place), ``new: (batch, ...)`` the new input, ``w:
+    (..., K)``, ``bias: (...)``. The same multiply-adds in the same order as the prefill, so a
+    decode step reproduces it; no (batch, ..., K) window is built."""
+    K, cd = w.shape[-1], _compute_dtype(new)
+    wc = w.to(cd)
+    acc = bias.to(cd).expand(new.shape).clone()
+    for k in range(K - 1):
+        acc.addcmul_(window[..., k], wc[..., k])
+    acc.addcmul_(new, wc[..., K - 1])
+    if K > 1:
+        window.copy_(torch.cat([window[..., 1:], new[..., None].to(window.dtype)], -1))
+    return F.silu(acc).to(new.dtype)
+
+
 class ElasticRMSNorm(ElasticLayer):
     """RMSNorm over the active channel prefix: with ``k`` of ``dim`` channels active it
     normalizes over those ``k`` only, ``y = x / sqrt(mean_k(x^2) + eps) * weight[:k]``.
@@ -346,12 +362,8 @@ class ElasticMamba2Mixer(ElasticLayer):
         xs: (b, hh, P); bc: (b, 2 G N). Returns xs (b, 1, hh, P), B and C (b, 1, G, N); the window
         in the cache moves on by one."""
         b, G, N = xs.shape[0], self.ngroups, self.d_state
-        wx = torch.cat([cache.conv_x[:, :hh].to(xs.dtype), xs[..., None]], -1)        # (b, hh, P, K)
-        wbc = torch.cat([cache.conv_bc.to(bc.dtype), bc[..., None]], -1)               # (b, 2GN, K)
-        cx = F.silu((wx * self.conv_x_weight[:hh].to(xs.dtype)).sum(-1) + self.conv_x_bias[:hh].to(xs.dtype))
-        cbc = F.silu((wbc * self.conv_bc_weight.to(bc.dtype)).sum(-1) + self.conv_bc_bias.to(bc.dtype))
-        cache.conv_x[:, :hh] = wx[..., 1:].to(cache.conv_x.dtype)
-        cache.conv_bc.copy_(wbc[..., 1:].to(cache.conv_bc.dtype))
+        cx = _conv_window_step(cache.conv_x[:, :hh], xs, self.conv_x_weight[:hh], self.conv_x_bias[:hh])
+        cbc = _conv_window_step(cache.conv_bc, bc, self.conv_bc_weight, self.conv_bc_bias)
         return (cx[:, None].contiguous(), cbc[:, None, :G * N].reshape(b, 1, G, N).contiguous(),
                 cbc[:, None, G * N:].reshape(b, 1, G, N).contiguous())
 
