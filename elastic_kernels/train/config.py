@@ -307,9 +307,6 @@ def _check_field(name: str, annotation: str, value) -> None:
 
 
 # Model dicts are ElasticHybridConfig keyword arguments (elastic_kernels.models).
-# nested fractions 1, 2/3, 1/3: of 48 channels (or 96 FFN units, 6 Mamba heads of 16) they keep whole 16-blocks,
-# so every budget's input features stay NVFP4-block aligned and QAD quantizes every linear weight
-_THIRDS = [1.0, 2 / 3, 1 / 3]
 PRESETS: dict[str, dict[str, Any]] = {
     "smoke": dict(
         difficulty=1, val_size=32, test_size=32, batch_size=8, parent_steps=6, elastic_steps=6,
@@ -332,10 +329,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     # NemotronH's sigmoid routing, so every budget of the run exports to Hugging Face (docs/interop.md); two
     # processes (data-parallel parent and elastic stages, the baselines one per process)
     "tiny": dict(procs=2, test_size=2048, stage_b_difficulty=3, router_loss_weight=10.0, router_tolerance=0.01,
-                 parent_steps=1000, budgets=[1.0, 0.75, 0.4], qad=True,
-                 model=dict(moe_score="sigmoid", hidden_size=48, mamba_heads=6, mamba_head_dim=16, moe_ffn=48,
-                            ffn_size=96, nested_choices=dict(hidden=_THIRDS, mamba_heads=_THIRDS, expert_ffn=_THIRDS,
-                                                             ffn=_THIRDS, experts=[1.0, 0.75, 0.5])),
+                 parent_steps=1000, budgets=[1.0, 0.75, 0.4], qad=True, full_prob=0.6, stage_b_skew=[0.7, 0.2, 0.1],
+                 model=dict(moe_score="sigmoid"),
                  task_args=dict(answer="table", key_zipf=1.4, ops="+")),
     "small": dict(
         difficulty=4, val_size=1024, test_size=2048, batch_size=128, parent_steps=4000, elastic_steps=3000,
