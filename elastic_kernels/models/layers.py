@@ -146,8 +146,8 @@ def causal_conv_silu(prev: Tensor | None, w: Tensor, bias: Tensor, *parts: Tenso
 def _conv_window_step(window: Tensor, new: Tensor, w: Tensor, bias: Tensor) -> Tensor:
     """One decode step of :func:`causal_conv_silu` on one part: ``window: (batch, ..., K - 1)``
     the cached inputs (moved on by one, in place), ``new: (batch, ...)`` the new input, ``w:
-    (..., K)``, ``bias: (...)``. The same multiply-adds in the same order as the prefill, so a
-    decode step reproduces it; no (batch, ..., K) window is built."""
+    (..., K)``, ``bias: (...)``. The prefill's multiply-adds in its order (equal up to rounding:
+    the vectorized kernels may fuse differently); no (batch, ..., K) window is built."""
     K, cd = w.shape[-1], _compute_dtype(new)
     wc = w.to(cd)
     acc = bias.to(cd).expand(new.shape).clone()
