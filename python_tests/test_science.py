@@ -53,6 +53,9 @@ def test_claims_from_known_outcomes():
     assert r05["within_tolerance"] and r1["within_tolerance"]  # 0.51 is +2% of 0.5
     assert c["order"]["strictly_decreasing"] and c["order"]["gap_at_least_5_points"]
     assert not c["order"]["intervals_overlap"]
+    (adj,) = c["order"]["adjacent"]  # 1.0 against 0.5 on the same problems
+    assert (adj["larger"], adj["smaller"]) == (1.0, 0.5) and adj["diff"] == pytest.approx(0.2)
+    assert adj["mcnemar_p"] == pytest.approx(mcnemar_exact(_ok(160), _ok(120))["p_value"])
     assert c["router"] == {"all_within_3pct": True, "full_is_parent": True}
     # caps: 1 rises 100 -> 130 -> 160; 0.5 stays flat at 90 then rises: not strictly increasing
     assert c["think_curves"]["1"]["strictly_increasing"] and not c["think_curves"]["0.5"]["strictly_increasing"]
@@ -104,6 +107,7 @@ def test_smoke_claims_recomputed_from_outcomes(smoke):
     md = (d / "report.md").read_text()
     assert md.index("## Claims") < md.index("## Elastic budget control")
     assert "Premise the task encodes" in md and "McNemar" in md
+    assert "Budget ordering, each budget against the next smaller one" in md and "1 vs 0.75:" in md
     lat = rep["budget_control"]["latency"]
     assert lat["timed_on"] in ("checkpoint", "wider clone") and lat["bytes_fit"]["n"] >= 3
     assert all(len(p["decode"]) >= 1 for p in lat["profiles"].values())
