@@ -16,7 +16,8 @@ prompt, and the answer step must also fetch them).
 **Table recall** (``answer="table"``, the default preset's choice): the answer is instead
 ``T[f,g][r]``, the entry ``r`` of a fixed random permutation of ``[0, m)`` that belongs to the key
 pair ``(f, g)`` (one table per task seed). Nothing about it can be computed; it is knowledge stored in
-the weights, ``m**3`` facts. With ``key_zipf = s > 0`` the key pairs are drawn with probability
+the weights, ``m**3`` facts (``recall_inputs=2``: ``T[f,g][p,r]`` of the last two chain values,
+``m**4`` facts). With ``key_zipf = s > 0`` the key pairs are drawn with probability
 ``1 / rank**s`` (a seeded random rank order, the same in every split), so a model recalls the frequent
 pairs first and holds more of the rare ones the more capacity and training it has: accuracy grows
 smoothly with both instead of jumping when one algorithm is learned. ``ops`` restricts the chain's
@@ -142,15 +143,17 @@ class FusedAnswerTask(Task):
     modulus: numbers are in ``[0, modulus)``; difficulty: 1-5, the chain length range
     (:data:`FUSED_OPS`); truncate_prob: share of training problems whose trace is cut at a random
     token and closed with a forced ``</think>``; keys_in_trace: the trace ends by restating the
-    keys (see the module docstring).
+    keys (see the module docstring); answer: ``"affine"`` (``(r*f + g) mod modulus``) or
+    ``"table"`` (recall ``T[f,g][r]``, :data:`ANSWERS`); key_zipf: Zipf exponent of the key pairs'
+    frequencies (0 = uniform); recall_inputs: 1 (``T[f,g][r]``) or 2 (``T[f,g][p,r]``); ops: the
+    chain's operations, distinct characters of ``"+-*"``.
     """
 
     name = "fused"
 
     def __init__(self, *, modulus: int = 10, difficulty: int = 2, seed: int = 0, truncate_prob: float = 0.25,
                  keys_in_trace: bool = True, answer: str = "affine", key_zipf: float = 0.0, recall_inputs: int = 1,
-                 ops: str = "+-*",
-                 val_fraction: float = 0.05, test_fraction: float = 0.05) -> None:
+                 ops: str = "+-*", val_fraction: float = 0.05, test_fraction: float = 0.05) -> None:
         if isinstance(modulus, bool) or not isinstance(modulus, int) or not 2 <= modulus <= 10:
             raise ValueError(f"FusedAnswerTask: modulus must be an int in [2, 10] (one digit per number), "
                              f"got {modulus!r}")
@@ -198,8 +201,8 @@ class FusedAnswerTask(Task):
     def to_dict(self) -> dict:
         return {"name": self.name, "modulus": self.modulus, "difficulty": self.difficulty, "seed": self.seed,
                 "truncate_prob": self.truncate_prob, "keys_in_trace": self.keys_in_trace, "answer": self.answer,
-                "key_zipf": self.key_zipf, "recall_inputs": self.recall_inputs, "ops": self.ops, "val_fraction": self.val_fraction,
-                "test_fraction": self.test_fraction}
+                "key_zipf": self.key_zipf, "recall_inputs": self.recall_inputs, "ops": self.ops,
+                "val_fraction": self.val_fraction, "test_fraction": self.test_fraction}
 
     def key_share(self, rank: int) -> float:
         """The probability of the key pair of frequency rank ``rank`` (0 = most frequent)."""
@@ -212,8 +215,8 @@ class FusedAnswerTask(Task):
         if self.answer == "table":
             n = len(self.keys)
             freq = ("uniform" if self.key_zipf == 0 else
-                    f"Zipf-distributed with exponent {self.key_zipf:g}: the most frequent pair {100 * self.key_share(0):.1f}%"
-                    f" of problems, the rarest {100 * self.key_share(n - 1):.2f}%")
+                    f"Zipf-distributed with exponent {self.key_zipf:g}: the most frequent pair "
+                    f"{100 * self.key_share(0):.1f}% of problems, the rarest {100 * self.key_share(n - 1):.2f}%")
             what = ("the trace's last value r" if self.recall_inputs == 1 else
                     "the trace's last two values p, r")
             idx = "r" if self.recall_inputs == 1 else "p,r"

@@ -91,9 +91,9 @@ def render_claims(rep: dict) -> list[str]:
                   all(r["qad"]["diff"] < 0 and r["qad"]["mcnemar_p"] < 0.05 for r in c["budgets"])))
     lines += ["| question | answer |", "|---|---|"] + [f"| {a} | {_yn(b)} |" for a, b in q] + [""]
     if o.get("adjacent"):
-        lines.append("- Budget ordering, each budget against the next smaller one (paired, same problems): " + "; ".join(
-            f"{d['larger']:g} vs {d['smaller']:g}: {d['diff']:+.3f}, McNemar p = {d['mcnemar_p']:.2g}"
-            for d in o["adjacent"]) + ".")
+        tests = "; ".join(f"{d['larger']:g} vs {d['smaller']:g}: {d['diff']:+.3f}, McNemar p = {d['mcnemar_p']:.2g}"
+                          for d in o["adjacent"])
+        lines.append(f"- Budget ordering, each budget against the next smaller one (paired, same problems): {tests}.")
     sw = c["pair_swap"]
     if sw:
         a, b = sw["think_small_answer_big"], sw["think_big_answer_small"]
