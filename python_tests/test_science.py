@@ -128,6 +128,20 @@ def test_seed_summary_spread():
     assert s["quantities"]["scratch@0.5"]["values"] == [0.5, 0.5]
 
 
+def test_write_seed_summary_merges_separate_runs(tmp_path):
+    """Reports of separate runs (seed 0 alone, then --seed 1 --seeds 2) merge into one seeds.json / seeds.md."""
+    from elastic_kernels.train.seeds import seed_summary, write_seed_summary
+    ev, budgets = _synthetic()
+    reps = {}
+    for seed, k in ((0, 161), (1, 151), (2, 141)):
+        ev["parent"] = _ok(k)
+        reps[seed] = {"claims": claims(ev, budgets, parent_params=1000, full_is_parent=True)}
+    got = write_seed_summary(reps, tmp_path / "out")
+    assert got == seed_summary(reps) == json.loads((tmp_path / "out" / "seeds.json").read_text())
+    md = (tmp_path / "out" / "seeds.md").read_text()
+    assert md.startswith("# Spread over seeds [0, 1, 2]") and "0.805, 0.755, 0.705" in md
+
+
 def test_seed_summary_counts_qad_against_ptq():
     """With QAD, every seed's QAD accuracy, its gain over PTQ and whether it is significant per budget."""
     from elastic_kernels.train.seeds import seed_summary

@@ -14,7 +14,7 @@ from pathlib import Path
 from .._io import atomic_write_text
 from .config import TrainConfig
 
-__all__ = ["run_seeds", "seed_summary"]
+__all__ = ["run_seeds", "seed_summary", "write_seed_summary"]
 
 
 def _quantities(rep: dict) -> tuple[dict[str, float], dict[str, bool]]:
@@ -87,8 +87,15 @@ def run_seeds(cfg: TrainConfig) -> dict:
             reports[seed] = run(one)
     if not info.main:
         return {}
+    return write_seed_summary(reports, base)
+
+
+def write_seed_summary(reports: dict[int, dict], out_dir: str | Path) -> dict:
+    """:func:`seed_summary` of ``{seed: report}`` written to ``out_dir/seeds.json`` and ``seeds.md``
+    (also for reports of separate runs, e.g. ``elastic-train --seed 1 --seeds 2`` beside seed 0)."""
     summary = seed_summary(reports)
-    base.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(base / "seeds.json", json.dumps(summary, indent=2, sort_keys=True))
-    atomic_write_text(base / "seeds.md", _markdown(summary))
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "seeds.json", json.dumps(summary, indent=2, sort_keys=True))
+    atomic_write_text(out / "seeds.md", _markdown(summary))
     return summary
