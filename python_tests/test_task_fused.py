@@ -170,3 +170,21 @@ def test_zipf_keys_follow_their_weights_in_every_split():
 def test_table_options_validated(kw, msg):
     with pytest.raises(ValueError, match=msg):
         FusedAnswerTask(**kw)
+
+
+def test_recall_task_is_fused_with_table_defaults():
+    """"recall" (the default preset's task) draws exactly the fused task's problems with table recall, rebuilds from
+    its saved spec, and a preset run switched to another task carries none of its options."""
+    from elastic_kernels.tasks import RecallTask
+    from elastic_kernels.train.config import make_config
+    r = tasks.get("recall", seed=3)
+    f = FusedAnswerTask(answer="table", key_zipf=1.4, ops="+", seed=3)
+    assert isinstance(r, RecallTask) and r.tables == f.tables
+    assert [p.text for p in r.problems("train", 200, seed=1)] == [p.text for p in f.problems("train", 200, seed=1)]
+    assert tasks.from_dict(r.to_dict()).to_dict() == r.to_dict() and r.to_dict()["name"] == "recall"
+    assert tasks.get("recall", answer="affine", key_zipf=0, ops="+-*").to_dict() == {**FusedAnswerTask().to_dict(),
+                                                                                 "name": "recall"}
+    cfg = make_config("tiny")
+    assert cfg.resolved_task() == "recall" and cfg.task_args == {}
+    other = make_config("tiny", task="arithmetic")
+    assert tasks.get(other.resolved_task(), **other.task_kwargs()).name == "arithmetic"

@@ -4,7 +4,8 @@
 run saved. Registered: ``"arithmetic"`` (:class:`ArithmeticTask`, modular arithmetic with a
 thinking trace), ``"fused"`` (:class:`FusedAnswerTask`, the same chain with a hard one-token answer
 step — a computed function or the recall of a Zipf-weighted fact table — and training traces cut at random
-thinking caps), ``"jsonl"`` (:class:`JsonlTask`, prompt /
+thinking caps), ``"recall"`` (:class:`RecallTask`, the fused task with table recall as its defaults),
+``"jsonl"`` (:class:`JsonlTask`, prompt /
 thinking / answer text records tokenized with a Hugging Face tokenizer). A new task subclasses :class:`Task` and calls :func:`register`.
 """
 from __future__ import annotations
@@ -13,11 +14,11 @@ from typing import Any
 
 from .arithmetic import DIFFICULTY_OPS, ArithmeticTask, Problem
 from .base import SPLITS, Batch, Task, Tokenizer
-from .fused import FUSED_OPS, FusedAnswerTask, FusedProblem
+from .fused import FUSED_OPS, FusedAnswerTask, FusedProblem, RecallTask
 from .jsonl import JsonlTask, TextRecord
 
 __all__ = ["Task", "Tokenizer", "Batch", "SPLITS", "ArithmeticTask", "Problem", "DIFFICULTY_OPS", "FusedAnswerTask",
-           "FusedProblem", "FUSED_OPS", "JsonlTask", "TextRecord", "get",
+           "FusedProblem", "RecallTask", "FUSED_OPS", "JsonlTask", "TextRecord", "get",
            "from_dict", "register", "names"]
 
 _REGISTRY: dict[str, type[Task]] = {}
@@ -58,4 +59,5 @@ def from_dict(spec: dict[str, Any]) -> Task:
 
 register(ArithmeticTask)
 register(FusedAnswerTask)
+register(RecallTask)
 register(JsonlTask)

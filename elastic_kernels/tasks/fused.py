@@ -56,7 +56,7 @@ import torch
 from .arithmetic import Tokenizer
 from .base import SPLITS, Batch, Task, draw_split, hash_split
 
-__all__ = ["FusedTokenizer", "FusedProblem", "FusedAnswerTask", "FUSED_OPS", "ANSWERS"]
+__all__ = ["FusedTokenizer", "FusedProblem", "FusedAnswerTask", "RecallTask", "FUSED_OPS", "ANSWERS"]
 
 # difficulty level -> (min, max) chained operations per problem
 FUSED_OPS = {1: (1, 2), 2: (1, 3), 3: (2, 4), 4: (3, 6), 5: (4, 8)}
@@ -358,3 +358,14 @@ class FusedAnswerTask(Task):
     def max_new_tokens(self, problems: Sequence[FusedProblem]) -> int:
         """The longest reference completion of ``problems`` plus slack for a model that rambles."""
         return self.think_len(max((len(p.ops) for p in problems), default=1)) + 1 + self.max_answer_len() + 4
+
+
+class RecallTask(FusedAnswerTask):
+    """The fused task with table recall as its defaults (the default preset's task, ``"recall"``):
+    ``answer="table"``, ``key_zipf=1.4``, ``ops="+"``; every other argument and every behaviour as
+    :class:`FusedAnswerTask` (the same problems for the same arguments)."""
+
+    name = "recall"
+
+    def __init__(self, *, answer: str = "table", key_zipf: float = 1.4, ops: str = "+", **kwargs) -> None:
+        super().__init__(answer=answer, key_zipf=key_zipf, ops=ops, **kwargs)

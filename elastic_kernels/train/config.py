@@ -73,7 +73,8 @@ class TrainConfig:
     """a step with a non-finite loss or gradient: stop the run (its last checkpoint kept) or skip the step"""
     # task
     task: str = "fused"
-    """task (elastic_kernels.tasks): fused (hard fused answer step) | arithmetic (answer = last trace value)"""
+    """task (elastic_kernels.tasks): fused (hard fused answer step) | recall (fused with table recall: the default
+    preset's) | arithmetic (answer = last trace value)"""
     task_args: dict = field(default_factory=dict)
     """extra task keyword arguments as a JSON object, e.g. {"truncate_prob": 0.25} for fused"""
     modulus: int = 10
@@ -316,7 +317,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                    mamba_state=8, mamba_chunk_size=16, moe_experts=4, moe_top_k=2, moe_ffn=64, attn_heads=2,
                    attn_kv_heads=1, ffn_size=64),
     ),
-    # the default: the fused task with table recall (answer T[f,g][r], 1000 facts, key pairs Zipf-distributed with
+    # the default: the recall task, i.e. the fused task with table recall (answer T[f,g][r], 1000 facts, key pairs Zipf-distributed with
     # exponent 1.4) over "+" chains, 2048 test problems (a 3-point difference is significant), curriculum stage B on
     # longer chains, a router size loss strong enough to hold the targets against the distillation; budgets
     # 1.0 / 0.75 / 0.4 of the total parameters (the paper's 30B / 23B / 12B family); a parent trained 1000 steps;
@@ -330,8 +331,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # (docs/interop.md); two processes (data-parallel parent and elastic stages, the baselines one per process)
     "tiny": dict(procs=2, test_size=2048, stage_b_difficulty=3, router_loss_weight=10.0, router_tolerance=0.01,
                  parent_steps=1000, budgets=[1.0, 0.75, 0.4], qad=True, full_prob=0.6, stage_b_skew=[0.7, 0.2, 0.1],
-                 model=dict(moe_score="sigmoid"),
-                 task_args=dict(answer="table", key_zipf=1.4, ops="+")),
+                 task="recall", model=dict(moe_score="sigmoid")),
     "small": dict(
         difficulty=4, val_size=1024, test_size=2048, batch_size=128, parent_steps=4000, elastic_steps=3000,
         importance_batches=32, eval_every=500, ckpt_every=500, lr=1e-3,
