@@ -159,6 +159,14 @@ def _conv_window_step(window: Tensor, new: Tensor, w: Tensor, bias: Tensor) -> T
     return F.silu(acc).to(new.dtype)
 
 
+def _rows_by_sequence(t: Tensor, seq: Tensor, slot: Tensor, n: int, longest: int) -> Tensor:
+    """Packed tokens ``t: (T, ...)`` of ``n`` sequences back to back (token i in sequence
+    ``seq[i]`` at position ``slot[i]``) as one zero-padded row per sequence: (n, longest, ...)."""
+    out = t.new_zeros(n, longest, *t.shape[1:])
+    out[seq, slot] = t
+    return out
+
+
 class ElasticRMSNorm(ElasticLayer):
     """RMSNorm over the active channel prefix: with ``k`` of ``dim`` channels active it
     normalizes over those ``k`` only, ``y = x / sqrt(mean_k(x^2) + eps) * weight[:k]``.
@@ -346,7 +354,7 @@ class ElasticMamba2Mixer(ElasticLayer):
             prev = torch.cat([cache.conv_x[:, :hh].reshape(b, hh * P, K - 1), cache.conv_bc], 1).transpose(1, 2)
         conv = causal_conv_silu(prev, w_conv, bias, xs, bc)  # (b, l, ch)
         if cache is not None and K > 1:
-            tail = torch.cat([prev.to(xs.dtype), torch.cat([xs, bc], -1)[:, -(K - 1):]], 1)[:, -(K - 1):]
+            tail = torch.cat([prev.to(xs.dtype), torch.cat([xs[:, -(K - 1):], bc[:, -(K - 1):]], -1)], 1)[:, -(K - 1):]
             cache.conv_x[:, :hh] = tail[..., :hh * P].transpose(1, 2).reshape(b, hh, P, K - 1).to(cache.conv_x.dtype)
             cache.conv_bc.copy_(tail[..., hh * P:].transpose(1, 2).to(cache.conv_bc.dtype))
         xs, Bm, Cm = conv.split([hh * P, G * N, G * N], dim=-1)
@@ -475,11 +483,8 @@ class ElasticMamba2Mixer(ElasticLayer):
         starts = torch.cat([ends.new_zeros(1), ends[:-1] + 1])
         pos = torch.arange(xs.shape[0], device=xs.device) - starts[seq]
         n, longest = ends.shape[0], int((ends - starts).max()) + 1
-        wx_rows = wx.new_zeros(n, longest, *wx.shape[1:])
-        wx_rows[seq, pos] = wx
-        b_rows = Bh.new_zeros(n, longest, *Bh.shape[1:])
-        b_rows[seq, pos] = Bh
-        return torch.einsum("slhp,slhn->shpn", wx_rows, b_rows)
+        return torch.einsum("slhp,slhn->shpn", _rows_by_sequence(wx, seq, pos, n, longest),
+                            _rows_by_sequence(Bh, seq, pos, n, longest))
 
     def sizes(self) -> dict[str, int]:
         return {"mamba_heads": self.nheads}
@@ -612,9 +617,7 @@ class GQAAttention(ElasticLayer):
         slot = torch.arange(T, device=dev) - (torch.cumsum(lens, 0) - lens)[seq]  # position within its sequence
 
         def padded(t: Tensor) -> Tensor:  # (1, heads, T, hd) -> (n, heads, longest, hd), zeros after each sequence
-            out = t.new_zeros(n, max(seq_lens), t.shape[1], t.shape[3])
-            out[seq, slot] = t[0].transpose(0, 1)
-            return out.transpose(1, 2)
+            return _rows_by_sequence(t[0].transpose(0, 1), seq, slot, n, max(seq_lens)).transpose(1, 2)
         # one padded row per sequence (causal: a real query never sees its row's padding), not a T x T mask
         qb, kb, vb = padded(q), padded(kk), padded(vv)
         o = F.scaled_dot_product_attention(qb, kb, vb, is_causal=True, enable_gqa=True)

@@ -47,6 +47,7 @@ pure function of ``(seed, split, index)``.
 """
 from __future__ import annotations
 
+import itertools
 import random
 from dataclasses import dataclass
 from typing import Sequence
@@ -180,7 +181,8 @@ class FusedAnswerTask(Task):
         rng = random.Random(f"fused-keys/{seed}/{modulus}")
         self.keys = [(f, g) for f in range(modulus) for g in range(modulus)]
         rng.shuffle(self.keys)
-        self.key_weights = [1.0 / (rank + 1) ** self.key_zipf for rank in range(len(self.keys))]
+        self.key_cum_weights = list(itertools.accumulate(1.0 / (rank + 1) ** self.key_zipf
+                                                         for rank in range(len(self.keys))))
         # answer = tables[(f, g)][r] (or [p * modulus + r]): per key pair, recall_inputs == 1: a seeded random
         # permutation of [0, modulus); 2: modulus of them, one per value p of the chain before r
         self.tables: dict[tuple[int, int], tuple[int, ...]] = {}
@@ -206,7 +208,8 @@ class FusedAnswerTask(Task):
 
     def key_share(self, rank: int) -> float:
         """The probability of the key pair of frequency rank ``rank`` (0 = most frequent)."""
-        return self.key_weights[rank] / sum(self.key_weights)
+        cum = self.key_cum_weights
+        return (cum[rank] - (cum[rank - 1] if rank else 0.0)) / cum[-1]
 
     def describe(self) -> str:
         lo, hi = FUSED_OPS[self.difficulty]
@@ -256,7 +259,7 @@ class FusedAnswerTask(Task):
         if self.key_zipf == 0:
             f, g = rng.randrange(m), rng.randrange(m)
         else:
-            f, g = rng.choices(self.keys, weights=self.key_weights)[0]
+            f, g = rng.choices(self.keys, cum_weights=self.key_cum_weights)[0]  # the draws of weights=, once summed
         return FusedProblem(operands, ops, f, g, m, self.keys_in_trace, self.tables.get((f, g)))
 
     def problems(self, split: str, n: int, *, seed: int, difficulty: int | None = None) -> list[FusedProblem]:
