@@ -481,37 +481,44 @@ class Runner:
         Returns the gradient norm of ``clip`` before clipping (NaN for a skipped step)."""
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        grads = [p.grad for g in opt.param_groups for p in g["params"] if p.grad is not None]
-        total = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
-        if self.sharded:  # FSDP2: a DTensor norm over the shards
-            from .sharding import plain
-            total = plain(total)
-        bad = self._any_rank(not (math.isfinite(float(loss.detach())) and math.isfinite(float(total))))
+        every = [p for g in opt.param_groups for p in g["params"]]
+        params = every if clip is None else list(clip)
+        inside = {id(p) for p in params}
+        # each gradient's norm is taken once: that of ``clip`` (what clip_grad_norm_ computes, in
+        # its order) and, for the finiteness check, that of the optimizer's other parameters
+        norms = [self._grad_norm(ps) for ps in (params, [p for p in every if id(p) not in inside]) if ps]
+        loss_ok = math.isfinite(float(loss.detach()))
+        bad = self._any_rank(not (loss_ok and all(math.isfinite(float(n)) for _, n in norms)))
         if bad:
             stage, step, saved = self._where
             if self.cfg.on_nonfinite == "stop":
                 kept = (f"the last good checkpoint {self.checkpoint_path} (step {saved}) is kept" if saved
                         else "no checkpoint of this stage was written yet")
+                shown = [float(n) for _, n in norms]
                 raise NonFiniteError(
                     f"stage {stage} step {step + 1}: non-finite loss ({float(loss.detach())}) or gradient norm "
-                    f"({float(total)}); the run stopped and {kept}. Lower the learning rate, or pass "
-                    "--on-nonfinite skip to skip such steps")
+                    f"({shown[0] if len(shown) == 1 else shown}); the run stopped and {kept}. Lower the learning "
+                    "rate, or pass --on-nonfinite skip to skip such steps")
             log.warning("stage %s step %d: non-finite loss or gradient, step skipped", stage, step + 1)
             opt.zero_grad(set_to_none=True)
             self.progress.setdefault("skipped_steps", {})[stage] = self.progress.get(
                 "skipped_steps", {}).get(stage, 0) + 1
             return math.nan
-        params = [p for g in opt.param_groups for p in g["params"]] if clip is None else list(clip)
+        raw, norm = norms[0] if norms else (torch.zeros(()), torch.zeros(()))
         if self.cfg.grad_clip > 0:
-            norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)
-        else:
-            norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
-        if self.sharded:
-            from .sharding import plain
-            norm = plain(norm)
+            torch.nn.utils.clip_grads_with_norm_(params, self.cfg.grad_clip, raw)
         gn = float(norm)
         opt.step()
         return gn
+
+    def _grad_norm(self, params: list) -> tuple[torch.Tensor, torch.Tensor]:
+        """The 2-norm of the gradients of ``params`` (those without one skipped): as computed (a
+        DTensor under FSDP2) and as a plain tensor."""
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+        if self.sharded:  # FSDP2: a DTensor norm over the shards
+            from .sharding import plain
+            return norm, plain(norm)
+        return norm, norm
 
     # ---- the generic resumable training loop --------------------------------------------------
     def train(self, stage: str, steps: int, modules: dict[str, nn.Module], opt: torch.optim.Optimizer,
