@@ -1,13 +1,16 @@
-"""Large MoE weight gradients in lazily zeroed memory (elastic_kernels/_memory.py): exact zeros
-outside the active prefix, values against the float64 truth, buffers that outlive numpy's array."""
+"""Large MoE weight gradients in lazily zeroed memory and the reused scratch of temporaries
+(elastic_kernels/_memory.py): exact zeros outside the active prefix, values against the float64
+truth, buffers that outlive their mapping's Python object, page choices for a written box."""
 from __future__ import annotations
 
 import gc
+import math
+import sys
 
 import pytest
 import torch
 
-from elastic_kernels._memory import LARGE_BYTES, zeros
+from elastic_kernels._memory import HUGE_PAGE, LARGE_BYTES, Scratch, _pages_touched, _runs, empty, zeros
 from test_moe import check_fp32_reference, make_case
 
 
@@ -47,3 +50,65 @@ def test_large_partial_width_gradients_match_truth(width):
             assert not g[k][n_act:].any(), k
             if isinstance(w, int):
                 assert not (g[k][:, w:] if k != "w2" else g[k][:, :, w:]).any(), k
+
+
+def test_large_zeros_are_huge_page_aligned():
+    """On Linux a large buffer starts on a 2 MB boundary (its first and last 2 MB can be huge pages)."""
+    if not sys.platform.startswith("linux"):
+        pytest.skip("2 MB alignment is Linux-only")
+    z = zeros((4, 1 << 20), torch.float32, "cpu")
+    assert z.data_ptr() % HUGE_PAGE == 0
+
+
+@pytest.mark.parametrize("written", [(16, 256, 512), (16, 1024, 512), (5, 512, 100), (0, 0, 0)])
+def test_zeros_with_a_written_box_is_a_plain_zero_tensor(written):
+    """Whatever page size the box picks: all zeros, and writes inside and outside the box stick."""
+    shape = (16, 1024, 512)
+    z = zeros(shape, torch.float32, "cpu", written=written)
+    assert z.shape == shape and z.is_contiguous() and not z.any()
+    z[: written[0], : written[1], : written[2]] = 1
+    z[-1, -1, -1] = 2  # outside the box unless the box is everything
+    inside = written == shape
+    assert z.double().sum().item() == math.prod(written) + 2 - inside
+
+
+def test_prefix_box_runs_and_pages():
+    """A (E, F, hidden) gradient's prefix d' of F: E runs of d' * hidden floats, F * hidden apart;
+    a (E, hidden, F) one: E * hidden runs of d' floats, F apart; the pages they touch."""
+    assert _runs((16, 1024, 512), (16, 256, 512), 4) == (16, 256 * 512 * 4, 1024 * 512 * 4)
+    assert _runs((16, 512, 1024), (16, 512, 256), 4) == (16 * 512, 256 * 4, 1024 * 4)
+    assert _runs((16, 1024, 512), (16, 1024, 512), 4) == (1, 16 * 1024 * 512 * 4, 16 * 1024 * 512 * 4)
+    count, length, stride = _runs((16, 1024, 512), (16, 256, 512), 4)
+    assert _pages_touched(count, length, stride, 4096) == 16 * 128  # a quarter of each 2 MB expert
+    assert _pages_touched(count, length, stride, 1 << 21) == 16     # every expert's one huge page
+    assert _pages_touched(4, 100, 50, 4096) == 1                    # runs sharing a page count it once
+
+
+def test_scratch_reuses_its_memory_and_never_overlaps():
+    """Tensors of one block do not overlap; the next block on the thread reuses the memory; a
+    nested block and a non-CPU device take fresh memory."""
+    shapes = [(1000, 300), (7,), (64, 64)]
+    with Scratch("cpu") as s:
+        first = [s.empty(sh, torch.float32) for sh in shapes]
+    with Scratch("cpu") as s:
+        ts = [s.empty(sh, torch.float32) for sh in shapes]
+        spans = sorted((t.data_ptr(), t.data_ptr() + t.numel() * 4) for t in ts)
+        assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))
+        assert [t.data_ptr() for t in ts] != [t.data_ptr() for t in first]  # first call: fresh; now the kept buffer
+        with Scratch("cpu") as inner:
+            n = inner.empty((1000, 300), torch.float32)
+            assert not any(lo <= n.data_ptr() < hi for lo, hi in spans)
+    with Scratch("cpu") as s:
+        again = [s.empty(sh, torch.float32) for sh in shapes]
+    assert [t.data_ptr() for t in again] == [t.data_ptr() for t in ts]
+    with Scratch("meta") as s:
+        assert s.empty((3, 4), torch.float32).device.type == "meta"
+
+
+@pytest.mark.usefixtures("poison_empty")
+def test_uninitialized_buffers_are_poisoned_in_deterministic_mode():
+    """As torch.empty: NaN-filled under fill_uninitialized_memory, so a kernel reading unwritten
+    memory fails its test."""
+    with Scratch("cpu") as s:
+        assert s.empty((100, 100), torch.float32).isnan().all()
+    assert empty((2, 1 << 20), torch.float32, "cpu").isnan().all()

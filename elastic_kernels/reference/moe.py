@@ -28,11 +28,14 @@ by their weight reads). The GEMMs of one projection run expert by expert and, wi
 expert, block by block, so an expert's pair rows stay in cache across its blocks. On the CPU
 ``torch._grouped_mm`` is one matmul per group as well; the reference calls them itself to write
 into preallocated buffers and accumulate. The forward saves the blocks' pre-activations packed
-into one buffer and writes its temporaries in place where it can (fresh large buffers are
-costly on the CPU: page faults; those of 32 MB and more come from huge-page memory,
-:func:`elastic_kernels._memory.empty`); the backward is written by hand on the same GEMMs (no
-forward re-run) and writes each weight-gradient block once, into lazily zeroed memory
-(:func:`elastic_kernels._memory.zeros`), so the zeros of experts >= E' and channels >= d' are
+into one buffer and writes its temporaries in place where it can. Fresh CPU buffers cost page
+faults (see elastic_kernels/_memory.py), so the temporaries of both passes come from
+memory each thread reuses call after call (:class:`elastic_kernels._memory.Scratch`) and the
+saved buffer of 4 MB and more from huge pages (:func:`elastic_kernels._memory.empty`); the
+backward is written by hand on the same GEMMs (no forward re-run) and writes each
+weight-gradient block once, into lazily zeroed memory told the prefix box it writes
+(:func:`elastic_kernels._memory.zeros`: 4 KB pages pre-faulted for a w1/w3 prefix that covers
+little of each expert, huge pages otherwise), so the zeros of experts >= E' and channels >= d' are
 never written. NVFP4 weights (:class:`elastic_kernels.formats.NVFP4Tensor`, W4A16, frozen)
 decode only their experts' prefix views, to x's dtype (every block's views of a projection at
 once).
@@ -44,7 +47,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from .._memory import empty, zeros
+from .._memory import Scratch, empty, zeros
 from ..formats import QuantizedTensor
 
 ACTIVATIONS = ("relu2", "silu", "gelu")
@@ -102,18 +105,16 @@ def moe_route_reference(router_logits: torch.Tensor, top_k: int, num_experts_act
 class _Block(NamedTuple):
     """One FFN column block ``[c0, c1)`` of a :class:`_Plan` and the (token, slot) pairs whose
     width reaches ``c1``, grouped by expert: ``tokens``/``pairs`` (R_b,) their tokens and flat
-    (token * top_k + slot) indices, ``counts`` their number per expert and ``starts`` where each
-    expert's pairs begin, ``start`` the offset of the block's (R_b, c1 - c0) pre-activations in the saved
-    buffer's flat rows, ``runs`` ``(e, s, n, s0)`` for every expert e with n > 0 pairs in the block:
-    rows ``[s, s + n)`` of the block and ``[s0, s0 + n)`` of the plan's first block."""
+    (token * top_k + slot) indices, ``counts`` their number per expert (every one of the E'
+    experts, zeros included: what ``Tensor.split`` takes to cut a (R_b, ...) buffer into the
+    experts' row blocks), ``start`` the offset of the block's (R_b, c1 - c0) pre-activations in
+    the saved buffer's flat rows."""
     c0: int
     c1: int
     tokens: torch.Tensor
     pairs: torch.Tensor
     counts: list
-    starts: list
     start: int
-    runs: list
 
 
 class _Plan:
@@ -123,14 +124,16 @@ class _Plan:
     ``blocks``: one :class:`_Block` per distinct width, narrowest first; the first holds every
     pair, and within each expert a block's pairs are the first ones of the first block's, so every
     block reads its inputs and accumulates its outputs in contiguous row slices of first-block
-    buffers (``runs``). ``d``: the widest width; ``used``: the elements the blocks'
-    pre-activations fill. Each block runs its GEMMs and elementwise passes on its own pairs and
-    columns only, so every weight column is read once per projection and per-token widths cost
-    what their mean width costs. ``expert_runs``: ``(j, e, s, n, s0)`` for every run of every
-    block j, expert by expert (within an expert, block by block): the order the GEMMs run in, so
-    an expert's pair rows stay in cache across its blocks (measured at four per-token widths,
-    T512 H512 F1024 E16 k2, one thread: fwd+bwd 5-8 % faster than block by block, full width
-    unchanged).
+    buffers. ``d``: the widest width; ``used``: the elements the blocks' pre-activations fill.
+    Each block runs its GEMMs and elementwise passes on its own pairs and columns only, so every
+    weight column is read once per projection and per-token widths cost what their mean width
+    costs. ``expert_runs``: ``(j, e, n, prefix)`` for every expert e with n > 0 pairs in block j,
+    expert by expert (within an expert, block by block): the order the GEMMs run in, so an
+    expert's pair rows stay in cache across its blocks (measured at four per-token widths, T512
+    H512 F1024 E16 k2, one thread: fwd+bwd 5-8 % faster than block by block, full width
+    unchanged); ``prefix``: n is fewer than the expert's first-block pairs (its rows there are
+    the first n). The GEMM loops take every expert's rows of a buffer at once
+    (:meth:`rows`: one ``split``), not one Python slice per GEMM.
     """
 
     def __init__(self, topk_ids, n_act: int, ffn: int, width_int: int, width_t):
@@ -154,17 +157,18 @@ class _Plan:
             else:  # within each expert a prefix of its pairs (widest first)
                 rows = (widths >= c1).nonzero().flatten()
                 tk, pr, ex = tokens[rows], order[rows], experts[rows]
-            counts = torch.bincount(ex, minlength=n_act)
-            cnt, sts = counts.tolist(), (torch.cumsum(counts, 0) - counts).tolist()
-            starts0 = sts if j == 0 else self.blocks[0].starts
-            runs = [(e, s, n, s0) for e, (n, s, s0) in enumerate(zip(cnt, sts, starts0)) if n]
-            blk = _Block(c0, c1, tk, pr, cnt, sts, start, runs)
+            blk = _Block(c0, c1, tk, pr, torch.bincount(ex, minlength=n_act).tolist(), start)
             self.blocks.append(blk)
             start += len(blk.tokens) * (c1 - c0)
             c0 = c1
         self.d, self.used = c0, start
-        self.expert_runs = sorted(((j, *r) for j, b in enumerate(self.blocks) for r in b.runs),
-                                  key=lambda r: (r[1], r[0]))
+        first = self.blocks[0].counts if self.blocks else []
+        self.expert_runs = [(j, e, n, n < first[e]) for e in range(n_act) for j, b in enumerate(self.blocks)
+                            if (n := b.counts[e])]
+
+    def rows(self, t: torch.Tensor, j: int = 0) -> list:
+        """Every expert's rows of ``t``, a buffer in block j's row order: a list of E' views."""
+        return list(t.split(self.blocks[j].counts))
 
 
 def _block_view(w, n_act: int, axis: int, blk: _Block):
@@ -178,9 +182,10 @@ def _experts(w, blk: _Block, dtype: torch.dtype, transpose: bool) -> list:
     if not isinstance(w, QuantizedTensor):
         return list((w.transpose(1, 2) if transpose else w).unbind(0))
     views = [None] * len(blk.counts)
-    for e, *_ in blk.runs:
-        v = expert_weight(w, e, slice(None), slice(None), dtype)
-        views[e] = v.T if transpose else v
+    for e, n in enumerate(blk.counts):
+        if n:
+            v = expert_weight(w, e, slice(None), slice(None), dtype)
+            views[e] = v.T if transpose else v
     return views
 
 
@@ -208,20 +213,22 @@ def _mm(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate: bool) -
 class _WeightGrad:
     """The gradient of one expert weight (axis 1: w1/w3 (E, F, hidden); axis 2: w2 (E, hidden, F)),
     exact zeros outside ``w[:E', :d]``, written block by block: ``g_e.T @ a_e`` per expert into a
-    buffer of :func:`elastic_kernels._memory.zeros` (its zeros are never written: a prefix costs
-    its own pages, not the whole weight's)."""
+    buffer of :func:`elastic_kernels._memory.zeros` told that prefix box (its zeros are never
+    written: a prefix costs its own pages, not the whole weight's)."""
 
     def __init__(self, w, plan: _Plan, n_act: int, axis: int, dtype: torch.dtype):
         self.plan, self.axis, self.n_act = plan, axis, n_act
-        self.full = zeros(tuple(w.shape), dtype, w.device)
+        box = (n_act, plan.d, w.shape[2]) if axis == 1 else (n_act, w.shape[1], plan.d)
+        self.full = zeros(tuple(w.shape), dtype, w.device, written=box)
 
-    def add(self, g: list, g_first: bool, a: list, a_first: bool) -> None:
-        """Write every block's columns, expert by expert: block j's from ``g[j]`` (pairs, N) and
-        ``a[j]`` (pairs, K), each in the block's row order or (``*_first``) the first block's."""
+    def add(self, g: list, a: list) -> None:
+        """Write every block's columns, expert by expert: block j's ``g[j][e].T @ a[j][e]``, from
+        per-expert row views (pairs, N) / (pairs, K) in the block's row order or the first
+        block's (then the first n rows are taken)."""
         dst = [_block_view(self.full, self.n_act, self.axis, blk).unbind(0) for blk in self.plan.blocks]
-        for j, e, s, n, s0 in self.plan.expert_runs:
-            gs, as_ = (s0 if g_first else s), (s0 if a_first else s)
-            torch.mm(g[j][gs:gs + n].T, a[j][as_:as_ + n], out=dst[j][e])
+        for j, e, n, prefix in self.plan.expert_runs:
+            ge, ae = g[j][e], a[j][e]
+            torch.mm((ge[:n] if len(ge) > n else ge).T, ae[:n] if len(ae) > n else ae, out=dst[j][e])
 
 
 def _channel_scale(channel_scale, blk: _Block, dtype):
@@ -250,15 +257,9 @@ def _saved_views(saved: torch.Tensor, blk: _Block):
     return flat[0], (flat[1] if saved.shape[0] == 2 else None)
 
 
-def _new(t: torch.Tensor) -> torch.Tensor:
-    """An uninitialized contiguous tensor like ``t`` (:func:`elastic_kernels._memory.empty`)."""
-    return empty(t.shape, t.dtype, t.device)
-
-
-def _activate(h: torch.Tensor, activation: str, relu_in_place: bool) -> torch.Tensor:
-    """``act(h)`` as a new tensor; relu2 with ``relu_in_place`` first replaces ``h`` by
+def _activate(h: torch.Tensor, activation: str, relu_in_place: bool, out: torch.Tensor) -> torch.Tensor:
+    """``act(h)`` into ``out``; relu2 with ``relu_in_place`` first replaces ``h`` by
     ``relu(h)`` (what the backward then reads: relu(relu(h)) = relu(h))."""
-    out = _new(h)
     if activation == "relu2":
         return torch.square(h.relu_() if relu_in_place else h, out=out)
     op = torch.ops.aten.silu if activation == "silu" else torch.ops.aten.gelu
@@ -277,7 +278,7 @@ def moe_experts_reference_fwd(x: torch.Tensor, topk_weights: torch.Tensor, topk_
     n_exp, ffn = w1.shape[0], w1.shape[1]
     n_act = n_exp if num_experts_active is None else num_experts_active
     acc_dtype = torch.promote_types(x.dtype, topk_weights.dtype)
-    y = torch.zeros(tokens, hidden, dtype=acc_dtype, device=x.device)
+    y = zeros((tokens, hidden), acc_dtype, x.device)
     shape = saved_shape(tokens, topk_ids.shape[1], ffn, width_int, width_t is not None, w3 is not None)
     plan = _Plan(topk_ids, n_act, ffn, width_int, width_t) if tokens else None
     if plan is None or not plan.blocks:
@@ -285,28 +286,31 @@ def moe_experts_reference_fwd(x: torch.Tensor, topk_weights: torch.Tensor, topk_
     saved = empty(shape, x.dtype, x.device)
     saved.view(shape[0], -1)[:, plan.used:].zero_()
     first = plan.blocks[0]
-    xs = x.index_select(0, first.tokens)  # (pairs, hidden), first-block order
-    views = [_saved_views(saved, blk) for blk in plan.blocks]
-    for w, k in ((w1, 0), (w3, 1)):  # up projections of every block, then activations, then the down ones
-        if w is not None:
-            ws = [_experts(_block_view(w, n_act, 1, blk), blk, x.dtype, True) for blk in plan.blocks]
-            for j, e, s, n, s0 in plan.expert_runs:
-                _mm(views[j][k][s:s + n], xs[s0:s0 + n], ws[j][e], False)
-    acts = []
-    for blk, (h, u) in zip(plan.blocks, views):
-        a = _activate(h, activation, True)
-        if u is not None:
-            a.mul_(u)
-        cs = _channel_scale(channel_scale, blk, a.dtype)
-        if cs is not None:
-            a.mul_(cs)
-        acts.append(a)
-    out = xs  # xs is spent: its memory takes each pair's expert output, weighted once all blocks are in
-    ws = [_experts(_block_view(w2, n_act, 2, blk), blk, x.dtype, True) for blk in plan.blocks]
-    for j, e, s, n, s0 in plan.expert_runs:  # block 0 writes an expert's rows, the others accumulate
-        _mm(out[s0:s0 + n], acts[j][s:s + n], ws[j][e], j > 0)
-    p = topk_weights.reshape(-1)[first.pairs].to(acc_dtype)[:, None]
-    y.index_add_(0, first.tokens, out.to(acc_dtype).mul_(p))
+    with Scratch(x.device) as scratch:
+        xs = torch.index_select(x, 0, first.tokens, out=scratch.empty((len(first.tokens), hidden), x.dtype))
+        xs_e = plan.rows(xs)  # (pairs, hidden) per expert, first-block order
+        views = [_saved_views(saved, blk) for blk in plan.blocks]
+        for w, k in ((w1, 0), (w3, 1)):  # up projections of every block, then activations, then the down ones
+            if w is not None:
+                ws = [_experts(_block_view(w, n_act, 1, blk), blk, x.dtype, True) for blk in plan.blocks]
+                outs = [plan.rows(v[k], j) for j, v in enumerate(views)]
+                for j, e, n, prefix in plan.expert_runs:
+                    _mm(outs[j][e], xs_e[e][:n] if prefix else xs_e[e], ws[j][e], False)
+        acts = []
+        for blk, (h, u) in zip(plan.blocks, views):
+            a = _activate(h, activation, True, scratch.empty(h.shape, h.dtype))
+            if u is not None:
+                a.mul_(u)
+            cs = _channel_scale(channel_scale, blk, a.dtype)
+            if cs is not None:
+                a.mul_(cs)
+            acts.append(plan.rows(a, len(acts)))
+        out = xs_e  # xs is spent: its memory takes each pair's expert output, weighted once all blocks are in
+        ws = [_experts(_block_view(w2, n_act, 2, blk), blk, x.dtype, True) for blk in plan.blocks]
+        for j, e, n, prefix in plan.expert_runs:  # block 0 writes an expert's rows, the others accumulate
+            _mm(out[e][:n] if prefix else out[e], acts[j][e], ws[j][e], j > 0)
+        p = topk_weights.reshape(-1)[first.pairs].to(acc_dtype)[:, None]
+        y.index_add_(0, first.tokens, xs.to(acc_dtype).mul_(p))
     return y.to(x.dtype), saved
 
 
@@ -334,13 +338,13 @@ def moe_experts_reference(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids:
 
 
 def _activation_grad_(g: torch.Tensor, v: torch.Tensor, activation: str) -> torch.Tensor:
-    """``g * act'(h)`` from what the forward saved (``v = relu(h)`` for relu2, else ``h``);
-    relu2 overwrites ``g``."""
+    """``g * act'(h)`` from what the forward saved (``v = relu(h)`` for relu2, else ``h``), in
+    ``g``'s memory."""
     if activation == "relu2":
         return g.mul_(v).mul_(2)
     if activation == "silu":
-        return torch.ops.aten.silu_backward(g, v)
-    return torch.ops.aten.gelu_backward(g, v)
+        return torch.ops.aten.silu_backward.grad_input(g, v, grad_input=g)
+    return torch.ops.aten.gelu_backward.grad_input(g, v, grad_input=g)
 
 
 def moe_experts_reference_bwd(grad_y: torch.Tensor, x: torch.Tensor, topk_weights: torch.Tensor,
@@ -358,11 +362,11 @@ def moe_experts_reference_bwd(grad_y: torch.Tensor, x: torch.Tensor, topk_weight
     and for quantized weights, which are frozen). Experts >= E' and channels >= d' (or >= a
     token's width) get exact zeros; every weight-gradient column block is written once.
     """
-    tokens = x.shape[0]
+    tokens, hidden = x.shape
     n_exp, ffn = w1.shape[0], w1.shape[1]
     n_act = n_exp if num_experts_active is None else num_experts_active
     trainable = lambda w: w is not None and not isinstance(w, QuantizedTensor)  # noqa: E731
-    gx = torch.zeros_like(x, memory_format=torch.contiguous_format)
+    gx = zeros(x.shape, x.dtype, x.device)
     gtw = torch.zeros(topk_weights.numel(), dtype=topk_weights.dtype, device=x.device)
     gcs = None if channel_scale is None else torch.zeros_like(channel_scale, memory_format=torch.contiguous_format)
     plan = _Plan(topk_ids, n_act, ffn, width_int, width_t) if tokens else None
@@ -377,53 +381,60 @@ def moe_experts_reference_bwd(grad_y: torch.Tensor, x: torch.Tensor, topk_weight
           for w, axis in ((w1, 1), (w2, 2), (w3, 1))]
     first = plan.blocks[0]
     p = topk_weights.reshape(-1)
-    xs = x.index_select(0, first.tokens)  # first-block order, as g and gxs
-    g = grad_y.index_select(0, first.tokens).to(x.dtype)
-    blocks, acts, g_w2s = [], [], []
-    for blk in plan.blocks:
-        h, u = _saved_views(saved, blk)
-        act = _activate(h, activation, False)
-        a_pre = act if u is None else torch.mul(act, u, out=_new(act))
-        cs = _channel_scale(channel_scale, blk, a_pre.dtype)
-        a = a_pre if cs is None else torch.mul(a_pre, cs, out=_new(a_pre))
-        blocks.append((blk, h, u, act, a_pre, cs))
-        acts.append(a)
-        g_w2s.append(_new(a))                                                 # g w2: (R_b, c1 - c0)
-    ws = [_experts(_block_view(w2, n_act, 2, blk), blk, x.dtype, False) for blk in plan.blocks]
-    for j, e, s, n, s0 in plan.expert_runs:  # g w2 of every block while g is unweighted
-        _mm(g_w2s[j][s:s + n], g[s0:s0 + n], ws[j][e], False)
-    gp = g.mul_(p[first.pairs].to(g.dtype)[:, None])                          # p g, in place
-    if gw[1] is not None:                                                     # (p g)^T a
-        gw[1].add([gp] * len(blocks), True, acts, False)
-    grads_h = []
-    for (blk, h, u, act, a_pre, cs), a, g_w2 in zip(blocks, acts, g_w2s):
-        gtw.index_add_(0, blk.pairs, a.mul_(g_w2).sum(-1).to(gtw.dtype))    # a is spent
-        ga = g_w2.mul_(p[blk.pairs].to(g_w2.dtype)[:, None])
-        if gcs is not None:
-            gc = (ga * a_pre).to(gcs.dtype)
-            if gcs.dim() == 1:
-                gcs[blk.c0:blk.c1] = gc.sum(0)
-            else:
-                gcs[:, blk.c0:blk.c1].index_add_(0, blk.tokens, gc)
-            ga.mul_(cs)
-        gu = None
-        if u is not None:
-            gu = ga * act
-            ga.mul_(u)
-        grads_h.append((_activation_grad_(ga, h, activation), gu))
-    gxs = gp  # gp is spent: its memory takes dx of each pair
-    gated = w3 is not None
-    ws1 = [_experts(_block_view(w1, n_act, 1, blk), blk, x.dtype, False) for blk in plan.blocks]
-    ws3 = [_experts(_block_view(w3, n_act, 1, blk), blk, x.dtype, False) for blk in plan.blocks] if gated else None
-    for j, e, s, n, s0 in plan.expert_runs:  # block 0 writes an expert's rows, the others accumulate
-        gh, gu = grads_h[j]
-        _mm(gxs[s0:s0 + n], gh[s:s + n], ws1[j][e], j > 0)
-        if gated:
-            _mm(gxs[s0:s0 + n], gu[s:s + n], ws3[j][e], True)
-    xs_all = [xs] * len(blocks)
-    if gw[0] is not None:
-        gw[0].add([gh for gh, _ in grads_h], False, xs_all, True)
-    if gated and gw[2] is not None:
-        gw[2].add([gu for _, gu in grads_h], False, xs_all, True)
-    gx.index_add_(0, first.tokens, gxs.to(gx.dtype))
+    n_pairs = len(first.tokens)
+    with Scratch(x.device) as scratch:
+        new = lambda t: scratch.empty(t.shape, t.dtype)  # noqa: E731
+        xs = torch.index_select(x, 0, first.tokens, out=scratch.empty((n_pairs, hidden), x.dtype))
+        g = torch.index_select(grad_y.to(x.dtype), 0, first.tokens, out=scratch.empty((n_pairs, hidden), x.dtype))
+        blocks, acts, g_w2s = [], [], []
+        for blk in plan.blocks:
+            h, u = _saved_views(saved, blk)
+            act = _activate(h, activation, False, new(h))
+            a_pre = act if u is None else torch.mul(act, u, out=new(act))
+            cs = _channel_scale(channel_scale, blk, a_pre.dtype)
+            a = a_pre if cs is None else torch.mul(a_pre, cs, out=new(a_pre))
+            blocks.append((blk, h, u, act, a_pre, cs))
+            acts.append(a)
+            g_w2s.append(new(a))                                              # g w2: (R_b, c1 - c0)
+        g_e = plan.rows(g)
+        ws = [_experts(_block_view(w2, n_act, 2, blk), blk, x.dtype, False) for blk in plan.blocks]
+        outs = [plan.rows(t, j) for j, t in enumerate(g_w2s)]
+        for j, e, n, prefix in plan.expert_runs:  # g w2 of every block while g is unweighted
+            _mm(outs[j][e], g_e[e][:n] if prefix else g_e[e], ws[j][e], False)
+        g.mul_(p[first.pairs].to(g.dtype)[:, None])                           # p g, in place
+        if gw[1] is not None:                                                 # (p g)^T a
+            gw[1].add([g_e] * len(blocks), [plan.rows(a, j) for j, a in enumerate(acts)])
+        grads_h = []
+        for (blk, h, u, act, a_pre, cs), a, g_w2 in zip(blocks, acts, g_w2s):
+            gtw.index_add_(0, blk.pairs, a.mul_(g_w2).sum(-1).to(gtw.dtype))    # a is spent
+            ga = g_w2.mul_(p[blk.pairs].to(g_w2.dtype)[:, None])
+            if gcs is not None:
+                gc = (ga * a_pre).to(gcs.dtype)
+                if gcs.dim() == 1:
+                    gcs[blk.c0:blk.c1] = gc.sum(0)
+                else:
+                    gcs[:, blk.c0:blk.c1].index_add_(0, blk.tokens, gc)
+                ga.mul_(cs)
+            gu = None
+            if u is not None:
+                gu = torch.mul(ga, act, out=new(ga))
+                ga.mul_(u)
+            grads_h.append((_activation_grad_(ga, h, activation), gu))
+        gxs_e = g_e  # p g is spent: its memory takes dx of each pair
+        gated = w3 is not None
+        ws1 = [_experts(_block_view(w1, n_act, 1, blk), blk, x.dtype, False) for blk in plan.blocks]
+        ws3 = [_experts(_block_view(w3, n_act, 1, blk), blk, x.dtype, False) for blk in plan.blocks] if gated else None
+        gh_e = [plan.rows(gh, j) for j, (gh, _) in enumerate(grads_h)]
+        gu_e = [plan.rows(gu, j) for j, (_, gu) in enumerate(grads_h)] if gated else None
+        for j, e, n, prefix in plan.expert_runs:  # block 0 writes an expert's rows, the others accumulate
+            dst = gxs_e[e][:n] if prefix else gxs_e[e]
+            _mm(dst, gh_e[j][e], ws1[j][e], j > 0)
+            if gated:
+                _mm(dst, gu_e[j][e], ws3[j][e], True)
+        xs_all = [plan.rows(xs)] * len(blocks)
+        if gw[0] is not None:
+            gw[0].add(gh_e, xs_all)
+        if gated and gw[2] is not None:
+            gw[2].add(gu_e, xs_all)
+        gx.index_add_(0, first.tokens, g.to(gx.dtype))
     return [gx, gtw.reshape(topk_weights.shape), *(None if gr is None else gr.full.contiguous() for gr in gw), gcs]
