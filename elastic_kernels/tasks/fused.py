@@ -304,11 +304,9 @@ class FusedAnswerTask(Task):
             seqs.append(seq)
             masks.append(m)
         length = max(len(s) for s in seqs)
-        ids = torch.full((len(seqs), length), tok.pad_id, dtype=torch.long)
-        mask = torch.zeros(len(seqs), length - 1)
-        for i, (s, m) in enumerate(zip(seqs, masks)):
-            ids[i, :len(s)] = torch.tensor(s)
-            mask[i, :len(m)] = torch.tensor(m)
+        # padded on the host and made into tensors at once (one copy each, not one per row)
+        ids = torch.tensor([s + [tok.pad_id] * (length - len(s)) for s in seqs], dtype=torch.long)
+        mask = torch.tensor([m + [0.0] * (length - 1 - len(m)) for m in masks], dtype=torch.float32)
         return Batch(ids[:, :-1].contiguous(), ids[:, 1:].contiguous(), mask)
 
     def batch(self, split: str, batch_size: int, *, index: int, difficulty: int | None = None) -> Batch:

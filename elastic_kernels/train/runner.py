@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import json
 import logging
 import math
@@ -341,7 +342,12 @@ class Runner:
             return self._shard(module)
         from torch.nn.parallel import DistributedDataParallel as DDP
         ids = [self.device.index] if self.device.type == "cuda" else None
-        return DDP(module, device_ids=ids, find_unused_parameters=not every_parameter_used)
+        # the models' buffers are constants every rank holds alike (no running statistics): DDP
+        # need not broadcast them before every forward, a collective per step that waits for the
+        # slowest rank (torch < 2.13, without forward_sync_buffers, also skips the sync at init)
+        sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters
+                else {"broadcast_buffers": False})
+        return DDP(module, device_ids=ids, find_unused_parameters=not every_parameter_used, **sync)
 
     def shard_frozen(self, module: nn.Module) -> nn.Module:
         """A frozen module every rank runs forward only (the stage-2 teacher): sharded in place under
