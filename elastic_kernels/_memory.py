@@ -33,6 +33,9 @@ import torch
 
 # below this torch's allocator is as cheap (glibc reuses its heap for small blocks)
 LARGE_BYTES = 1 << 22
+# glibc maps every allocation above its largest mmap threshold (32 MB on 64-bit) anew: below that,
+# a result of one size called for call after call mostly comes back from its heap, faulted in
+FRESH_BYTES = 1 << 25
 HUGE_PAGE = 1 << 21
 SMALL_PAGE = mmap.PAGESIZE
 _ALIGN = 64  # BLAS stores run best on 64-byte boundaries
@@ -135,7 +138,7 @@ def empty(shape, dtype: torch.dtype, device) -> torch.Tensor:
     huge-page memory (see above), for results that outlive the call (temporaries: :class:`Scratch`)."""
     device = torch.device(device)
     nbytes = _nbytes(shape, dtype)
-    if device.type != "cpu" or nbytes < LARGE_BYTES:
+    if device.type != "cpu" or nbytes < FRESH_BYTES:
         return torch.empty(shape, dtype=dtype, device=device)
     return _fill_uninitialized(_fresh(nbytes, True)[0].view(dtype).view(tuple(shape)))
 

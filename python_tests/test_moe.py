@@ -322,9 +322,9 @@ def test_reference_fp32_pair_major_down_projection():
     """Experts with few rows at a large FFN width take the pair-major down projection
     ``(w2[e] @ a_e.T).T`` (reference/moe.py ``_PAIR_MAJOR_ROWS``), those with many the row form:
     both against the float64 truth, w2 a strided prefix view."""
-    tokens, hidden, ffn, n_exp, top_k = 40, 16, 1024, 4, 2
+    tokens, hidden, ffn, n_exp, top_k = 60, 16, 1024, 4, 2
     inp, _ = make_case(tokens, hidden, ffn, n_exp, n_exp, top_k, gated=False, width=None, cs=None)
-    ids = torch.stack([torch.zeros(tokens, dtype=torch.int64), torch.arange(tokens) % 3 + 1], 1)  # 40 / 14 / 13 / 13
+    ids = torch.stack([torch.zeros(tokens, dtype=torch.int64), torch.arange(tokens) % 3 + 1], 1)  # 60 / 20 / 20 / 20
     big2 = torch.randn(n_exp, hidden, ffn + 16)
     big2[:, :, 16:] = inp["w2"]
     check_fp32_reference(dict(inp, topk_ids=ids, w2=big2[:, :, 16:]), "relu2", n_exp, None)

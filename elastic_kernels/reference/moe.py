@@ -190,11 +190,14 @@ def _experts(w, blk: _Block, dtype: torch.dtype, transpose: bool) -> list:
 
 
 # ``a_e @ w[e].T`` (w[e] (N, K) with K contiguous) for an expert with few rows runs faster on the
-# CPU BLAS as ``(w[e] @ a_e.T).T`` (its rows on the GEMM's inner side) when K is large. Measured
-# (MKL, AVX-512, one thread, 16 experts, N 512): at K 1024, 0.77-0.83x the time for 16-32 rows,
-# even at 64-128, slower at 192; at K 256 and 512 no gain; ``a_e @ w[e]`` (w[e] (K, N)) is slower
-# in that form (up to 1.9x). Hence the pair-major form for at most 32 rows, K >= 1024, w[e].T.
-_PAIR_MAJOR_ROWS, _PAIR_MAJOR_K = 32, 1024
+# CPU BLAS as ``(w[e] @ a_e.T).T`` (its rows on the GEMM's inner side), written or accumulated
+# into the row slice, when K is large. Measured (MKL, AVX-512, one thread, 64 experts' weights
+# streamed from memory as in the op, best of 15; time of the row form over the pair-major one):
+# K 1024 x N 512: 8 rows 1.0, 16 rows 1.12, 32 rows 1.23, 48 rows 1.18, 64-96 rows 1.03; K 512 and
+# 256: 0.66-1.1 (no gain; with the weights in cache it gains up to 1.3x at 16-48 rows, but the
+# op streams them); ``a_e @ w[e]`` (w[e] (K, N), the backward's g w2 and dx) is slower in that
+# form (up to 1.9x). Hence the pair-major form for at most 48 rows at K >= 1024, w[e].T.
+_PAIR_MAJOR_ROWS, _PAIR_MAJOR_K = 48, 1024
 
 
 def _mm(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate: bool) -> None:
