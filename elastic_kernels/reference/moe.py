@@ -25,7 +25,9 @@ reading its inputs from and accumulating its outputs (``addmm_``) into contiguou
 the first block's buffers, and the elementwise passes on exactly its pairs and columns, so
 per-token widths cost what their mean width costs in FLOPs (experts with few pairs stay bound
 by their weight reads). The GEMMs of one projection run expert by expert and, within an
-expert, block by block, so an expert's pair rows stay in cache across its blocks. On the CPU
+expert, block by block, so an expert's pair rows stay in cache across its blocks; the forward
+runs each expert's whole MLP (up projections, activation, down projections) before the next
+expert's, so its pre-activations are still in cache for the activation. On the CPU
 ``torch._grouped_mm`` is one matmul per group as well; the reference calls them itself to write
 into preallocated buffers and accumulate. The forward saves the blocks' pre-activations packed
 into one buffer and writes its temporaries in place where it can. Fresh CPU buffers cost page
@@ -42,6 +44,7 @@ once).
 """
 from __future__ import annotations
 
+from itertools import groupby
 from typing import NamedTuple
 
 import torch
@@ -131,8 +134,9 @@ class _Plan:
     expert by expert (within an expert, block by block): the order the GEMMs run in, so an
     expert's pair rows stay in cache across its blocks (measured at four per-token widths, T512
     H512 F1024 E16 k2, one thread: fwd+bwd 5-8 % faster than block by block, full width
-    unchanged); ``prefix``: n is fewer than the expert's first-block pairs (its rows there are
-    the first n). The GEMM loops take every expert's rows of a buffer at once
+    unchanged); ``by_expert``: the same runs as ``(e, [(j, n, prefix), ...])`` per expert (the
+    forward's loop); ``prefix``: n is fewer than the expert's first-block pairs (its rows there
+    are the first n). The GEMM loops take every expert's rows of a buffer at once
     (:meth:`rows`: one ``split``), not one Python slice per GEMM.
     """
 
@@ -165,6 +169,8 @@ class _Plan:
         first = self.blocks[0].counts if self.blocks else []
         self.expert_runs = [(j, e, n, n < first[e]) for e in range(n_act) for j, b in enumerate(self.blocks)
                             if (n := b.counts[e])]
+        self.by_expert = [(e, [(j, n, prefix) for j, _, n, prefix in runs])
+                          for e, runs in groupby(self.expert_runs, key=lambda r: r[1])]
 
     def rows(self, t: torch.Tensor, j: int = 0) -> list:
         """Every expert's rows of ``t``, a buffer in block j's row order: a list of E' views."""
@@ -293,25 +299,29 @@ def moe_experts_reference_fwd(x: torch.Tensor, topk_weights: torch.Tensor, topk_
         xs = torch.index_select(x, 0, first.tokens, out=scratch.empty((len(first.tokens), hidden), x.dtype))
         xs_e = plan.rows(xs)  # (pairs, hidden) per expert, first-block order
         views = [_saved_views(saved, blk) for blk in plan.blocks]
-        for w, k in ((w1, 0), (w3, 1)):  # up projections of every block, then activations, then the down ones
-            if w is not None:
-                ws = [_experts(_block_view(w, n_act, 1, blk), blk, x.dtype, True) for blk in plan.blocks]
-                outs = [plan.rows(v[k], j) for j, v in enumerate(views)]
-                for j, e, n, prefix in plan.expert_runs:
-                    _mm(outs[j][e], xs_e[e][:n] if prefix else xs_e[e], ws[j][e], False)
-        acts = []
-        for blk, (h, u) in zip(plan.blocks, views):
-            a = _activate(h, activation, True, scratch.empty(h.shape, h.dtype))
-            if u is not None:
-                a.mul_(u)
-            cs = _channel_scale(channel_scale, blk, a.dtype)
-            if cs is not None:
-                a.mul_(cs)
-            acts.append(plan.rows(a, len(acts)))
-        out = xs_e  # xs is spent: its memory takes each pair's expert output, weighted once all blocks are in
-        ws = [_experts(_block_view(w2, n_act, 2, blk), blk, x.dtype, True) for blk in plan.blocks]
-        for j, e, n, prefix in plan.expert_runs:  # block 0 writes an expert's rows, the others accumulate
-            _mm(out[e][:n] if prefix else out[e], acts[j][e], ws[j][e], j > 0)
+        hs = [plan.rows(h, j) for j, (h, _) in enumerate(views)]
+        us = [plan.rows(u, j) for j, (_, u) in enumerate(views)] if w3 is not None else None
+        acts = [plan.rows(scratch.empty(h.shape, h.dtype), j) for j, (h, _) in enumerate(views)]
+        css = [_channel_scale(channel_scale, blk, x.dtype) for blk in plan.blocks]
+        css = [cs if cs is None or cs.dim() == 1 else plan.rows(cs, j) for j, cs in enumerate(css)]
+        w1s, w2s = ([_experts(_block_view(w, n_act, axis, blk), blk, x.dtype, True) for blk in plan.blocks]
+                    for w, axis in ((w1, 1), (w2, 2)))
+        w3s = [_experts(_block_view(w3, n_act, 1, blk), blk, x.dtype, True) for blk in plan.blocks] \
+            if w3 is not None else None
+        out = xs_e  # an expert's rows of xs are spent once its up projections are done: they take its output
+        for e, runs in plan.by_expert:  # each expert's MLP at once, so its rows stay in cache
+            for j, n, prefix in runs:  # up projections and activations, block by block
+                xe = xs_e[e][:n] if prefix else xs_e[e]
+                _mm(hs[j][e], xe, w1s[j][e], False)
+                if us is not None:
+                    _mm(us[j][e], xe, w3s[j][e], False)
+                a = _activate(hs[j][e], activation, True, acts[j][e])
+                if us is not None:
+                    a.mul_(us[j][e])
+                if css[j] is not None:
+                    a.mul_(css[j] if isinstance(css[j], torch.Tensor) else css[j][e])
+            for j, n, prefix in runs:  # block 0 writes the expert's output rows, the others accumulate
+                _mm(out[e][:n] if prefix else out[e], acts[j][e], w2s[j][e], j > 0)
         p = topk_weights.reshape(-1)[first.pairs].to(acc_dtype)[:, None]
         y.index_add_(0, first.tokens, xs.to(acc_dtype).mul_(p))
     return y.to(x.dtype), saved
