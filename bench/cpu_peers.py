@@ -34,8 +34,9 @@ Rows (the ours / peer ratios, then ours-only ratios):
 Usage: ``python bench/cpu_peers.py [--rows ssd,moe,...] [--reps 7] [--json PATH]``; the JSON
 (default ``bench/results/cpu_peers.json``) holds every median, ratio, shape and the environment.
 Fresh buffers of 32 MB and more (glibc maps them anew on every allocation) cost page faults;
-the MoE reference takes its large gradients and temporaries from huge-page memory itself
-(elastic_kernels/_memory.py), while the peers' buffers come from torch's allocator. PyTorch's
+the MoE reference takes its large gradients from huge-page memory and its temporaries from
+memory each thread reuses call after call (elastic_kernels/_memory.py), while the peers' buffers
+come from torch's allocator. PyTorch's
 ``THP_MEM_ALLOC_ENABLE=1`` (set before start: transparent huge pages for every large CPU
 allocation) changes that for all candidates; the JSON records whether it was set, and the load
 average before and after the run (the machine may be shared).

@@ -211,7 +211,7 @@ def _mm(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate: bool) -
     (a weight slice or its transpose), ``out`` a contiguous (n, N) row slice."""
     n, k = a.shape
     if n <= _PAIR_MAJOR_ROWS and k >= _PAIR_MAJOR_K and b.stride(0) == 1:
-        prod = (b.T @ a.T).T  # pair-major (see _PAIR_MAJOR_ROWS)
+        prod = torch.mm(b.t(), a.t()).t()  # pair-major (see _PAIR_MAJOR_ROWS)
         out.add_(prod) if accumulate else out.copy_(prod)
     elif accumulate:
         out.addmm_(a, b)
