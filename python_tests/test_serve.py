@@ -258,14 +258,17 @@ def test_alone_equals_full_reforward_oracle(model):
 
 
 def test_joins_and_switches_reprefill_only_their_own_rows(model):
-    """Requests join at different steps; at every step one packed forward prefills exactly the
-    joining prompts and the ``prompt + thinking`` of the rows that switched to another submodel
-    at the previous step, while one decode forward advances all the other rows."""
+    """Requests join at different steps; at every step one prefill forward (packed, or batched
+    when the contexts are all of one length) prefills exactly the joining prompts and the
+    ``prompt + thinking`` of the rows that switched to another submodel at the previous step,
+    while one decode forward advances all the other rows."""
     ids = _ids(model)
     reqs = _requests(24, seed=21)
     calls = []
-    hook = model.register_forward_hook(lambda m, a, kw, out: calls.append((tuple(a[0].shape), kw.get("seq_lens"))),
-                                       with_kwargs=True)
+
+    def record(m, a, kw):  # (input shape, seq_lens, whether the cache is fresh: a prefill)
+        calls.append((tuple(a[0].shape), kw.get("seq_lens"), kw["cache"].seqlen == 0))
+    hook = model.register_forward_pre_hook(record, with_kwargs=True)
     sched = Scheduler(model, budgets=table(model), max_batch=8, max_length=40, **ids)
     b = table(model)
     switched, handles, todo, seen_switch = [], [], list(reqs), 0
@@ -280,9 +283,11 @@ def test_joins_and_switches_reprefill_only_their_own_rows(model):
             running_before = [h for h in handles if h.tokens and not h.done and h not in switched]
             calls.clear()
             events = sched.step()
-            packed = [lens for _, lens in calls if lens is not None]
-            decode = [shape for shape, lens in calls if lens is None]
-            assert [sorted(lens) for lens in packed] == ([sorted(n for _, n in want)] if want else []), sched.steps
+            prefills = [lens if lens is not None else [shape[1]] * shape[0] for shape, lens, fresh in calls if fresh]
+            batched = [lens is None for _, lens, fresh in calls if fresh]
+            decode = [shape for shape, _, fresh in calls if not fresh]
+            assert [sorted(lens) for lens in prefills] == ([sorted(n for _, n in want)] if want else []), sched.steps
+            assert batched == ([len({n for _, n in want}) == 1] if want else []), sched.steps
             assert decode == ([(len(running_before), 1)] if running_before else [])
             seen_switch += len(switched)
             switched = [e.request for e in events if e.token == ids["end_think_id"] and e.phase == "think"

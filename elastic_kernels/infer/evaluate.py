@@ -135,6 +135,12 @@ def evaluate_settings(model, task, problems: Sequence, budgets: Mapping[str, Bud
     if max_answer_tokens is None:
         max_answer_tokens = task.max_answer_len() + 2
     prompts = task.prompts(problems)
+    # submitted sorted by length, so that the requests joining the batch together mostly share one
+    # (a batched prefill, no packing); every request's tokens do not depend on the batch
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    by_length, rank = [prompts[i] for i in order], [0] * len(order)
+    for j, i in enumerate(order):
+        rank[i] = j
     cost = CostModel(model, budgets)
     common = dict(budgets=budgets, max_answer_tokens=max_answer_tokens, batch_size=batch_size,
                   end_think_id=task.end_think_id, eos_id=task.eos_id)
@@ -152,8 +158,9 @@ def evaluate_settings(model, task, problems: Sequence, budgets: Mapping[str, Bud
         for i, s in enumerate(settings):
             cap = think_bound if s.max_think_tokens is None else min(s.max_think_tokens, think_bound)
             t0 = time.perf_counter()
-            gens = generate(model, prompts, think_budget=s.think, answer_budget=s.answer, max_think_tokens=cap,
+            done = generate(model, by_length, think_budget=s.think, answer_budget=s.answer, max_think_tokens=cap,
                             cache_mode=s.cache_mode, **common)
+            gens = [done[j] for j in rank]
             walls[i].append(time.perf_counter() - t0)
             if rep == 0:
                 outputs.append(gens)

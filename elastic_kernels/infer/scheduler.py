@@ -7,7 +7,9 @@ phases (per-sample cache lengths, :class:`~elastic_kernels.models.HybridCache`):
 - **join**: at a step boundary, waiting requests enter the batch (up to ``max_batch`` rows). Their
   prompts, of any lengths, are prefilled together in *one* packed forward
   (``model(ids (1, total), budget=[...], cache=fresh, seq_lens=[...])``: no padding), at each
-  request's think budget.
+  request's think budget; contexts all of one length take the plain batched forward
+  ``model(ids (n, length), ...)`` instead, which has no sequence boundaries to mask (an
+  evaluation submits its prompts sorted by length, so most of its joins are of that kind).
 - **decode**: every row that has a token to feed is advanced by one shared one-token forward
   with per-row budgets; each row attends to and updates only its own cache row.
 - **switch**: a row that produces the end-of-thinking token (or reaches its thinking cap, which
@@ -477,25 +479,18 @@ class Scheduler:
             parts.append(sub)
         if prefill:
             ctx = [r._seq.context() for r in prefill]
-            lens = [len(c) for c in ctx]
             budgets = [r._seq.budget for r in prefill]
-            segs, seg_budgets, real = list(lens), list(budgets), list(range(len(lens)))
-            if self.pad_prefill:  # a padding segment (token 0) after each sequence, up to the longest
-                longest, segs, seg_budgets, real = max(lens), [], [], []
-                for n, b in zip(lens, budgets):
-                    real.append(len(segs))
-                    segs += [n] + ([longest - n] if n < longest else [])
-                    seg_budgets += [b] * (2 if n < longest else 1)
-                ctx = [c + [0] * (longest - len(c)) for c in ctx]
-            ids = torch.tensor([t for c in ctx for t in c], dtype=torch.long, device=dev)[None]
-            fresh = model.new_cache(len(segs))
-            out = model(ids, budget=_budget_arg(seg_budgets), cache=fresh, seq_lens=segs)
-            ends = (torch.tensor(segs, device=dev).cumsum(0) - 1)[torch.tensor(real, device=dev)]
-            logits.append(out[0, ends])
-            if len(segs) > len(lens):
-                fresh = fresh.select_rows(torch.tensor(real, device=dev))
-            for r, n in zip(prefill, lens):
-                r._seq.count_prefill(n)
+            if not self.pad_prefill and len({len(c) for c in ctx}) == 1:
+                # contexts all of one length (an evaluation's, sorted by prompt length) need no
+                # packing: one batched forward with the rows as the batch, no boundaries to mask
+                fresh = model.new_cache(len(ctx))
+                ids = torch.tensor(ctx, dtype=torch.long, device=dev)
+                logits.append(model(ids, budget=_budget_arg(budgets), cache=fresh)[:, -1])
+            else:
+                out, fresh = self._packed_prefill(ctx, budgets)
+                logits.append(out)
+            for r, c in zip(prefill, ctx):
+                r._seq.count_prefill(len(c))
                 r._seq.action = "decode"
             parts.append(fresh)
         rows = decode + prefill
@@ -508,6 +503,27 @@ class Scheduler:
         # the running order follows the cache rows, so that the next decode takes the cache as is
         self._rows, self._running = rows, list(rows)
         return rows, torch.cat(logits, 0)
+
+    def _packed_prefill(self, ctx: list[list[int]], budgets: list) -> tuple[Tensor, object]:
+        """One packed forward of the contexts ``ctx`` (any lengths) at ``budgets``: their
+        next-token logits (rows, vocab) and the fresh cache whose row i holds context i."""
+        model, dev = self.model, self.device
+        lens = [len(c) for c in ctx]
+        segs, seg_budgets, real = list(lens), list(budgets), list(range(len(lens)))
+        if self.pad_prefill:  # a padding segment (token 0) after each sequence, up to the longest
+            longest, segs, seg_budgets, real = max(lens), [], [], []
+            for n, b in zip(lens, budgets):
+                real.append(len(segs))
+                segs += [n] + ([longest - n] if n < longest else [])
+                seg_budgets += [b] * (2 if n < longest else 1)
+            ctx = [c + [0] * (longest - len(c)) for c in ctx]
+        ids = torch.tensor([t for c in ctx for t in c], dtype=torch.long, device=dev)[None]
+        fresh = model.new_cache(len(segs))
+        out = model(ids, budget=_budget_arg(seg_budgets), cache=fresh, seq_lens=segs)
+        ends = (torch.tensor(segs, device=dev).cumsum(0) - 1)[torch.tensor(real, device=dev)]
+        if len(segs) > len(lens):
+            fresh = fresh.select_rows(torch.tensor(real, device=dev))
+        return out[0, ends], fresh
 
     def _advance(self, s: _Seq, tok: int) -> int:
         """Apply the chosen token ``tok`` to ``s`` (forcing the end of thinking at its cap); set
