@@ -39,10 +39,14 @@ class Tokenizer:
     SPECIALS = ("<pad>", "<bos>", "<eos>", "<think>", "</think>")
     CHARS = "0123456789+-*=;"
 
+    # texts are short and repeat (prompts, answer tails): encode each distinct one once
+    MEMO_SIZE = 1 << 16
+
     def __init__(self) -> None:
         self.itos = list(self.SPECIALS) + list(self.CHARS)
         self.stoi = {s: i for i, s in enumerate(self.itos)}
         self.pad_id, self.bos_id, self.eos_id, self.think_id, self.end_think_id = range(5)
+        self._memo: dict[str, tuple[int, ...]] = {}
 
     @property
     def vocab_size(self) -> int:
@@ -50,6 +54,14 @@ class Tokenizer:
 
     def encode(self, text: str) -> list[int]:
         """Encode text; special tokens are written literally (``<think>``)."""
+        hit = self._memo.get(text)
+        if hit is None:
+            hit = tuple(self._encode(text))
+            if len(self._memo) < self.MEMO_SIZE:
+                self._memo[text] = hit
+        return list(hit)
+
+    def _encode(self, text: str) -> list[int]:
         ids: list[int] = []
         i = 0
         while i < len(text):

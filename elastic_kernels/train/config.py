@@ -328,10 +328,11 @@ PRESETS: dict[str, dict[str, Any]] = {
     # 0.5-0.8, the rest near chance). The parent is exposure-limited, not capacity-limited: budget 0.75 drops
     # experts and Mamba heads at almost no cost (narrower 48-wide models did not change that). QAD (NVFP4) and its
     # PTQ baseline per budget; NemotronH's sigmoid routing, so every budget of the run exports to Hugging Face
-    # (docs/interop.md); two processes (data-parallel parent and elastic stages, the baselines one per process)
+    # (docs/interop.md); two processes (data-parallel parent and elastic stages, the baselines one per process);
+    # a validation evaluation every 500 steps (monitoring only: training does not read it)
     "tiny": dict(procs=2, test_size=2048, stage_b_difficulty=3, router_loss_weight=10.0, router_tolerance=0.01,
-                 parent_steps=1000, budgets=[1.0, 0.75, 0.4], qad=True, full_prob=0.6, stage_b_skew=[0.7, 0.2, 0.1],
-                 task="recall", model=dict(moe_score="sigmoid")),
+                 eval_every=500, parent_steps=1000, budgets=[1.0, 0.75, 0.4], qad=True, full_prob=0.6,
+                 stage_b_skew=[0.7, 0.2, 0.1], task="recall", model=dict(moe_score="sigmoid")),
     "small": dict(
         difficulty=4, val_size=1024, test_size=2048, batch_size=128, parent_steps=4000, elastic_steps=3000,
         importance_batches=32, eval_every=500, ckpt_every=500, lr=1e-3,
