@@ -174,7 +174,8 @@ class Scratch:
         if self.owner:
             self._local.busy = self.owner = False
             if self.used > (0 if self.buf is None else self.buf.numel()) and self.used <= self.MAX_BYTES:
-                self._local.buf = _fresh(self.used, True)[0]  # the next call fits
+                with torch.inference_mode(False):  # a normal tensor: later calls may run outside it
+                    self._local.buf = _fresh(self.used, True)[0]  # the next call fits
             self.buf = None
 
     def empty(self, shape, dtype: torch.dtype) -> torch.Tensor:

@@ -112,3 +112,16 @@ def test_uninitialized_buffers_are_poisoned_in_deterministic_mode():
     with Scratch("cpu") as s:
         assert s.empty((100, 100), torch.float32).isnan().all()
     assert empty((2, 1 << 20), torch.float32, "cpu").isnan().all()
+
+
+def test_scratch_kept_under_inference_mode_serves_training_calls():
+    """Memory first kept by a call under torch.inference_mode is written in place by later calls
+    outside it (an inference tensor would refuse)."""
+    Scratch._local.buf = None
+    with torch.inference_mode(), Scratch("cpu") as s:
+        s.empty((1000, 1000), torch.float32).fill_(1)
+    with Scratch("cpu") as s:
+        t = s.empty((1000, 1000), torch.float32)
+        assert not t.is_inference()
+        t.fill_(2).add_(1)
+        assert (t == 3).all()
