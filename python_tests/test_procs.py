@@ -178,6 +178,17 @@ def test_a_failing_worker_stops_the_others(tmp_path):
             os.kill(pid, 0)
 
 
+def test_a_launcher_leaves_the_torch_checks_to_its_workers(tmp_path):
+    """With --procs 2 the launcher starts its workers without importing torch; a bad --task is
+    then rank 0's usage error (exit 2, no traceback) and no run starts."""
+    run_dir = tmp_path / "bad"
+    proc = _start(run_dir, "--task", "nope")
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 2, out[-3000:]
+    assert "--task" in out and "Traceback" not in out, out[-3000:]
+    assert not run_dir.exists()
+
+
 def test_procs_option():
     from elastic_kernels._cli import UsageError
     from elastic_kernels.train.cli import parse_args

@@ -107,11 +107,23 @@ def _check_environment(cfg: TrainConfig) -> None:
         raise UsageError("--device", "cuda was requested but torch sees no CUDA device")
 
 
+def _cpu_only_torch() -> bool:
+    """Whether the installed torch is a CPU-only build (``+cpu`` in its version), read from the
+    package metadata without importing torch (seconds of start-up the launcher need not spend)."""
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version("torch").endswith("+cpu")
+    except PackageNotFoundError:
+        return False
+
+
 def _worker_processes(cfg: TrainConfig) -> int:
     """How many processes :func:`main` starts: ``--procs`` (at most one per GPU on CUDA), or 1
     under torchrun (which started them) and for ``--procs 1``."""
     if cfg.procs == 1 or "WORLD_SIZE" in os.environ:
         return 1
+    if cfg.device == "cpu" or (cfg.device == "auto" and _cpu_only_torch()):
+        return cfg.procs
     import torch
 
     if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()):
@@ -127,7 +139,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     rank = int(os.environ.get("RANK", "0"))
     try:
         cfg = parse_args(argv)
-        _check_environment(cfg)
+        procs = _worker_processes(cfg)
+        if procs == 1:  # a launcher leaves the checks that import torch to its workers (rank 0 reports)
+            _check_environment(cfg)
     except UsageError as e:
         if rank == 0:
             usage_exit(PROG, e)
@@ -136,7 +150,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.ERROR,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log = logging.getLogger("elastic_kernels.train")
-    procs = _worker_processes(cfg)
     if procs > 1:
         from .launch import launch
         return launch(list(sys.argv[1:] if argv is None else argv), procs, threads=cfg.threads)
