@@ -52,7 +52,7 @@ def _nbytes(shape, dtype: torch.dtype) -> int:
     return math.prod(int(s) for s in shape) * torch.empty((), dtype=dtype).element_size()
 
 
-def _runs(shape, written, itemsize: int):
+def prefix_runs(shape, written, itemsize: int):
     """The prefix box ``t[:written[0], :written[1], ...]`` of a contiguous ``shape`` as
     ``(count, length, stride)``: ``count`` runs of ``length`` contiguous bytes, ``stride`` apart."""
     inner = itemsize
@@ -63,7 +63,7 @@ def _runs(shape, written, itemsize: int):
     return 1, 0, 0
 
 
-def _pages_touched(count: int, length: int, stride: int, page: int) -> int:
+def pages_touched(count: int, length: int, stride: int, page: int) -> int:
     """Distinct ``page``-sized pages the runs touch (runs start at multiples of ``stride``)."""
     pages, last = 0, -1
     for i in range(count):
@@ -114,10 +114,10 @@ def zeros(shape, dtype: torch.dtype, device, written=None) -> torch.Tensor:
         return torch.zeros(shape, dtype=dtype, device=device)
     huge, runs = True, None
     if _LINUX and written is not None:
-        count, length, stride = _runs(tuple(shape), tuple(written), torch.empty((), dtype=dtype).element_size())
+        count, length, stride = prefix_runs(tuple(shape), tuple(written), torch.empty((), dtype=dtype).element_size())
         if count <= _MAX_RUNS and length:
-            small = _pages_touched(count, length, stride, SMALL_PAGE) * SMALL_PAGE
-            big = _pages_touched(count, length, stride, HUGE_PAGE) * HUGE_PAGE
+            small = pages_touched(count, length, stride, SMALL_PAGE) * SMALL_PAGE
+            big = pages_touched(count, length, stride, HUGE_PAGE) * HUGE_PAGE
             huge = _COST_HUGE * big <= _COST_SMALL * small
             runs = None if huge else (count, length, stride)
     raw, m, skip = _fresh(nbytes, huge)
@@ -164,7 +164,7 @@ class Scratch:
         self.buf: torch.Tensor | None = None
         self.used = 0
 
-    def __enter__(self) -> "Scratch":
+    def __enter__(self) -> Scratch:
         if self.device.type == "cpu" and not getattr(self._local, "busy", False):
             self.owner = self._local.busy = True
             self.buf = getattr(self._local, "buf", None)

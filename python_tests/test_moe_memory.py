@@ -4,13 +4,14 @@ truth, buffers that outlive their mapping's Python object, page choices for a wr
 from __future__ import annotations
 
 import gc
+import itertools
 import math
 import sys
 
 import pytest
 import torch
 
-from elastic_kernels._memory import HUGE_PAGE, LARGE_BYTES, Scratch, _pages_touched, _runs, empty, zeros
+from elastic_kernels._memory import HUGE_PAGE, LARGE_BYTES, Scratch, empty, pages_touched, prefix_runs, zeros
 from test_moe import check_fp32_reference, make_case
 
 
@@ -75,13 +76,13 @@ def test_zeros_with_a_written_box_is_a_plain_zero_tensor(written):
 def test_prefix_box_runs_and_pages():
     """A (E, F, hidden) gradient's prefix d' of F: E runs of d' * hidden floats, F * hidden apart;
     a (E, hidden, F) one: E * hidden runs of d' floats, F apart; the pages they touch."""
-    assert _runs((16, 1024, 512), (16, 256, 512), 4) == (16, 256 * 512 * 4, 1024 * 512 * 4)
-    assert _runs((16, 512, 1024), (16, 512, 256), 4) == (16 * 512, 256 * 4, 1024 * 4)
-    assert _runs((16, 1024, 512), (16, 1024, 512), 4) == (1, 16 * 1024 * 512 * 4, 16 * 1024 * 512 * 4)
-    count, length, stride = _runs((16, 1024, 512), (16, 256, 512), 4)
-    assert _pages_touched(count, length, stride, 4096) == 16 * 128  # a quarter of each 2 MB expert
-    assert _pages_touched(count, length, stride, 1 << 21) == 16     # every expert's one huge page
-    assert _pages_touched(4, 100, 50, 4096) == 1                    # runs sharing a page count it once
+    assert prefix_runs((16, 1024, 512), (16, 256, 512), 4) == (16, 256 * 512 * 4, 1024 * 512 * 4)
+    assert prefix_runs((16, 512, 1024), (16, 512, 256), 4) == (16 * 512, 256 * 4, 1024 * 4)
+    assert prefix_runs((16, 1024, 512), (16, 1024, 512), 4) == (1, 16 * 1024 * 512 * 4, 16 * 1024 * 512 * 4)
+    count, length, stride = prefix_runs((16, 1024, 512), (16, 256, 512), 4)
+    assert pages_touched(count, length, stride, 4096) == 16 * 128  # a quarter of each 2 MB expert
+    assert pages_touched(count, length, stride, 1 << 21) == 16     # every expert's one huge page
+    assert pages_touched(4, 100, 50, 4096) == 1                    # runs sharing a page count it once
 
 
 def test_scratch_reuses_its_memory_and_never_overlaps():
@@ -93,7 +94,7 @@ def test_scratch_reuses_its_memory_and_never_overlaps():
     with Scratch("cpu") as s:
         ts = [s.empty(sh, torch.float32) for sh in shapes]
         spans = sorted((t.data_ptr(), t.data_ptr() + t.numel() * 4) for t in ts)
-        assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))
+        assert all(a[1] <= b[0] for a, b in itertools.pairwise(spans))
         assert [t.data_ptr() for t in ts] != [t.data_ptr() for t in first]  # first call: fresh; now the kept buffer
         with Scratch("cpu") as inner:
             n = inner.empty((1000, 300), torch.float32)
@@ -117,11 +118,11 @@ def test_uninitialized_buffers_are_poisoned_in_deterministic_mode():
 def test_scratch_kept_under_inference_mode_serves_training_calls():
     """Memory first kept by a call under torch.inference_mode is written in place by later calls
     outside it (an inference tensor would refuse)."""
-    Scratch._local.buf = None
+    shape = (3000, 3000)  # more than any test before asked for: this block keeps new memory
     with torch.inference_mode(), Scratch("cpu") as s:
-        s.empty((1000, 1000), torch.float32).fill_(1)
+        s.empty(shape, torch.float32).fill_(1)
     with Scratch("cpu") as s:
-        t = s.empty((1000, 1000), torch.float32)
+        t = s.empty(shape, torch.float32)
         assert not t.is_inference()
         t.fill_(2).add_(1)
         assert (t == 3).all()
