@@ -16,8 +16,7 @@ from .._dispatch import Backends, lazy
 from .._validation import (FLOAT_DTYPES, Dims, check_choice, check_int, check_nondecreasing, check_scale,
                            check_tensor, check_width)
 from ..cuda import ssd as cuda_ssd
-from ..reference.ssd import (chunk_shapes, saved_heads, ssd_scan_reference_bwd, ssd_scan_reference_fwd,
-                             ssd_state_update_reference)
+from ..reference.ssd import saved_heads, ssd_scan_reference_bwd, ssd_scan_reference_fwd, ssd_state_update_reference
 from ._autograd import OpArgs, custom_op, fake_grads, unpack_grads
 
 HEAD_LAYOUTS = ("blocked", "interleaved")
@@ -58,13 +57,13 @@ _triton_fwd, _triton_bwd = lazy("triton.ssd:ssd_scan_fwd"), lazy("triton.ssd:ssd
 
 
 def _scan_fwd_triton(x, dt, A, B, C, **kw):
-    """Triton forward with the reference's outputs: (y, final_states, u, chunk_states, chunks);
-    the Triton backward recomputes what it needs, so the last three are empty."""
+    """Triton forward with the reference's outputs: (y, final_states, u, chunk_states); the
+    Triton backward recomputes what it needs, so the last two are empty."""
     y, fs = _triton_fwd(x, dt, A, B, C, **kw)
-    return y, fs, fs.new_empty(0), fs.new_empty(0), []
+    return y, fs, fs.new_empty(0), fs.new_empty(0)
 
 
-def _scan_bwd_triton(grad_y, grad_states, x, dt, A, B, C, *, u, chunk_states, chunks, **kw):
+def _scan_bwd_triton(grad_y, grad_states, x, dt, A, B, C, *, u, chunk_states, **kw):
     return _triton_bwd(grad_y, grad_states, x, dt, A, B, C, **kw)
 
 
@@ -84,22 +83,21 @@ def _ssd_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optiona
               z: Optional[Tensor], dt_bias: Optional[Tensor], initial_states: Optional[Tensor],
               seq_idx: Optional[Tensor], head_scale: Optional[Tensor], active_t: Optional[Tensor],
               chunk_size: int, dt_softplus: bool, dt_lo: float, dt_hi: float, interleaved: bool,
-              active_int: int, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, list[Tensor]]:
-    """(y, final_states, u, chunk_states, chunks): the last three are what the reference
-    backward needs (see :func:`~elastic_kernels.reference.ssd.ssd_scan_reference_fwd`), empty
-    for Triton."""
-    y, fs, u, cs, chunks = _run(_SCAN, dict(locals()))  # the op's inputs by name
-    return y, fs, u, cs, chunks
+              active_int: int, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(y, final_states, u, chunk_states): the last two are what the reference backward needs
+    (see :func:`~elastic_kernels.reference.ssd.ssd_scan_reference_fwd`), empty for Triton."""
+    y, fs, u, cs = _run(_SCAN, dict(locals()))  # the op's inputs by name
+    return y, fs, u, cs
 
 
 def _ssd_scan_backward(grad_y: Tensor, grad_states: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor,
                        C: Tensor, D: Optional[Tensor], z: Optional[Tensor], dt_bias: Optional[Tensor],
                        initial_states: Optional[Tensor], seq_idx: Optional[Tensor],
                        head_scale: Optional[Tensor], active_t: Optional[Tensor], u: Tensor,
-                       chunk_states: Tensor, chunks: list[Tensor], chunk_size: int, dt_softplus: bool, dt_lo: float,
-                       dt_hi: float, interleaved: bool, active_int: int, backend: str) -> list[Tensor]:
-    """Gradients of :data:`_GRAD_INPUTS` (empty for absent inputs); ``u``, ``chunk_states`` and
-    ``chunks`` are the forward's saved outputs."""
+                       chunk_states: Tensor, chunk_size: int, dt_softplus: bool, dt_lo: float, dt_hi: float,
+                       interleaved: bool, active_int: int, backend: str) -> list[Tensor]:
+    """Gradients of :data:`_GRAD_INPUTS` (empty for absent inputs); ``u`` and ``chunk_states``
+    are the forward's saved outputs."""
     args = dict(locals())  # the op's inputs by name
     grads = _run(_SCAN_VJP, args, args.pop("grad_y"), args.pop("grad_states"))
     return [g.contiguous() if g is not None else torch.empty(0, device=x.device) for g in grads]
@@ -123,15 +121,12 @@ def _(*args, **kwargs):
     n, sd = B.shape[-1], _state_dtype(x)
     fs = x.new_empty((b, h, p, n), dtype=sd)
     if a["backend"] == "triton":
-        return x.new_empty(x.shape), fs, x.new_empty(0, dtype=sd), x.new_empty(0, dtype=sd), []
+        return x.new_empty(x.shape), fs, x.new_empty(0, dtype=sd), x.new_empty(0, dtype=sd)
     keep_u = a["z"] is not None or a["head_scale"] is not None
     nc = max(1, -(-l // a["chunk_size"]))
     hs = saved_heads(h, a["active_int"], a["active_t"] is not None)
-    chunks = [] if a["active_t"] is not None else [
-        x.new_empty(shape, dtype=sd) for shape in chunk_shapes(b, l, h, p, B.shape[2], n, a["chunk_size"],
-                                                               a["active_int"])]
     return (x.new_empty(x.shape), fs, x.new_empty((b, l, hs, p) if keep_u else (0,), dtype=sd),
-            x.new_empty((b, nc, hs, p, n), dtype=sd), chunks)
+            x.new_empty((b, nc, hs, p, n), dtype=sd))
 
 
 @_ssd_scan_bwd_op.register_fake
@@ -141,21 +136,17 @@ def _(*args, **kwargs):
 
 
 def _setup_context(ctx, inputs, output):
-    chunks = list(output[4])
-    ctx.mark_non_differentiable(output[2], output[3], *chunks)
+    ctx.mark_non_differentiable(output[2], output[3])
     named = _ARGS.bind(*inputs)
-    ctx.save_for_backward(*(named[n] for n in _ARGS.tensors), output[2], output[3], *chunks)
+    ctx.save_for_backward(*(named[n] for n in _ARGS.tensors), output[2], output[3])
     ctx.op_scalars = {n: v for n, v in named.items() if n not in _ARGS.tensors}
-    ctx.n_chunks = len(chunks)
 
 
-def _backward(ctx, grad_y, grad_states, _grad_u, _grad_chunk_states, _grad_chunks):
-    saved = ctx.saved_tensors
-    k = len(saved) - ctx.n_chunks
-    *inputs, u, chunk_states = saved[:k]
+def _backward(ctx, grad_y, grad_states, _grad_u, _grad_chunk_states):
+    *inputs, u, chunk_states = ctx.saved_tensors
     named = {**dict(zip(_ARGS.tensors, inputs)), **ctx.op_scalars}
     args = {n: named[n] for n in _ARGS.names}
-    grads = _ssd_scan_bwd_op(grad_y, grad_states, u=u, chunk_states=chunk_states, chunks=list(saved[k:]), **args)
+    grads = _ssd_scan_bwd_op(grad_y, grad_states, u=u, chunk_states=chunk_states, **args)
     return _ARGS.grads(**dict(zip(_GRAD_INPUTS, unpack_grads(grads, [args[n] for n in _GRAD_INPUTS]))))
 
 
@@ -224,7 +215,7 @@ def ssd_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, *, chunk_si
     if not dt_lo <= dt_hi:
         raise ValueError(f"{op}: dt_limit must satisfy lo <= hi, got {dt_limit!r}")
     be = _SCAN.resolve(backend, dev, dtype=x.dtype)
-    y, fs, *_ = _ssd_scan_op(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, head_scale,
+    y, fs, _, _ = _ssd_scan_op(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, head_scale,
                                active_t, chunk_size, bool(dt_softplus), dt_lo, dt_hi,
                                head_layout == "interleaved", active_int, be)
     return (y, fs) if return_final_states else y

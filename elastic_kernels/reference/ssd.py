@@ -372,13 +372,11 @@ def _heads_out(shape, dim: int, G: int, interleaved: bool, ra: int, dtype, devic
 
 
 def _fwd_int(x, dt, A, B, C, *, chunk_size, D, z, dt_bias, dt_softplus, dt_lo, dt_hi,
-             initial_states, seq_idx, interleaved, active_int, head_scale, compact=False, keep_chunks=False):
+             initial_states, seq_idx, interleaved, active_int, head_scale, compact=False):
     """One int width over the whole batch. Returns y (x.dtype) and, in the compute dtype, the
     final states, the pre-gate output u = y_core + D x (an empty tensor when no gate and no head
-    scale need it), the chunk-entry states (b, nc, heads, headdim, dstate): all heads, or with
-    ``compact`` and a width below full only the active ones (see :func:`saved_heads`), and with
-    ``keep_chunks`` the scan's inputs in the chunk layout of the active heads
-    (:func:`chunk_shapes`; else an empty list)."""
+    scale need it) and the chunk-entry states (b, nc, heads, headdim, dstate): all heads, or with
+    ``compact`` and a width below full only the active ones (see :func:`saved_heads`)."""
     b, l, h, p = x.shape
     G, n = B.shape[2], B.shape[3]
     R = h // G
@@ -397,7 +395,7 @@ def _fwd_int(x, dt, A, B, C, *, chunk_size, D, z, dt_bias, dt_softplus, dt_lo, d
         u_res = alloc((b, l, h, p), 2, cdt) if keep_u else x.new_empty(0, dtype=cdt)
         p_res = alloc((b, nc, h, p, n), 2, cdt)
     if ra == 0:
-        return y, fs, u_res, p_res, []
+        return y, fs, u_res, p_res
 
     def grp(t, dim):
         v = _by_group(t, G, interleaved, dim)
@@ -406,9 +404,9 @@ def _fwd_int(x, dt, A, B, C, *, chunk_size, D, z, dt_bias, dt_softplus, dt_lo, d
     seq = _Seq(b, l, chunk_size, seq_idx, x.device)
     xc = seq.chunk(grp(x, 2), cdt)                                        # (b, nc, G, ra, L, p)
     dtp = process_dt(grp(dt, 2), grp(dt_bias, 0), dt_softplus, dt_lo, dt_hi, cdt)
-    dtc, Bc, Cc = seq.chunk(dtp, cdt, time_last=True), seq.chunk(B, cdt), seq.chunk(C, cdt)
     init = grp(initial_states, 1)
-    yc, P = _core_fwd(seq, xc, dtc, grp(A, 0).to(cdt), Bc, Cc, None if init is None else init.to(cdt))
+    yc, P = _core_fwd(seq, xc, seq.chunk(dtp, cdt, time_last=True), grp(A, 0).to(cdt), seq.chunk(B, cdt),
+                      seq.chunk(C, cdt), None if init is None else init.to(cdt))
     if D is not None:  # yc is a fresh tensor: the epilogue works in place
         yc.addcmul_(_d_chunked(grp(D, 0), cdt), xc)
     if keep_u:
@@ -420,20 +418,7 @@ def _fwd_int(x, dt, A, B, C, *, chunk_size, D, z, dt_bias, dt_softplus, dt_lo, d
     seq.unchunk_into(grp(y, 2), yc)
     grp(fs, 1).copy_(P[:, nc])
     _saved_heads(p_res, 2, G, ra, interleaved, h).copy_(P[:, :nc])
-    return y, fs, u_res, p_res, ([xc, dtc, Bc, Cc] if keep_chunks else [])
-
-
-def chunk_shapes(b: int, l: int, nheads: int, headdim: int, ngroups: int, dstate: int, chunk_size: int,
-                 active_int: int) -> list[tuple]:
-    """Shapes of the chunk-layout inputs an int-width forward keeps for its backward (x, the
-    processed dt, B, C of the active heads; :class:`_Seq`): (b, nc, G, ra, L, p), (b, nc, G, ra, L),
-    (b, nc, G, L, n) twice, with ``ra`` the active heads per group (none at width 0)."""
-    ra = nheads // ngroups if active_int < 0 else active_int // ngroups
-    if ra == 0:
-        return []
-    nc, L = max(1, -(-l // chunk_size)), chunk_size
-    return [(b, nc, ngroups, ra, L, headdim), (b, nc, ngroups, ra, L), (b, nc, ngroups, L, dstate),
-            (b, nc, ngroups, L, dstate)]
+    return y, fs, u_res, p_res
 
 
 def _d_chunked(Dg, cdt):
@@ -443,11 +428,9 @@ def _d_chunked(Dg, cdt):
 
 
 def _bwd_int(gy, g_fs, x, dt, A, B, C, *, chunk_size, D, z, dt_bias, dt_softplus, dt_lo, dt_hi,
-             initial_states, seq_idx, interleaved, active_int, head_scale, u_res, p_res, chunks=None):
+             initial_states, seq_idx, interleaved, active_int, head_scale, u_res, p_res):
     """Gradients (compute dtype, full shapes, exact zeros for inactive heads) of one int width:
-    x, dt, A, B, C, D, z, dt_bias, initial_states, head_scale (None for absent inputs).
-    ``chunks``: the chunk-layout inputs the forward kept (``keep_chunks``), else recomputed
-    (the same values: the same operations on the same inputs)."""
+    x, dt, A, B, C, D, z, dt_bias, initial_states, head_scale (None for absent inputs)."""
     b, l, h, _ = x.shape
     G = B.shape[2]
     R = h // G
@@ -469,10 +452,7 @@ def _bwd_int(gy, g_fs, x, dt, A, B, C, *, chunk_size, D, z, dt_bias, dt_softplus
         return None if v is None else v.narrow(dim + 1, 0, ra)
 
     seq = _Seq(b, l, chunk_size, seq_idx, x.device)
-    if chunks:
-        xc, dtc, Bc, Cc = chunks
-    else:
-        xc, dtc, Bc, Cc = seq.chunk(grp(x, 2), cdt), None, seq.chunk(B, cdt), seq.chunk(C, cdt)
+    xc = seq.chunk(grp(x, 2), cdt)                                        # (b, nc, G, ra, L, p)
     g = seq.chunk(grp(gy, 2), cdt)
     if head_scale is not None or z is not None:
         uc = seq.chunk(_saved_heads(u_res, 2, G, ra, interleaved, h), cdt)
@@ -488,10 +468,10 @@ def _bwd_int(gy, g_fs, x, dt, A, B, C, *, chunk_size, D, z, dt_bias, dt_softplus
     v = grp(dt, 2).to(cdt)
     if dt_bias is not None:
         v = v + grp(dt_bias, 0).to(cdt)
-    if dtc is None:
-        dtc = seq.chunk(process_dt(v, None, dt_softplus, dt_lo, dt_hi, cdt), cdt, time_last=True)
+    dtp = process_dt(v, None, dt_softplus, dt_lo, dt_hi, cdt)
     gfs = None if g_fs is None else grp(g_fs, 1).to(cdt)
-    cx, cdtp, cA, cB, cC, cinit = _core_bwd(seq, g, gfs, xc, dtc, grp(A, 0).to(cdt), Bc, Cc,
+    cx, cdtp, cA, cB, cC, cinit = _core_bwd(seq, g, gfs, xc, seq.chunk(dtp, cdt, time_last=True),
+                                            grp(A, 0).to(cdt), seq.chunk(B, cdt), seq.chunk(C, cdt),
                                             _saved_heads(p_res, 2, G, ra, interleaved, h))
     if D is not None:
         gDg = g * xc
@@ -524,22 +504,20 @@ def ssd_scan_reference_fwd(x, dt, A, B, C, *, chunk_size=64, D=None, z=None, dt_
                            head_scale=None):
     """Reference forward that also returns what :func:`ssd_scan_reference_bwd` needs.
 
-    Arguments as :func:`ssd_scan_reference`. Returns ``(y, final_states, u, chunk_states,
-    chunks)``: y like x; final_states (batch, nheads, headdim, dstate); u (batch, seqlen, nheads,
-    headdim), the output before gate and head scale (empty when neither is given); chunk_states
+    Arguments as :func:`ssd_scan_reference`. Returns ``(y, final_states, u, chunk_states)``:
+    y like x; final_states (batch, nheads, headdim, dstate); u (batch, seqlen, nheads, headdim),
+    the output before gate and head scale (empty when neither is given); chunk_states
     (batch, nchunks, nheads, headdim, dstate), the state entering every chunk. All but y are in
     fp32 (fp64 for fp64 x); inactive heads hold zeros. For an int width below nheads, ``u`` and
     ``chunk_states`` hold only the active heads (:func:`saved_heads` of them, group-major): the
-    backward reads nothing else. ``chunks``: for an int width, the scan's inputs in the chunk
-    layout (:func:`chunk_shapes`), which the backward then need not rebuild; per-sample widths
-    keep none (an empty list).
+    backward reads nothing else.
     """
     kw = dict(chunk_size=chunk_size, D=D, dt_bias=dt_bias, dt_softplus=dt_softplus, dt_lo=dt_lo,
               dt_hi=dt_hi, interleaved=interleaved)
     per = dict(x=x, dt=dt, B=B, C=C, z=z, initial_states=initial_states, seq_idx=seq_idx,
                head_scale=head_scale)
     if active_t is None:
-        return _fwd_int(A=A, active_int=active_int, compact=True, keep_chunks=True, **per, **kw)
+        return _fwd_int(A=A, active_int=active_int, compact=True, **per, **kw)
     b, l, h, p = x.shape
     n, cdt = B.shape[3], _compute_dtype(x)
     nc = max(1, -(-l // chunk_size))
@@ -556,16 +534,15 @@ def ssd_scan_reference_fwd(x, dt, A, B, C, *, chunk_size=64, D=None, z=None, dt_
         for full, part in zip((y, fs, u, cs), outs):
             if part.numel():
                 full.index_copy_(0, rows, part)
-    return y, fs, u, cs, []
+    return y, fs, u, cs
 
 
-def ssd_scan_reference_bwd(grad_y, grad_states, x, dt, A, B, C, *, u, chunk_states, chunks=(), chunk_size=64,
+def ssd_scan_reference_bwd(grad_y, grad_states, x, dt, A, B, C, *, u, chunk_states, chunk_size=64,
                            D=None, z=None, dt_bias=None, dt_softplus=False, dt_lo=0.0,
                            dt_hi=float("inf"), initial_states=None, seq_idx=None, interleaved=False,
                            active_int=-1, active_t=None, head_scale=None):
-    """Hand-written backward of :func:`ssd_scan_reference_fwd` from its saved ``u``,
-    ``chunk_states`` and ``chunks`` (empty: rebuilt from the inputs); ``grad_y`` like x,
-    ``grad_states`` (batch, nheads, headdim, dstate) or None.
+    """Hand-written backward of :func:`ssd_scan_reference_fwd` from its saved ``u`` and
+    ``chunk_states``; ``grad_y`` like x, ``grad_states`` (batch, nheads, headdim, dstate) or None.
 
     Returns the gradients of x, dt, A, B, C, D, z, dt_bias, initial_states, head_scale, each in
     its input's dtype (None for absent inputs); those of inactive heads are exactly 0.
@@ -577,7 +554,7 @@ def ssd_scan_reference_bwd(grad_y, grad_states, x, dt, A, B, C, *, u, chunk_stat
                seq_idx=seq_idx, head_scale=head_scale, u_res=u if u.numel() else None,
                p_res=chunk_states)
     if active_t is None:
-        grads = _bwd_int(A=A, active_int=active_int, chunks=list(chunks), **per, **kw)
+        grads = _bwd_int(A=A, active_int=active_int, **per, **kw)
     else:
         cdt = _compute_dtype(x)
         grads = [None if t is None else torch.zeros(t.shape, dtype=cdt, device=x.device) for t in inputs]
@@ -610,7 +587,7 @@ def ssd_scan_reference(x, dt, A, B, C, *, chunk_size=64, D=None, z=None, dt_bias
     Returns ``y`` like x (x.dtype) and final states (batch, nheads, headdim, dstate) in fp32
     (fp64 for fp64 inputs).
     """
-    y, fs, *_ = ssd_scan_reference_fwd(
+    y, fs, _, _ = ssd_scan_reference_fwd(
         x, dt, A, B, C, chunk_size=chunk_size, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus,
         dt_lo=dt_lo, dt_hi=dt_hi, initial_states=initial_states, seq_idx=seq_idx,
         interleaved=interleaved, active_int=active_int, active_t=active_t, head_scale=head_scale)
