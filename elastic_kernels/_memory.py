@@ -13,7 +13,8 @@ kinds of buffers here:
   2.9 against 2.4 ms for 32 MB written), unless the caller says it writes only a prefix box
   whose 4 KB pages, pre-faulted in one call per run (``MADV_POPULATE_WRITE``), cost less than
   the huge pages it touches (see :func:`zeros`). For results handed to the caller (gradients).
-- :func:`empty`: the same fresh memory, uninitialized, for results of 4 MB and more.
+- :func:`empty`: the same fresh memory, uninitialized, for results of 32 MB and more (``FRESH_BYTES``;
+  smaller ones come back from glibc's heap, mostly faulted in already).
 - :class:`Scratch`: temporaries of one call, carved from a buffer kept per thread and reused by
   the next call (mapped and cache-warm: no faults), for buffers that do not outlive the call.
 
@@ -134,7 +135,7 @@ def zeros(shape, dtype: torch.dtype, device, written=None) -> torch.Tensor:
 
 
 def empty(shape, dtype: torch.dtype, device) -> torch.Tensor:
-    """An uninitialized contiguous tensor of ``shape``; on the CPU from ``LARGE_BYTES`` on, fresh
+    """An uninitialized contiguous tensor of ``shape``; on the CPU from ``FRESH_BYTES`` on, fresh
     huge-page memory (see above), for results that outlive the call (temporaries: :class:`Scratch`)."""
     device = torch.device(device)
     nbytes = _nbytes(shape, dtype)
