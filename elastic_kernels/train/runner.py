@@ -492,7 +492,8 @@ class Runner:
         inside = {id(p) for p in params}
         # each gradient's norm is taken once: that of ``clip`` (what clip_grad_norm_ computes, in
         # its order) and, for the finiteness check, that of the optimizer's other parameters
-        norms = [self._grad_norm(ps) for ps in (params, [p for p in every if id(p) not in inside]) if ps]
+        rest = [p for p in every if id(p) not in inside]
+        norms = [self._grad_norm(params)] + ([self._grad_norm(rest)] if rest else [])
         loss_ok = math.isfinite(float(loss.detach()))
         bad = self._any_rank(not (loss_ok and all(math.isfinite(float(n)) for _, n in norms)))
         if bad:
@@ -510,7 +511,7 @@ class Runner:
             self.progress.setdefault("skipped_steps", {})[stage] = self.progress.get(
                 "skipped_steps", {}).get(stage, 0) + 1
             return math.nan
-        raw, norm = norms[0] if norms else (torch.zeros(()), torch.zeros(()))
+        raw, norm = norms[0]
         if self.cfg.grad_clip > 0:
             torch.nn.utils.clip_grads_with_norm_(params, self.cfg.grad_clip, raw)
         gn = float(norm)
@@ -518,8 +519,8 @@ class Runner:
         return gn
 
     def _grad_norm(self, params: list) -> tuple[torch.Tensor, torch.Tensor]:
-        """The 2-norm of the gradients of ``params`` (those without one skipped): as computed (a
-        DTensor under FSDP2) and as a plain tensor."""
+        """The 2-norm of the gradients of ``params`` (those without one skipped; 0 for none): as
+        computed (a DTensor under FSDP2) and as a plain tensor."""
         norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
         if self.sharded:  # FSDP2: a DTensor norm over the shards
             from .sharding import plain
