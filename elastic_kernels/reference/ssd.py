@@ -103,13 +103,17 @@ def _by_group(t, ngroups: int, interleaved: bool, dim: int):
 
 
 # Chunks are processed in blocks of about this many bytes per x-sized tensor, so that every
-# intermediate of a block stays in cache and the cost per token does not grow with seqlen.
+# intermediate of a block stays in cache and the cost per token does not grow with seqlen: the
+# inputs are moved into the chunk layout and the outputs out of it block by block as well (whole-
+# tensor layout copies made the fwd+bwd cost per token at seqlen 8192 1.16-1.35x that at 512 (b1
+# h16 p64 n64 g8), block by block 1.01-1.10x; fwd+bwd at b4 l512 h16 g4 106-120 ms against 145-153).
 _BLOCK_BYTES = 1 << 20
 
 
 class _Seq:
     """The chunking of a scan of ``l`` steps into ``nc`` chunks of ``L = chunk_size`` steps and
-    the seq_idx masks of every chunk. Tensors are moved once into the *chunk layout*, contiguous
+    the seq_idx masks of every chunk. Tensors are moved, a block of chunks at a time
+    (:class:`_Lazy`, :meth:`unchunk_into`), into the *chunk layout*, contiguous
     with time next to the feature axis, in which every elementwise op and matmul of the scan runs
     on dense operands: x-like (b, l, G, R, p) -> (b, nc, G, R, L, p); dt-like (b, l, G, R) ->
     (b, nc, G, R, L); B/C-like (b, l, G, n) -> (b, nc, G, L, n). Padding is zero (dt = 0 on
@@ -140,36 +144,51 @@ class _Seq:
         """The chunk-layout tensor ``t`` viewed as (b, nc, L, ...) (time at dim 2)."""
         return t.movedim(t.dim() - 1 if time_last else t.dim() - 2, 2)
 
-    def chunk(self, t, dtype, time_last: bool = False):
-        """(b, l, ...) of any strides -> the chunk layout in ``dtype``, zero padded: one copy."""
+    def chunk(self, t, dtype, time_last: bool = False, c0: int = 0, c1: int | None = None):
+        """(b, l, ...) of any strides -> its chunks [c0, c1) (default: all) in the chunk layout in
+        ``dtype``, zero padded: one copy."""
+        c1 = self.nc if c1 is None else c1
         b, l, *rest = t.shape
-        nc, L, full = self.nc, self.L, self.full
-        shape = (b, nc, *rest, L) if time_last else (b, nc, *rest[:-1], L, rest[-1])
+        L, full = self.L, self.full
+        shape = (b, c1 - c0, *rest, L) if time_last else (b, c1 - c0, *rest[:-1], L, rest[-1])
         out = t.new_empty(shape, dtype=dtype)
-        view = self._time_view(out, time_last)                           # (b, nc, L, ...)
-        if full:
-            view[:, :full].copy_(t[:, :full * L].unflatten(1, (full, L)))
-        if full < nc:
+        view = self._time_view(out, time_last)                           # (b, k, L, ...)
+        f1 = min(c1, full)  # the chunks without padding in the range: [c0, f1)
+        if f1 > c0:
+            view[:, :f1 - c0].copy_(t[:, c0 * L:f1 * L].unflatten(1, (f1 - c0, L)))
+        if c0 <= full < c1:  # the padded last chunk
             rem = l - full * L
-            view[:, full, :rem].copy_(t[:, full * L:])
-            view[:, full, rem:].zero_()
+            view[:, full - c0, :rem].copy_(t[:, full * L:])
+            view[:, full - c0, rem:].zero_()
         return out
 
-    def unchunk_into(self, dest, t, time_last: bool = False):
-        """Copy the chunk-layout ``t`` into ``dest`` (b, l, ...) of any strides and dtype."""
+    def unchunk_into(self, dest, t, time_last: bool = False, c0: int = 0):
+        """Copy the chunk-layout ``t`` (chunks c0 onward) into ``dest`` (b, l, ...) of any strides and dtype."""
         view = self._time_view(t, time_last)
+        c1 = c0 + view.shape[1]
         L, full, l = self.L, self.full, self.l
-        if full:
-            dest[:, :full * L].unflatten(1, (full, L)).copy_(view[:, :full])
-        if full < self.nc:
-            dest[:, full * L:].copy_(view[:, full, :l - full * L])
+        f1 = min(c1, full)
+        if f1 > c0:
+            dest[:, c0 * L:f1 * L].unflatten(1, (f1 - c0, L)).copy_(view[:, :f1 - c0])
+        if c0 <= full < c1:
+            dest[:, full * L:].copy_(view[:, full - c0, :l - full * L])
         return dest
 
-    def blocks(self, x):
-        """Chunk ranges [c0, c1) of about _BLOCK_BYTES of the chunk-layout x."""
-        per_chunk = x[:, :1].numel() * x.element_size()
+    def blocks(self, per_chunk: int):
+        """Chunk ranges [c0, c1) of about _BLOCK_BYTES, for x-like chunks of ``per_chunk`` bytes."""
         k = max(1, _BLOCK_BYTES // max(per_chunk, 1))
         return [(c0, min(c0 + k, self.nc)) for c0 in range(0, self.nc, k)]
+
+
+class _Lazy:
+    """A (b, l, ...) tensor read in the chunk layout of ``seq`` one block of chunks at a time
+    (:meth:`_Seq.chunk`), so that the copy is consumed while it is in cache."""
+
+    def __init__(self, seq: _Seq, t: torch.Tensor, dtype: torch.dtype, time_last: bool = False):
+        self.seq, self.t, self.dtype, self.time_last = seq, t, dtype, time_last
+
+    def block(self, c0: int, c1: int) -> torch.Tensor:
+        return self.seq.chunk(self.t, self.dtype, self.time_last, c0, c1)
 
 
 class _Block:
@@ -177,7 +196,8 @@ class _Block:
     Bt/Ct (b, k, G, L, n), a = cumsum(dt A) within each chunk, masks."""
 
     def __init__(self, seq: _Seq, x, dt, B, C, A, c0, c1):
-        self.xt, self.dt, self.Bt, self.Ct = (t[:, c0:c1] for t in (x, dt, B, C))
+        self.xt, self.dt, self.Bt, self.Ct = (t.block(c0, c1) if isinstance(t, _Lazy) else t[:, c0:c1]
+                                              for t in (x, dt, B, C))
         self.acs = torch.cumsum(self.dt * A[:, :, None], dim=-1)            # (b, k, G, R, L)
         L = seq.L
         self.resets = seq.masks is not None  # seq_idx given
@@ -224,37 +244,21 @@ class _Block:
         return self._masked(torch.exp(self.acs[..., -1]), self.chunk_mask)
 
 
-class _Joined:
-    """Per-block results in one chunk-layout tensor: a single block's result is kept as it is,
-    several are written into one tensor of ``nc`` chunks as they come."""
-
-    def __init__(self, nblocks: int, nc: int):
-        self.nblocks, self.nc, self.out = nblocks, nc, None
-
-    def put(self, c0: int, c1: int, t):
-        if self.nblocks == 1:
-            self.out = t
-            return
-        if self.out is None:
-            self.out = t.new_empty(t.shape[0], self.nc, *t.shape[2:])
-        self.out[:, c0:c1] = t
-
-
-def _core_fwd(seq: _Seq, x, dt, A, B, C, initial_states):
-    """Chunked SSD without D/z on grouped heads, in the chunk layout (:class:`_Seq`).
-    x: (b, nc, G, R, L, p); dt: (b, nc, G, R, L) processed; A: (G, R); B, C: (b, nc, G, L, n);
-    initial_states: (b, G, R, p, n) or None. Returns y like x and P: (b, nc + 1, G, R, p, n),
-    the state entering every chunk (P[:, nc] is the final state)."""
-    b, nc, G, R, _, p = x.shape
-    n = B.shape[-1]
-    P = x.new_empty(b, nc + 1, G, R, p, n)
+def _core_fwd(seq: _Seq, x: _Lazy, dt: _Lazy, A, B: _Lazy, C: _Lazy, initial_states, emit):
+    """Chunked SSD without D/z on grouped heads, block of chunks by block (:class:`_Seq`), the
+    inputs read in the chunk layout as each block needs them: x (b, l, G, R, p); dt (b, l, G, R)
+    processed; A: (G, R); B, C: (b, l, G, n); initial_states: (b, G, R, p, n) or None. Every
+    block's output y (b, k, G, R, L, p), a fresh tensor, goes to ``emit(c0, c1, y, blk)`` in
+    order (blk: its :class:`_Block`). Returns P: (b, nc + 1, G, R, p, n), the state entering
+    every chunk (P[:, nc] is the final state)."""
+    b, _, G, R, p = x.t.shape
+    n, nc = B.t.shape[-1], seq.nc
+    P = x.t.new_empty(b, nc + 1, G, R, p, n, dtype=x.dtype)
     if initial_states is None:
         P[:, 0].zero_()
     else:
         P[:, 0].copy_(initial_states)
-    blocks = seq.blocks(x)
-    y = _Joined(len(blocks), nc)
-    for c0, c1 in blocks:
+    for c0, c1 in seq.blocks(b * G * R * seq.L * p * P.element_size()):
         blk = _Block(seq, x, dt, B, C, A, c0, c1)
         xd = blk.xt * blk.dt[..., None]                                   # dt_s x_s
         yb = blk.decay().mul_(blk.cb()[:, :, :, None]) @ xd               # (b, k, G, R, L, p)
@@ -265,24 +269,25 @@ def _core_fwd(seq: _Seq, x, dt, A, B, C, initial_states):
         for c in range(c1 - c0):
             torch.addcmul(states[:, c], P[:, c0 + c], cd[:, c], out=P[:, c0 + c + 1])
         yb += blk.per_head(blk.Ct, blk.e_off()) @ P[:, c0:c1].transpose(-1, -2)
-        y.put(c0, c1, yb)
-    return y.out, P
+        emit(c0, c1, yb, blk)
+    return P
 
 
-def _core_bwd(seq: _Seq, gy, g_final, x, dt, A, B, C, P):
+def _core_bwd(seq: _Seq, gy, g_final, x: _Lazy, dt: _Lazy, A, B: _Lazy, C: _Lazy, P, emit):
     """Backward of :func:`_core_fwd` from its saved chunk-entry states ``P: (b, nc, G, R, p, n)``.
 
-    gy: like x (chunk layout); g_final: (b, G, R, p, n) or None. Returns the gradients of x, dt
-    (processed), B, C in the chunk layout, of A (G, R) and of initial_states. Blocks of chunks
-    run last to first, carrying dL/dP across block boundaries.
+    ``gy(c0, c1, blk)``: the gradient of a block's output (b, k, G, R, L, p); g_final:
+    (b, G, R, p, n) or None. Blocks of chunks run last to first, carrying dL/dP across block
+    boundaries; each block's gradients of x, dt (processed), B, C in the chunk layout go to
+    ``emit(c0, c1, gx, gdt, gB, gC, g, blk)`` (g: what ``gy`` gave). Returns the gradients of
+    A (G, R) and of initial_states.
     """
     gA = A.new_zeros(A.shape)
     run = g_final if g_final is not None else P.new_zeros(P[:, 0].shape)
-    blocks = seq.blocks(x)
-    outs = [_Joined(len(blocks), seq.nc) for _ in range(4)]
-    for c0, c1 in reversed(blocks):
+    b, _, G, R, p = x.t.shape
+    for c0, c1 in reversed(seq.blocks(b * G * R * seq.L * p * P.element_size())):
         blk = _Block(seq, x, dt, B, C, A, c0, c1)
-        gt = gy[:, c0:c1]                                                 # (b, k, G, R, L, p)
+        gt = gy(c0, c1, blk)                                              # (b, k, G, R, L, p)
         Pb = P[:, c0:c1]
         # inter-chunk term y_t += exp(a_t) C_t . P_c, through gtP = G_t P_c (b, k, G, R, L, n)
         e_off = blk.e_off()
@@ -336,10 +341,8 @@ def _core_bwd(seq: _Seq, gy, g_final, x, dt, A, B, C, P):
         g_a = g_acs.flip(-1).cumsum(-1).flip(-1)
         g_dt += g_a * A[:, :, None]
         gA += (g_a * blk.dt).sum((0, 1, 4))
-        for o, t in zip(outs, (gx, g_dt, gB, gC)):
-            o.put(c0, c1, t)
-    gx, gdt, gB, gC = (o.out for o in outs)
-    return gx, gdt, gA, gB, gC, run
+        emit(c0, c1, gx, g_dt, gB, gC, gt, blk)
+    return gA, run
 
 
 def _compute_dtype(x):
@@ -402,20 +405,26 @@ def _fwd_int(x, dt, A, B, C, *, chunk_size, D, z, dt_bias, dt_softplus, dt_lo, d
         return None if v is None else v.narrow(dim + 1, 0, ra)
 
     seq = _Seq(b, l, chunk_size, seq_idx, x.device)
-    xc = seq.chunk(grp(x, 2), cdt)                                        # (b, nc, G, ra, L, p)
     dtp = process_dt(grp(dt, 2), grp(dt_bias, 0), dt_softplus, dt_lo, dt_hi, cdt)
     init = grp(initial_states, 1)
-    yc, P = _core_fwd(seq, xc, seq.chunk(dtp, cdt, time_last=True), grp(A, 0).to(cdt), seq.chunk(B, cdt),
-                      seq.chunk(C, cdt), None if init is None else init.to(cdt))
-    if D is not None:  # yc is a fresh tensor: the epilogue works in place
-        yc.addcmul_(_d_chunked(grp(D, 0), cdt), xc)
-    if keep_u:
-        seq.unchunk_into(_saved_heads(u_res, 2, G, ra, interleaved, h), yc)
-    if z is not None:
-        yc.mul_(F.silu(seq.chunk(grp(z, 2), cdt)))
-    if head_scale is not None:
-        yc.mul_(grp(head_scale, 1).to(cdt)[:, None, :, :, None, None])
-    seq.unchunk_into(grp(y, 2), yc)
+    d_skip = None if D is None else _d_chunked(grp(D, 0), cdt)
+    u_out = _saved_heads(u_res, 2, G, ra, interleaved, h) if keep_u else None
+    zg, y_out = grp(z, 2), grp(y, 2)
+    hs = None if head_scale is None else grp(head_scale, 1).to(cdt)[:, None, :, :, None, None]
+
+    def epilogue(c0, c1, yc, blk):  # yc, a block's output (b, k, G, ra, L, p), is fresh: in place
+        if d_skip is not None:
+            yc.addcmul_(d_skip, blk.xt)
+        if u_out is not None:
+            seq.unchunk_into(u_out, yc, c0=c0)
+        if zg is not None:
+            yc.mul_(F.silu(seq.chunk(zg, cdt, c0=c0, c1=c1)))
+        if hs is not None:
+            yc.mul_(hs)
+        seq.unchunk_into(y_out, yc, c0=c0)
+
+    P = _core_fwd(seq, _Lazy(seq, grp(x, 2), cdt), _Lazy(seq, dtp, cdt, time_last=True), grp(A, 0).to(cdt),
+                  _Lazy(seq, B, cdt), _Lazy(seq, C, cdt), None if init is None else init.to(cdt), epilogue)
     grp(fs, 1).copy_(P[:, nc])
     _saved_heads(p_res, 2, G, ra, interleaved, h).copy_(P[:, :nc])
     return y, fs, u_res, p_res
@@ -452,40 +461,59 @@ def _bwd_int(gy, g_fs, x, dt, A, B, C, *, chunk_size, D, z, dt_bias, dt_softplus
         return None if v is None else v.narrow(dim + 1, 0, ra)
 
     seq = _Seq(b, l, chunk_size, seq_idx, x.device)
-    xc = seq.chunk(grp(x, 2), cdt)                                        # (b, nc, G, ra, L, p)
-    g = seq.chunk(grp(gy, 2), cdt)
-    if head_scale is not None or z is not None:
-        uc = seq.chunk(_saved_heads(u_res, 2, G, ra, interleaved, h), cdt)
-        zc = None if z is None else seq.chunk(grp(z, 2), cdt)
-        gate = None if z is None else F.silu(zc)
-        if head_scale is not None:
-            gu_hs = uc if gate is None else uc * gate
-            grp(ghs, 1).copy_((g * gu_hs).sum((1, 4, 5)))
-            g = g * grp(head_scale, 1).to(cdt)[:, None, :, :, None, None]
-        if z is not None:
-            seq.unchunk_into(grp(gz, 2), torch.ops.aten.silu_backward(g * uc, zc))
+    gyg, zg = grp(gy, 2), grp(z, 2)
+    u_in = _saved_heads(u_res, 2, G, ra, interleaved, h) if head_scale is not None or z is not None else None
+    hs = None if head_scale is None else grp(head_scale, 1).to(cdt)[:, None, :, :, None, None]
+    ghs_acc = None if head_scale is None else torch.zeros(b, G, ra, dtype=cdt, device=x.device)
+    gz_out = grp(gz, 2)
+
+    def grad_out(c0, c1, blk):
+        """A block's gradient at the scan's output: through the head scale and the gate."""
+        g = seq.chunk(gyg, cdt, c0=c0, c1=c1)
+        if u_in is None:
+            return g
+        uc = seq.chunk(u_in, cdt, c0=c0, c1=c1)
+        zc = None if zg is None else seq.chunk(zg, cdt, c0=c0, c1=c1)
+        gate = None if zc is None else F.silu(zc)
+        if hs is not None:
+            ghs_acc.add_((g * (uc if gate is None else uc * gate)).sum((1, 4, 5)))
+            g = g * hs
+        if zc is not None:
+            seq.unchunk_into(gz_out, torch.ops.aten.silu_backward(g * uc, zc), c0=c0)
             g = g * gate
+        return g
+
     v = grp(dt, 2).to(cdt)
     if dt_bias is not None:
         v = v + grp(dt_bias, 0).to(cdt)
     dtp = process_dt(v, None, dt_softplus, dt_lo, dt_hi, cdt)
     gfs = None if g_fs is None else grp(g_fs, 1).to(cdt)
-    cx, cdtp, cA, cB, cC, cinit = _core_bwd(seq, g, gfs, xc, seq.chunk(dtp, cdt, time_last=True),
-                                            grp(A, 0).to(cdt), seq.chunk(B, cdt), seq.chunk(C, cdt),
-                                            _saved_heads(p_res, 2, G, ra, interleaved, h))
-    if D is not None:
-        gDg = g * xc
-        grp(gD, 0).copy_(gDg.sum((0, 1, 4, 5)) if D.dim() == 1 else gDg.sum((0, 1, 4)))
-        cx.addcmul_(g, _d_chunked(grp(D, 0), cdt))
-    seq.unchunk_into(grp(gx, 2), cx)
-    graw = _process_dt_backward(seq.unchunk_into(torch.empty_like(v), cdtp, time_last=True), v, dt_softplus,
-                                dt_lo, dt_hi)
+    d_skip = None if D is None else _d_chunked(grp(D, 0), cdt)
+    gd_acc = None if D is None else torch.zeros(grp(D, 0).shape, dtype=cdt, device=x.device)
+    gx_out, gdtp = grp(gx, 2), torch.empty_like(v)
+
+    def epilogue(c0, c1, cx, cdtp, cB, cC, g, blk):
+        if d_skip is not None:
+            gDg = g * blk.xt
+            gd_acc.add_(gDg.sum((0, 1, 4, 5)) if D.dim() == 1 else gDg.sum((0, 1, 4)))
+            cx.addcmul_(g, d_skip)
+        seq.unchunk_into(gx_out, cx, c0=c0)
+        seq.unchunk_into(gdtp, cdtp, time_last=True, c0=c0)
+        seq.unchunk_into(gB, cB, c0=c0)
+        seq.unchunk_into(gC, cC, c0=c0)
+
+    cA, cinit = _core_bwd(seq, grad_out, gfs, _Lazy(seq, grp(x, 2), cdt), _Lazy(seq, dtp, cdt, time_last=True),
+                          grp(A, 0).to(cdt), _Lazy(seq, B, cdt), _Lazy(seq, C, cdt),
+                          _saved_heads(p_res, 2, G, ra, interleaved, h), epilogue)
+    if ghs_acc is not None:
+        grp(ghs, 1).copy_(ghs_acc)
+    if gd_acc is not None:
+        grp(gD, 0).copy_(gd_acc)
+    graw = _process_dt_backward(gdtp, v, dt_softplus, dt_lo, dt_hi)
     grp(gdt, 2).copy_(graw)
     if dt_bias is not None:
         grp(gbias, 0).copy_(graw.sum((0, 1)))
     grp(gA, 0).copy_(cA)
-    seq.unchunk_into(gB, cB)
-    seq.unchunk_into(gC, cC)
     if ginit is not None:
         grp(ginit, 1).copy_(cinit)
     return grads
