@@ -6,9 +6,10 @@ import itertools
 import math
 import struct
 
+import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
@@ -107,10 +108,18 @@ def _inputs(kind: str, shape, huge: float) -> torch.Tensor:
         blocks[..., 4::6, :] = 0
         blocks[..., 4::6, 5] = -7.0
         return w
+    if kind == "subnormal":  # amax < 2688 * 2**-121 (g takes its floor); blocks 1e-36 / 1e-40 / 1e-44 / 0
+        w = torch.randn(shape)
+        blocks = w.view(*shape[:-1], -1, 16)
+        blocks[..., 0::4, :] *= 1e-36
+        blocks[..., 1::4, :] *= 1e-40   # float32 subnormals
+        blocks[..., 2::4, :] *= 1e-44
+        blocks[..., 3::4, :] = 0
+        return w
     raise ValueError(kind)
 
 
-KINDS = ["normal", "student_t", "zeros", "tiny", "huge", "mixed"]
+KINDS = ["normal", "student_t", "zeros", "tiny", "huge", "mixed", "subnormal"]
 
 
 def same_bits(a: NVFP4Tensor, b: NVFP4Tensor) -> bool:
@@ -126,7 +135,7 @@ def test_reference_matches_per_element_oracle(kind):
     w = inputs(kind, (3, 48))
     q = nvfp4.quantize(w, backend="reference")
     g = float(q.global_scale)
-    assert g == (f32(float(w.abs().max()) / 2688.0) if kind != "zeros" else 1.0)
+    assert g == (max(f32(float(w.abs().max()) / 2688.0), 2.0 ** -121) if kind != "zeros" else 1.0)
     codes = unpack(q.data)
     for r in range(w.shape[0]):
         want_codes, want_scales = oracle_quantize_row(w[r].tolist(), g)
@@ -142,7 +151,11 @@ def test_reference_matches_per_element_oracle(kind):
 
 @pytest.mark.parametrize("dtype", [torch.float32, *LOW])
 @pytest.mark.parametrize("kind", KINDS)
-def test_quantize_backends_bit_exact(triton_device, kind, dtype):
+def test_quantize_backends_bit_exact(triton_device, kind, dtype, request):
+    if kind == "subnormal" and dtype == torch.bfloat16 and triton_device.type == "cpu":
+        # Triton's CPU interpreter (3.x, runtime/interpreter.py `_convert_float`) widens bf16 subnormals to
+        # float32 wrongly (2.76e-40 loads as 5.88e-39); the GPU's cvt is exact. Strict: XPASS once it is fixed.
+        request.applymarker(pytest.mark.xfail(strict=True, reason="Triton interpreter: bf16 subnormal -> fp32"))
     w = inputs(kind, (21, 80), dtype)
     ref_q = nvfp4.quantize(w, backend="reference")
     tri_q = nvfp4.quantize(w.to(triton_device), backend="triton")
@@ -172,9 +185,12 @@ def test_explicit_global_scale_saturates_finitely():
 FINITE = st.floats(min_value=-1e4, max_value=1e4, allow_nan=False, allow_subnormal=False, width=32)
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=60, deadline=None, derandomize=True, database=None)
 @given(w=hnp.arrays("float32", st.tuples(st.integers(1, 3), st.sampled_from([16, 32, 48])), elements=FINITE),
        scale=st.sampled_from([1e-20, 1.0, 1e20]))
+# a float32-subnormal tensor (2.3e-41): with g's old floor 2**-126, (1/g)/s overflowed and every element encoded as 6
+@example(w=np.full((1, 16), 2.2868497e-21, dtype=np.float32), scale=1e-20)
+@example(w=np.array([[1e4] + [1e-16] * 15], dtype=np.float32), scale=1e-20)
 def test_properties(w, scale):
     w = torch.from_numpy(w) * scale
     q = nvfp4.quantize(w, backend="reference")
@@ -424,7 +440,9 @@ def test_bad_inputs():
         (ValueError, r"\(N, K\)", lambda: nvfp4.quantize(torch.randn(16))),
         (ValueError, "NaN or Inf", lambda: nvfp4.quantize(torch.full((2, 16), float("nan")))),
         (ValueError, "NaN or Inf", lambda: nvfp4.quantize(torch.full((2, 16), float("inf")))),
-        (ValueError, "positive", lambda: nvfp4.quantize(w, global_scale=0.0)),
+        (ValueError, "at least", lambda: nvfp4.quantize(w, global_scale=0.0)),
+        (ValueError, r"at least 3.762e-37 \(2\*\*-121\)", lambda: nvfp4.quantize(w, global_scale=2.0 ** -122)),
+        (ValueError, "global_scale must be", lambda: ek.fake_quant_nvfp4(w, global_scale=1e-38)),
         (ValueError, "global_scale must have shape", lambda: nvfp4.quantize(w, global_scale=torch.ones(2))),
         (ValueError, "multiples of 16", lambda: q[:, :24]),
         (ValueError, "multiples of 16", lambda: q[:, 8:]),

@@ -13,13 +13,15 @@ import torch
 
 from .._validation import can_read_values, check_tensor
 from .base import QuantizedTensor
-from .nvfp4 import E4M3_MAX, G_MIN
+from .nvfp4 import E4M3_MAX
+
+SCALE_MIN = 2.0 ** -126   # the smallest normal float32: x / scale cannot overflow for |x| <= amax
 
 
 def fp8_scale_of(x: torch.Tensor) -> torch.Tensor:
     """``amax / 448`` in float32 (1 for an all-zero tensor, >= 2**-126; NaN/Inf for a NaN/Inf amax)."""
     amax = x.abs().amax().float() if x.numel() else x.new_zeros((), dtype=torch.float32)
-    s = torch.clamp(amax / E4M3_MAX, min=G_MIN)
+    s = torch.clamp(amax / E4M3_MAX, min=SCALE_MIN)
     return torch.where(amax == 0, torch.ones_like(s), s)
 
 

@@ -14,7 +14,9 @@ float32 decode scale ``g``. The encode (the quantize kernels and their PyTorch r
 :mod:`elastic_kernels.cuda.nvfp4`; :func:`elastic_kernels.nvfp4.quantize` dispatches to them.
 
 Conventions that make the recipe total (no inf/NaN for any finite input): an all-zero tensor has
-``g = 1``; ``g`` is clamped below at ``2**-126`` (the smallest normal float32).
+``g = 1``; ``g`` is clamped below at ``2**-121``, the smallest decode scale whose encode multiplier
+``(1 / g) / s`` is finite for every block scale ``s >= 2**-6`` (``2**121 * 2**6 = 2**127``). It only
+matters when ``amax < 2688 * 2**-121 ≈ 1.0e-33``; a caller's ``global_scale`` below it is rejected.
 
 Example::
 
@@ -25,6 +27,7 @@ Example::
 from __future__ import annotations
 
 import functools
+import math
 from typing import Mapping
 
 import torch
@@ -37,7 +40,10 @@ E2M1_MAX = 6.0
 E4M3_MAX = 448.0
 SCALE_MIN = 2.0 ** -6      # smallest normal e4m3: block scales are never subnormal
 G_DIVISOR = E2M1_MAX * E4M3_MAX   # 2688
-G_MIN = 2.0 ** -126
+# Smallest decode scale g: (1 / g) / s <= 2**121 * 2**6 = 2**127 stays finite for every block scale s >= 2**-6
+# (with 2**-126, the smallest normal float32, a block scale below 1/4 made it overflow: every nonzero
+# element of a tiny tensor then encoded as +-6).
+G_MIN = 2.0 ** -121
 # E2M1 magnitudes of codes 0..7 (times 4 they are the integers 0, 2, 4, 6, 8, 12, 16, 24).
 E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -48,7 +54,7 @@ WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # ---------------------------------------------------------------------------------------------
 
 def global_scale_from_amax(amax: torch.Tensor) -> torch.Tensor:
-    """``g = amax / 2688`` in float32, with ``g = 1`` for ``amax == 0`` and ``g >= 2**-126``; a NaN
+    """``g = amax / 2688`` in float32, with ``g = 1`` for ``amax == 0`` and ``g >= 2**-121``; a NaN
     or Inf amax gives a NaN or Inf ``g`` (every output of a fake quantization then is NaN)."""
     amax = amax.float()
     g = torch.clamp(amax / G_DIVISOR, min=G_MIN)
@@ -65,9 +71,10 @@ def global_scale_of(w: torch.Tensor, dims) -> torch.Tensor:
     return global_scale_from_amax(amax)
 
 
-def resolve_global_scale(op: str, global_scale, shape: tuple, device: torch.device):
+def resolve_global_scale(op: str, global_scale, shape: tuple, device: torch.device, minimum: float = G_MIN):
     """Validate a user decode scale: None (returned as is), a float, or a float32/float64 tensor of
-    ``shape``; positive and finite. Returns a float32 tensor of ``shape`` or None."""
+    ``shape``; finite and at least ``minimum`` (NVFP4's ``G_MIN`` by default; FP8 passes 0: any
+    positive scale). Returns a float32 tensor of ``shape`` or None."""
     if global_scale is None:
         return None
     if isinstance(global_scale, (int, float)) and not isinstance(global_scale, bool):
@@ -77,8 +84,9 @@ def resolve_global_scale(op: str, global_scale, shape: tuple, device: torch.devi
         if tuple(global_scale.shape) != shape:
             raise ValueError(f"{op}: global_scale must have shape {shape}, got {tuple(global_scale.shape)}")
         g = global_scale.detach().float()
-    if can_read_values(g) and g.numel() and not bool(((g > 0) & torch.isfinite(g)).all()):
-        raise ValueError(f"{op}: global_scale must be positive and finite, got {g.tolist()}")
+    if can_read_values(g) and g.numel() and not bool(((g > 0) & (g >= minimum) & torch.isfinite(g)).all()):
+        need = "positive and finite" if minimum <= 0 else f"finite and at least {minimum:.4g} (2**{math.log2(minimum):g})"
+        raise ValueError(f"{op}: global_scale must be {need}, got {g.tolist()}")
     return g
 
 

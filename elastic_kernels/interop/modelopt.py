@@ -33,7 +33,8 @@ import torch
 
 from .._version import __version__ as _version
 from ..formats import FP8Tensor, NVFP4Tensor, to_state_dict
-from ..formats.nvfp4 import E4M3_MAX, G_MIN, pack, unpack
+from ..formats.fp8 import SCALE_MIN as FP8_SCALE_MIN
+from ..formats.nvfp4 import E4M3_MAX, pack, unpack
 from ..ops.nvfp4 import quantize
 
 ALGOS = {"nvfp4": "W4A16_NVFP4", "fp8": "FP8_PER_CHANNEL_PER_TOKEN"}
@@ -72,7 +73,7 @@ def quant_configs(fmt: str, excluded: list[str]) -> tuple[dict[str, Any], dict[s
 def _fp8_per_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     wf = w.float()
     amax = wf.abs().amax(-1)
-    scale = torch.where(amax > 0, torch.clamp(amax / E4M3_MAX, min=G_MIN), torch.ones_like(amax))
+    scale = torch.where(amax > 0, torch.clamp(amax / E4M3_MAX, min=FP8_SCALE_MIN), torch.ones_like(amax))
     codes = torch.clamp(wf / scale[:, None], -E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
     return codes, scale
 

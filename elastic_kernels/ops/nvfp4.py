@@ -208,7 +208,7 @@ def fake_quant_fp8(x: Tensor, *, scale: Tensor | float | None = None) -> Tensor:
     """
     op = "fake_quant_fp8"
     check_tensor(op, "x", x, dtypes=X_DTYPES)
-    s = resolve_global_scale(op, scale, (), x.device)
+    s = resolve_global_scale(op, scale, (), x.device, minimum=0.0)
     if s is None:
         s = fp8_scale_of(x.detach())
     return _fake_fp8_op(x, s)

@@ -14,8 +14,9 @@ Conventions that make the recipe total (no inf/NaN for any finite input):
 
 - **All-zero tensor** (``amax == 0``): ``g = 1``. Every block scale is then the clamp floor
   ``2**-6`` and every code 0, so the tensor decodes to exact zeros.
-- **Tiny tensors**: ``g`` is clamped below at ``2**-126`` (the smallest normal float32), so ``1/g``
-  stays finite; it only matters when ``amax < 2688 * 2**-126 ≈ 3.2e-35`` (1e-30 is unaffected).
+- **Tiny tensors**: ``g`` is clamped below at ``2**-121``, so ``r = (1/g)/s <= 2**127`` stays finite
+  for every block scale ``s >= 2**-6``; it only matters when ``amax < 2688 * 2**-121 ≈ 1.0e-33``
+  (1e-30 is unaffected). A caller's ``global_scale`` below ``2**-121`` is rejected.
 - **Rounding to E2M1** is round-half-to-even on the code index: ties 0.25, 1.25, 2.5, 5 go down,
   ties 0.75, 1.75, 3.5 go up. The sign bit of a value that rounds to 0 is kept: -0 is code 8, as
   torchao's ``nvfp4_quantize`` and the hardware conversion ``cvt.rn.satfinite.e2m1x2`` write it
