@@ -8,6 +8,7 @@ summarised as ratios to full width by ``bench/conftest.py`` at the end of the se
 from __future__ import annotations
 
 import functools
+import math
 import statistics
 import time
 
@@ -44,10 +45,42 @@ def time_fn(fn, device: torch.device, *, warmup: int = 2, reps: int = 10) -> flo
     return statistics.median(times)
 
 
-def interleaved_medians(fns: dict, reps: int = 7, warmup: int = 1) -> dict:
+class Timings(dict):
+    """``{name: median seconds}`` of interleaved runs; ``rounds`` holds every round's seconds
+    (``{name: [s, ...]}``, round ``i`` of every candidate taken side by side)."""
+
+    def __init__(self, rounds: dict):
+        super().__init__({name: statistics.median(ts) for name, ts in rounds.items()})
+        self.rounds = rounds
+
+    def scaled(self, factors: dict) -> "Timings":
+        """The same timings with each candidate's seconds multiplied by ``factors[name]`` (e.g. per token)."""
+        return Timings({name: [t * factors[name] for t in ts] for name, ts in self.rounds.items()})
+
+
+def median_interval(values, confidence: float = 0.95) -> tuple[float, float, float]:
+    """Distribution-free interval of the median of ``values``: the order statistics
+    ``(x_(k), x_(n+1-k))`` with the largest ``k`` whose coverage ``1 - 2 P(Binomial(n, 1/2) < k)``
+    is at least ``confidence``. Returns ``(low, high, coverage)``; below 6 values no ``k`` reaches
+    95 % and the interval is ``(min, max)`` with its (lower) coverage."""
+    xs = sorted(values)
+    n = len(xs)
+    if n == 0:
+        raise ValueError("median_interval: no values")
+    k, cdf = 1, 1 / 2 ** n  # cdf = P(B < k) = P(B <= k - 1)
+    while k + 1 <= (n + 1) // 2:
+        nxt = cdf + math.comb(n, k) / 2 ** n     # P(B < k + 1)
+        if 1 - 2 * nxt < confidence:
+            break
+        k, cdf = k + 1, nxt
+    return xs[k - 1], xs[n - k], 1 - 2 * cdf
+
+
+def interleaved_medians(fns: dict, reps: int = 7, warmup: int = 1) -> Timings:
     """Median thread CPU seconds (``time.thread_time``, one intra-op thread) of every callable in
     ``fns``, run interleaved: each of ``reps`` rounds runs every candidate once, so that load
-    changes on a shared machine hit all candidates alike. Returns ``{name: median seconds}``."""
+    changes on a shared machine hit all candidates alike. Returns :class:`Timings` (``{name:
+    median seconds}``, every round's seconds in ``.rounds``)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -62,7 +95,7 @@ def interleaved_medians(fns: dict, reps: int = 7, warmup: int = 1) -> dict:
                 times[name].append(time.thread_time() - t0)
     finally:
         torch.set_num_threads(threads)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+    return Timings(times)
 
 
 def run_bench(benchmark, fn, device: torch.device, *, rounds: int | None = None) -> float:
