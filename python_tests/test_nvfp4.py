@@ -210,6 +210,58 @@ def test_properties(w, scale):
     assert same_bits(nvfp4.quantize(q.dequantize(torch.float32), global_scale=q.global_scale), q)
 
 
+def _every_byte_and_scale():
+    """Packed data holding every byte under every e4m3 scale byte (NaN scales included)."""
+    data = torch.arange(256, dtype=torch.uint8).repeat(256, 1)             # (256, 256): K = 512
+    scales = torch.arange(256, dtype=torch.uint8)[:, None].expand(256, 32).contiguous()
+    return data, scales.view(torch.float8_e4m3fn)
+
+
+@pytest.mark.parametrize("dtype", LOW)
+def test_scaled_values_in_low_precision_equal_the_float32_decode(dtype):
+    from elastic_kernels.formats.nvfp4 import scaled_values
+    data, scales = _every_byte_and_scale()
+    low = scaled_values(data, scales, dtype)              # one lookup in the (scale, byte) table
+    ref = scaled_values(data, scales, torch.float32)      # lookup, then the multiply
+    assert torch.equal(low.isnan(), ref.isnan())
+    fin = ~ref.isnan()
+    assert torch.equal(low[fin].view(torch.int16), ref[fin].to(dtype).view(torch.int16))  # exact, -0 kept
+
+
+@pytest.mark.parametrize("dtype", LOW)
+def test_dequantized_values_equal_dequantize(dtype):
+    from elastic_kernels.formats.nvfp4 import dequantize, dequantized_values
+    data, scales = _every_byte_and_scale()
+    g = torch.tensor(3.7e-3)
+    got, want = dequantized_values(data, scales, g, dtype), dequantize(data, scales, g, dtype)
+    fin = ~want.isnan()
+    assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got[fin].view(torch.int16), want[fin].view(torch.int16))
+    q = nvfp4.quantize(torch.randn(3, 40, 96))
+    sl = q[1, 3:20, 16:80]
+    assert torch.equal(dequantized_values(sl.data, sl.scales, sl.global_scale, dtype), sl.dequantize(dtype))
+    with pytest.raises(ValueError, match="bfloat16 or float16"):
+        dequantized_values(sl.data, sl.scales, sl.global_scale, torch.float32)
+
+
+@pytest.mark.parametrize("act_quant", [False, True])
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("m", [2, 17])
+def test_bf16_prefill_is_bf16_linear_on_the_dequantized_weight(m, with_bias, act_quant):
+    """The reference's bf16 path (M > 1): bit for bit bf16 ``F.linear`` on the weight dequantized
+    to bf16 and the bias in bf16 (W4A4: on the dequantized activation too)."""
+    from elastic_kernels.reference.nvfp4 import activation_scaled_reference
+    q = nvfp4.quantize(torch.randn(70, 96))[3:60, 16:96]   # a nested slice
+    x = torch.randn(m, 80).bfloat16()
+    bias = torch.randn(57) if with_bias else None
+    y = ek.nvfp4_linear(x, q, bias, act_quant=act_quant, backend="reference")
+    xin = x
+    if act_quant:
+        xs, gx = activation_scaled_reference(x)
+        xin = (xs * gx).bfloat16()
+    want = torch.nn.functional.linear(xin, q.dequantize(torch.bfloat16), None if bias is None else bias.bfloat16())
+    assert y.dtype == torch.bfloat16 and torch.equal(y, want)
+
+
 # ---- acceptance 2: nested slicing ----------------------------------------------------------------
 
 @pytest.mark.parametrize("n,k", [(40, 96), (17, 48), (1, 16), (40, 32)])

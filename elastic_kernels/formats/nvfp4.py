@@ -119,15 +119,28 @@ def _make_tables(dtype: torch.dtype, device: torch.device):
     - ``pairs``: (256,) the two E2M1 values of byte ``b`` (low nibble first) as one 4- or 8-byte
       integer, so that gathering it and viewing the result as ``dtype`` decodes both nibbles
       (None for float64, whose pair does not fit an integer: it gathers the (256, 2) rows);
+    - ``scaled``: for the 2-byte dtypes (bf16, fp16) only, (65536,) the pair of byte ``b`` already
+      multiplied by block-scale byte ``sb``, at index ``sb * 256 + b`` (as int32; 256 KiB): their
+      elementwise multiply runs several times slower than float32's on the CPU, so one lookup
+      decodes and scales (float32 keeps the small table and multiplies: measured faster there,
+      building the wide index costs more than its multiply);
     - ``byte``: (256, 2) the same values as floats;
     - ``scale``: (256,) the value of every e4m3 byte.
+
+    The scaled products are computed in float32, as a decode that multiplies after the lookup
+    does (``e2m1 * s`` has at most 6 significant bits: exact in fp32, bf16 and fp16, whose range
+    holds 6 * 448 and 0.5 * 2**-9).
     """
     b = torch.arange(256, device=device)
-    byte = torch.stack((e2m1_decode(b & 15), e2m1_decode(b >> 4)), dim=-1).to(dtype)
-    as_int = {4: torch.int32, 8: torch.int64}.get(2 * byte.element_size())
-    pairs = None if as_int is None else byte.view(as_int).reshape(256)
-    scale = b.to(torch.uint8).view(torch.float8_e4m3fn).to(dtype)
-    return pairs, byte, scale
+    work = torch.float64 if dtype == torch.float64 else torch.float32
+    byte = torch.stack((e2m1_decode(b & 15), e2m1_decode(b >> 4)), dim=-1).to(work)
+    scale = b.to(torch.uint8).view(torch.float8_e4m3fn).to(work)
+    as_int = {2: torch.int32, 4: torch.int64}.get(torch.empty((), dtype=dtype).element_size())
+    pairs = None if as_int is None else byte.to(dtype).view(as_int).reshape(256)
+    scaled = None
+    if as_int == torch.int32:
+        scaled = (scale[:, None, None] * byte[None]).to(dtype).contiguous().view(as_int).reshape(65536)
+    return pairs, scaled, byte.to(dtype), scale.to(dtype)
 
 
 _cached_tables = functools.lru_cache(maxsize=None)(_make_tables)
@@ -141,16 +154,46 @@ def _tables(dtype: torch.dtype, t: torch.Tensor):
 
 def scaled_values(data: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """``e2m1(code) * float(s)`` in ``dtype`` (float32 by default), (..., K): exact in fp32 and
-    exact in bf16/fp16 too. One table lookup per byte (both nibbles at once) and one per block
-    scale, over exactly the (possibly sliced) view given."""
+    exact in bf16/fp16 too. One table lookup per byte (both nibbles at once; bf16/fp16 already
+    scaled, the table indexed by the block-scale byte and the data byte) and, for fp32/fp64, one
+    per block scale and a multiply, over exactly the (possibly sliced) view given."""
+    pairs, scaled, byte, scale = _tables(dtype, data)
+    if scaled is not None:
+        return lookup_scaled(data, scales, scaled, dtype)
     *lead, half = data.shape
     rows, nb = data.shape[:-1].numel(), half * 2 // BLOCK
-    pairs, byte, scale = _tables(dtype, data)
+    sb = scales.reshape(rows, nb, 1).view(torch.uint8)
     idx = data.reshape(-1).to(torch.int32)
     vals = byte.index_select(0, idx) if pairs is None else pairs.index_select(0, idx).view(dtype)
     vals = vals.reshape(rows, nb, BLOCK)
-    vals.mul_(scale.index_select(0, scales.reshape(-1).view(torch.uint8).to(torch.int32)).reshape(rows, nb, 1))
+    vals.mul_(scale.index_select(0, sb.reshape(-1).to(torch.int32)).reshape(rows, nb, 1))
     return vals.reshape(*lead, half * 2)
+
+
+def lookup_scaled(data: torch.Tensor, scales: torch.Tensor, table: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Decode (..., K/2) bytes through a (65536,) int32 table of 2-byte value pairs indexed by
+    ``scale byte * 256 + data byte`` (:func:`dequantize_table`): (..., K) in ``dtype``."""
+    *lead, half = data.shape
+    rows, nb = data.shape[:-1].numel(), half * 2 // BLOCK
+    idx = data.reshape(rows, nb, BLOCK // 2).to(torch.int32)
+    idx.bitwise_or_(scales.reshape(rows, nb, 1).view(torch.uint8).to(torch.int32).mul_(256))
+    return table.index_select(0, idx.reshape(-1)).view(dtype).reshape(*lead, half * 2)
+
+
+def dequantize_table(g: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The (65536,) int32 table of :func:`lookup_scaled` for one scalar decode scale ``g`` and a
+    2-byte ``dtype`` (bf16/fp16): the pair ``e2m1 * s * g`` of every (scale byte, data byte),
+    computed in float32 and rounded once, as :func:`dequantize` does (65536 products)."""
+    if dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"dequantize_table: dtype must be bfloat16 or float16, got {dtype}")
+    _, _, byte, scale = _tables(torch.float32, g)
+    return ((scale[:, None, None] * byte[None]) * g.float().reshape(())).to(dtype).view(torch.int32).reshape(65536)
+
+
+def dequantized_values(data: torch.Tensor, scales: torch.Tensor, g: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``dequantize(data, scales, g, dtype)`` for one scalar ``g`` and bf16/fp16 ``dtype``, bit for
+    bit, through one lookup per byte (:func:`dequantize_table`, :func:`lookup_scaled`)."""
+    return lookup_scaled(data, scales, dequantize_table(g, dtype), dtype)
 
 
 def dequantize(data: torch.Tensor, scales: torch.Tensor, g: torch.Tensor,

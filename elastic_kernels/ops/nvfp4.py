@@ -268,6 +268,10 @@ def nvfp4_linear(x: Tensor, q: NVFP4Tensor, bias: Tensor | None = None, *, act_q
 
     Math: ``y = ((x @ (e2m1 * s).T) * g) + bias`` — the product with ``e2m1 * s`` (exact in
     bf16/fp16) accumulates in fp32 and ``g`` is applied once; ``dx = (dy @ (e2m1 * s)) * g``.
+    The CPU reference with bf16 ``x`` of more than one row instead runs bf16 ``F.linear`` on the
+    weight dequantized to bf16 (the CPU's bf16 GEMM, AMX where present; bit for bit
+    ``F.linear(x, q.dequantize(torch.bfloat16), bias.bfloat16())``): see
+    :func:`elastic_kernels.reference.nvfp4.nvfp4_linear_reference`.
     """
     op = "nvfp4_linear"
     if not isinstance(q, NVFP4Tensor):

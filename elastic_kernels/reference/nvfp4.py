@@ -33,8 +33,8 @@ from __future__ import annotations
 import torch
 
 from ..formats import fp8
-from ..formats.nvfp4 import (BLOCK, E2M1_MAX, E4M3_MAX, SCALE_MIN, e2m1_decode, global_scale_of, pack,
-                             scaled_values)
+from ..formats.nvfp4 import (BLOCK, E2M1_MAX, E4M3_MAX, SCALE_MIN, dequantize_table, e2m1_decode,
+                             global_scale_of, lookup_scaled, pack, scaled_values)
 
 
 def e2m1_round(v: torch.Tensor) -> torch.Tensor:
@@ -96,8 +96,11 @@ def activation_scaled_reference(x: torch.Tensor):
     return sv.reshape(m, k), g
 
 
-# Rows of the weight decoded at a time by the reference linear: about this many bytes of fp32.
+# Rows of the weight decoded at a time by the reference linear: about this many bytes of fp32
+# (a matvec: the tile stays in cache) or of bf16 (the bf16 GEMM of a prefill: wider tiles, since a
+# GEMM against few weight rows runs at a fraction of the AMX / AVX512-BF16 rate).
 _TILE_BYTES = 1 << 19
+_GEMM_TILE_BYTES = 1 << 22
 
 
 def nvfp4_linear_reference(x: torch.Tensor, data: torch.Tensor, scales: torch.Tensor, g: torch.Tensor,
@@ -108,7 +111,17 @@ def nvfp4_linear_reference(x: torch.Tensor, data: torch.Tensor, scales: torch.Te
     Computed as ``((x @ (e2m1 * s).T) * g) + bias`` (W4A4: ``((xs @ ws.T) * g) * g_x``), which is
     how the kernels do it: the tensor-core operand ``e2m1 * s`` is exact in bf16/fp16. The weight
     is decoded a tile of rows at a time (about 512 KiB of fp32, cache-resident), never as a whole dense matrix.
+
+    bf16 ``x`` with ``M > 1`` (a prefill, not a decode step) runs as bf16 ``F.linear`` does on the
+    CPU, fp32 accumulation on AMX / AVX512-BF16 where the CPU has them (5x the fp32 GEMM on an
+    AMX Xeon): on the weight dequantized to bf16 (``e2m1 * s * g`` rounded once, tile by tile) and
+    the bias in bf16 (W4A4: the activation ``xs * g_x`` in bf16 too), the result rounded once, so
+    its accuracy is that of ``F.linear`` on ``dequantize(W, torch.bfloat16)`` (the tests' same-
+    precision reference), not that of the fp32 path. Every other case (fp32 / fp16 ``x``; M = 1,
+    where the decode, not the product, is the cost) accumulates and scales in fp32 as above.
     """
+    if x.dtype == torch.bfloat16 and x.shape[0] > 1:
+        return _linear_bf16(x, data, scales, g, bias, act_quant)
     if act_quant:
         xs, gx = activation_scaled_reference(x)
     else:
@@ -126,6 +139,28 @@ def nvfp4_linear_reference(x: torch.Tensor, data: torch.Tensor, scales: torch.Te
     if bias is not None:
         y = y + bias.float()
     return y.to(x.dtype)
+
+
+def _linear_bf16(x, data, scales, g, bias, act_quant):
+    """The bf16 prefill of :func:`nvfp4_linear_reference`: ``F.linear`` in bf16 on weight tiles
+    dequantized to bf16 (about ``_GEMM_TILE_BYTES`` each)."""
+    if act_quant:
+        xs, gx = activation_scaled_reference(x)
+        x = (xs * gx).to(torch.bfloat16)
+    m, k = x.shape
+    n = data.shape[0]
+    b = None if bias is None else bias.to(torch.bfloat16)
+    y = x.new_empty(m, n)
+    tile = max(1, _GEMM_TILE_BYTES // max(2 * k, 1))
+    table = dequantize_table(g, torch.bfloat16)
+    for r0 in range(0, n, tile):
+        w = lookup_scaled(data[r0:r0 + tile], scales[r0:r0 + tile], table, torch.bfloat16)
+        part = y[:, r0:r0 + tile]
+        if b is None:
+            torch.mm(x, w.T, out=part)
+        else:
+            torch.addmm(b[r0:r0 + tile], x, w.T, out=part)
+    return y
 
 
 def fake_quant_fp8_reference(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
