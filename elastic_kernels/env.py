@@ -18,6 +18,28 @@ def _version(pkg: str) -> str:
         return "not installed"
 
 
+# CPU features that change which CPU path is fast (bf16 GEMMs run on AMX / AVX512-BF16)
+_CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_tile")
+
+
+def _cpu() -> dict:
+    """The CPU's model name, logical CPU count and the :data:`_CPU_FLAGS` it has (Linux
+    ``/proc/cpuinfo``; the model only elsewhere) and torch's CPU capability."""
+    info = {"model": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+            "torch_capability": torch.backends.cpu.get_cpu_capability()}
+    try:
+        with open("/proc/cpuinfo") as f:
+            text = f.read()
+    except OSError:
+        return info
+    fields = dict(line.split(":", 1) for line in text.split("\n\n")[0].splitlines() if ":" in line)
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    info["model"] = fields.get("model name", info["model"])
+    have = set(fields.get("flags", "").split())
+    info["flags"] = [f for f in _CPU_FLAGS if f in have]
+    return info
+
+
 def collect() -> dict:
     """Environment facts as a dict (also used by bench/ to stamp results)."""
     gpu = None
@@ -34,7 +56,7 @@ def collect() -> dict:
         "python": sys.version.split()[0], "platform": platform.platform(),
         "elastic_kernels": _version("elastic_kernels"), "torch": torch.__version__,
         "torch_cuda": torch.version.cuda, "triton": _version("triton"), "numpy": _version("numpy"),
-        "safetensors": _version("safetensors"), "gpu": gpu,
+        "safetensors": _version("safetensors"), "cpu": _cpu(), "gpu": gpu,
         "_C": {"built": _ext.c_built(), "with_cuda": _ext.c_has_cuda()},
         "backends_on_" + dev.type: backends,
         "env": {k: os.environ[k] for k in (_dispatch.ENV_VAR, "TRITON_INTERPRET", "ELASTIC_KERNELS_SKIP_CUDA")
