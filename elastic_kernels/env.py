@@ -19,11 +19,11 @@ def _version(pkg: str) -> str:
 
 
 # CPU features that change which CPU path is fast (bf16 GEMMs run on AMX / AVX512-BF16)
-_CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_tile")
+CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_tile")
 
 
 def _cpu() -> dict:
-    """The CPU's model name, logical CPU count and the :data:`_CPU_FLAGS` it has (Linux
+    """The CPU's model name, logical CPU count and the :data:`CPU_FLAGS` it has (Linux
     ``/proc/cpuinfo``; the model only elsewhere) and torch's CPU capability."""
     info = {"model": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
             "torch_capability": torch.backends.cpu.get_cpu_capability()}
@@ -36,7 +36,7 @@ def _cpu() -> dict:
     fields = {k.strip(): v.strip() for k, v in fields.items()}
     info["model"] = fields.get("model name", info["model"])
     have = set(fields.get("flags", "").split())
-    info["flags"] = [f for f in _CPU_FLAGS if f in have]
+    info["flags"] = [f for f in CPU_FLAGS if f in have]
     return info
 
 

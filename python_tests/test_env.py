@@ -9,7 +9,7 @@ def test_collect_names_the_cpu_and_its_bf16_features():
     cpu = info["cpu"]
     assert cpu["model"] and cpu["cpus"] >= 1 and cpu["torch_capability"]
     if sys.platform.startswith("linux"):
-        assert set(cpu["flags"]) <= set(env._CPU_FLAGS)
+        assert set(cpu["flags"]) <= set(env.CPU_FLAGS)
         with open("/proc/cpuinfo") as f:
             have = set(next(line for line in f if line.startswith("flags")).split(":", 1)[1].split())
-        assert cpu["flags"] == [f for f in env._CPU_FLAGS if f in have]
+        assert cpu["flags"] == [f for f in env.CPU_FLAGS if f in have]
