@@ -330,3 +330,17 @@ def test_moe_experts_nan_in_w2_reaches_the_tokens_of_its_expert_within_the_width
         expect[:, 4] = (ids == 1).any(1).cpu()
     assert expect.any() or channel >= 8
     assert torch.equal(y.isnan().cpu(), expect)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_quantize_of_a_transposed_weight_gives_contiguous_codes(request, backend):
+    """A (N, K) weight stored transposed: the reference's elementwise ops kept that layout, so its
+    codes came back transposed and NVFP4Tensor refused them (found by ``contract.tally``)."""
+    device = _device(request, backend)
+    w = torch.randn(5, 16)
+    for wt in (w.t().contiguous().t(), torch.randn(16, 5).t()):
+        q = nvfp4.quantize(wt.to(device), backend=backend)
+        want = nvfp4.quantize(wt.contiguous(), backend="reference")
+        assert q.data.is_contiguous() and q.scales.is_contiguous()
+        assert torch.equal(q.data.cpu(), want.data) and torch.equal(q.scales.cpu().view(torch.uint8),
+                                                                    want.scales.view(torch.uint8))

@@ -69,12 +69,14 @@ def quantize_rows(x: torch.Tensor, g_rows: torch.Tensor):
 def quantize_reference(w: torch.Tensor, g: torch.Tensor):
     """Quantize ``w: (..., N, K)`` with decode scale ``g: w.shape[:-2]`` (float32).
 
-    Returns ``(data (..., N, K/2) uint8, scales (..., N, K/16) float8_e4m3fn)``.
+    Returns ``(data (..., N, K/2) uint8, scales (..., N, K/16) float8_e4m3fn)``, contiguous
+    whatever ``w``'s strides (elementwise ops keep a transposed input's layout).
     """
     *lead, n, k = w.shape
     g_rows = g.float().reshape(*lead, 1).expand(*lead, n).reshape(-1)
     codes, s = quantize_rows(w.reshape(w.shape[:-1].numel(), k), g_rows)
-    return pack(codes).reshape(*lead, n, k // 2), s.reshape(*lead, n, k // BLOCK)
+    return (pack(codes).reshape(*lead, n, k // 2).contiguous(),
+            s.reshape(*lead, n, k // BLOCK).contiguous())
 
 
 def fake_quant_nvfp4_reference(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
