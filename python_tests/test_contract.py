@@ -344,3 +344,26 @@ def test_quantize_of_a_transposed_weight_gives_contiguous_codes(request, backend
         assert q.data.is_contiguous() and q.scales.is_contiguous()
         assert torch.equal(q.data.cpu(), want.data) and torch.equal(q.scales.cpu().view(torch.uint8),
                                                                     want.scales.view(torch.uint8))
+
+
+@pytest.mark.parametrize("value", [NAN, INF], ids=["nan", "inf"])
+@pytest.mark.parametrize("width", ["int0", "per_token"])
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_moe_nonfinite_routing_weight_reaches_a_zero_width_token(request, backend, width, value):
+    """A token of width 0 has an exactly zero expert output, which its routing weight still
+    multiplies: a NaN/Inf weight makes y[t] NaN (the documented contract, and the Triton
+    kernels' weighted sum); the reference skipped such pairs and gave 0 (found by
+    ``contract.tally`` at 20 examples), and Triton's int-width-0 shortcut returned zeros."""
+    device = _device(request, backend)
+    gen = torch.Generator().manual_seed(0)
+    x, w1, w2 = torch.randn(4, 8, generator=gen), torch.randn(3, 16, 8, generator=gen), torch.randn(3, 8, 16, generator=gen)
+    tw = torch.rand(4, 2, generator=gen)
+    tw[1, 0] = value
+    tw[3] = -tw[3]
+    ids = torch.tensor([[0, 1], [1, 2], [2, 0], [0, 2]])
+    ffn_width = 0 if width == "int0" else torch.tensor([16, 0, 0, 8], device=device)
+    y = ek.moe_experts(*(t.to(device) for t in (x, tw, ids, w1, w2)), ffn_width=ffn_width, backend=backend).cpu()
+    assert y[1].isnan().all()
+    assert torch.isfinite(y[[0, 2, 3]]).all()
+    if width == "int0":  # every output is +0 but the NaN row
+        assert (y[[0, 2, 3]].view(torch.int32) == 0).all()

@@ -152,6 +152,9 @@ class _Plan:
             key = torch.where(wp > 0, flat * (ffn + 1) + (ffn - wp), n_act * (ffn + 1))
             order = torch.argsort(key, stable=True)[:int((wp > 0).sum())]
             widths = wp[order]
+        # pairs of width 0 take no part, but their weight still multiplies their (zero) output
+        self.zero_width = (flat[:0] if d else torch.arange(len(flat), device=flat.device)) if width_t is None \
+            else (wp == 0).nonzero().flatten()
         tokens, experts = order // top_k, flat[order]
         cuts = [] if not len(order) else [d] if widths is None else torch.unique(widths).tolist()
         self.blocks, c0, start = [], 0, 0
@@ -290,6 +293,8 @@ def moe_experts_reference_fwd(x: torch.Tensor, topk_weights: torch.Tensor, topk_
     y = zeros((tokens, hidden), acc_dtype, x.device)
     shape = saved_shape(tokens, topk_ids.shape[1], ffn, width_int, width_t is not None, w3 is not None)
     plan = _Plan(topk_ids, n_act, ffn, width_int, width_t) if tokens else None
+    if plan is not None and len(plan.zero_width):
+        _zero_width_products(y, topk_weights, plan.zero_width, topk_ids.shape[1])
     if plan is None or not plan.blocks:
         return y.to(x.dtype), x.new_zeros(shape)
     saved = empty(shape, x.dtype, x.device)
@@ -325,6 +330,15 @@ def moe_experts_reference_fwd(x: torch.Tensor, topk_weights: torch.Tensor, topk_
         p = topk_weights.reshape(-1)[first.pairs].to(acc_dtype)[:, None]
         y.index_add_(0, first.tokens, xs.to(acc_dtype).mul_(p))
     return y.to(x.dtype), saved
+
+
+def _zero_width_products(y: torch.Tensor, topk_weights: torch.Tensor, pairs: torch.Tensor, top_k: int) -> None:
+    """Add ``topk_weights[pair] * 0`` to the rows of the (token, slot) ``pairs`` of width 0, whose
+    expert output is exactly 0: +0 for a finite weight, NaN for a NaN or Inf one, so a non-finite
+    routing weight reaches its token's output at every width, as the Triton kernels' weighted sum
+    (and IEEE arithmetic) has it (docs/design.md §5)."""
+    zero = topk_weights.reshape(-1)[pairs].to(y.dtype).mul(0)
+    y.index_add_(0, pairs // top_k, zero[:, None].expand(-1, y.shape[1]))
 
 
 def moe_experts_reference(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,

@@ -478,7 +478,10 @@ def moe_experts_fwd(x, topk_weights, topk_ids, w1, w2, w3=None, *, activation: s
     top_k = topk_ids.shape[1]
     f_act = w1.shape[1] if width_int < 0 else width_int
     if tokens * top_k == 0 or f_act == 0 or hidden == 0:
-        return torch.zeros_like(x, memory_format=torch.contiguous_format)
+        y = torch.zeros_like(x, memory_format=torch.contiguous_format)
+        if f_act == 0 and tokens * top_k and hidden:  # every output is 0 times its weight: NaN for a non-finite one
+            y += topk_weights.to(torch.float32).mul(0).sum(1, keepdim=True).to(x.dtype)
+        return y
     cfg = launch_config(x, tokens * top_k, num_active)
     plan = _plan(topk_ids, topk_weights, width_t, num_active, cfg["BM"])
     n, tiles = plan["n"], plan["max_tiles"]
