@@ -15,7 +15,9 @@ Experts (token t, slot j, expert e = topk_ids[t, j], width d'_t, first ``d'`` ch
     y_t = sum_j topk_weights[t, j] * (a . w2[e, :, :d']^T)
 
 act: relu2 = relu(v)^2, silu = v sigmoid(v), gelu = 0.5 v (1 + erf(v / sqrt 2)).
-Experts >= E' and channels >= d' take no part (zero gradients).
+Experts >= E' and channels >= d' take no part (zero gradients). A (token, slot) pair of width 0 runs
+no GEMM, but its weight still multiplies its zero output (+0, or NaN for a NaN/Inf weight, as the
+Triton kernels' weighted sum has it).
 
 The reference sorts the (token, slot) pairs by expert and, within an expert, widest first, and
 cuts the FFN axis into column blocks between consecutive distinct widths (one block without
