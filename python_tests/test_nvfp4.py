@@ -229,18 +229,20 @@ def test_scaled_values_in_low_precision_equal_the_float32_decode(dtype):
 
 
 @pytest.mark.parametrize("dtype", LOW)
-def test_dequantized_values_equal_dequantize(dtype):
-    from elastic_kernels.formats.nvfp4 import dequantize, dequantized_values
+def test_table_lookup_equals_dequantize(dtype):
+    from elastic_kernels.formats.nvfp4 import dequantize, dequantize_table, lookup_scaled
     data, scales = _every_byte_and_scale()
     g = torch.tensor(3.7e-3)
-    got, want = dequantized_values(data, scales, g, dtype), dequantize(data, scales, g, dtype)
+    got = lookup_scaled(data, scales, dequantize_table(g, dtype), dtype)
+    want = dequantize(data, scales, g, dtype)
     fin = ~want.isnan()
     assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got[fin].view(torch.int16), want[fin].view(torch.int16))
     q = nvfp4.quantize(torch.randn(3, 40, 96))
     sl = q[1, 3:20, 16:80]
-    assert torch.equal(dequantized_values(sl.data, sl.scales, sl.global_scale, dtype), sl.dequantize(dtype))
+    assert torch.equal(lookup_scaled(sl.data, sl.scales, dequantize_table(sl.global_scale, dtype), dtype),
+                       sl.dequantize(dtype))
     with pytest.raises(ValueError, match="bfloat16 or float16"):
-        dequantized_values(sl.data, sl.scales, sl.global_scale, torch.float32)
+        dequantize_table(sl.global_scale, torch.float32)
 
 
 @pytest.mark.parametrize("act_quant", [False, True])

@@ -183,17 +183,12 @@ def lookup_scaled(data: torch.Tensor, scales: torch.Tensor, table: torch.Tensor,
 def dequantize_table(g: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """The (65536,) int32 table of :func:`lookup_scaled` for one scalar decode scale ``g`` and a
     2-byte ``dtype`` (bf16/fp16): the pair ``e2m1 * s * g`` of every (scale byte, data byte),
-    computed in float32 and rounded once, as :func:`dequantize` does (65536 products)."""
+    computed in float32 and rounded once, as :func:`dequantize` does (65536 products): with
+    :func:`lookup_scaled`, ``dequantize(data, scales, g, dtype)`` bit for bit, one gather per byte."""
     if dtype not in (torch.bfloat16, torch.float16):
         raise ValueError(f"dequantize_table: dtype must be bfloat16 or float16, got {dtype}")
     _, _, byte, scale = _tables(torch.float32, g)
     return ((scale[:, None, None] * byte[None]) * g.float().reshape(())).to(dtype).view(torch.int32).reshape(65536)
-
-
-def dequantized_values(data: torch.Tensor, scales: torch.Tensor, g: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``dequantize(data, scales, g, dtype)`` for one scalar ``g`` and bf16/fp16 ``dtype``, bit for
-    bit, through one lookup per byte (:func:`dequantize_table`, :func:`lookup_scaled`)."""
-    return lookup_scaled(data, scales, dequantize_table(g, dtype), dtype)
 
 
 def dequantize(data: torch.Tensor, scales: torch.Tensor, g: torch.Tensor,

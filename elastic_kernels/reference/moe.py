@@ -149,14 +149,15 @@ class _Plan:
             d = ffn if width_int < 0 else width_int
             order = torch.argsort(flat, stable=True) if d else flat[:0]
             widths = None
+            zero_width = torch.arange(len(flat), device=flat.device) if not d else flat[:0]
         else:
             wp = width_t.long().clamp(max=ffn).repeat_interleave(top_k)
             key = torch.where(wp > 0, flat * (ffn + 1) + (ffn - wp), n_act * (ffn + 1))
             order = torch.argsort(key, stable=True)[:int((wp > 0).sum())]
             widths = wp[order]
+            zero_width = (wp == 0).nonzero().flatten()
         # pairs of width 0 take no part, but their weight still multiplies their (zero) output
-        self.zero_width = (flat[:0] if d else torch.arange(len(flat), device=flat.device)) if width_t is None \
-            else (wp == 0).nonzero().flatten()
+        self.zero_width = zero_width
         tokens, experts = order // top_k, flat[order]
         cuts = [] if not len(order) else [d] if widths is None else torch.unique(widths).tolist()
         self.blocks, c0, start = [], 0, 0

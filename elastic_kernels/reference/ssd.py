@@ -192,12 +192,11 @@ class _Lazy:
 
 
 class _Block:
-    """Chunks [c0, c1) of chunk-layout tensors: xt (b, k, G, R, L, p), dt (b, k, G, R, L),
-    Bt/Ct (b, k, G, L, n), a = cumsum(dt A) within each chunk, masks."""
+    """Chunks [c0, c1) of the :class:`_Lazy` inputs in the chunk layout: xt (b, k, G, R, L, p),
+    dt (b, k, G, R, L), Bt/Ct (b, k, G, L, n), a = cumsum(dt A) within each chunk, masks."""
 
-    def __init__(self, seq: _Seq, x, dt, B, C, A, c0, c1):
-        self.xt, self.dt, self.Bt, self.Ct = (t.block(c0, c1) if isinstance(t, _Lazy) else t[:, c0:c1]
-                                              for t in (x, dt, B, C))
+    def __init__(self, seq: _Seq, x: _Lazy, dt: _Lazy, B: _Lazy, C: _Lazy, A, c0, c1):
+        self.xt, self.dt, self.Bt, self.Ct = (t.block(c0, c1) for t in (x, dt, B, C))
         self.acs = torch.cumsum(self.dt * A[:, :, None], dim=-1)            # (b, k, G, R, L)
         L = seq.L
         self.resets = seq.masks is not None  # seq_idx given
