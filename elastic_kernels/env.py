@@ -8,6 +8,7 @@ import sys
 
 import torch
 
+from . import _cpu as _cpu_facts
 from . import _dispatch, _ext
 
 
@@ -23,17 +24,13 @@ CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_t
 
 
 def _cpu() -> dict:
-    """The CPU's model name, logical CPU count and the :data:`CPU_FLAGS` it has (Linux
+    """The CPU's model name, vendor, logical CPU count and the :data:`CPU_FLAGS` it has (Linux
     ``/proc/cpuinfo``; the model only elsewhere) and torch's CPU capability."""
-    info = {"model": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
-            "torch_capability": torch.backends.cpu.get_cpu_capability()}
-    try:
-        with open("/proc/cpuinfo") as f:
-            text = f.read()
-    except OSError:
+    info = {"model": platform.processor() or platform.machine(), "vendor": _cpu_facts.vendor(),
+            "cpus": os.cpu_count(), "torch_capability": torch.backends.cpu.get_cpu_capability()}
+    fields = _cpu_facts.cpuinfo()
+    if not fields:
         return info
-    fields = dict(line.split(":", 1) for line in text.split("\n\n")[0].splitlines() if ":" in line)
-    fields = {k.strip(): v.strip() for k, v in fields.items()}
     info["model"] = fields.get("model name", info["model"])
     have = set(fields.get("flags", "").split())
     info["flags"] = [f for f in CPU_FLAGS if f in have]

@@ -318,10 +318,14 @@ def test_reference_fp32_experts_in_some_width_blocks_match_truth(activation, gat
     assert not g["w1"][3, 24:].any() and g["w1"][0, 24:].any()
 
 
-def test_reference_fp32_pair_major_down_projection():
-    """Experts with few rows at a large FFN width take the pair-major down projection
-    ``(w2[e] @ a_e.T).T`` (reference/moe.py ``_PAIR_MAJOR_ROWS``), those with many the row form:
-    both against the float64 truth, w2 a strided prefix view."""
+@pytest.mark.parametrize("pair_major", [True, False])
+def test_reference_fp32_pair_major_down_projection(monkeypatch, pair_major):
+    """Where the pair-major form is on (Intel CPUs), experts with few rows at a large FFN width
+    take the pair-major down projection ``(w2[e] @ a_e.T).T`` (reference/moe.py
+    ``_PAIR_MAJOR_ROWS``), those with many the row form; where it is off, all take the row form:
+    both against the float64 truth, w2 a strided prefix view, whatever CPU runs the test."""
+    import elastic_kernels.reference.moe as ref
+    monkeypatch.setattr(ref, "PAIR_MAJOR", pair_major)
     tokens, hidden, ffn, n_exp, top_k = 60, 16, 1024, 4, 2
     inp, _ = make_case(tokens, hidden, ffn, n_exp, n_exp, top_k, gated=False, width=None, cs=None)
     ids = torch.stack([torch.zeros(tokens, dtype=torch.int64), torch.arange(tokens) % 3 + 1], 1)  # 60 / 20 / 20 / 20

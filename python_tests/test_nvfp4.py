@@ -264,6 +264,40 @@ def test_bf16_prefill_is_bf16_linear_on_the_dequantized_weight(m, with_bias, act
     assert y.dtype == torch.bfloat16 and torch.equal(y, want)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("m", [1, 3])
+def test_reference_linear_tiles(monkeypatch, m, dtype):
+    """Decoded a few rows at a time (a ragged last tile, a nested slice) the reference linear
+    is as close to the float64 truth as in one tile."""
+    import elastic_kernels.reference.nvfp4 as ref
+    q = nvfp4.quantize(torch.randn(70, 96))[3:60, 16:96]   # (57, 80): rows of 40 bytes
+    x = torch.randn(m, 80).to(dtype)
+    bias = torch.randn(57)
+    one = ek.nvfp4_linear(x, q, bias, backend="reference")
+    monkeypatch.setattr(ref, "_TILE_BYTES", 4 * 80 * 5)                 # 5 rows a tile: 12 tiles
+    tiled = ek.nvfp4_linear(x, q, bias, backend="reference")
+    truth = x.double() @ q.dequantize(torch.float64).T + bias.double()
+    same = torch.nn.functional.linear(x, q.dequantize(dtype), bias.to(dtype))
+    for name, y in (("one tile", one), ("tiled", tiled)):
+        assert y.shape == (m, 57) and y.dtype == dtype
+        assert_close_to_truth(y, truth, same, dtype, name=name)
+
+
+def test_scaled_values_into_a_buffer():
+    from elastic_kernels.formats.nvfp4 import scaled_values
+    data, scales = _every_byte_and_scale()
+    buf = torch.full((256 * 512,), 7.0)
+    got = scaled_values(data, scales, out=buf)
+    want = scaled_values(data, scales)
+    assert got.shape == want.shape and got.data_ptr() == buf.data_ptr()
+    assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got.nan_to_num(), want.nan_to_num())
+    for bad in (torch.empty(256 * 511), torch.empty(256 * 512, dtype=torch.float64), torch.empty(512, 512).T):
+        with pytest.raises(ValueError, match="out must be"):
+            scaled_values(data, scales, out=bad)
+    with pytest.raises(ValueError, match="out must be"):
+        scaled_values(data, scales, torch.bfloat16, out=buf)
+
+
 # ---- acceptance 2: nested slicing ----------------------------------------------------------------
 
 @pytest.mark.parametrize("n,k", [(40, 96), (17, 48), (1, 16), (40, 32)])

@@ -152,19 +152,29 @@ def _tables(dtype: torch.dtype, t: torch.Tensor):
     return (_cached_tables if type(t) is torch.Tensor else _make_tables)(dtype, t.device)
 
 
-def scaled_values(data: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def scaled_values(data: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.float32,
+                  out: torch.Tensor | None = None) -> torch.Tensor:
     """``e2m1(code) * float(s)`` in ``dtype`` (float32 by default), (..., K): exact in fp32 and
     exact in bf16/fp16 too. One table lookup per byte (both nibbles at once; bf16/fp16 already
     scaled, the table indexed by the block-scale byte and the data byte) and, for fp32/fp64, one
-    per block scale and a multiply, over exactly the (possibly sliced) view given."""
+    per block scale and a multiply, over exactly the (possibly sliced) view given. ``out``: a
+    contiguous float32 tensor of the result's numel to write into (float32 only; a caller's
+    reused buffer instead of a fresh one; nonempty)."""
+    *lead, half = data.shape
+    rows, nb = data.shape[:-1].numel(), half * 2 // BLOCK
+    if out is not None and (dtype != torch.float32 or out.dtype != torch.float32 or not out.is_contiguous()
+                            or out.numel() != rows * half * 2 or out.numel() == 0):
+        raise ValueError(f"scaled_values: out must be a nonempty contiguous float32 tensor of {rows * half * 2} "
+                         f"elements for a float32 result, got {out.dtype} {tuple(out.shape)} for {dtype}")
     pairs, scaled, byte, scale = _tables(dtype, data)
     if scaled is not None:
         return lookup_scaled(data, scales, scaled, dtype)
-    *lead, half = data.shape
-    rows, nb = data.shape[:-1].numel(), half * 2 // BLOCK
     sb = scales.reshape(rows, nb, 1).view(torch.uint8)
     idx = data.reshape(-1).to(torch.int32)
-    vals = byte.index_select(0, idx) if pairs is None else pairs.index_select(0, idx).view(dtype)
+    if out is not None:
+        vals = torch.index_select(pairs, 0, idx, out=out.view(torch.int64).view(-1)).view(dtype)
+    else:
+        vals = byte.index_select(0, idx) if pairs is None else pairs.index_select(0, idx).view(dtype)
     vals = vals.reshape(rows, nb, BLOCK)
     vals.mul_(scale.index_select(0, sb.reshape(-1).to(torch.int32)).reshape(rows, nb, 1))
     return vals.reshape(*lead, half * 2)

@@ -52,6 +52,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from .._cpu import vendor
 from .._memory import Scratch, empty, zeros
 from ..formats import QuantizedTensor
 
@@ -201,22 +202,27 @@ def _experts(w, blk: _Block, dtype: torch.dtype, transpose: bool) -> list:
     return views
 
 
-# ``a_e @ w[e].T`` (w[e] (N, K) with K contiguous) for an expert with few rows runs faster on the
-# CPU BLAS as ``(w[e] @ a_e.T).T`` (its rows on the GEMM's inner side), written or accumulated
-# into the row slice, when K is large. Measured (MKL, AVX-512, one thread, 64 experts' weights
-# streamed from memory as in the op, best of 15; time of the row form over the pair-major one):
-# K 1024 x N 512: 8 rows 1.0, 16 rows 1.12, 32 rows 1.23, 48 rows 1.18, 64-96 rows 1.03; K 512 and
-# 256: 0.66-1.1 (no gain; with the weights in cache it gains up to 1.3x at 16-48 rows, but the
-# op streams them); ``a_e @ w[e]`` (w[e] (K, N), the backward's g w2 and dx) is slower in that
-# form (up to 1.9x). Hence the pair-major form for at most 48 rows at K >= 1024, w[e].T.
+# ``a_e @ w[e].T`` (w[e] (N, K) with K contiguous) for an expert with few rows runs faster on
+# an Intel CPU's BLAS as ``(w[e] @ a_e.T).T`` (its rows on the GEMM's inner side), written or
+# accumulated into the row slice, when K is large. Measured (MKL, AVX-512 Xeon, one thread, 64
+# experts' weights streamed from memory as in the op, best of 15; time of the row form over the
+# pair-major one): K 1024 x N 512: 8 rows 1.0, 16 rows 1.12, 32 rows 1.23, 48 rows 1.18, 64-96
+# rows 1.03; K 512 and 256: 0.66-1.1 (no gain; with the weights in cache it gains up to 1.3x at
+# 16-48 rows, but the op streams them); ``a_e @ w[e]`` (w[e] (K, N), the backward's g w2 and dx)
+# is slower in that form (up to 1.9x). Hence the pair-major form for at most 48 rows at K >= 1024,
+# w[e].T, on Intel CPUs only: MKL picks other kernels on an AMD CPU, where the same measurement
+# (AMD EPYC Zen 5, AVX-512, median of 11) has the pair-major form slower at every row count:
+# K 1024 x N 512: 8 rows 1.64x the row form's time, 16 rows 1.37, 32 rows 1.01, 48 rows 1.08
+# (the T512 E64 k2 forward, 16 rows an expert: 1.30x the grouped-GEMM peer with it).
 _PAIR_MAJOR_ROWS, _PAIR_MAJOR_K = 48, 1024
+PAIR_MAJOR = vendor() == "intel"
 
 
 def _mm(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate: bool) -> None:
     """``out = a @ b`` (or ``out += a @ b``) for one expert: ``a`` (n, K) pair rows, ``b`` (K, N)
     (a weight slice or its transpose), ``out`` a contiguous (n, N) row slice."""
     n, k = a.shape
-    if n <= _PAIR_MAJOR_ROWS and k >= _PAIR_MAJOR_K and b.stride(0) == 1:
+    if PAIR_MAJOR and n <= _PAIR_MAJOR_ROWS and k >= _PAIR_MAJOR_K and b.stride(0) == 1:
         prod = torch.mm(b.t(), a.t()).t()  # pair-major (see _PAIR_MAJOR_ROWS)
         out.add_(prod) if accumulate else out.copy_(prod)
     elif accumulate:
