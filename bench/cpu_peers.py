@@ -350,13 +350,49 @@ def _print(row):
     print(f"{row['name']:<78} {row['ratio']:6.2f}{span}  {row.get('ratio_of', '')} {tgt}{floor}{fixed}", flush=True)
 
 
+def _verdict(row) -> str:
+    """``holds`` / ``misses`` against the row's target, ``(within the noise)`` when the
+    interval holds the target; empty without a target."""
+    t, iv = row.get("target"), row.get("ratio_interval")
+    if t is None:
+        return ""
+    noise = " (within the noise)" if iv is not None and iv[0] <= t <= iv[1] else ""
+    return ("holds" if row["ratio"] <= t else "misses") + noise
+
+
+def table(results: dict) -> str:
+    """The markdown table of a results JSON (``--table``): a header line naming the run, then one
+    row per result with its ratio, interval, target, verdict and floor / fixed share."""
+    cpu = results["env"].get("cpu", {})
+    load = results.get("loadavg_1min", {})
+    lines = [f"Run: {results['date'][:16]}, {cpu.get('model', '?')}, {cpu.get('cpus', '?')} CPUs, "
+             f"flags {', '.join(cpu.get('flags', [])) or 'none recorded'}; {results['reps']} interleaved rounds, "
+             f"1 thread, thread CPU time; load average {load.get('start', 0):.2f} -> {load.get('end', 0):.2f}.", "",
+             "| row | ratio | interval (coverage) | target | verdict | floor / fixed |",
+             "|---|---|---|---|---|---|"]
+    for r in results["results"]:
+        if "skipped" in r:
+            lines.append(f"| {r['name']} | | | | skipped: {r['skipped']} | |")
+            continue
+        iv = r.get("ratio_interval")
+        span = "" if iv is None else f"[{iv[0]:.2f}, {iv[1]:.2f}] ({r['interval_coverage']:.0%})"
+        target = "" if r.get("target") is None else f"<= {r['target']:.2f}"
+        extra = " / ".join(f"{k} {r[k]:.2f}" for k in ("floor", "fixed") if r.get(k) is not None)
+        lines.append(f"| {r['name']} | {r['ratio']:.2f} | {span} | {target} | {_verdict(r)} | {extra} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated subset of {','.join(ROWS)}")
     ap.add_argument("--reps", type=int, default=7, help="timed runs per candidate (>= 7)")
     ap.add_argument("--json", default=str(Path(__file__).parent / "results" / "cpu_peers.json"))
+    ap.add_argument("--table", metavar="JSON", help="print the markdown table of a results JSON and exit")
     ap.add_argument("--peak-child", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.table:
+        print(table(json.loads(Path(args.table).read_text())))
+        return 0
     if args.peak_child:
         _peak_child(args.peak_child)
         return 0

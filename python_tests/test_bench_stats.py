@@ -55,3 +55,23 @@ def test_fixed_fraction_is_the_intercept_of_the_width_line():
     # time(w) = 0.2 + 0.8 w of full: 20 % of the full-width time does not scale with the width
     m = {str(w): 10.0 * (0.2 + 0.8 * w) for w in (*cpu_peers.WIDTHS, 1.0)}
     assert cpu_peers._fixed_fraction(m) == pytest.approx(0.2)
+
+
+def test_results_table_states_each_row_as_measured():
+    results = {"date": "2026-12-02 01:00:00.0", "reps": 9, "loadavg_1min": {"start": 0.5, "end": 0.7},
+               "env": {"cpu": {"model": "Some CPU", "cpus": 2, "flags": ["avx2"]}},
+               "results": [
+                   dict(name="a", ratio=0.5, target=0.8, ratio_interval=[0.4, 0.6], interval_coverage=0.96),
+                   dict(name="b", ratio=1.02, target=1.0, ratio_interval=[0.9, 1.1], interval_coverage=0.96),
+                   dict(name="c", ratio=1.3, target=1.0, ratio_interval=[1.2, 1.4], interval_coverage=0.96,
+                        floor=0.34, fixed=0.23),
+                   dict(name="d", ratio=0.7, target=None),
+                   dict(name="e", skipped="torchao is not installed")]}
+    lines = cpu_peers.table(results).splitlines()
+    assert lines[0].startswith("Run: 2026-12-02 01:00, Some CPU, 2 CPUs, flags avx2; 9 interleaved rounds")
+    rows = {line.split(" | ")[0][2:]: line for line in lines[4:]}
+    assert rows["a"] == "| a | 0.50 | [0.40, 0.60] (96%) | <= 0.80 | holds |  |"
+    assert rows["b"] == "| b | 1.02 | [0.90, 1.10] (96%) | <= 1.00 | misses (within the noise) |  |"
+    assert rows["c"].endswith("| misses | floor 0.34 / fixed 0.23 |")
+    assert rows["d"] == "| d | 0.70 |  |  |  |  |"
+    assert "skipped: torchao is not installed" in rows["e"]
