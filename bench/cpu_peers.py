@@ -25,6 +25,11 @@ Rows (the ours / peer ratios, then ours-only ratios):
   the fresh gradient pages, as the ``widths`` MoE rows below, w the mean width);
 - ``nvfp4``: nvfp4_linear (reference, W4A16) over bf16 F.linear on the dense weight, M=1 and
   M=512, N=K=4096; nvfp4.quantize 4096x4096 over torchao nvfp4_quantize;
+- ``pair_major``: the MoE reference's two forms of an expert's down projection on this CPU,
+  row form ``a_e @ w2[e].T`` over pair-major ``(w2[e] @ a_e.T).T`` (fwd, T512 E64 k2 and k6:
+  16 and 48 rows an expert): the reference takes the pair-major form on Intel CPUs only
+  (reference/moe.py ``_PAIR_MAJOR_ROWS``); a ratio above 1 on an AMD CPU, or below 1 on an Intel
+  one, says that choice is wrong for this machine;
 - ``widths``: ssd_scan and moe_experts fwd+bwd at 25/50/75 % width over full (ideal = width).
   The MoE rows also time, interleaved with them, the fresh pages of the full-size w1 and w2
   gradients the op must hand back at any width (every page touched once, the memory
@@ -69,7 +74,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import elastic_kernels as ek  # noqa: E402
 from common import interleaved_medians, median_interval  # noqa: E402
 
-ROWS = ("ssd", "ssd_seqlen", "moe", "moe_widths", "nvfp4", "widths")
+ROWS = ("ssd", "ssd_seqlen", "moe", "moe_widths", "pair_major", "nvfp4", "widths")
 WIDTHS = (0.25, 0.5, 0.75)
 
 
@@ -241,6 +246,29 @@ def row_moe_widths(reps, out):
              target=0.75, floor=floor.get(0.625))
         _add(out, f"moe_experts {mode} d'=F/2 / full, T512 E16 k2", m, "half", "full", target=0.6,
              floor=floor.get(0.5))
+
+
+def row_pair_major(reps, out):
+    import elastic_kernels.reference.moe as ref
+
+    chosen = ref.PAIR_MAJOR
+    try:
+        for k in (2, 6):
+            run = _moe_ours(_moe_inputs(512, 512, 1024, 64, k), False)
+
+            def form(pair_major, run=run):
+                def timed():
+                    ref.PAIR_MAJOR = pair_major
+                    run()
+                return timed
+            m = interleaved_medians({"row": form(False), "pair_major": form(True)}, reps)
+            _add(out, f"moe_experts fwd T512 H512 F1024 E64 k{k}, down projection row form / pair-major", m,
+                 "row", "pair_major", reference_uses="pair_major" if chosen else "row")
+    finally:
+        ref.PAIR_MAJOR = chosen
+    from elastic_kernels.env import collect
+    print(f"  the reference takes the {'pair-major' if chosen else 'row'} form on this CPU "
+          f"(vendor {collect()['cpu']['vendor']})")
 
 
 # ---- NVFP4 ---------------------------------------------------------------------------------
