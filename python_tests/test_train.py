@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 import math
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -466,6 +468,54 @@ def test_torchrun_ddp_two_processes(tmp_path):
     for a, b in zip((r for r in single if "loss" in r), (r for r in ddp if "loss" in r)):
         assert a["tokens"] == b["tokens"]
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-3, abs=1e-5), (a, b)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads thread names from /proc/self/task")
+def test_torchrun_fsdp2_process_group_ends_before_exit(tmp_path):
+    """After an FSDP2 step and a DTensor gather under ``process_group``, destroying the group ends
+    its gloo threads: nothing of it is left for the interpreter's teardown (where a group still
+    held now and then died with "terminate called without an active exception"). Two holders
+    kept it before: torch.distributed.nn.functional's ``group=group.WORLD`` defaults when that
+    module was first imported after the group existed, and DTensor's caches of device meshes."""
+    import os
+    import subprocess
+
+    script = tmp_path / "worker.py"
+    script.write_text(textwrap.dedent("""
+        import os, torch
+        from elastic_kernels.train.config import make_config
+        from elastic_kernels.train.runner import process_group
+        from elastic_kernels.train.sharding import plain, shard
+
+        def gloo_threads():
+            names = []
+            for t in os.listdir("/proc/self/task"):
+                with open(f"/proc/self/task/{t}/comm") as f:
+                    names.append(f.read().strip())
+            return sorted(n for n in names if "gloo" in n)
+
+        def step():  # the sharded model lives as long as a run's stage does
+            m = shard(torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 4)))
+            opt = torch.optim.AdamW(m.parameters())
+            m(torch.randn(3, 8)).square().sum().backward()
+            norm = torch.nn.utils.get_total_norm([p.grad for p in m.parameters()])
+            opt.step()
+            [plain(p) for p in m.parameters()] + [plain(norm)]
+            return gloo_threads()
+
+        with process_group(make_config("smoke", batch_size=2)):
+            during = step()
+        with open(os.path.join(os.path.dirname(__file__), "threads" + os.environ["RANK"]), "w") as f:
+            f.write(f"during {during} after {gloo_threads()}")
+    """))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
+                          str(script)], check=False, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    for rank in (0, 1):
+        line = (tmp_path / f"threads{rank}").read_text()
+        assert "pt_gloo_runloop" in line.split("after")[0], line   # the group ran its threads
+        assert line.endswith("after []"), line                     # and destroying it ended them
 
 
 def test_torchrun_fsdp2_two_processes_and_resume(tmp_path):

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import importlib
 import inspect
 import json
 import logging
@@ -114,6 +115,16 @@ def setup_distributed(cfg: TrainConfig) -> DistInfo:
         torch.cuda.set_device(device)
     owns = world > 1 and not dist.is_initialized()
     if owns:
+        # torch.distributed.nn.functional's collectives default to ``group=group.WORLD``, evaluated
+        # when it is first imported (``fully_shard`` imports it): imported after the group exists,
+        # ten function defaults hold the default group, so destroy_process_group cannot free it,
+        # and its gloo threads live on into the interpreter's teardown, where the process now and
+        # then died with "terminate called without an active exception" after a finished run
+        # (torch 2.13, FSDP2 on 2 gloo ranks). Imported first, those defaults are None.
+        try:
+            importlib.import_module("torch.distributed.nn.functional")
+        except ImportError:  # a build without it: then nothing imports it later either
+            pass
         dist.init_process_group("nccl" if want_cuda else "gloo")
     return DistInfo(rank, world, device, owns)
 
@@ -129,6 +140,8 @@ def process_group(cfg: TrainConfig) -> Iterator[DistInfo]:
         yield info
     finally:
         if info.owns_group and dist.is_initialized():
+            from .sharding import release_meshes
+            release_meshes()
             dist.destroy_process_group()
 
 
@@ -315,10 +328,13 @@ class Runner:
 
         Destroying it before the interpreter exits matters: a gloo group left to the interpreter's
         teardown is torn down while its worker threads are still joinable, and the process then
-        dies with "terminate called without an active exception"."""
+        dies with "terminate called without an active exception". DTensor's caches of FSDP2's
+        device meshes, which hold the group, are released first (:func:`.sharding.release_meshes`)."""
         if self._lock is not None:
             self._lock.release()
         if getattr(self, "dist", None) is not None and self.dist.owns_group and dist.is_initialized():
+            from .sharding import release_meshes
+            release_meshes()
             dist.destroy_process_group()
 
     # ---- distributed helpers ------------------------------------------------------------------
