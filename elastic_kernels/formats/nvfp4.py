@@ -159,13 +159,15 @@ def scaled_values(data: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype =
     scaled, the table indexed by the block-scale byte and the data byte) and, for fp32/fp64, one
     per block scale and a multiply, over exactly the (possibly sliced) view given. ``out``: a
     contiguous float32 tensor of the result's numel to write into (float32 only; a caller's
-    reused buffer instead of a fresh one; nonempty)."""
+    reused buffer instead of a fresh one)."""
     *lead, half = data.shape
     rows, nb = data.shape[:-1].numel(), half * 2 // BLOCK
     if out is not None and (dtype != torch.float32 or out.dtype != torch.float32 or not out.is_contiguous()
-                            or out.numel() != rows * half * 2 or out.numel() == 0):
-        raise ValueError(f"scaled_values: out must be a nonempty contiguous float32 tensor of {rows * half * 2} "
+                            or out.numel() != rows * half * 2):
+        raise ValueError(f"scaled_values: out must be a contiguous float32 tensor of {rows * half * 2} "
                          f"elements for a float32 result, got {out.dtype} {tuple(out.shape)} for {dtype}")
+    if out is not None and out.numel() == 0:  # nothing to decode (and no int64 view of 0 floats)
+        return out.reshape(*lead, half * 2)
     pairs, scaled, byte, scale = _tables(dtype, data)
     if scaled is not None:
         return lookup_scaled(data, scales, scaled, dtype)

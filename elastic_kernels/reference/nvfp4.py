@@ -132,11 +132,11 @@ def nvfp4_linear_reference(x: torch.Tensor, data: torch.Tensor, scales: torch.Te
         xs, gx = x.float(), None
     m, k = xs.shape
     n = data.shape[0]
-    y = xs.new_zeros(m, n) if k == 0 else xs.new_empty(m, n)
+    y = xs.new_empty(m, n)
     tile = max(1, min(n, _TILE_BYTES // max(4 * k, 1)))
     with Scratch(x.device) as scratch:
         buf = scratch.empty((tile, k), torch.float32)
-        for r0 in range(0, n if k else 0, tile):
+        for r0 in range(0, n, tile):
             r1 = min(n, r0 + tile)
             w = scaled_values(data[r0:r1], scales[r0:r1], out=buf[:r1 - r0])
             if m == 1:
