@@ -54,7 +54,7 @@ from .metrics import MetricsLog
 log = logging.getLogger(__name__)
 
 __all__ = ["Runner", "StopRun", "RunError", "NonFiniteError", "DistInfo", "RankWorkers", "setup_distributed",
-           "process_group", "STATE_NAME"]
+           "end_process_group", "process_group", "STATE_NAME"]
 
 STATE_NAME = "state.safetensors"
 _EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
@@ -139,10 +139,17 @@ def process_group(cfg: TrainConfig) -> Iterator[DistInfo]:
     try:
         yield info
     finally:
-        if info.owns_group and dist.is_initialized():
-            from .sharding import release_meshes
-            release_meshes()
-            dist.destroy_process_group()
+        end_process_group(info)
+
+
+def end_process_group(info: DistInfo | None) -> None:
+    """Destroy the process group when ``info`` created it (:func:`setup_distributed`) and it is
+    still up, after DTensor's caches of FSDP2's device meshes, which hold the group, are
+    released (:func:`.sharding.release_meshes`): so that destroying it ends it (idempotent)."""
+    if info is not None and info.owns_group and dist.is_initialized():
+        from .sharding import release_meshes
+        release_meshes()
+        dist.destroy_process_group()
 
 
 class RankWorkers(Workers):
@@ -328,14 +335,10 @@ class Runner:
 
         Destroying it before the interpreter exits matters: a gloo group left to the interpreter's
         teardown is torn down while its worker threads are still joinable, and the process then
-        dies with "terminate called without an active exception". DTensor's caches of FSDP2's
-        device meshes, which hold the group, are released first (:func:`.sharding.release_meshes`)."""
+        dies with "terminate called without an active exception" (:func:`end_process_group`)."""
         if self._lock is not None:
             self._lock.release()
-        if getattr(self, "dist", None) is not None and self.dist.owns_group and dist.is_initialized():
-            from .sharding import release_meshes
-            release_meshes()
-            dist.destroy_process_group()
+        end_process_group(getattr(self, "dist", None))
 
     # ---- distributed helpers ------------------------------------------------------------------
     def barrier(self) -> None:
