@@ -13,13 +13,18 @@ import platform
 @functools.lru_cache(maxsize=None)
 def cpuinfo() -> dict:
     """The fields of the first processor in Linux ``/proc/cpuinfo`` (``{}`` elsewhere)."""
+    fields = {}
     try:
         with open("/proc/cpuinfo") as f:
-            text = f.read()
+            for line in f:  # up to the first blank line: one processor, not every one's copy
+                if not line.strip():
+                    break
+                if ":" in line:
+                    k, v = line.split(":", 1)
+                    fields[k.strip()] = v.strip()
     except OSError:
         return {}
-    fields = dict(line.split(":", 1) for line in text.split("\n\n")[0].splitlines() if ":" in line)
-    return {k.strip(): v.strip() for k, v in fields.items()}
+    return fields
 
 
 @functools.lru_cache(maxsize=None)
