@@ -31,9 +31,9 @@ Rows (the ours / peer ratios, then ours-only ratios):
   (reference/moe.py ``_PAIR_MAJOR_ROWS``); a ratio above 1 on an AMD CPU, or below 1 on an Intel
   one, says that choice is wrong for this machine;
 - ``widths``: ssd_scan and moe_experts fwd+bwd at 25/50/75 % width over full (ideal = width).
-  The MoE rows also time, interleaved with them, the fresh pages of the full-size w1 and w2
-  gradients the op must hand back at any width (every page touched once, the memory
-  :func:`elastic_kernels._memory.zeros` gives), and report ``floor`` = w + (1 - w) * that / full:
+  The MoE rows also time, interleaved with them, the full-size w1 and w2 gradient buffers
+  the op must hand back at any width (the memory :func:`elastic_kernels._memory.zeros` gives:
+  a kept mapping cleared, or fresh pages each touched once), and report ``floor`` = w + (1 - w) * that / full:
   the ratio at width w if everything but those pages scaled with the width. Both sweeps report
   ``fixed``: the intercept of the line through their ratios (the share of the full-width time
   that does not scale with the width: the MoE's weight-gradient pages, the SSD's per-group B/C
@@ -46,9 +46,10 @@ noise" rather than as a pass or a miss.
 Usage: ``python bench/cpu_peers.py [--rows ssd,moe,...] [--reps 7] [--json PATH]``; the JSON
 (default ``bench/results/cpu_peers.json``) holds every median, ratio, shape and the environment.
 Fresh buffers of 32 MB and more (glibc maps them anew on every allocation) cost page faults;
-the MoE reference takes its large gradients from huge-page memory and its temporaries from
-memory each thread reuses call after call (elastic_kernels/_memory.py), while the peers' buffers
-come from torch's allocator. PyTorch's
+the MoE reference takes its large gradients and saved buffers from mappings it keeps for reuse
+once their tensors are gone (huge pages when fresh) and its temporaries from memory each thread
+reuses call after call (elastic_kernels/_memory.py), while the peers' buffers come from torch's
+allocator. PyTorch's
 ``THP_MEM_ALLOC_ENABLE=1`` (set before start: transparent huge pages for every large CPU
 allocation) changes that for all candidates; the JSON records whether it was set, and the load
 average before and after the run (the machine may be shared).
@@ -328,8 +329,9 @@ def _fixed_fraction(m) -> float:
 
 
 def _grad_pages(*weights):
-    """Fresh zero memory of every weight's shape with each 4 KB page touched once: what handing
-    back full-size gradients costs at any width, beside the writes of the active prefix."""
+    """Zero memory of every weight's shape from :func:`elastic_kernels._memory.zeros`, each 4 KB
+    page touched once: what handing back full-size gradients costs at any width, beside the
+    writes of the active prefix."""
     from elastic_kernels._memory import zeros
 
     def run():

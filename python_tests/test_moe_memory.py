@@ -1,6 +1,7 @@
 """Large MoE weight gradients in lazily zeroed memory and the reused scratch of temporaries
 (elastic_kernels/_memory.py): exact zeros outside the active prefix, values against the float64
-truth, buffers that outlive their mapping's Python object, page choices for a written box."""
+truth, buffers that outlive their mapping's Python object, page choices for a written box, and
+the pool that hands a gone buffer's mapping to the next one of its size."""
 from __future__ import annotations
 
 import gc
@@ -11,7 +12,8 @@ import sys
 import pytest
 import torch
 
-from elastic_kernels._memory import HUGE_PAGE, LARGE_BYTES, Scratch, empty, pages_touched, prefix_runs, zeros
+from elastic_kernels import _memory
+from elastic_kernels._memory import HUGE_PAGE, LARGE_BYTES, Scratch, empty, pages_touched, prefix_runs, release, zeros
 from test_moe import check_fp32_reference, make_case
 
 
@@ -126,3 +128,68 @@ def test_scratch_kept_under_inference_mode_serves_training_calls():
         assert not t.is_inference()
         t.fill_(2).add_(1)
         assert (t == 3).all()
+
+
+linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the pool keeps Linux mappings")
+
+
+@linux_only
+@pytest.mark.parametrize("written", [None, (8, 256, 512), (8, 512, 100)])
+def test_a_gone_buffer_is_reused_and_zeroed(written):
+    """The next zeros of a gone buffer's size takes its mapping (same address), cleared of what
+    the caller wrote, whatever box it is told; ``release`` unmaps the kept ones."""
+    release()
+    shape = (8, 1024, 512)
+    z = zeros(shape, torch.float32, "cpu")
+    ptr = z.data_ptr()
+    z.fill_(float("nan"))
+    del z
+    assert _memory._POOL.bytes > 0
+    again = zeros(shape, torch.float32, "cpu", written=written)
+    assert again.data_ptr() == ptr and not again.any()
+    del again
+    e = empty((10, 1 << 20), torch.float32, "cpu")  # 40 MB: another size takes a fresh mapping
+    assert e.data_ptr() != ptr
+    del e
+    assert release() > 0 and _memory._POOL.bytes == 0 and not _memory._POOL.kept
+
+
+@linux_only
+def test_a_view_keeps_its_mapping_out_of_the_pool():
+    """Until its last view is gone a buffer's memory is never handed out again."""
+    release()
+    z = zeros((4, 1 << 20), torch.float32, "cpu")
+    view = z[1:3].fill_(7)
+    del z
+    assert _memory._POOL.bytes == 0
+    other = zeros((4, 1 << 20), torch.float32, "cpu")
+    other.fill_(1)
+    assert (view == 7).all()
+    del view
+    assert _memory._POOL.bytes > 0
+    del other
+    release()
+
+
+@linux_only
+def test_the_pool_keeps_at_most_its_bytes(monkeypatch):
+    """Beyond ``MAX_BYTES`` the oldest kept mappings are unmapped."""
+    release()
+    monkeypatch.setattr(_memory._POOL, "MAX_BYTES", 20 << 20)
+    bufs = [zeros((1 << 20,), torch.float64, "cpu") for _ in range(3)]  # 8 MB each, 12 MB mapped
+    del bufs
+    assert 0 < _memory._POOL.bytes <= 20 << 20 and len(_memory._POOL.kept) == 1
+    release()
+
+
+@pytest.mark.usefixtures("poison_empty")
+@linux_only
+def test_a_reused_uninitialized_buffer_is_poisoned_in_deterministic_mode():
+    release()
+    e = empty((10, 1 << 20), torch.float32, "cpu")
+    e.fill_(3)
+    del e
+    again = empty((10, 1 << 20), torch.float32, "cpu")
+    assert again.isnan().all()
+    del again
+    release()
