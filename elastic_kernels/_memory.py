@@ -114,23 +114,36 @@ class _Pool:
         return None
 
     def give(self, m: mmap.mmap) -> None:
-        """Keep ``m`` (its tensors are gone); unmap the oldest beyond ``MAX_BYTES``."""
+        """Keep ``m`` (its tensors are gone; called while its numpy array is being freed, so
+        ``m`` cannot be closed yet); unmap the oldest kept ones beyond ``MAX_BYTES``. A mapping
+        larger than that is not kept (it unmaps when its last reference goes)."""
+        if len(m) > self.MAX_BYTES:
+            return
         with self.lock:
-            self.kept[id(m)] = m
-            self.bytes += len(m)
-            while self.bytes > self.MAX_BYTES:
+            while self.kept and self.bytes + len(m) > self.MAX_BYTES:
                 _, old = self.kept.popitem(last=False)
                 self.bytes -= len(old)
-                old.close()
+                _close(old)
+            self.kept[id(m)] = m
+            self.bytes += len(m)
 
     def release(self) -> int:
         """Unmap every kept mapping; returns the bytes released."""
         with self.lock:
             freed, self.bytes = self.bytes, 0
             for m in self.kept.values():
-                m.close()
+                _close(m)
             self.kept.clear()
         return freed
+
+
+def _close(m: mmap.mmap) -> None:
+    """Unmap ``m`` now, or (a buffer still exported: its array is still being freed) when its
+    last reference goes."""
+    try:
+        m.close()
+    except BufferError:
+        pass
 
 
 _POOL = _Pool()

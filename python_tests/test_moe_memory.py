@@ -179,6 +179,10 @@ def test_the_pool_keeps_at_most_its_bytes(monkeypatch):
     bufs = [zeros((1 << 20,), torch.float64, "cpu") for _ in range(3)]  # 8 MB each, 12 MB mapped
     del bufs
     assert 0 < _memory._POOL.bytes <= 20 << 20 and len(_memory._POOL.kept) == 1
+    monkeypatch.setattr(_memory._POOL, "MAX_BYTES", 4 << 20)
+    big = zeros((3 << 19,), torch.float64, "cpu")  # another size, larger than the pool: not kept
+    del big
+    assert len(_memory._POOL.kept) == 1
     release()
 
 
