@@ -35,12 +35,12 @@ into preallocated buffers and accumulate. The forward saves the blocks' pre-acti
 into one buffer and writes its temporaries in place where it can. Fresh CPU buffers cost page
 faults (see elastic_kernels/_memory.py), so the temporaries of both passes come from
 memory each thread reuses call after call (:class:`elastic_kernels._memory.Scratch`) and the
-saved buffer of 4 MB and more from huge pages (:func:`elastic_kernels._memory.empty`); the
-backward is written by hand on the same GEMMs (no forward re-run) and writes each
-weight-gradient block once, into lazily zeroed memory told the prefix box it writes
-(:func:`elastic_kernels._memory.zeros`: 4 KB pages pre-faulted for a w1/w3 prefix that covers
-little of each expert, huge pages otherwise), so the zeros of experts >= E' and channels >= d' are
-never written. NVFP4 weights (:class:`elastic_kernels.formats.NVFP4Tensor`, W4A16, frozen)
+saved buffer of 4 MB and more from a gone buffer's kept mapping or huge pages
+(:func:`elastic_kernels._memory.empty`); the backward is written by hand on the same GEMMs (no
+forward re-run) and writes each weight-gradient block once, into zero memory told the prefix box
+it writes (:func:`elastic_kernels._memory.zeros`: a kept mapping cleared by ``memset``, else fresh
+lazily zeroed pages, 4 KB ones pre-faulted for a w1/w3 prefix that covers little of each expert,
+huge pages otherwise, so that the zeros of experts >= E' and channels >= d' are never written). NVFP4 weights (:class:`elastic_kernels.formats.NVFP4Tensor`, W4A16, frozen)
 decode only their experts' prefix views, to x's dtype (every block's views of a projection at
 once).
 """
@@ -234,8 +234,9 @@ def _mm(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate: bool) -
 class _WeightGrad:
     """The gradient of one expert weight (axis 1: w1/w3 (E, F, hidden); axis 2: w2 (E, hidden, F)),
     exact zeros outside ``w[:E', :d]``, written block by block: ``g_e.T @ a_e`` per expert into a
-    buffer of :func:`elastic_kernels._memory.zeros` told that prefix box (its zeros are never
-    written: a prefix costs its own pages, not the whole weight's)."""
+    buffer of :func:`elastic_kernels._memory.zeros` told that prefix box (fresh memory's zeros
+    are never written: a prefix costs its own pages, not the whole weight's; a kept mapping is
+    cleared by one ``memset``, cheaper than those pages' faults)."""
 
     def __init__(self, w, plan: _Plan, n_act: int, axis: int, dtype: torch.dtype):
         self.plan, self.axis, self.n_act = plan, axis, n_act
