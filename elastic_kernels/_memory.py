@@ -99,17 +99,19 @@ class _Pool:
     MAX_BYTES = 1 << 30
 
     def __init__(self) -> None:
-        self.lock = threading.Lock()
+        # reentrant: a garbage collection inside a locked section may free a pooled buffer's
+        # array, whose finalizer calls give() on the same thread
+        self.lock = threading.RLock()
         self.kept: OrderedDict[int, mmap.mmap] = OrderedDict()  # id -> mapping, oldest first
         self.bytes = 0
 
     def take(self, size: int) -> mmap.mmap | None:
         """A kept mapping of exactly ``size`` bytes (the newest), or None."""
         with self.lock:
-            for key in reversed(self.kept):
-                if len(self.kept[key]) == size:
+            for key, m in reversed(list(self.kept.items())):  # a snapshot: give() may run meanwhile
+                if len(m) == size and self.kept.pop(key, None) is m:
                     self.bytes -= size
-                    return self.kept.pop(key)
+                    return m
         return None
 
     def give(self, m: mmap.mmap) -> None:

@@ -197,3 +197,37 @@ def test_a_reused_uninitialized_buffer_is_poisoned_in_deterministic_mode():
     assert again.isnan().all()
     del again
     release()
+
+
+@linux_only
+def test_threads_share_the_pool_safely():
+    """Threads taking and giving back mappings at once: every buffer they get is all zeros and
+    no two live buffers share memory."""
+    import threading
+
+    release()
+    errors, live = [], {}
+    lock = threading.Lock()
+
+    def work(i):
+        try:
+            for _ in range(20):
+                z = zeros((1 << 20,), torch.float32, "cpu")
+                with lock:
+                    assert z.data_ptr() not in live, "a live buffer handed out twice"
+                    live[z.data_ptr()] = i
+                assert not z.any()
+                z.fill_(i + 1)
+                with lock:
+                    del live[z.data_ptr()]
+                del z
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    release()
