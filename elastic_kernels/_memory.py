@@ -35,6 +35,7 @@ from __future__ import annotations
 import ctypes
 import math
 import mmap
+import os
 import sys
 import threading
 import weakref
@@ -148,6 +149,8 @@ def _close(m: mmap.mmap) -> None:
 
 
 _POOL = _Pool()
+if hasattr(os, "register_at_fork"):  # a child forked while another thread held the lock would wait forever
+    os.register_at_fork(after_in_child=lambda: setattr(_POOL, "lock", threading.RLock()))
 
 
 def release() -> int:

@@ -40,9 +40,9 @@ saved buffer of 4 MB and more from a gone buffer's kept mapping or huge pages
 forward re-run) and writes each weight-gradient block once, into zero memory told the prefix box
 it writes (:func:`elastic_kernels._memory.zeros`: a kept mapping cleared by ``memset``, else fresh
 lazily zeroed pages, 4 KB ones pre-faulted for a w1/w3 prefix that covers little of each expert,
-huge pages otherwise, so that the zeros of experts >= E' and channels >= d' are never written). NVFP4 weights (:class:`elastic_kernels.formats.NVFP4Tensor`, W4A16, frozen)
-decode only their experts' prefix views, to x's dtype (every block's views of a projection at
-once).
+huge pages otherwise, so that the zeros of experts >= E' and channels >= d' are never written).
+NVFP4 weights (:class:`elastic_kernels.formats.NVFP4Tensor`, W4A16, frozen) decode only their
+experts' prefix views, to x's dtype (every block's views of a projection at once).
 """
 from __future__ import annotations
 
