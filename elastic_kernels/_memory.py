@@ -12,7 +12,8 @@ kinds of buffers here:
   for huge pages (an unaligned mapping faults its partial first and last 2 MB in 4 KB pages:
   2.9 against 2.4 ms for 32 MB written), unless the caller says it writes only a prefix box
   whose 4 KB pages, pre-faulted in one call per run (``MADV_POPULATE_WRITE``), cost less than
-  the huge pages it touches (see :func:`zeros`). For results handed to the caller (gradients).
+  the huge pages it touches (see :func:`zeros`); or a kept mapping of its size (see below),
+  cleared with ``memset``. For results handed to the caller (gradients).
 - :func:`empty`: the same memory, uninitialized, for results of ``LARGE_BYTES`` and more that
   outlive the call (glibc's heap does not keep them faulted in: the 1.5 MB zero tail of the MoE
   reference's 4 MB saved buffer cost 0.65 ms a call from torch's allocator, 0.10 ms from a
@@ -191,14 +192,16 @@ def _fill_uninitialized(t: torch.Tensor) -> torch.Tensor:
 
 def zeros(shape, dtype: torch.dtype, device, written=None) -> torch.Tensor:
     """A contiguous zero tensor of ``shape`` (any dtype, any device); on the CPU from
-    ``LARGE_BYTES`` on, fresh lazily zeroed memory (see above), kept alive by the tensor.
+    ``LARGE_BYTES`` on, a kept mapping of its size cleared with ``memset``, or fresh lazily
+    zeroed memory (see above), kept alive by the tensor.
 
     ``written``: the caller writes only inside the prefix box ``t[:written[0], :written[1], ...]``
-    (same length as ``shape``; None: anywhere). The box's runs (``count`` runs of contiguous
-    bytes) then take 4 KB pages, pre-faulted run by run, when that costs less than the 2 MB
-    pages they touch (``_COST_SMALL`` / ``_COST_HUGE`` per MB; at most ``_MAX_RUNS`` runs): a
-    quarter of each (E, F, hidden) expert block of a weight gradient (F * hidden * 4 bytes = 2
-    MB) costs a quarter of its pages. Writing outside the box stays correct, only slower.
+    (same length as ``shape``; None: anywhere). In fresh memory the box's runs (``count`` runs
+    of contiguous bytes) then take 4 KB pages, pre-faulted run by run, when that costs less
+    than the 2 MB pages they touch (``_COST_SMALL`` / ``_COST_HUGE`` per MB; at most
+    ``_MAX_RUNS`` runs): a quarter of each (E, F, hidden) expert block of a weight gradient
+    (F * hidden * 4 bytes = 2 MB) costs a quarter of its pages. Writing outside the box stays
+    correct, only slower.
     """
     device = torch.device(device)
     nbytes = _nbytes(shape, dtype)
